@@ -1,0 +1,25 @@
+"""Triton kernels for the Mamba-2 mixer, each beside a pure-PyTorch reference.
+
+Public ops (dispatch on kernels.backend):
+  ssd_scan                 kernels/ssd      chunked SSD (Mamba-2 scan), forward and backward
+  causal_conv1d            kernels/conv1d   causal depthwise conv1d (+ SiLU, seq_idx)
+  causal_conv1d_update     kernels/conv1d   one decoding step of the above
+  rmsnorm_gated            kernels/rmsnorm_gated  grouped RMSNorm with SiLU gate
+"""
+
+from kernels.backend import get_backend, get_deterministic, set_backend, set_deterministic, use_triton
+from kernels.conv1d.op import causal_conv1d, causal_conv1d_update
+from kernels.rmsnorm_gated.op import rmsnorm_gated
+from kernels.ssd.op import ssd_scan
+
+__all__ = [
+    "causal_conv1d",
+    "causal_conv1d_update",
+    "get_backend",
+    "get_deterministic",
+    "rmsnorm_gated",
+    "set_backend",
+    "set_deterministic",
+    "ssd_scan",
+    "use_triton",
+]

@@ -1,0 +1,76 @@
+"""Kernel backend selection: which implementation the public ops in kernels/*/op.py run.
+
+Owns: the process-wide backend name ("triton" or "torch"), the deterministic-backward flag,
+and `use_triton(*tensors)`, the one predicate every op.py dispatches on.
+
+- "triton" (default): the Triton kernels run when every tensor is on CUDA, or on CPU when
+  TRITON_INTERPRET=1 is set (the interpreter; float32 only) and Triton imports. Otherwise the
+  pure-PyTorch reference runs, so a CPU host without the interpreter just works.
+- "torch": always the pure-PyTorch reference (the spec).
+
+Kernels never import torch.distributed; this module imports only os/torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+_BACKENDS = ("triton", "torch")
+_backend = "triton"
+_deterministic = False
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for all kernel ops: "triton" or "torch"."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"kernels backend must be one of {_BACKENDS}, got {name!r}")
+    _backend = name
+
+
+def get_backend() -> str:
+    """The current backend name ("triton" or "torch")."""
+    return _backend
+
+
+def set_deterministic(flag: bool) -> None:
+    """Make Triton backward passes bitwise reproducible (no atomics; fixed reduction order)."""
+    global _deterministic
+    _deterministic = bool(flag)
+
+
+def get_deterministic() -> bool:
+    return _deterministic
+
+
+def interpreter_enabled() -> bool:
+    """True when TRITON_INTERPRET=1 is set in the environment (Triton's CPU interpreter)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=1)
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the install
+        return False
+    return True
+
+
+def use_triton(*tensors) -> bool:
+    """True iff the backend is "triton" and the Triton kernels can run on these tensors.
+
+    `tensors` may contain None (optional arguments); those are ignored. All given tensors must
+    be CUDA tensors, or TRITON_INTERPRET=1 must be set and Triton importable (then the
+    interpreter runs the kernels on CPU tensors).
+    """
+    if _backend != "triton":
+        return False
+    ts = [t for t in tensors if isinstance(t, torch.Tensor)]
+    if ts and all(t.is_cuda for t in ts):
+        return triton_importable()
+    return interpreter_enabled() and triton_importable() and all(not t.is_cuda for t in ts)

@@ -1,0 +1,1 @@
+"""conv1d op package: reference.py (spec), op.py (dispatching entry point), Triton kernels."""

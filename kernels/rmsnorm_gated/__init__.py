@@ -1,0 +1,1 @@
+"""rmsnorm_gated op package: reference.py (spec), op.py (dispatching entry point), Triton kernels."""

@@ -1,0 +1,1 @@
+"""ssd op package: reference.py (spec), op.py (dispatching entry point), Triton kernels."""

@@ -1,0 +1,29 @@
+"""Public SSD scan entry point: dispatches to the Triton kernels or the PyTorch reference.
+
+Same signature and shapes as kernels.ssd.reference.ssd_scan (see there):
+x (batch, seqlen, nheads, headdim), dt (batch, seqlen, nheads), A (nheads,),
+B/C (batch, seqlen, ngroups, dstate), states (batch, nheads, headdim, dstate).
+"""
+
+from __future__ import annotations
+
+from kernels.backend import use_triton
+from kernels.ssd import reference
+
+
+def ssd_scan(
+    x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=True,
+    dt_limit=(0.0, float("inf")), seq_idx=None, initial_states=None, return_final_states=False,
+):
+    kwargs = dict(
+        chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
+        seq_idx=seq_idx, initial_states=initial_states, return_final_states=return_final_states,
+    )
+    if use_triton(x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states):
+        try:
+            from kernels.ssd import triton_op
+        except ImportError:
+            triton_op = None
+        if triton_op is not None:
+            return triton_op.ssd_scan(x, dt, A, B, C, **kwargs)
+    return reference.ssd_scan(x, dt, A, B, C, **kwargs)
