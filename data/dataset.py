@@ -1,0 +1,196 @@
+"""Read packed MDS shards (written by data.prepare) as shuffled, rank-aware, resumable training batches.
+
+    loader = build_train_loader("data/mds", seq_len=2048, micro_batch_size=4, seed=1234,
+                                dp_rank=dp_rank, dp_size=dp_size)
+    batches = infinite_batches(loader)          # runs across epochs; the trainer counts steps
+    batch = next(batches)                       # tokens (B, L) int64, labels (B, L) int64, seq_idx (B, L) int32
+    state = loader.state_dict()                 # into the checkpoint (a small JSON-able dict)
+    loader.load_state_dict(state)               # on a fresh loader, before iterating: resumes the order
+
+seq_idx[b, i] is the index of the document that position i belongs to, counted from 0 within each sample;
+it increases by one right after every EOS, so SSD scans reset their state and attention masks stop at
+document boundaries. labels[b, i] = tokens[b, i + 1] of the packed sample (the label at an EOS is the first
+token of the next document, as in Megatron-LM without eod masking).
+
+Ranks: mosaicml-streaming reads RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE from the environment
+(torchrun and slurm/train.sbatch set them; a plain `python` run is rank 0 of 1). Pass the data-parallel
+coordinates explicitly: the ranks that share a dp_rank (tensor/context/pipeline parallel peers) get
+identical batches through streaming's `replication = WORLD_SIZE // dp_size`, which requires that they are
+consecutive global ranks, i.e. dp_rank == RANK // (WORLD_SIZE // dp_size) (megatron-core rank order with
+dp outermost, e.g. order="tp-cp-ep-pp-dp"). A layout that breaks this fails here with a clear message.
+
+Shared memory: every StreamingDataset registers /dev/shm/NNNNNN_* blocks (freed at normal exit) and
+$TMPDIR/NNNNNN_*_filelock files. A SIGKILLed run leaks both; give each run its own TMPDIR and call
+`clean_stale_streaming_shm()` once per node before building loaders (see its docstring).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from multiprocessing.shared_memory import _posixshmem  # POSIX shm_unlink, as the stdlib uses
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from streaming import StreamingDataLoader, StreamingDataset
+from streaming.base import distributed as sdist
+from streaming.base.constant import SHM_TO_CLEAN
+
+from data.prepare import FORMAT, META_FILE, read_meta
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def check_prepared(path: str | os.PathLike, seq_len: int, vocab_size: int | None = None) -> dict:
+    """Return prepare_meta.json of `path` after checking it exists and matches seq_len (and vocab_size)."""
+    path = Path(path).expanduser()
+    hint = f"create it with `python -m data.prepare --input <text files> --tokenizer <tokenizer.json|bytes> " \
+           f"--out {path} --seq-len {seq_len}`"
+    if not (path / "index.json").is_file():
+        what = "does not exist" if not path.exists() else "has no index.json"
+        raise FileNotFoundError(f"no prepared dataset at {path} ({what}); {hint}")
+    meta = read_meta(path)
+    if meta is None or meta.get("format") != FORMAT:
+        raise FileNotFoundError(f"{path} holds MDS shards but no {META_FILE} from data.prepare; {hint}")
+    if meta["seq_len"] != seq_len:
+        raise ValueError(
+            f"seq_len mismatch: training asks for seq_len={seq_len} but {path} was prepared with "
+            f"seq_len={meta['seq_len']} ({path / META_FILE}); prepare again with --seq-len {seq_len} "
+            f"or set seq_len={meta['seq_len']}")
+    if vocab_size is not None and vocab_size < meta["vocab_size"]:
+        raise ValueError(
+            f"vocab_size mismatch: the model has vocab_size={vocab_size} but {path} was tokenized with "
+            f"{meta['tokenizer']} (vocab_size={meta['vocab_size']}, {path / META_FILE})")
+    return meta
+
+
+def _replication(dp_rank: int | None, dp_size: int | None) -> int | None:
+    """Streaming's `replication` for the given dp coordinates (None when every rank is its own replica)."""
+    rank, world = sdist.get_rank(), sdist.get_world_size()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if (torch.distributed.get_rank(), torch.distributed.get_world_size()) != (rank, world):
+            raise RuntimeError(
+                f"RANK/WORLD_SIZE in the environment ({rank}/{world}) differ from torch.distributed "
+                f"({torch.distributed.get_rank()}/{torch.distributed.get_world_size()}): set the env vars "
+                "(mosaicml-streaming reads them) before building the data loader")
+    if dp_size is None and dp_rank is None:
+        return None
+    if dp_size is None or dp_rank is None:
+        raise ValueError("pass both dp_rank and dp_size (or neither: every rank is then its own dp rank)")
+    if dp_size < 1 or world % dp_size or not 0 <= dp_rank < dp_size:
+        raise ValueError(f"impossible data-parallel coordinates dp_rank={dp_rank}, dp_size={dp_size} "
+                         f"for WORLD_SIZE={world}")
+    replication = world // dp_size
+    if rank // replication != dp_rank:
+        raise ValueError(
+            f"rank layout not supported by the data loader: RANK={rank} has dp_rank={dp_rank}, but the "
+            f"{replication} ranks of one data-parallel replica must be consecutive (expected dp_rank="
+            f"{rank // replication}); order the process groups with dp outermost")
+    return replication if replication > 1 else None
+
+
+# ----------------------------------------------------------------------------------------------- dataset
+def sample_to_example(tokens: np.ndarray, doc_starts: np.ndarray) -> dict[str, torch.Tensor]:
+    """One packed sample (seq_len + 1 tokens, document starts) -> tokens, labels, seq_idx of length seq_len."""
+    ids = torch.from_numpy(tokens.astype(np.int64))
+    seq_len = len(tokens) - 1
+    seq_idx = np.searchsorted(doc_starts, np.arange(seq_len), side="right") - 1
+    return {"tokens": ids[:-1], "labels": ids[1:], "seq_idx": torch.from_numpy(seq_idx.astype(np.int32))}
+
+
+class PackedDataset(StreamingDataset):
+    """StreamingDataset over data.prepare output whose items are {tokens, labels, seq_idx} tensors."""
+
+    def __init__(self, path: str | os.PathLike, *, seq_len: int, **kwargs: Any):
+        self.seq_len = seq_len
+        super().__init__(local=str(Path(path).expanduser().resolve()), remote=None, **kwargs)
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        sample = super().__getitem__(idx)
+        tokens = sample["tokens"]
+        if len(tokens) != self.seq_len + 1:
+            raise ValueError(f"sample {idx} has {len(tokens)} tokens, expected seq_len + 1 = {self.seq_len + 1}")
+        return sample_to_example(tokens, sample["doc_starts"])
+
+
+def build_train_loader(
+    path: str | os.PathLike,
+    *,
+    seq_len: int,
+    micro_batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    num_workers: int = 0,
+    dp_rank: int | None = None,
+    dp_size: int | None = None,
+    vocab_size: int | None = None,
+    num_canonical_nodes: int | None = None,
+    pin_memory: bool | None = None,
+    prefetch_factor: int | None = None,
+) -> StreamingDataLoader:
+    """A StreamingDataLoader of `micro_batch_size` samples per rank (full batches only).
+
+    dp_rank/dp_size: this rank's data-parallel coordinates (default: RANK/WORLD_SIZE, pure data
+    parallelism); see the module docstring. vocab_size: the model's, checked against the data's.
+    The loader has state_dict()/load_state_dict() (call load_state_dict before iterating).
+    """
+    check_prepared(path, seq_len, vocab_size)
+    dataset = PackedDataset(
+        path, seq_len=seq_len, batch_size=micro_batch_size, shuffle=shuffle, shuffle_seed=seed,
+        replication=_replication(dp_rank, dp_size), num_canonical_nodes=num_canonical_nodes,
+    )
+    return StreamingDataLoader(
+        dataset, batch_size=micro_batch_size, num_workers=num_workers, drop_last=True,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        persistent_workers=num_workers > 0, prefetch_factor=prefetch_factor if num_workers > 0 else None,
+    )
+
+
+def infinite_batches(loader: StreamingDataLoader) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield batches forever: each pass over `loader` is the next epoch (StreamingDataset counts epochs).
+
+    The loader's state_dict() stays valid while this generator runs, also across epoch boundaries.
+    """
+    empty_passes = 0
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        empty_passes = 0 if yielded else empty_passes + 1
+        if empty_passes >= 2:  # one empty pass is normal: a resume exactly at the end of an epoch
+            raise RuntimeError(
+                f"the data loader yields no batches: the dataset has fewer samples per rank than "
+                f"micro_batch_size={loader.batch_size}")
+
+
+# ----------------------------------------------------------------------------------------------- cleanup
+_FILELOCK = re.compile(r"^(\d{6})_(barrier|cache)_filelock$")
+
+
+def clean_stale_streaming_shm(tmpdir: str | os.PathLike | None = None) -> int:
+    """Remove shared memory and filelocks left in `tmpdir` (default: tempfile.gettempdir()) by dead runs.
+
+    Every StreamingDataset leaves $TMPDIR/NNNNNN_{barrier,cache}_filelock; the matching /dev/shm/NNNNNN_*
+    blocks leak when its process is SIGKILLed. This removes both for every prefix found in `tmpdir`, so
+    call it only where no live dataset uses `tmpdir`: once per node (local rank 0, before a barrier) at
+    the start of a run with its own TMPDIR. Unlike streaming's clean_stale_shared_memory() it never
+    touches blocks of other jobs on the node. Returns the number of prefixes cleaned.
+    """
+    tmpdir = Path(tmpdir or tempfile.gettempdir())
+    prefixes = {m.group(1) for name in os.listdir(tmpdir) if (m := _FILELOCK.match(name))}
+    for prefix in prefixes:
+        for name in SHM_TO_CLEAN:
+            try:
+                _posixshmem.shm_unlink(f"/{prefix}_{name}")
+            except (FileNotFoundError, PermissionError):
+                pass
+        for kind in ("barrier", "cache"):
+            for suffix in ("", ".lock"):
+                try:
+                    os.unlink(tmpdir / f"{prefix}_{kind}_filelock{suffix}")
+                except FileNotFoundError:
+                    pass
+    return len(prefixes)
