@@ -196,8 +196,13 @@ def load_config(config_files: list[str] | tuple[str, ...] = (), overrides: list[
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            if isinstance(OmegaConf.select(merged, key, default=None), str):
+                # string keys take the text as is: patterns like `*-M` are not YAML aliases or lists
+                OmegaConf.update(merged, key, raw.strip("'\""), merge=False)
+            else:
+                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
             raise _explain(err, f"override '{item}'") from None
     try:

@@ -1,0 +1,74 @@
+"""Model FLOPs per token (the MFU numerator), parameter counts, and device bf16 peaks.
+
+Training FLOPs per token = 3 x forward (backward costs two forwards). Forward counts every
+matrix multiply as 2 x MACs: the projections (6 x active parameters overall), causal attention
+scores and values (2 x seqlen x heads x head_dim per token, half of the full square), and the
+SSD terms of the chunked scan per token: groups x Q x N (C^T B, causal half) + heads x (Q x P
+(causal half of the intra-chunk product) + 4 x N x P (chunk states and their output)), with Q the
+chunk length, N d_state and P head_dim. The formula depends only on the config, never on tp/pp.
+"""
+from __future__ import annotations
+
+import torch
+
+from pretrain.config import Config, Derived
+
+# dense bf16 tensor-core peaks in TFLOP/s, by substring of torch.cuda.get_device_name()
+BF16_PEAK_TFLOPS = [
+    ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H800", 989.0), ("GH200", 989.0),
+    ("B200", 2250.0), ("B100", 1750.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0),
+    ("L4", 121.0), ("A10", 125.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0),
+]
+
+
+def device_peak_tflops(device: torch.device) -> float | None:
+    """bf16 dense peak of the device, or None where unknown (CPU, unlisted GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in BF16_PEAK_TFLOPS:
+        if key in name:
+            return peak
+    return None
+
+
+def forward_flops_per_token(cfg: Config, derived: Derived) -> float:
+    m, seqlen = cfg.model, cfg.data.seq_len
+    d = m.d_model
+    total = 2.0 * d * m.vocab_size  # LM head
+    mb, at = m.mamba, m.attention
+    for kind in derived.layer_kinds:
+        if kind == "mamba":
+            d_in_proj = 2 * derived.mamba_d_inner + 2 * mb.num_groups * mb.d_state + mb.num_heads
+            q = min(mb.chunk_size, seqlen)
+            total += 2.0 * d * d_in_proj + 2.0 * derived.mamba_d_inner * d
+            total += 2.0 * mb.d_conv * derived.mamba_conv_dim
+            total += mb.num_groups * q * mb.d_state + mb.num_heads * (q * mb.head_dim + 4 * mb.d_state * mb.head_dim)
+        elif kind == "attention":
+            hd = derived.attention_head_dim
+            total += 2.0 * d * (at.num_heads + 2 * at.num_kv_heads) * hd + 2.0 * at.num_heads * hd * d
+            total += 2.0 * seqlen * at.num_heads * hd
+        elif kind == "mlp":
+            total += (6.0 if m.mlp.activation == "swiglu" else 4.0) * d * m.mlp.d_ff
+        elif kind == "moe":
+            per_ff = 6.0 if m.moe.activation == "swiglu" else 4.0
+            total += 2.0 * d * m.moe.num_experts + m.moe.top_k * per_ff * d * m.moe.d_ff
+            if m.moe.num_shared_experts:
+                total += per_ff * d * derived.moe_shared_d_ff
+    return total
+
+
+def train_flops_per_token(cfg: Config, derived: Derived) -> float:
+    return 3.0 * forward_flops_per_token(cfg, derived)
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    """total, and active per token (only top_k of each MoE layer's routed experts count)."""
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for module in model.modules():
+        experts = getattr(module, "experts", None)
+        if isinstance(experts, torch.nn.ModuleList) and len(experts) > 0:
+            per_expert = sum(p.numel() for p in experts[0].parameters())
+            inactive += (len(experts) - module.cfg.top_k) * per_expert
+    return {"total": total, "active": total - inactive}

@@ -1,0 +1,1 @@
+"""Single-process layer modules of the hybrid model (one file per sublayer kind)."""

@@ -1,0 +1,66 @@
+"""Causal grouped-query self-attention on torch SDPA, with document masking for packed sequences.
+
+RoPE is optional (off by default, as in Jamba and Nemotron-H). With seq_idx, a position attends
+only to earlier positions of its own document.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.config import AttentionConfig
+
+
+def rope_tables(seqlen: int, head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (seqlen, head_dim // 2)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seqlen, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """q (batch, heads, seqlen, head_dim), rotate-half convention."""
+    q1, q2 = q.chunk(2, dim=-1)
+    cos, sin = cos[None, None], sin[None, None]
+    return torch.cat([q1 * cos - q2 * sin, q2 * cos + q1 * sin], dim=-1)
+
+
+def document_causal_mask(seq_idx: torch.Tensor) -> torch.Tensor:
+    """seq_idx (batch, seqlen) -> bool mask (batch, 1, seqlen, seqlen): True where attention is allowed."""
+    seqlen = seq_idx.shape[1]
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=seq_idx.device).tril()
+    same_doc = seq_idx[:, :, None] == seq_idx[:, None, :]
+    return (same_doc & causal)[:, None]
+
+
+def causal_attention(q, k, v, seq_idx: torch.Tensor | None) -> torch.Tensor:
+    """q (batch, heads, seqlen, hd), k/v (batch, kv_heads, seqlen, hd) -> (batch, heads, seqlen, hd)."""
+    gqa = q.shape[1] != k.shape[1]
+    if seq_idx is None or bool((seq_idx[:, -1] == seq_idx[:, 0]).all()):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(seq_idx), enable_gqa=gqa)
+
+
+class Attention(nn.Module):
+    """Input/output (batch, seqlen, d_model)."""
+
+    def __init__(self, d_model: int, cfg: AttentionConfig, head_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, head_dim
+        self.q_proj = nn.Linear(d_model, cfg.num_heads * head_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(d_model, cfg.num_kv_heads * head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(d_model, cfg.num_kv_heads * head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.num_heads * head_dim, d_model, bias=cfg.bias)
+
+    def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        batch, seqlen, _ = hidden.shape
+        q = self.q_proj(hidden).view(batch, seqlen, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden).view(batch, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden).view(batch, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.cfg.rope:
+            cos, sin = rope_tables(seqlen, self.head_dim, self.cfg.rope_theta, q.device, q.dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = causal_attention(q, k, v, seq_idx)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seqlen, self.num_heads * self.head_dim))

@@ -1,0 +1,84 @@
+"""The Mamba-2 mixer (Mamba-2 paper / Nemotron-H semantics), single process.
+
+Order: in_proj -> z, x, B, C, dt; causal depthwise conv1d (+bias) + SiLU over (x, B, C);
+dt = softplus(dt + dt_bias) clamped to dt_limit; A = -exp(A_log); SSD scan with D skip;
+grouped gated RMSNorm norm(y * silu(z)); out_proj.
+
+Parameter layout follows Nemotron-H so that exports need no reshuffling beyond the conv weight:
+in_proj packs [z (d_inner), x (d_inner), B (ngroups*dstate), C (ngroups*dstate), dt (nheads)].
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.conv1d.op import causal_conv1d
+from kernels.rmsnorm_gated.op import rmsnorm_gated
+from kernels.ssd.op import ssd_scan
+from pretrain.config import MambaConfig
+
+
+def init_dt_bias(num_heads: int, dt_min: float, dt_max: float, dt_floor: float) -> torch.Tensor:
+    """dt drawn log-uniformly in [dt_min, dt_max], stored as its inverse softplus (the paper's init)."""
+    dt = torch.exp(torch.rand(num_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = dt.clamp(min=dt_floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+class Mamba2Mixer(nn.Module):
+    """Input/output (batch, seqlen, d_model); seq_idx (batch, seqlen) int32 resets state per document."""
+
+    def __init__(self, d_model: int, cfg: MambaConfig, *, norm_eps: float):
+        super().__init__()
+        self.cfg = cfg
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.num_groups, self.d_state = cfg.num_groups, cfg.d_state
+        self.d_inner = cfg.num_heads * cfg.head_dim
+        self.conv_dim = self.d_inner + 2 * cfg.num_groups * cfg.d_state
+        self.norm_eps = norm_eps
+        d_in_proj = 2 * self.d_inner + 2 * cfg.num_groups * cfg.d_state + cfg.num_heads
+        self.in_proj = nn.Linear(d_model, d_in_proj, bias=cfg.proj_bias)
+        self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, cfg.d_conv))
+        self.conv_bias = nn.Parameter(torch.zeros(self.conv_dim)) if cfg.conv_bias else None
+        self.dt_bias = nn.Parameter(init_dt_bias(cfg.num_heads, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor))
+        A = torch.empty(cfg.num_heads).uniform_(cfg.A_init_min, cfg.A_init_max)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.D = nn.Parameter(torch.ones(cfg.num_heads))
+        self.norm_weight = nn.Parameter(torch.ones(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=cfg.proj_bias)
+        # nn.Conv1d's default init for a depthwise kernel: U(-1/sqrt(width), 1/sqrt(width))
+        bound = 1.0 / math.sqrt(cfg.d_conv)
+        nn.init.uniform_(self.conv_weight, -bound, bound)
+        if self.conv_bias is not None:
+            nn.init.uniform_(self.conv_bias, -bound, bound)
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True  # type: ignore[attr-defined]
+
+    def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        batch, seqlen, _ = hidden.shape
+        zxbcdt = self.in_proj(hidden)
+        z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        xBC = causal_conv1d(xBC, self.conv_weight, self.conv_bias, seq_idx=seq_idx, activation="silu")
+        x, B, C = torch.split(xBC, [self.d_inner, self.num_groups * self.d_state, self.num_groups * self.d_state], dim=-1)
+        y = ssd_scan(
+            x.reshape(batch, seqlen, self.num_heads, self.head_dim),
+            dt,
+            -torch.exp(self.A_log.float()),
+            B.reshape(batch, seqlen, self.num_groups, self.d_state),
+            C.reshape(batch, seqlen, self.num_groups, self.d_state),
+            chunk_size=self.cfg.chunk_size,
+            D=self.D,
+            dt_bias=self.dt_bias,
+            dt_softplus=True,
+            dt_limit=(self.cfg.dt_limit_min, self.cfg.dt_limit_max),
+            seq_idx=seq_idx,
+        )
+        y = rmsnorm_gated(
+            y.reshape(batch, seqlen, self.d_inner), z, self.norm_weight,
+            group_size=self.d_inner // self.num_groups, eps=self.norm_eps,
+            norm_before_gate=self.cfg.norm_before_gate,
+        )
+        return self.out_proj(y)

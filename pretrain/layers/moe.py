@@ -1,0 +1,87 @@
+"""Mixture-of-experts MLP, single-process reference: routers, token dispatch, shared expert, load stats.
+
+Routers:
+- sigmoid_bias (Nemotron-H / DeepSeek-V3): scores = sigmoid(router(x)); experts chosen by top-k of
+  scores + expert_bias; gate weights are the chosen raw scores (normalised over the top-k when
+  norm_topk_prob) x routed_scaling_factor. No auxiliary loss: after each optimizer step the bias
+  moves by bias_update_rate x sign(mean load - load) (`update_expert_bias`).
+- softmax_aux (Switch / Jamba): probs = softmax(router(x)); top-k of probs, gate weights the chosen
+  probs (normalised when norm_topk_prob); load-balancing loss coeff x E x sum_i f_i P_i, with f_i the
+  share of routed slots going to expert i and P_i the mean probability of expert i.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.config import MoEConfig
+from pretrain.layers.mlp import MLP
+
+
+class TopKRouter(nn.Module):
+    """x (tokens, d_model) -> (indices (tokens, k) int64, weights (tokens, k) float32, aux loss scalar)."""
+
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, d_model))
+        # persistent: the bias is training state and goes into checkpoints and exports
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        dtype = torch.promote_types(x.dtype, torch.float32)  # route in at least float32, also under autocast
+        logits = F.linear(x.to(dtype), self.weight.to(dtype))
+        if cfg.router == "sigmoid_bias":
+            scores = torch.sigmoid(logits)
+            _, indices = torch.topk(scores + self.expert_bias, cfg.top_k, dim=-1)
+            weights = scores.gather(-1, indices)
+            aux = logits.new_zeros(())
+        else:
+            probs = torch.softmax(logits, dim=-1)
+            weights, indices = torch.topk(probs, cfg.top_k, dim=-1)
+            routed_share = F.one_hot(indices, cfg.num_experts).sum(dim=(0, 1)).float() / indices.numel()
+            aux = cfg.aux_loss_coeff * cfg.num_experts * (routed_share * probs.mean(dim=0)).sum()
+        if cfg.norm_topk_prob and cfg.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return indices, weights * cfg.routed_scaling_factor, aux
+
+
+class MoE(nn.Module):
+    """Input/output (batch, seqlen, d_model). After forward: `aux_loss` and the running `tokens_per_expert`."""
+
+    def __init__(self, d_model: int, cfg: MoEConfig, shared_d_ff: int):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = TopKRouter(d_model, cfg)
+        self.experts = nn.ModuleList(MLP(d_model, cfg.d_ff, cfg.activation) for _ in range(cfg.num_experts))
+        self.shared_experts = MLP(d_model, shared_d_ff, cfg.activation) if cfg.num_shared_experts else None
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False)
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        shape = hidden.shape
+        x = hidden.reshape(-1, shape[-1])
+        indices, weights, self.aux_loss = self.gate(x)
+        with torch.no_grad():
+            self.tokens_per_expert += torch.bincount(indices.flatten(), minlength=self.cfg.num_experts).float()
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token_ids, slot = torch.where(indices == e)
+            if token_ids.numel() == 0:
+                continue
+            y = expert(x[token_ids]) * weights[token_ids, slot, None].to(x.dtype)
+            out.index_add_(0, token_ids, y)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out.view(shape)
+
+    @torch.no_grad()
+    def update_expert_bias(self) -> torch.Tensor:
+        """Apply the aux-loss-free bias update from the load counted since the last call; returns that load."""
+        load = self.tokens_per_expert.clone()
+        if self.cfg.router == "sigmoid_bias" and load.sum() > 0:
+            self.gate.expert_bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
+        self.tokens_per_expert.zero_()
+        return load

@@ -1,0 +1,95 @@
+"""HybridLM: token embedding, one residual sublayer per pattern symbol, final norm, LM head.
+
+Pattern symbols (Megatron-LM / Nemotron-H notation): `M` Mamba-2 mixer, `*` attention, `-` dense
+MLP, `E` MoE MLP, `|` pipeline-stage boundary (ignored here). Every sublayer is x + mixer(norm(x))
+with RMSNorm. Parameter names mirror Nemotron-H (`layers.{i}.norm`, `layers.{i}.mixer.*`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pretrain.config import Derived, ModelConfig
+from pretrain.layers.attention import Attention
+from pretrain.layers.mamba import Mamba2Mixer
+from pretrain.layers.mlp import MLP
+from pretrain.layers.moe import MoE
+
+
+def build_mixer(kind: str, cfg: ModelConfig, derived: Derived) -> nn.Module:
+    if kind == "mamba":
+        return Mamba2Mixer(cfg.d_model, cfg.mamba, norm_eps=cfg.norm_eps)
+    if kind == "attention":
+        return Attention(cfg.d_model, cfg.attention, derived.attention_head_dim)
+    if kind == "mlp":
+        return MLP(cfg.d_model, cfg.mlp.d_ff, cfg.mlp.activation, cfg.mlp.bias)
+    if kind == "moe":
+        return MoE(cfg.d_model, cfg.moe, derived.moe_shared_d_ff)
+    raise ValueError(f"unknown layer kind {kind!r}")
+
+
+class ResidualBlock(nn.Module):
+    """x + mixer(norm(x)); input/output (batch, seqlen, d_model)."""
+
+    def __init__(self, kind: str, cfg: ModelConfig, derived: Derived):
+        super().__init__()
+        self.kind = kind
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mixer = build_mixer(kind, cfg, derived)
+
+    def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
+        return hidden + self.mixer(self.norm(hidden), seq_idx)
+
+
+class HybridLM(nn.Module):
+    """tokens (batch, seqlen) int64, seq_idx (batch, seqlen) int32 -> logits (batch, seqlen, vocab)."""
+
+    def __init__(self, cfg: ModelConfig, derived: Derived):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(ResidualBlock(kind, cfg, derived) for kind in derived.layer_kinds)
+        self.norm_f = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for projections and embeddings; output projections of each residual
+        branch scaled by 1/sqrt(2 x layers) (GPT-2 / Megatron); Mamba's own parameters keep their init."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * len(self.layers))
+        nn.init.normal_(self.embeddings.weight, std=std)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_output = name.endswith(("out_proj", "o_proj", "down_proj"))
+                nn.init.normal_(module.weight, std=out_std if is_output else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if isinstance(module, MoE):
+                nn.init.normal_(module.gate.weight, std=std)
+
+    def output_weight(self) -> torch.Tensor:
+        return self.embeddings.weight if self.lm_head is None else self.lm_head.weight
+
+    def hidden_states(self, tokens: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.embeddings(tokens)
+        for layer in self.layers:
+            hidden = layer(hidden, seq_idx)
+        return self.norm_f(hidden)
+
+    def forward(self, tokens: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        return nn.functional.linear(self.hidden_states(tokens, seq_idx), self.output_weight())
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum of the MoE load-balancing losses of the last forward (None without softmax_aux MoE)."""
+        losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None and m.cfg.router == "softmax_aux"]
+        return torch.stack(losses).sum() if losses else None

@@ -1,0 +1,159 @@
+"""The training loop: data, model, optimizer, schedule, gradient accumulation, logging.
+
+One optimizer step consumes `data.global_batch_size` samples: `grad_accum_steps` micro-batches of
+`data.micro_batch_size` on each of the dp ranks. bf16 autocast on CUDA, float32 on CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import time
+
+import numpy as np
+import torch
+
+import kernels.backend
+from pretrain.config import Config, Derived, to_yaml
+from pretrain.distributed import DistInfo
+from pretrain.flops import count_parameters, device_peak_tflops, train_flops_per_token
+from pretrain.loss import lm_loss
+from pretrain.metrics import MetricsWriter, memory_gb, progress_line
+from pretrain.model import HybridLM
+from pretrain.optim import build_optimizer
+from pretrain.schedule import lr_at
+from data.dataset import infinite_batches
+
+log = logging.getLogger("pretrain")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    precision = cfg.trainer.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def build_data(cfg: Config, dist_info: DistInfo, derived: Derived):
+    from data.dataset import build_train_loader
+
+    if cfg.data.demo_corpus:
+        from data.demo import ensure_demo_data
+
+        if dist_info.is_main:
+            ensure_demo_data(cfg.data.path, cfg.data.seq_len, tokenizer=cfg.data.tokenizer)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+    return build_train_loader(
+        cfg.data.path, seq_len=cfg.data.seq_len, micro_batch_size=cfg.data.micro_batch_size,
+        seed=cfg.run.seed, shuffle=cfg.data.shuffle, num_workers=cfg.data.num_workers,
+        dp_rank=dist_info.rank // (derived.world_size // derived.dp), dp_size=derived.dp,
+        vocab_size=cfg.model.vocab_size,
+    )
+
+
+class Trainer:
+    def __init__(self, cfg: Config, derived: Derived, dist_info: DistInfo):
+        self.cfg, self.derived, self.dist = cfg, derived, dist_info
+        self.device = dist_info.device
+        self.amp_dtype = autocast_dtype(cfg, self.device)
+        kernels.backend.set_backend(cfg.kernels.backend)
+        seed_everything(cfg.run.seed)
+        os.makedirs(derived.run_dir, exist_ok=True)
+        if dist_info.is_main:
+            for sub in ("logs", "checkpoints"):
+                os.makedirs(os.path.join(derived.run_dir, sub), exist_ok=True)
+            with open(os.path.join(derived.run_dir, "config.yaml"), "w") as f:
+                f.write(to_yaml(cfg))
+
+        self.model = HybridLM(cfg.model, derived).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.loader = build_data(cfg, dist_info, derived)
+        self.batches = infinite_batches(self.loader)
+        self.metrics = MetricsWriter(derived.run_dir, enabled=dist_info.is_main)
+        self.step = 0
+        self.consumed_samples = 0
+        self.flops_per_token = train_flops_per_token(cfg, derived)
+        self.peak_tflops = device_peak_tflops(self.device)
+        self.params = count_parameters(self.model)
+        if dist_info.is_main:
+            log.info("model: %s parameters (%s active), pattern %s, %d layers; %.3g training FLOPs/token",
+                     f"{self.params['total']:,}", f"{self.params['active']:,}", cfg.model.pattern,
+                     len(derived.layer_kinds), self.flops_per_token)
+            log.info("run directory: %s; %d steps of %d tokens; device %s, %s", derived.run_dir,
+                     derived.total_steps, derived.tokens_per_step, self.device,
+                     "bf16 autocast" if self.amp_dtype else "float32")
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        batch = next(self.batches)
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+        amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
+               else contextlib.nullcontext())
+        with amp:
+            logits = self.model(batch["tokens"], batch["seq_idx"])
+            loss, ce = lm_loss(logits, batch["labels"], self.cfg.trainer.z_loss_coeff)
+            aux = self.model.aux_loss()
+            if aux is not None:
+                loss = loss + aux
+        (loss * scale).backward()
+        return ce
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        lr = lr_at(self.step, self.derived.total_steps, cfg.optim)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        accum = self.derived.grad_accum_steps
+        ce_sum = torch.zeros((), device=self.device)
+        for _ in range(accum):
+            ce_sum += self.forward_backward(self.next_batch(), 1.0 / accum)
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        moe_load = [layer.update_expert_bias() for layer in self.model.moe_layers()]
+        self.step += 1
+        self.consumed_samples += cfg.data.global_batch_size
+        return {"loss": ce_sum / accum, "lr": lr, "grad_norm": grad_norm, "moe_load": moe_load}
+
+    def make_record(self, out: dict, step_time: float) -> dict:
+        tokens_per_s = self.derived.tokens_per_step / step_time
+        world = self.derived.world_size
+        tflops = self.flops_per_token * tokens_per_s / world / 1e12
+        record = {
+            "loss": float(out["loss"]), "lr": out["lr"], "grad_norm": float(out["grad_norm"]),
+            "tokens_per_s": tokens_per_s, "tokens_per_s_per_gpu": tokens_per_s / world,
+            "tflops_per_gpu": tflops, "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+            "memory_gb": memory_gb(self.device), "step_time_s": step_time,
+            "eta_s": step_time * (self.derived.total_steps - self.step),
+            "consumed_samples": self.consumed_samples, "consumed_tokens": self.consumed_samples * self.cfg.data.seq_len,
+        }
+        for i, load in enumerate(out["moe_load"]):
+            record[f"moe_load/layer{i}"] = [float(x) for x in load.tolist()]
+        return record
+
+    def fit(self) -> None:
+        total = self.derived.total_steps
+        window_start, window_steps = time.perf_counter(), 0
+        while self.step < total:
+            out = self.train_step()
+            window_steps += 1
+            if self.step % self.cfg.trainer.log_interval == 0 or self.step in (1, total):
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                now = time.perf_counter()
+                record = self.make_record(out, (now - window_start) / window_steps)
+                self.metrics.write(self.step, record)
+                if self.dist.is_main:
+                    log.info(progress_line({"step": self.step, **record}, total))
+                window_start, window_steps = now, 0
+        self.metrics.close()
