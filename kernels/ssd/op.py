@@ -20,10 +20,7 @@ def ssd_scan(
         seq_idx=seq_idx, initial_states=initial_states, return_final_states=return_final_states,
     )
     if use_triton(x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states):
-        try:
-            from kernels.ssd import triton_op
-        except ImportError:
-            triton_op = None
-        if triton_op is not None:
-            return triton_op.ssd_scan(x, dt, A, B, C, **kwargs)
+        from kernels.ssd import triton_op
+
+        return triton_op.ssd_scan(x, dt, A, B, C, **kwargs)
     return reference.ssd_scan(x, dt, A, B, C, **kwargs)

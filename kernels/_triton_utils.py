@@ -1,0 +1,39 @@
+"""Shared helpers for the Triton kernels: interpreter detection, launch-config tables, dtypes.
+
+Owns the rules every kernel folder follows:
+- under TRITON_INTERPRET=1 (CPU) a single config is used (autotuning cannot run there);
+- on CUDA, `autotune(configs, key)` wraps triton.autotune with a small config list and
+  `cache_results=True` (Triton's on-disk autotune cache: the benchmark runs once per machine and
+  shape key, not on every process of a job) where the installed Triton supports it;
+- no torch.cuda calls are made unless the tensors are on CUDA.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import torch
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_AUTOTUNE_HAS_CACHE = "cache_results" in inspect.signature(triton.autotune).parameters
+
+
+def autotune(configs, key, interpret_config=None, **kw):
+    """triton.autotune on GPU; under the interpreter a single config (the first, or `interpret_config`)."""
+    if INTERPRET:
+        return triton.autotune(configs=[interpret_config or configs[0]], key=key, **kw)
+    if _AUTOTUNE_HAS_CACHE:
+        kw.setdefault("cache_results", True)
+    return triton.autotune(configs=configs, key=key, **kw)
+
+
+def next_pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(int(n)))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get IEEE fp32 dots (exact like the reference); bf16/fp16 use tensor cores."""
+    return "ieee" if dtype == torch.float32 else "tf32"

@@ -1,0 +1,376 @@
+"""Triton backward kernels of the chunked SSD scan, and their launchers.
+
+Owns the backward decomposition (notation of triton_fwd.py; dy is the gradient of the pre-gate
+output y_pre = y_ssd + D x, already multiplied by silu(z)):
+  1. dprev_c = sum_i exp(cs_i)[doc] dy_i C_i^T            (triton_fwd._chunk_outer, MODE 1)
+  2. _state_pass_bwd: reverse loop over chunks: dS_c (gradient of the state after chunk c,
+     = gradient of states_c), d initial_states, and <dS_c, S_c> which is the gradient of cs at
+     the chunk's last position through scale_c and the chunk-state weights
+  3. _chunk_dx: per chunk, head and block of positions j (all of headdim):
+        acc_j = exp(cs_last - cs_j)[doc] dS_c B_j + sum_{i>=j} CB_ij exp(cs_i - cs_j)[doc] dy_i
+        dx_j = dtp_j acc_j + D dy_j,   ddtp_j = x_j . acc_j,
+        dcs_j = dy_j . y_ssd_j - dtp_j ddtp_j      (all gradients of cs folded into per-position
+        dot products: no cross-program reduction), and per-block partial sums of dy * x for dD
+  4. _chunk_dcb: dCB_ij = sum over the group's heads of (dy_i . x_j) exp(cs_i - cs_j)[doc] dtp_j
+  5. _chunk_dbc: per group and block of positions r, looping over the group's heads:
+        dC_r = sum_h exp(cs_r)[doc] dy_r prev^T + sum_{k<=r} dCB_rk B_k
+        dB_r = sum_h w_r x_r dS_c + sum_{k>=r} dCB_kr C_k
+  Then (in torch, small (batch, nheads, seqlen) tensors): dA_t = reverse cumsum of dcs within each
+  chunk, ddtp += dA_t A, dA = sum dA_t dtp, and the dt processing (bias, softplus, clamp) by
+  autograd on its PyTorch definition.
+No atomics anywhere: every output element is written by exactly one program, and partial sums
+are reduced by torch in a fixed order, so the backward is deterministic run to run.
+All offsets are 64-bit (program ids cast to int64 before stride products).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._triton_utils import INTERPRET, next_pow2
+
+
+@triton.jit
+def _state_pass_bwd_kernel(
+    dprev_ptr, prev_ptr, final_ptr, dfinal_ptr, cs_ptr, seq_ptr, dS_ptr, dinit_ptr, dcs_last_ptr,
+    seqlen, nheads, nchunks, chunk_size, dim, nblocks, s_seq_b, s_seq_l,
+    HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid_blk = tl.program_id(0).to(tl.int64)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_h = tl.program_id(2).to(tl.int64)
+    offs = pid_blk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < dim
+    bh = (pid_b * nheads + pid_h) * dim
+    if HAS_DFINAL:
+        g = tl.load(dfinal_ptr + bh + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        g = tl.zeros((BLOCK,), dtype=tl.float32)
+    s_after = tl.load(final_ptr + bh + offs, mask=mask, other=0.0)
+    for i in range(nchunks):
+        c = nchunks - 1 - i
+        off = ((pid_b * nchunks + c) * nheads + pid_h) * dim + offs
+        tl.store(dS_ptr + off, g, mask=mask)
+        tl.store(dcs_last_ptr + ((pid_b * nheads + pid_h) * nchunks + c) * nblocks + pid_blk, tl.sum(g * s_after))
+        scale = tl.exp(tl.load(cs_ptr + ((pid_b * nheads + pid_h) * nchunks + c) * chunk_size + chunk_size - 1))
+        if HAS_SEQ:
+            seq_end = tl.load(seq_ptr + pid_b * s_seq_b + tl.minimum((c + 1) * chunk_size - 1, seqlen - 1) * s_seq_l)
+            seq_in = tl.load(seq_ptr + pid_b * s_seq_b + tl.maximum(c * chunk_size - 1, 0) * s_seq_l)
+            scale = tl.where(seq_end == seq_in, scale, 0.0)
+        s_after = tl.load(prev_ptr + off, mask=mask, other=0.0)
+        g = tl.load(dprev_ptr + off, mask=mask, other=0.0) + scale * g
+    tl.store(dinit_ptr + bh + offs, g, mask=mask)
+
+
+@triton.jit
+def _chunk_dx_kernel(
+    x_ptr, dy_ptr, ypre_ptr, D_ptr, B_ptr, cb_ptr, dS_ptr, dtp_ptr, cs_ptr, seq_ptr,
+    dx_ptr, ddtp_ptr, dcs_ptr, dD_ptr,
+    seqlen, nheads, nchunks, chunk_size, hdim, dstate, heads_per_group, ngroups, nblk_max,
+    s_dx_b, s_dx_l, s_dx_h, s_dx_p, s_x_b, s_x_l, s_x_h, s_x_p, s_dy_b, s_dy_l, s_dy_h, s_dy_p, s_y_b, s_y_l, s_y_h, s_y_p,
+    s_b_b, s_b_l, s_b_g, s_b_n, s_seq_b, s_seq_l, s_D_h, s_D_p,
+    HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_j = tl.program_id(0).to(tl.int64)
+    pid_bc = tl.program_id(1).to(tl.int64)
+    pid_h = tl.program_id(2).to(tl.int64)
+    pid_b = pid_bc // nchunks
+    pid_c = pid_bc % nchunks
+    pid_g = pid_h // heads_per_group
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    offs_p = tl.arange(0, BLOCK_P)
+    pmask = offs_p < hdim
+    t0 = pid_c * chunk_size
+    t_j = t0 + offs_j
+    jvalid = t_j < seqlen
+    cs_base = ((pid_b * nheads + pid_h) * nchunks + pid_c) * chunk_size
+    cs_j = tl.load(cs_ptr + cs_base + offs_j)
+    dtp_j = tl.load(dtp_ptr + cs_base + offs_j)
+    cs_last = tl.load(cs_ptr + cs_base + chunk_size - 1)
+    w = tl.exp(cs_last - cs_j)
+    if HAS_SEQ:
+        seq_base = seq_ptr + pid_b * s_seq_b
+        seq_j = tl.load(seq_base + tl.minimum(t_j, seqlen - 1) * s_seq_l)
+        seq_end = tl.load(seq_base + tl.minimum(t0 + chunk_size - 1, seqlen - 1) * s_seq_l)
+        w = tl.where(seq_j == seq_end, w, 0.0)
+    # through the chunk state: exp(cs_last - cs_j) dS_c B_j
+    acc = tl.zeros((BLOCK_J, BLOCK_P), dtype=tl.float32)
+    dS_base = ((pid_b * nchunks + pid_c) * nheads + pid_h) * hdim * dstate
+    for n0 in range(0, dstate, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        bj = tl.load(B_ptr + pid_b * s_b_b + pid_g * s_b_g + t_j[:, None] * s_b_l + offs_n[None, :] * s_b_n,
+                     mask=jvalid[:, None] & (offs_n < dstate)[None, :], other=0.0)
+        dST = tl.load(dS_ptr + dS_base + offs_p[None, :] * dstate + offs_n[:, None],
+                      mask=pmask[None, :] & (offs_n < dstate)[:, None], other=0.0)
+        acc += tl.dot(bj, dST.to(bj.dtype), input_precision=DOT_PREC)
+    acc = acc * w[:, None]
+    # within the chunk: sum_{i >= j} CB_ij exp(cs_i - cs_j) dy_i
+    cb_base = (pid_bc * ngroups + pid_g) * chunk_size * chunk_size
+    for i0 in range(pid_j * BLOCK_J, chunk_size, BLOCK_I):
+        offs_i = i0 + tl.arange(0, BLOCK_I)
+        t_i = t0 + offs_i
+        cbT = tl.load(cb_ptr + cb_base + offs_i[None, :] * chunk_size + offs_j[:, None])
+        cs_i = tl.load(cs_ptr + cs_base + offs_i)
+        keep = offs_i[None, :] >= offs_j[:, None]
+        if HAS_SEQ:
+            seq_i = tl.load(seq_base + tl.minimum(t_i, seqlen - 1) * s_seq_l)
+            keep = keep & (seq_i[None, :] == seq_j[:, None])
+        decay = tl.exp(tl.where(keep, cs_i[None, :] - cs_j[:, None], 0.0))
+        mT = tl.where(keep, cbT * decay, 0.0)
+        dyi = tl.load(dy_ptr + pid_b * s_dy_b + pid_h * s_dy_h + t_i[:, None] * s_dy_l + offs_p[None, :] * s_dy_p,
+                      mask=(t_i < seqlen)[:, None] & pmask[None, :], other=0.0)
+        acc += tl.dot(mT.to(dyi.dtype), dyi, input_precision=DOT_PREC)
+    jp = jvalid[:, None] & pmask[None, :]
+    xj = tl.load(x_ptr + pid_b * s_x_b + pid_h * s_x_h + t_j[:, None] * s_x_l + offs_p[None, :] * s_x_p,
+                 mask=jp, other=0.0).to(tl.float32)
+    dyj = tl.load(dy_ptr + pid_b * s_dy_b + pid_h * s_dy_h + t_j[:, None] * s_dy_l + offs_p[None, :] * s_dy_p,
+                  mask=jp, other=0.0).to(tl.float32)
+    yj = tl.load(ypre_ptr + pid_b * s_y_b + pid_h * s_y_h + t_j[:, None] * s_y_l + offs_p[None, :] * s_y_p,
+                 mask=jp, other=0.0).to(tl.float32)
+    ddtp = tl.sum(acc * xj, axis=1)
+    dx = acc * dtp_j[:, None]
+    if HAS_D:
+        d = tl.load(D_ptr + pid_h * s_D_h + offs_p * s_D_p, mask=pmask, other=0.0).to(tl.float32)
+        dx += dyj * d[None, :]
+        yj = yj - xj * d[None, :]
+        tl.store(dD_ptr + ((pid_bc * nblk_max + pid_j) * nheads + pid_h) * BLOCK_P + offs_p, tl.sum(dyj * xj, axis=0))
+    dcs = tl.sum(dyj * yj, axis=1) - dtp_j * ddtp
+    tl.store(dx_ptr + pid_b * s_dx_b + pid_h * s_dx_h + t_j[:, None] * s_dx_l + offs_p[None, :] * s_dx_p,
+             dx.to(dx_ptr.dtype.element_ty), mask=jp)
+    tl.store(ddtp_ptr + cs_base + offs_j, ddtp)
+    tl.store(dcs_ptr + cs_base + offs_j, dcs)
+
+
+@triton.jit
+def _chunk_dcb_kernel(
+    x_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, dcb_ptr,
+    seqlen, nheads, nchunks, chunk_size, hdim, heads_per_group, ngroups,
+    s_x_b, s_x_l, s_x_h, s_x_p, s_dy_b, s_dy_l, s_dy_h, s_dy_p, s_seq_b, s_seq_l,
+    HAS_SEQ: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_ij = tl.program_id(0)
+    pid_bc = tl.program_id(1).to(tl.int64)
+    pid_g = tl.program_id(2).to(tl.int64)
+    num_j = tl.cdiv(chunk_size, BLOCK_J)
+    pid_i = pid_ij // num_j
+    pid_j = pid_ij % num_j
+    if pid_j * BLOCK_J > pid_i * BLOCK_I + BLOCK_I - 1:
+        return
+    pid_b = pid_bc // nchunks
+    pid_c = pid_bc % nchunks
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    t0 = pid_c * chunk_size
+    t_i = t0 + offs_i
+    t_j = t0 + offs_j
+    keep = offs_i[:, None] >= offs_j[None, :]
+    if HAS_SEQ:
+        seq_base = seq_ptr + pid_b * s_seq_b
+        seq_i = tl.load(seq_base + tl.minimum(t_i, seqlen - 1) * s_seq_l)
+        seq_j = tl.load(seq_base + tl.minimum(t_j, seqlen - 1) * s_seq_l)
+        keep = keep & (seq_i[:, None] == seq_j[None, :])
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    for hh in range(heads_per_group):
+        h = pid_g * heads_per_group + hh
+        cs_base = ((pid_b * nheads + h) * nchunks + pid_c) * chunk_size
+        g = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+        for p0 in range(0, hdim, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            dyi = tl.load(dy_ptr + pid_b * s_dy_b + h * s_dy_h + t_i[:, None] * s_dy_l + offs_p[None, :] * s_dy_p,
+                          mask=(t_i < seqlen)[:, None] & (offs_p < hdim)[None, :], other=0.0)
+            xjT = tl.load(x_ptr + pid_b * s_x_b + h * s_x_h + t_j[None, :] * s_x_l + offs_p[:, None] * s_x_p,
+                          mask=(t_j < seqlen)[None, :] & (offs_p < hdim)[:, None], other=0.0)
+            g += tl.dot(dyi, xjT.to(dyi.dtype), input_precision=DOT_PREC)
+        cs_i = tl.load(cs_ptr + cs_base + offs_i)
+        cs_j = tl.load(cs_ptr + cs_base + offs_j)
+        dtp_j = tl.load(dtp_ptr + cs_base + offs_j)
+        decay = tl.exp(tl.where(keep, cs_i[:, None] - cs_j[None, :], 0.0))
+        acc += g * decay * dtp_j[None, :]
+    acc = tl.where(keep, acc, 0.0)
+    base = (pid_bc * ngroups + pid_g) * chunk_size * chunk_size
+    tl.store(dcb_ptr + base + offs_i[:, None] * chunk_size + offs_j[None, :], acc)
+
+
+@triton.jit
+def _chunk_dbc_kernel(
+    x_ptr, dy_ptr, B_ptr, C_ptr, prev_ptr, dS_ptr, dcb_ptr, dtp_ptr, cs_ptr, seq_ptr, dB_ptr, dC_ptr,
+    seqlen, nheads, nchunks, chunk_size, hdim, dstate, heads_per_group, ngroups,
+    s_x_b, s_x_l, s_x_h, s_x_p, s_dy_b, s_dy_l, s_dy_h, s_dy_p,
+    s_b_b, s_b_l, s_b_g, s_b_n, s_c_b, s_c_l, s_c_g, s_c_n, s_seq_b, s_seq_l,
+    s_o_b, s_o_l, s_o_g, s_o_n,
+    HAS_SEQ: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_rn = tl.program_id(0)
+    pid_bc = tl.program_id(1).to(tl.int64)
+    pid_g = tl.program_id(2).to(tl.int64)
+    num_n = tl.cdiv(dstate, BLOCK_N)
+    pid_r = pid_rn // num_n
+    pid_n = pid_rn % num_n
+    pid_b = pid_bc // nchunks
+    pid_c = pid_bc % nchunks
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < dstate
+    t0 = pid_c * chunk_size
+    t_r = t0 + offs_r
+    rvalid = t_r < seqlen
+    if HAS_SEQ:
+        seq_base = seq_ptr + pid_b * s_seq_b
+        seq_r = tl.load(seq_base + tl.minimum(t_r, seqlen - 1) * s_seq_l)
+        seq_in = tl.load(seq_base + tl.maximum(t0 - 1, 0) * s_seq_l)
+        seq_end = tl.load(seq_base + tl.minimum(t0 + chunk_size - 1, seqlen - 1) * s_seq_l)
+    dC = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    dB = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    for hh in range(heads_per_group):
+        h = pid_g * heads_per_group + hh
+        cs_base = ((pid_b * nheads + h) * nchunks + pid_c) * chunk_size
+        cs_r = tl.load(cs_ptr + cs_base + offs_r)
+        cs_last = tl.load(cs_ptr + cs_base + chunk_size - 1)
+        dtp_r = tl.load(dtp_ptr + cs_base + offs_r)
+        u = tl.exp(cs_r)
+        w = tl.exp(cs_last - cs_r) * dtp_r
+        if HAS_SEQ:
+            u = tl.where(seq_r == seq_in, u, 0.0)
+            w = tl.where(seq_r == seq_end, w, 0.0)
+        st_base = ((pid_b * nchunks + pid_c) * nheads + h) * hdim * dstate
+        accC = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        accB = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        for p0 in range(0, hdim, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            rp = rvalid[:, None] & (offs_p < hdim)[None, :]
+            pn = (offs_p < hdim)[:, None] & nmask[None, :]
+            dyr = tl.load(dy_ptr + pid_b * s_dy_b + h * s_dy_h + t_r[:, None] * s_dy_l + offs_p[None, :] * s_dy_p,
+                          mask=rp, other=0.0)
+            xr = tl.load(x_ptr + pid_b * s_x_b + h * s_x_h + t_r[:, None] * s_x_l + offs_p[None, :] * s_x_p,
+                         mask=rp, other=0.0)
+            pv = tl.load(prev_ptr + st_base + offs_p[:, None] * dstate + offs_n[None, :], mask=pn, other=0.0)
+            ds = tl.load(dS_ptr + st_base + offs_p[:, None] * dstate + offs_n[None, :], mask=pn, other=0.0)
+            accC += tl.dot(dyr, pv.to(dyr.dtype), input_precision=DOT_PREC)
+            accB += tl.dot(xr, ds.to(xr.dtype), input_precision=DOT_PREC)
+        dC += accC * u[:, None]
+        dB += accB * w[:, None]
+    cb_base = (pid_bc * ngroups + pid_g) * chunk_size * chunk_size
+    # dC_r += sum_{k <= r} dCB_rk B_k
+    hi = tl.minimum(pid_r * BLOCK_R + BLOCK_R, chunk_size)
+    for k0 in range(0, hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        t_k = t0 + offs_k
+        keep = offs_r[:, None] >= offs_k[None, :]
+        d = tl.load(dcb_ptr + cb_base + offs_r[:, None] * chunk_size + offs_k[None, :])
+        d = tl.where(keep, d, 0.0)
+        bk = tl.load(B_ptr + pid_b * s_b_b + pid_g * s_b_g + t_k[:, None] * s_b_l + offs_n[None, :] * s_b_n,
+                     mask=(t_k < seqlen)[:, None] & nmask[None, :], other=0.0)
+        dC += tl.dot(d.to(bk.dtype), bk, input_precision=DOT_PREC)
+    # dB_r += sum_{k >= r} dCB_kr C_k
+    for k0 in range(pid_r * BLOCK_R, chunk_size, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        t_k = t0 + offs_k
+        keep = offs_k[None, :] >= offs_r[:, None]
+        dT = tl.load(dcb_ptr + cb_base + offs_k[None, :] * chunk_size + offs_r[:, None])
+        dT = tl.where(keep, dT, 0.0)
+        ck = tl.load(C_ptr + pid_b * s_c_b + pid_g * s_c_g + t_k[:, None] * s_c_l + offs_n[None, :] * s_c_n,
+                     mask=(t_k < seqlen)[:, None] & nmask[None, :], other=0.0)
+        dB += tl.dot(dT.to(ck.dtype), ck, input_precision=DOT_PREC)
+    rn = rvalid[:, None] & nmask[None, :]
+    o = pid_b * s_o_b + pid_g * s_o_g + t_r[:, None] * s_o_l + offs_n[None, :] * s_o_n
+    tl.store(dB_ptr + o, dB.to(dB_ptr.dtype.element_ty), mask=rn)
+    tl.store(dC_ptr + o, dC.to(dC_ptr.dtype.element_ty), mask=rn)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+
+
+def _blocks(chunk_size, hdim, dstate):
+    if INTERPRET:
+        q = chunk_size
+        return dict(J=q, I=q, P=next_pow2(hdim), N=next_pow2(dstate), R=q, K=q, warps=4, stages=1)
+    return dict(J=min(64, chunk_size), I=min(64, chunk_size), P=next_pow2(hdim), N=min(64, next_pow2(dstate)),
+                R=min(64, chunk_size), K=min(64, chunk_size), warps=4, stages=2)
+
+
+def state_pass_bwd(dprev, prev, final, dfinal, cs, seq_idx, seqlen, chunk_size):
+    batch, nchunks, nheads, hdim, dstate = dprev.shape
+    dim = hdim * dstate
+    BLOCK = triton.next_power_of_2(dim) if INTERPRET else min(1024, triton.next_power_of_2(dim))
+    nblocks = triton.cdiv(dim, BLOCK)
+    dS = torch.empty_like(dprev)
+    dinit = torch.empty(batch, nheads, hdim, dstate, device=dprev.device, dtype=torch.float32)
+    dcs_last = torch.empty(batch, nheads, nchunks, nblocks, device=dprev.device, dtype=torch.float32)
+    seq = seq_idx if seq_idx is not None else cs
+    _state_pass_bwd_kernel[(nblocks, batch, nheads)](
+        dprev, prev, final, dfinal.contiguous() if dfinal is not None else final, cs, seq, dS, dinit, dcs_last,
+        seqlen, nheads, nchunks, chunk_size, dim, nblocks, *(seq_idx.stride() if seq_idx is not None else (0, 0)),
+        HAS_DFINAL=dfinal is not None, HAS_SEQ=seq_idx is not None, BLOCK=BLOCK, num_warps=4,
+    )
+    return dS, dinit, dcs_last.sum(-1)
+
+
+def chunk_dx(x, dy, ypre, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec):
+    batch, seqlen, nheads, hdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    nchunks = triton.cdiv(seqlen, chunk_size)
+    bs = _blocks(chunk_size, hdim, dstate)
+    nblk = triton.cdiv(chunk_size, bs["J"])
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    ddtp = torch.empty_like(dtp)
+    dcs = torch.empty_like(dtp)
+    dD = torch.empty(batch * nchunks, nblk, nheads, bs["P"], device=x.device, dtype=torch.float32) if D is not None else None
+    Ds = (D.stride(0), D.stride(1) if D.dim() == 2 else 0) if D is not None else (0, 0)
+    _chunk_dx_kernel[(nblk, batch * nchunks, nheads)](
+        x, dy, ypre, D if D is not None else x, B, cb, dS, dtp, cs, seq_idx if seq_idx is not None else cs,
+        dx, ddtp, dcs, dD if dD is not None else dx,
+        seqlen, nheads, nchunks, chunk_size, hdim, dstate, nheads // ngroups, ngroups, nblk,
+        *dx.stride(), *x.stride(), *dy.stride(), *ypre.stride(), *B.stride(),
+        *(seq_idx.stride() if seq_idx is not None else (0, 0)), *Ds,
+        HAS_D=D is not None, HAS_SEQ=seq_idx is not None,
+        BLOCK_J=bs["J"], BLOCK_I=bs["I"], BLOCK_P=bs["P"], BLOCK_N=bs["N"], DOT_PREC=dot_prec,
+        num_warps=bs["warps"], num_stages=bs["stages"],
+    )
+    if dD is not None:
+        dD = dD.sum((0, 1))[:, :hdim]
+        dD = dD if D.dim() == 2 else dD.sum(-1)
+    return dx, ddtp, dcs, dD
+
+
+def chunk_dcb(x, dy, dtp, cs, seq_idx, ngroups, chunk_size, dot_prec):
+    batch, seqlen, nheads, hdim = x.shape
+    nchunks = triton.cdiv(seqlen, chunk_size)
+    bs = _blocks(chunk_size, hdim, 16)
+    BI = BJ = bs["I"]
+    BP = bs["P"] if INTERPRET else min(64, bs["P"])
+    dcb = torch.empty(batch, nchunks, ngroups, chunk_size, chunk_size, device=x.device, dtype=torch.float32)
+    _chunk_dcb_kernel[(triton.cdiv(chunk_size, BI) * triton.cdiv(chunk_size, BJ), batch * nchunks, ngroups)](
+        x, dy, dtp, cs, seq_idx if seq_idx is not None else cs, dcb,
+        seqlen, nheads, nchunks, chunk_size, hdim, nheads // ngroups, ngroups,
+        *x.stride(), *dy.stride(), *(seq_idx.stride() if seq_idx is not None else (0, 0)),
+        HAS_SEQ=seq_idx is not None, BLOCK_I=BI, BLOCK_J=BJ, BLOCK_P=BP, DOT_PREC=dot_prec,
+        num_warps=bs["warps"], num_stages=bs["stages"],
+    )
+    return dcb
+
+
+def chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, chunk_size, dot_prec):
+    batch, seqlen, nheads, hdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    nchunks = triton.cdiv(seqlen, chunk_size)
+    bs = _blocks(chunk_size, hdim, dstate)
+    BP = bs["P"] if INTERPRET else min(64, bs["P"])
+    dB = torch.empty(B.shape, device=B.device, dtype=B.dtype)
+    dC = torch.empty_like(dB)
+    grid = (triton.cdiv(chunk_size, bs["R"]) * triton.cdiv(dstate, bs["N"]), batch * nchunks, ngroups)
+    _chunk_dbc_kernel[grid](
+        x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx if seq_idx is not None else cs, dB, dC,
+        seqlen, nheads, nchunks, chunk_size, hdim, dstate, nheads // ngroups, ngroups,
+        *x.stride(), *dy.stride(), *B.stride(), *C.stride(),
+        *(seq_idx.stride() if seq_idx is not None else (0, 0)), *dB.stride(),
+        HAS_SEQ=seq_idx is not None, BLOCK_R=bs["R"], BLOCK_K=bs["K"], BLOCK_N=bs["N"], BLOCK_P=BP,
+        DOT_PREC=dot_prec, num_warps=bs["warps"], num_stages=bs["stages"],
+    )
+    return dB, dC

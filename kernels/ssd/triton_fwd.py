@@ -1,0 +1,382 @@
+"""Triton forward kernels of the chunked SSD scan (Mamba-2), and their launchers.
+
+Owns the forward decomposition (chunk size Q, a power of two; c = ceil(seqlen / Q) chunks, the
+last one padded with dt = 0):
+  1. _dt_cumsum:   dt -> dtp = clamp(softplus(dt + dt_bias)) and cs = cumsum_Q(dtp * A)
+                   both (batch, nheads, nchunks, Q) float32
+  2. _cb:          CB[i, j] = C_i . B_j per chunk and group, (batch, nchunks, ngroups, Q, Q) float32
+                   (lower-triangular blocks only; consumers mask with tl.where)
+  3. _chunk_outer: per chunk and head, states = sum_j w_j x_j B_j^T, w_j = exp(cs_last - cs_j) dtp_j
+                   [same document as the chunk end]  -> (batch, nchunks, nheads, headdim, dstate)
+                   (MODE 1 computes the backward's dprev with the same loop)
+  4. _state_pass:  S_c = scale_c S_{c-1} + states_c, scale_c = exp(cs_last) [no document start in
+                   chunk c]; writes the state entering each chunk (prev) and the final state
+  5. _chunk_scan:  y_i = exp(cs_i) [doc] C_i prev^T + sum_{j<=i} CB_ij exp(cs_i - cs_j) [doc] dtp_j x_j
+                   + D x_i, then * silu(z_i)
+All offsets are 64-bit: program ids and positions are cast to int64 before any stride product.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._triton_utils import INTERPRET, next_pow2
+
+
+@triton.jit
+def _softplus(x):
+    # log1p(exp(x)) accurate for very negative x (Kahan's log1p), identity above 20 like torch
+    e = tl.exp(tl.minimum(x, 20.0))
+    u = 1.0 + e
+    lp = tl.where(u == 1.0, e, tl.log(u) * e / (u - 1.0))
+    return tl.where(x > 20.0, x, lp)
+
+
+@triton.jit
+def _dt_cumsum_kernel(
+    dt_ptr, bias_ptr, A_ptr, dtp_ptr, cs_ptr,
+    seqlen, nheads, nchunks, chunk_size,
+    s_dt_b, s_dt_l, s_dt_h, dt_lo, dt_hi,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1).to(tl.int64)
+    pid_h = tl.program_id(2).to(tl.int64)
+    offs_q = tl.arange(0, BLOCK_Q)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    t = pid_c * chunk_size + offs_q
+    hmask = offs_h < nheads
+    mask = (t < seqlen)[:, None] & (offs_q < chunk_size)[:, None] & hmask[None, :]
+    dt = tl.load(dt_ptr + pid_b * s_dt_b + t[:, None] * s_dt_l + offs_h[None, :] * s_dt_h, mask=mask, other=0.0)
+    dt = dt.to(tl.float32)
+    if HAS_BIAS:
+        dt += tl.load(bias_ptr + offs_h, mask=hmask, other=0.0).to(tl.float32)[None, :]
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    if HAS_LIMIT:
+        dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
+    dt = tl.where(mask, dt, 0.0)
+    A = tl.load(A_ptr + offs_h, mask=hmask, other=0.0).to(tl.float32)
+    cs = tl.cumsum(dt * A[None, :], axis=0)
+    out = ((pid_b * nheads + offs_h[None, :]) * nchunks + pid_c) * chunk_size + offs_q[:, None]
+    smask = (offs_q < chunk_size)[:, None] & hmask[None, :]
+    tl.store(dtp_ptr + out, dt, mask=smask)
+    tl.store(cs_ptr + out, cs, mask=smask)
+
+
+@triton.jit
+def _cb_kernel(
+    C_ptr, B_ptr, cb_ptr,
+    seqlen, nchunks, chunk_size, dstate, ngroups,
+    s_c_b, s_c_l, s_c_g, s_c_n, s_b_b, s_b_l, s_b_g, s_b_n,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_mn = tl.program_id(0)
+    pid_bc = tl.program_id(1).to(tl.int64)
+    pid_g = tl.program_id(2).to(tl.int64)
+    num_n = tl.cdiv(chunk_size, BLOCK_N)
+    pid_m = pid_mn // num_n
+    pid_n = pid_mn % num_n
+    if pid_n * BLOCK_N > pid_m * BLOCK_M + BLOCK_M - 1:
+        return
+    pid_b = pid_bc // nchunks
+    pid_c = pid_bc % nchunks
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    t_m = pid_c * chunk_size + offs_m
+    t_n = pid_c * chunk_size + offs_n
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, dstate, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        c = tl.load(
+            C_ptr + pid_b * s_c_b + pid_g * s_c_g + t_m[:, None] * s_c_l + offs_k[None, :] * s_c_n,
+            mask=(t_m < seqlen)[:, None] & (offs_k < dstate)[None, :], other=0.0,
+        )
+        bT = tl.load(
+            B_ptr + pid_b * s_b_b + pid_g * s_b_g + t_n[None, :] * s_b_l + offs_k[:, None] * s_b_n,
+            mask=(t_n < seqlen)[None, :] & (offs_k < dstate)[:, None], other=0.0,
+        )
+        acc += tl.dot(c, bT, input_precision=DOT_PREC)
+    base = (pid_bc * ngroups + pid_g) * chunk_size * chunk_size
+    tl.store(cb_ptr + base + offs_m[:, None] * chunk_size + offs_n[None, :], acc,
+             mask=(offs_m < chunk_size)[:, None] & (offs_n < chunk_size)[None, :])
+
+
+@triton.jit
+def _chunk_outer_kernel(
+    a_ptr, b_ptr, dtp_ptr, cs_ptr, seq_ptr, out_ptr,
+    seqlen, nheads, nchunks, chunk_size, hdim, dstate, heads_per_group,
+    s_a_b, s_a_l, s_a_h, s_a_p, s_b_b, s_b_l, s_b_g, s_b_n, s_seq_b, s_seq_l,
+    MODE: tl.constexpr, HAS_SEQ: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """out[b, c, h] (hdim x dstate) = sum_k a[k, p] wt_k b[k, n] over the chunk's positions k.
+
+    MODE 0 (chunk states): a = x, b = B, wt = exp(cs_last - cs_k) dtp_k [seq_k == seq_end].
+    MODE 1 (backward dprev): a = dy, b = C, wt = exp(cs_k) [seq_k == seq of the state entering].
+    """
+    pid_pn = tl.program_id(0)
+    pid_bc = tl.program_id(1).to(tl.int64)
+    pid_h = tl.program_id(2).to(tl.int64)
+    num_n = tl.cdiv(dstate, BLOCK_N)
+    pid_p = pid_pn // num_n
+    pid_n = pid_pn % num_n
+    pid_b = pid_bc // nchunks
+    pid_c = pid_bc % nchunks
+    pid_g = pid_h // heads_per_group
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    t0 = pid_c * chunk_size
+    cs_base = ((pid_b * nheads + pid_h) * nchunks + pid_c) * chunk_size
+    cs_last = tl.load(cs_ptr + cs_base + chunk_size - 1)
+    if HAS_SEQ:
+        seq_base = seq_ptr + pid_b * s_seq_b
+        if MODE == 0:
+            seq_ref = tl.load(seq_base + tl.minimum(t0 + chunk_size - 1, seqlen - 1) * s_seq_l)
+        else:
+            seq_ref = tl.load(seq_base + tl.maximum(t0 - 1, 0) * s_seq_l)
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, chunk_size, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        t = t0 + offs_k
+        kmask = t < seqlen
+        aT = tl.load(
+            a_ptr + pid_b * s_a_b + pid_h * s_a_h + t[None, :] * s_a_l + offs_p[:, None] * s_a_p,
+            mask=kmask[None, :] & (offs_p < hdim)[:, None], other=0.0,
+        )
+        bb = tl.load(
+            b_ptr + pid_b * s_b_b + pid_g * s_b_g + t[:, None] * s_b_l + offs_n[None, :] * s_b_n,
+            mask=kmask[:, None] & (offs_n < dstate)[None, :], other=0.0,
+        )
+        cs_k = tl.load(cs_ptr + cs_base + offs_k)
+        if MODE == 0:
+            wt = tl.exp(cs_last - cs_k) * tl.load(dtp_ptr + cs_base + offs_k)
+        else:
+            wt = tl.exp(cs_k)
+        if HAS_SEQ:
+            seq_k = tl.load(seq_base + tl.minimum(t, seqlen - 1) * s_seq_l)
+            wt = tl.where(seq_k == seq_ref, wt, 0.0)
+        acc += tl.dot((aT * wt[None, :]).to(bb.dtype), bb, input_precision=DOT_PREC)
+    out = (((pid_b * nchunks + pid_c) * nheads + pid_h) * hdim + offs_p[:, None]) * dstate + offs_n[None, :]
+    tl.store(out_ptr + out, acc, mask=(offs_p < hdim)[:, None] & (offs_n < dstate)[None, :])
+
+
+@triton.jit
+def _state_pass_fwd_kernel(
+    states_ptr, cs_ptr, seq_ptr, init_ptr, prev_ptr, final_ptr,
+    seqlen, nheads, nchunks, chunk_size, dim, s_seq_b, s_seq_l,
+    HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid_blk = tl.program_id(0).to(tl.int64)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_h = tl.program_id(2).to(tl.int64)
+    offs = pid_blk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < dim
+    bh = (pid_b * nheads + pid_h) * dim
+    if HAS_INIT:
+        s = tl.load(init_ptr + bh + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        s = tl.zeros((BLOCK,), dtype=tl.float32)
+    if HAS_SEQ:
+        seq_prev = tl.load(seq_ptr + pid_b * s_seq_b)
+    for c in range(nchunks):
+        cc = c
+        off = ((pid_b * nchunks + cc) * nheads + pid_h) * dim + offs
+        tl.store(prev_ptr + off, s, mask=mask)
+        st = tl.load(states_ptr + off, mask=mask, other=0.0)
+        scale = tl.exp(tl.load(cs_ptr + ((pid_b * nheads + pid_h) * nchunks + cc) * chunk_size + chunk_size - 1))
+        if HAS_SEQ:
+            seq_end = tl.load(seq_ptr + pid_b * s_seq_b + tl.minimum((cc + 1) * chunk_size - 1, seqlen - 1) * s_seq_l)
+            scale = tl.where(seq_end == seq_prev, scale, 0.0)
+            seq_prev = seq_end
+        s = scale * s + st
+    tl.store(final_ptr + bh + offs, s, mask=mask)
+
+
+@triton.jit
+def _chunk_scan_fwd_kernel(
+    cb_ptr, x_ptr, z_ptr, D_ptr, C_ptr, prev_ptr, dtp_ptr, cs_ptr, seq_ptr, ypre_ptr, out_ptr,
+    seqlen, nheads, nchunks, chunk_size, hdim, dstate, heads_per_group, ngroups,
+    s_x_b, s_x_l, s_x_h, s_x_p, s_z_b, s_z_l, s_z_h, s_z_p, s_o_b, s_o_l, s_o_h, s_o_p,
+    s_c_b, s_c_l, s_c_g, s_c_n, s_seq_b, s_seq_l, s_D_h, s_D_p,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, STORE_YPRE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_mp = tl.program_id(0)
+    pid_bc = tl.program_id(1).to(tl.int64)
+    pid_h = tl.program_id(2).to(tl.int64)
+    num_p = tl.cdiv(hdim, BLOCK_P)
+    pid_m = pid_mp // num_p
+    pid_p = pid_mp % num_p
+    pid_b = pid_bc // nchunks
+    pid_c = pid_bc % nchunks
+    pid_g = pid_h // heads_per_group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    t0 = pid_c * chunk_size
+    t_m = t0 + offs_m
+    mvalid = t_m < seqlen
+    pmask = offs_p < hdim
+    cs_base = ((pid_b * nheads + pid_h) * nchunks + pid_c) * chunk_size
+    cs_m = tl.load(cs_ptr + cs_base + offs_m)
+    u = tl.exp(cs_m)
+    if HAS_SEQ:
+        seq_base = seq_ptr + pid_b * s_seq_b
+        seq_m = tl.load(seq_base + tl.minimum(t_m, seqlen - 1) * s_seq_l)
+        seq_in = tl.load(seq_base + tl.maximum(t0 - 1, 0) * s_seq_l)
+        u = tl.where(seq_m == seq_in, u, 0.0)
+    # off-diagonal: the state entering the chunk, read by C_i
+    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    prev_base = ((pid_b * nchunks + pid_c) * nheads + pid_h) * hdim * dstate
+    for n0 in range(0, dstate, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        c = tl.load(
+            C_ptr + pid_b * s_c_b + pid_g * s_c_g + t_m[:, None] * s_c_l + offs_n[None, :] * s_c_n,
+            mask=mvalid[:, None] & (offs_n < dstate)[None, :], other=0.0,
+        )
+        prevT = tl.load(prev_ptr + prev_base + offs_p[None, :] * dstate + offs_n[:, None],
+                        mask=pmask[None, :] & (offs_n < dstate)[:, None], other=0.0)
+        acc += tl.dot(c, prevT.to(c.dtype), input_precision=DOT_PREC)
+    acc = acc * u[:, None]
+    # diagonal block: sum_{j <= i} CB_ij exp(cs_i - cs_j) dtp_j x_j
+    cb_base = (pid_bc * ngroups + pid_g) * chunk_size * chunk_size
+    hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, chunk_size)
+    for k0 in range(0, hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        t_k = t0 + offs_k
+        cb = tl.load(cb_ptr + cb_base + offs_m[:, None] * chunk_size + offs_k[None, :])
+        cs_k = tl.load(cs_ptr + cs_base + offs_k)
+        dtp_k = tl.load(dtp_ptr + cs_base + offs_k)
+        keep = offs_m[:, None] >= offs_k[None, :]
+        if HAS_SEQ:
+            seq_k = tl.load(seq_base + tl.minimum(t_k, seqlen - 1) * s_seq_l)
+            keep = keep & (seq_m[:, None] == seq_k[None, :])
+        decay = tl.exp(tl.where(keep, cs_m[:, None] - cs_k[None, :], 0.0))
+        m = tl.where(keep, cb * decay * dtp_k[None, :], 0.0)
+        xk = tl.load(x_ptr + pid_b * s_x_b + pid_h * s_x_h + t_k[:, None] * s_x_l + offs_p[None, :] * s_x_p,
+                     mask=(t_k < seqlen)[:, None] & pmask[None, :], other=0.0)
+        acc += tl.dot(m.to(xk.dtype), xk, input_precision=DOT_PREC)
+    omask = mvalid[:, None] & pmask[None, :]
+    if HAS_D:
+        xm = tl.load(x_ptr + pid_b * s_x_b + pid_h * s_x_h + t_m[:, None] * s_x_l + offs_p[None, :] * s_x_p,
+                     mask=omask, other=0.0).to(tl.float32)
+        d = tl.load(D_ptr + pid_h * s_D_h + offs_p * s_D_p, mask=pmask, other=0.0).to(tl.float32)
+        acc += xm * d[None, :]
+    o_off = pid_b * s_o_b + pid_h * s_o_h + t_m[:, None] * s_o_l + offs_p[None, :] * s_o_p
+    if STORE_YPRE:
+        tl.store(ypre_ptr + o_off, acc.to(ypre_ptr.dtype.element_ty), mask=omask)
+    if HAS_Z:
+        zz = tl.load(z_ptr + pid_b * s_z_b + pid_h * s_z_h + t_m[:, None] * s_z_l + offs_p[None, :] * s_z_p,
+                     mask=omask, other=0.0).to(tl.float32)
+        acc = acc * zz * tl.sigmoid(zz)
+    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+
+
+def _blocks(chunk_size, hdim, dstate):
+    """Fixed tile table. Interpreter: one tile per chunk (few program instances)."""
+    if INTERPRET:
+        q = chunk_size
+        return dict(M=q, K=q, P=next_pow2(hdim), N=next_pow2(dstate), warps=4, stages=1)
+    return dict(M=min(64, chunk_size), K=min(64, chunk_size), P=min(64, next_pow2(hdim)),
+                N=min(128, next_pow2(dstate)), warps=4, stages=2)
+
+
+def dt_cumsum(dt, dt_bias, A, chunk_size, dt_softplus, dt_limit):
+    batch, seqlen, nheads = dt.shape
+    nchunks = triton.cdiv(seqlen, chunk_size)
+    dtp = torch.empty(batch, nheads, nchunks, chunk_size, device=dt.device, dtype=torch.float32)
+    cs = torch.empty_like(dtp)
+    has_limit = tuple(dt_limit) != (0.0, float("inf"))
+    BLOCK_H = min(8, triton.next_power_of_2(nheads)) if not INTERPRET else triton.next_power_of_2(nheads)
+    grid = (batch, nchunks, triton.cdiv(nheads, BLOCK_H))
+    _dt_cumsum_kernel[grid](
+        dt, dt_bias if dt_bias is not None else dt, A, dtp, cs, seqlen, nheads, nchunks, chunk_size,
+        dt.stride(0), dt.stride(1), dt.stride(2), float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)),
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit,
+        BLOCK_H=BLOCK_H, BLOCK_Q=triton.next_power_of_2(chunk_size),
+    )
+    return dtp, cs
+
+
+def compute_cb(C, B, chunk_size, dot_prec):
+    batch, seqlen, ngroups, dstate = B.shape
+    nchunks = triton.cdiv(seqlen, chunk_size)
+    cb = torch.empty(batch, nchunks, ngroups, chunk_size, chunk_size, device=B.device, dtype=torch.float32)
+    bs = _blocks(chunk_size, 1, dstate)
+    BM = bs["M"]
+    BK = min(64, next_pow2(dstate)) if not INTERPRET else next_pow2(dstate)
+    grid = (triton.cdiv(chunk_size, BM) ** 2, batch * nchunks, ngroups)
+    _cb_kernel[grid](
+        C, B, cb, seqlen, nchunks, chunk_size, dstate, ngroups, *C.stride(), *B.stride(),
+        BLOCK_M=BM, BLOCK_N=BM, BLOCK_K=BK, DOT_PREC=dot_prec, num_warps=bs["warps"],
+    )
+    return cb
+
+
+def chunk_outer(a, b, dtp, cs, seq_idx, chunk_size, mode, dot_prec):
+    """MODE 0: chunk states from (x, B); MODE 1: dprev from (dy, C). -> (batch, nchunks, nheads, hdim, dstate)."""
+    batch, seqlen, nheads, hdim = a.shape
+    ngroups, dstate = b.shape[2], b.shape[3]
+    nchunks = triton.cdiv(seqlen, chunk_size)
+    out = torch.empty(batch, nchunks, nheads, hdim, dstate, device=a.device, dtype=torch.float32)
+    bs = _blocks(chunk_size, hdim, dstate)
+    BP, BN = bs["P"], bs["N"]
+    grid = (triton.cdiv(hdim, BP) * triton.cdiv(dstate, BN), batch * nchunks, nheads)
+    seq = seq_idx if seq_idx is not None else dtp
+    _chunk_outer_kernel[grid](
+        a, b, dtp, cs, seq, out, seqlen, nheads, nchunks, chunk_size, hdim, dstate, nheads // ngroups,
+        *a.stride(), *b.stride(), *(seq_idx.stride() if seq_idx is not None else (0, 0)),
+        MODE=mode, HAS_SEQ=seq_idx is not None, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=bs["K"], DOT_PREC=dot_prec,
+        num_warps=bs["warps"], num_stages=bs["stages"],
+    )
+    return out
+
+
+def state_pass(states, cs, seq_idx, initial_states, seqlen, chunk_size):
+    batch, nchunks, nheads, hdim, dstate = states.shape
+    dim = hdim * dstate
+    prev = torch.empty_like(states)
+    final = torch.empty(batch, nheads, hdim, dstate, device=states.device, dtype=torch.float32)
+    BLOCK = triton.next_power_of_2(dim) if INTERPRET else min(1024, triton.next_power_of_2(dim))
+    init = initial_states.contiguous() if initial_states is not None else states
+    seq = seq_idx if seq_idx is not None else cs
+    grid = (triton.cdiv(dim, BLOCK), batch, nheads)
+    _state_pass_fwd_kernel[grid](
+        states, cs, seq, init, prev, final, seqlen, nheads, nchunks, chunk_size, dim,
+        *(seq_idx.stride() if seq_idx is not None else (0, 0)),
+        HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, BLOCK=BLOCK, num_warps=4,
+    )
+    return prev, final
+
+
+def chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq_idx, chunk_size, store_ypre, dot_prec):
+    batch, seqlen, nheads, hdim = x.shape
+    ngroups, dstate = C.shape[2], C.shape[3]
+    nchunks = triton.cdiv(seqlen, chunk_size)
+    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    ypre = torch.empty_like(out) if store_ypre else out
+    bs = _blocks(chunk_size, hdim, dstate)
+    grid = (triton.cdiv(chunk_size, bs["M"]) * triton.cdiv(hdim, bs["P"]), batch * nchunks, nheads)
+    if D is not None:
+        Ds = (D.stride(0), D.stride(1) if D.dim() == 2 else 0)
+    else:
+        Ds = (0, 0)
+    zz = z if z is not None else x
+    _chunk_scan_fwd_kernel[grid](
+        cb, x, zz, D if D is not None else x, C, prev, dtp, cs, seq_idx if seq_idx is not None else cs,
+        ypre, out, seqlen, nheads, nchunks, chunk_size, hdim, dstate, nheads // ngroups, ngroups,
+        *x.stride(), *zz.stride(), *out.stride(), *C.stride(),
+        *(seq_idx.stride() if seq_idx is not None else (0, 0)), *Ds,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, STORE_YPRE=store_ypre,
+        BLOCK_M=bs["M"], BLOCK_P=bs["P"], BLOCK_K=bs["K"], BLOCK_N=bs["N"], DOT_PREC=dot_prec,
+        num_warps=bs["warps"], num_stages=bs["stages"],
+    )
+    return out, ypre
