@@ -11,19 +11,11 @@ from kernels.backend import use_triton
 from kernels.conv1d import reference
 
 
-def _triton_impl():
-    try:
-        from kernels.conv1d import triton_op
-    except ImportError:
-        return None
-    return triton_op
-
-
 def causal_conv1d(x, weight, bias=None, *, seq_idx=None, activation=None):
     if use_triton(x, weight, bias, seq_idx):
-        impl = _triton_impl()
-        if impl is not None:
-            return impl.causal_conv1d(x, weight, bias, seq_idx=seq_idx, activation=activation)
+        from kernels.conv1d import triton_op
+
+        return triton_op.causal_conv1d(x, weight, bias, seq_idx=seq_idx, activation=activation)
     return reference.causal_conv1d(x, weight, bias, seq_idx=seq_idx, activation=activation)
 
 

@@ -12,11 +12,8 @@ from kernels.rmsnorm_gated import reference
 
 def rmsnorm_gated(y, z, weight, *, group_size, eps=1e-5, norm_before_gate=False):
     if use_triton(y, z, weight):
-        try:
-            from kernels.rmsnorm_gated import triton_op
-        except ImportError:
-            triton_op = None
-        if triton_op is not None:
-            return triton_op.rmsnorm_gated(y, z, weight, group_size=group_size, eps=eps,
-                                           norm_before_gate=norm_before_gate)
+        from kernels.rmsnorm_gated import triton_op
+
+        return triton_op.rmsnorm_gated(y, z, weight, group_size=group_size, eps=eps,
+                                       norm_before_gate=norm_before_gate)
     return reference.rmsnorm_gated(y, z, weight, group_size=group_size, eps=eps, norm_before_gate=norm_before_gate)
