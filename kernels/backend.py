@@ -74,3 +74,11 @@ def use_triton(*tensors) -> bool:
     if ts and all(t.is_cuda for t in ts):
         return triton_importable()
     return interpreter_enabled() and triton_importable() and all(not t.is_cuda for t in ts)
+
+
+def triton_dtype_ok(x: torch.Tensor) -> bool:
+    """The kernels take bf16/fp16/fp32 on CUDA; the CPU interpreter is right for float32 only
+    (its bfloat16 is wrong), so other dtypes there use the reference."""
+    if x.is_cuda:
+        return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return x.dtype == torch.float32

@@ -7,12 +7,13 @@ conv_state (batch, dim, width-1) updated in place.
 
 from __future__ import annotations
 
+from kernels.backend import triton_dtype_ok as _triton_dtype_ok
 from kernels.backend import use_triton
 from kernels.conv1d import reference
 
 
 def causal_conv1d(x, weight, bias=None, *, seq_idx=None, activation=None):
-    if use_triton(x, weight, bias, seq_idx):
+    if use_triton(x, weight, bias, seq_idx) and _triton_dtype_ok(x):
         from kernels.conv1d import triton_op
 
         return triton_op.causal_conv1d(x, weight, bias, seq_idx=seq_idx, activation=activation)

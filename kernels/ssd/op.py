@@ -7,6 +7,7 @@ B/C (batch, seqlen, ngroups, dstate), states (batch, nheads, headdim, dstate).
 
 from __future__ import annotations
 
+from kernels.backend import triton_dtype_ok as _triton_dtype_ok
 from kernels.backend import use_triton
 from kernels.ssd import reference
 
@@ -19,7 +20,7 @@ def ssd_scan(
         chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
         seq_idx=seq_idx, initial_states=initial_states, return_final_states=return_final_states,
     )
-    if use_triton(x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states):
+    if use_triton(x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states) and _triton_dtype_ok(x):
         from kernels.ssd import triton_op
 
         return triton_op.ssd_scan(x, dt, A, B, C, **kwargs)

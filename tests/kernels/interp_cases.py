@@ -1,0 +1,114 @@
+"""Run the Triton kernels under TRITON_INTERPRET=1 against the references; print JSON errors.
+
+Executed in a subprocess by test_kern_triton_interp.py (the interpreter must be switched on
+before Triton kernels are defined, and must not leak into other tests' process). Each case
+prints {case: {tensor: relative error}}; fresh random inputs every run.
+"""
+
+import json
+import math
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_kern_ssd_reference import make_inputs, rel  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels.conv1d.reference import causal_conv1d as conv_ref  # noqa: E402
+from kernels.rmsnorm_gated.reference import rmsnorm_gated as rms_ref  # noqa: E402
+from kernels.ssd.reference import ssd_scan as ssd_ref  # noqa: E402
+from kernels.ssd.reference import ssd_scan_sequential  # noqa: E402
+
+
+def run_ssd(name, shape, chunk, **kw):
+    t, opt = make_inputs(dtype=torch.float32, grad=True, **shape, **{k: v for k, v in kw.items()
+                                                                      if k in ("D_shape", "with_z", "with_bias",
+                                                                               "with_init", "with_seq")})
+    softplus = kw.get("softplus", True)
+    if not softplus:
+        with torch.no_grad():
+            t["dt"].copy_(t["dt"].abs() * 0.3)
+    leaves = {**t, **{k: v for k, v in opt.items() if k != "seq_idx"}}
+    args = dict(chunk_size=chunk, dt_limit=kw.get("limit", (0.0, math.inf)), dt_softplus=softplus,
+                return_final_states=True)
+    y, fs = kernels.ssd_scan(**t, **opt, **args)
+    seeds = (torch.randn_like(y), torch.randn_like(fs))
+    g = torch.autograd.grad((y * seeds[0]).sum() + (fs * seeds[1]).sum(), list(leaves.values()))
+    y0, fs0 = ssd_ref(**t, **opt, **args)
+    g0 = torch.autograd.grad((y0 * seeds[0]).sum() + (fs0 * seeds[1]).sum(), list(leaves.values()))
+    res = {"y": rel(y, y0), "final_states": rel(fs, fs0)}
+    res.update({f"d{k}": rel(a, b) for k, a, b in zip(leaves, g, g0)})
+    # and the naive recurrence in float64 (forward)
+    t64 = {k: v.detach().double() for k, v in t.items()}
+    o64 = {k: (v.detach().double() if v.is_floating_point() else v) for k, v in opt.items()}
+    y64, fs64 = ssd_scan_sequential(**t64, **o64, **args)
+    res["y_vs_sequential"] = rel(y.double(), y64)
+    res["final_vs_sequential"] = rel(fs.double(), fs64)
+    return name, res
+
+
+def run_conv(name, width, act):
+    x = torch.randn(2, 37, 24, requires_grad=True)
+    w = torch.randn(24, width, requires_grad=True)
+    b = torch.randn(24, requires_grad=True)
+    seq = torch.zeros(2, 37, dtype=torch.int32)
+    for row, cuts in ((0, (5, 6, 20)), (1, (31,))):
+        for c in cuts:
+            seq[row, c:] += 1
+    y = kernels.causal_conv1d(x, w, b, seq_idx=seq, activation=act)
+    gy = torch.randn_like(y)
+    g = torch.autograd.grad((y * gy).sum(), [x, w, b])
+    y0 = conv_ref(x, w, b, seq_idx=seq, activation=act)
+    g0 = torch.autograd.grad((y0 * gy).sum(), [x, w, b])
+    res = {"y": rel(y, y0)}
+    res.update({k: rel(a, c) for k, a, c in zip(("dx", "dweight", "dbias"), g, g0)})
+    return name, res
+
+
+def run_rms(name, group_size, before, with_z):
+    y = torch.randn(3, 7, 48, requires_grad=True)
+    z = torch.randn(3, 7, 48, requires_grad=True) if with_z else None
+    w = (1 + 0.1 * torch.randn(48)).requires_grad_(True)
+    leaves = [y, w] + ([z] if with_z else [])
+    o = kernels.rmsnorm_gated(y, z, w, group_size=group_size, norm_before_gate=before)
+    go = torch.randn_like(o)
+    g = torch.autograd.grad((o * go).sum(), leaves)
+    o0 = rms_ref(y, z, w, group_size=group_size, norm_before_gate=before)
+    g0 = torch.autograd.grad((o0 * go).sum(), leaves)
+    res = {"y": rel(o, o0)}
+    res.update({k: rel(a, c) for k, a, c in zip(("dy", "dweight", "dz"), g, g0)})
+    return name, res
+
+
+SSD_CASES = {
+    # odd seqlen (3 chunks, last partial), 2 groups, seq_idx, initial states, z, D (h), dt_bias, limits
+    "ssd_full": (dict(batch=2, seqlen=45, nheads=4, headdim=5, ngroups=2, dstate=6), 16, dict(limit=(0.01, 3.0))),
+    # 3 groups, D (h, p), no z, no initial states, 32-chunks, odd dims
+    "ssd_groups": (dict(batch=1, seqlen=77, nheads=6, headdim=8, ngroups=3, dstate=16), 32,
+                   dict(D_shape="hp", with_z=False, with_init=False)),
+    # exactly one chunk, no seq_idx, no softplus, no bias
+    "ssd_one_chunk": (dict(batch=2, seqlen=16, nheads=2, headdim=4, ngroups=1, dstate=4), 16,
+                      dict(with_seq=False, with_bias=False, softplus=False)),
+    # many chunks (state passing), 1 group
+    "ssd_many_chunks": (dict(batch=1, seqlen=130, nheads=2, headdim=3, ngroups=1, dstate=5), 16, dict()),
+}
+
+
+def main():
+    out = {}
+    for name, (shape, chunk, kw) in SSD_CASES.items():
+        out.update([run_ssd(name, shape, chunk, **kw)])
+    for width in (2, 3, 4):
+        out.update([run_conv(f"conv_w{width}_silu", width, "silu")])
+    out.update([run_conv("conv_w4_none", 4, None)])
+    for gs, before, wz in ((8, False, True), (24, True, True), (16, False, False)):
+        out.update([run_rms(f"rms_g{gs}_{'before' if before else 'after'}_{'z' if wz else 'noz'}", gs, before, wz)])
+    print("JSON:" + json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
