@@ -1,0 +1,168 @@
+"""Kernel benchmark: one command on the GPU machine prints one table.
+
+    PYTHONPATH=$PWD python bench/kernels.py [--quick] [--no-ref]
+
+For each SSD shape of issue 3's target table (bf16, chunk 256, D and dt_bias, no z): forward and
+forward+backward median time (triton.testing.do_bench, CUDA events, median), achieved TFLOP/s
+and GB/s against the measured ceilings (a large bf16 matmul and a device-to-device copy), the
+PyTorch reference (kernels.ssd.reference) for comparison, and causal FlashAttention (torch SDPA,
+32 heads x 128) at the same batch x seqlen. Then conv1d and gated RMSNorm at mixer sizes.
+
+FLOP model of the SSD (useful work, causal halves counted once):
+  fwd = 2*T*H*P*N (chunk states) + 2*T*H*P*N (state read-out) + T*Q*H*P (intra-chunk, causal)
+        + T*Q*G*N (C.B, causal)                      T = batch*seqlen, Q = chunk
+  fwd+bwd = 3 x fwd.
+Bytes (fewest): fwd reads x, dt, B, C and writes y; bwd also reads dy and writes dx, ddt, dB, dC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import triton
+
+import kernels
+from kernels.conv1d.reference import causal_conv1d as conv_ref
+from kernels.rmsnorm_gated.reference import rmsnorm_gated as rms_ref
+from kernels.ssd.reference import ssd_scan as ssd_ref
+
+TARGETS = [  # (batch, seqlen, nheads, headdim, ngroups, dstate, target fwd+bwd ms, target fwd ms)
+    (2, 4096, 64, 64, 1, 128, 1.96, 0.57),
+    (1, 16384, 64, 64, 1, 128, 2.04, 0.30),
+    (2, 8192, 128, 64, 8, 128, 1.92, 0.62),
+]
+
+
+def bench(fn, grad_to_none=None):
+    return triton.testing.do_bench(fn, warmup=25, rep=200, grad_to_none=grad_to_none, return_mode="median")
+
+
+def ceilings():
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = bench(lambda: a @ b)
+    tflops = 2 * 8192**3 / ms / 1e9
+    src = torch.randn(2**29, device="cuda", dtype=torch.bfloat16)  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    gbs = 2 * src.numel() * 2 / ms / 1e6
+    return tflops, gbs
+
+
+def ssd_flops(batch, seqlen, h, p, g, n, q):
+    t = batch * seqlen
+    return 4 * t * h * p * n + t * q * h * p + t * q * g * n
+
+
+def ssd_bytes(batch, seqlen, h, p, g, n, elt=2, bwd=False):
+    t = batch * seqlen
+    fwd = elt * (2 * t * h * p + t * h + 2 * t * g * n)
+    return fwd if not bwd else fwd + elt * (3 * t * h * p + t * h + 4 * t * g * n)
+
+
+def ssd_case(batch, seqlen, h, p, g, n, with_ref):
+    dev, dt_ = "cuda", torch.bfloat16
+    x = torch.randn(batch, seqlen, h, p, device=dev, dtype=dt_, requires_grad=True)
+    dt = (torch.randn(batch, seqlen, h, device=dev) - 1).to(dt_).requires_grad_(True)
+    A = (-torch.exp(torch.rand(h, device=dev) * 2 - 1)).requires_grad_(True)
+    B = torch.randn(batch, seqlen, g, n, device=dev, dtype=dt_, requires_grad=True)
+    C = torch.randn(batch, seqlen, g, n, device=dev, dtype=dt_, requires_grad=True)
+    D = torch.randn(h, device=dev, requires_grad=True)
+    bias = torch.randn(h, device=dev, requires_grad=True)
+    leaves = [x, dt, A, B, C, D, bias]
+    gy = torch.randn_like(x)
+    rows = {}
+    impls = [("triton", kernels.ssd_scan)] + ([("torch ref", ssd_ref)] if with_ref else [])
+    for name, fn in impls:
+        def fwd():
+            with torch.no_grad():
+                return fn(x, dt, A, B, C, chunk_size=256, D=D, dt_bias=bias)
+
+        def fwdbwd():
+            y = fn(x, dt, A, B, C, chunk_size=256, D=D, dt_bias=bias)
+            y.backward(gy)
+
+        try:
+            rows[name] = (bench(fwd), bench(fwdbwd, grad_to_none=leaves))
+        except torch.OutOfMemoryError:
+            rows[name] = (float("nan"), float("nan"))
+        torch.cuda.empty_cache()
+    return rows
+
+
+def sdpa_case(batch, seqlen):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(batch, 32, seqlen, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    go = torch.randn_like(q)
+    f = torch.nn.functional.scaled_dot_product_attention
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        def fwd():
+            with torch.no_grad():
+                return f(q, k, v, is_causal=True)
+
+        def fwdbwd():
+            f(q, k, v, is_causal=True).backward(go)
+
+        return bench(fwd), bench(fwdbwd, grad_to_none=[q, k, v])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--no-ref", action="store_true", help="skip the PyTorch reference timings")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    peak_tf, peak_gb = ceilings()
+    print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton {triton.__version__}")
+    print(f"measured ceilings: bf16 matmul 8192^3 {peak_tf:.0f} TFLOP/s, device copy {peak_gb:.0f} GB/s")
+    lines = []
+    hdr = (f"{'shape (b, L, HxP, G, N)':34s} {'impl':10s} {'fwd ms':>8s} {'tgt':>6s} {'TF/s':>6s} {'GB/s':>6s} "
+           f"{'f+b ms':>8s} {'tgt':>6s} {'TF/s':>6s} {'GB/s':>6s}")
+    lines.append(hdr)
+    for (b, L, h, p, g, n, tgt_fb, tgt_f) in TARGETS:
+        shape = f"{b}, {L}, {h}x{p}, {g}, {n}"
+        fl = ssd_flops(b, L, h, p, g, n, 256)
+        by_f, by_fb = ssd_bytes(b, L, h, p, g, n), ssd_bytes(b, L, h, p, g, n, bwd=True)
+        rows = ssd_case(b, L, h, p, g, n, not args.no_ref)
+        for name, (tf, tfb) in rows.items():
+            lines.append(
+                f"{shape:34s} {name:10s} {tf:8.3f} {tgt_f if name == 'triton' else '':>6} {fl / tf / 1e9:6.1f} "
+                f"{by_f / tf / 1e6:6.0f} {tfb:8.3f} {tgt_fb if name == 'triton' else '':>6} {3 * fl / tfb / 1e9:6.1f} "
+                f"{by_fb / tfb / 1e6:6.0f}")
+        sf, sfb = sdpa_case(b, L)
+        afl = 4 * b * 32 * L * L * 128 / 2
+        lines.append(f"{shape:34s} {'SDPA 32x128':10s} {sf:8.3f} {'':>6} {afl / sf / 1e9:6.1f} {'':>6} {sfb:8.3f} "
+                     f"{'':>6} {3.5 * afl / sfb / 1e9:6.1f}")
+        torch.cuda.empty_cache()
+    # conv1d and gated rmsnorm at the first shape's mixer sizes
+    b, L, h, p, g, n = TARGETS[0][:6]
+    dim = h * p + 2 * g * n
+    xc = torch.randn(b, L, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    wc = torch.randn(dim, 4, device="cuda", requires_grad=True)
+    bc = torch.randn(dim, device="cuda", requires_grad=True)
+    gc = torch.randn_like(xc)
+    by = 2 * xc.numel() * 2
+    for name, fn in (("triton", kernels.causal_conv1d), ("torch ref", conv_ref)):
+        tf = bench(lambda: fn(xc, wc, bc, activation="silu"))
+        tfb = bench(lambda: fn(xc, wc, bc, activation="silu").backward(gc), grad_to_none=[xc, wc, bc])
+        lines.append(f"{f'conv1d ({b}, {L}, {dim}) w4 silu':34s} {name:10s} {tf:8.3f} {'':>6} {'':>6} "
+                     f"{by / tf / 1e6:6.0f} {tfb:8.3f} {'':>6} {'':>6} {2.5 * by / tfb / 1e6:6.0f}")
+    yr = torch.randn(b, L, h * p, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    zr = torch.randn_like(yr, requires_grad=True)
+    wr = torch.ones(h * p, device="cuda", requires_grad=True)
+    gr = torch.randn_like(yr)
+    by = 3 * yr.numel() * 2
+    for name, fn in (("triton", kernels.rmsnorm_gated), ("torch ref", rms_ref)):
+        tf = bench(lambda: fn(yr, zr, wr, group_size=h * p // g))
+        tfb = bench(lambda: fn(yr, zr, wr, group_size=h * p // g).backward(gr), grad_to_none=[yr, zr, wr])
+        lines.append(f"{f'rmsnorm_gated ({b}, {L}, {h * p})':34s} {name:10s} {tf:8.3f} {'':>6} {'':>6} "
+                     f"{by / tf / 1e6:6.0f} {tfb:8.3f} {'':>6} {'':>6} {7 / 3 * by / tfb / 1e6:6.0f}")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""GPU checks of the Triton kernels (pytest -m gpu; skipped without CUDA).
+
+bf16/fp16 against the float32 reference on the same rounded inputs (relative error < 1e-2),
+float32 against the reference (< 1e-4, IEEE dots), seqlen 131072, offsets past 2^31 elements,
+no NaN in bf16 backward over many random draws, outputs fully written (the caching allocator's
+memory is filled with NaN before every call, so an unwritten element shows up as NaN), and a
+bitwise-deterministic backward.
+"""
+
+import math
+
+import pytest
+import torch
+
+import kernels
+from kernels.conv1d.reference import causal_conv1d as conv_ref
+from kernels.rmsnorm_gated.reference import rmsnorm_gated as rms_ref
+from kernels.ssd.reference import ssd_scan as ssd_ref
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def poison():
+    """Fill (most of) the caching allocator's free memory with NaN, so that torch.empty outputs
+    that a kernel fails to write come out NaN."""
+    free = torch.cuda.mem_get_info()[0]
+    n = max(1, int(free * 0.4) // 4)
+    t = torch.empty(n, dtype=torch.float32, device="cuda")
+    t.fill_(float("nan"))
+    del t
+
+
+def seq_idx_random(batch, seqlen, ndocs=4):
+    s = torch.zeros(batch, seqlen, dtype=torch.int32)
+    for b in range(batch):
+        for c in torch.randint(1, seqlen, (ndocs,)).tolist():
+            s[b, c:] += 1
+    return s.cuda()
+
+
+def ssd_inputs(batch, seqlen, nheads, headdim, ngroups, dstate, dtype, seq=True, init=True, z=True, D_hp=False):
+    dev = "cuda"
+    t = dict(
+        x=torch.randn(batch, seqlen, nheads, headdim, device=dev, dtype=dtype),
+        dt=(torch.randn(batch, seqlen, nheads, device=dev) - 1).to(dtype),
+        A=-torch.exp(torch.rand(nheads, device=dev) * 3 - 2),
+        B=torch.randn(batch, seqlen, ngroups, dstate, device=dev, dtype=dtype),
+        C=torch.randn(batch, seqlen, ngroups, dstate, device=dev, dtype=dtype),
+    )
+    opt = dict(D=torch.randn(nheads, headdim, device=dev) if D_hp else torch.randn(nheads, device=dev),
+               dt_bias=torch.randn(nheads, device=dev) * 0.5)
+    if z:
+        opt["z"] = torch.randn(batch, seqlen, nheads, headdim, device=dev, dtype=dtype)
+    if init:
+        opt["initial_states"] = torch.randn(batch, nheads, headdim, dstate, device=dev)
+    if seq:
+        opt["seq_idx"] = seq_idx_random(batch, seqlen)
+    return t, opt
+
+
+def run_ssd(fn, t, opt, chunk, seeds=None, **kw):
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in {**t, **opt}.items() if k != "seq_idx"}
+    args = {k: leaves.get(k, v) for k, v in {**t, **opt}.items()}
+    y, fs = fn(**args, chunk_size=chunk, return_final_states=True, **kw)
+    if seeds is None:
+        seeds = (torch.randn_like(y, dtype=torch.float32), torch.randn_like(fs))
+    loss = (y.float() * seeds[0]).sum() + (fs * seeds[1]).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return y, fs, dict(zip(leaves, grads)), seeds
+
+
+def upcast(d):
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in d.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ssd_low_precision_vs_fp32_reference(dtype):
+    t, opt = ssd_inputs(2, 1000, 8, 64, 2, 64, dtype)
+    poison()
+    y, fs, g, seeds = run_ssd(kernels.ssd_scan, t, opt, 256, dt_limit=(0.001, 10.0))
+    y0, fs0, g0, _ = run_ssd(ssd_ref, upcast(t), upcast(opt), 256, seeds=seeds, dt_limit=(0.001, 10.0))
+    assert y.dtype == dtype
+    errs = {"y": rel(y, y0), "final": rel(fs, fs0), **{f"d{k}": rel(g[k], g0[k]) for k in g}}
+    assert all(math.isfinite(e) and e < 1e-2 for e in errs.values()), errs
+
+
+def test_ssd_fp32_vs_reference():
+    t, opt = ssd_inputs(1, 777, 4, 32, 2, 32, torch.float32, D_hp=True)
+    poison()
+    y, fs, g, seeds = run_ssd(kernels.ssd_scan, t, opt, 64)
+    y0, fs0, g0, _ = run_ssd(ssd_ref, t, opt, 64, seeds=seeds)
+    errs = {"y": rel(y, y0), "final": rel(fs, fs0), **{f"d{k}": rel(g[k], g0[k]) for k in g}}
+    tol = {k: (1e-3 if k in ("dA", "ddt_bias", "dD") else 1e-4) for k in errs}
+    assert all(errs[k] < tol[k] for k in errs), errs
+
+
+def test_ssd_seqlen_131072_bf16():
+    t, opt = ssd_inputs(1, 131072, 8, 64, 1, 64, torch.bfloat16, z=False)
+    poison()
+    y, fs, g, seeds = run_ssd(kernels.ssd_scan, t, opt, 256)
+    y0, fs0, g0, _ = run_ssd(ssd_ref, upcast(t), upcast(opt), 256, seeds=seeds)
+    errs = {"y": rel(y, y0), "final": rel(fs, fs0), **{f"d{k}": rel(g[k], g0[k]) for k in g}}
+    assert all(math.isfinite(e) and e < 1e-2 for e in errs.values()), errs
+
+
+def test_ssd_offsets_past_2_31_elements():
+    """x has 1 x 131584 x 128 x 128 > 2^31 elements: the last heads sit past the 32-bit range."""
+    batch, seqlen, nheads, headdim, dstate = 1, 131072 + 512, 128, 128, 16
+    assert batch * seqlen * nheads * headdim > 2**31
+    t, opt = ssd_inputs(batch, seqlen, nheads, headdim, 1, dstate, torch.bfloat16, z=False, init=False)
+    poison()
+    x = t["x"].requires_grad_(True)
+    y = kernels.ssd_scan(x, t["dt"], t["A"], t["B"], t["C"], chunk_size=256, D=opt["D"], dt_bias=opt["dt_bias"],
+                         seq_idx=opt["seq_idx"])
+    gy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, [x], gy)
+    hs = slice(nheads - 4, nheads)  # the heads with the largest offsets
+    xs = x.detach()[:, :, hs].float().requires_grad_(True)
+    y0 = ssd_ref(xs, t["dt"][:, :, hs].float(), t["A"][hs], t["B"].float(), t["C"].float(), chunk_size=256,
+                 D=opt["D"][hs], dt_bias=opt["dt_bias"][hs], seq_idx=opt["seq_idx"])
+    (dx0,) = torch.autograd.grad(y0, [xs], gy[:, :, hs].float())
+    assert rel(y[:, :, hs], y0) < 1e-2
+    assert rel(dx[:, :, hs], dx0) < 1e-2
+    assert torch.isfinite(y).all() and torch.isfinite(dx).all()
+
+
+def test_ssd_bf16_backward_no_nan_many_draws():
+    for i in range(24):
+        t, opt = ssd_inputs(2, 600 + 37 * i, 8, 64, 2, 64, torch.bfloat16, init=bool(i % 2))
+        with torch.no_grad():
+            t["A"].copy_(-torch.exp(torch.rand_like(t["A"]) * 8 - 5))  # |A| from 0.007 to 20
+            t["dt"].mul_(1 + 2 * (i % 3))
+        poison()
+        y, fs, g, _ = run_ssd(kernels.ssd_scan, t, opt, 256)
+        assert torch.isfinite(y).all() and torch.isfinite(fs).all(), i
+        bad = [k for k, v in g.items() if not torch.isfinite(v).all()]
+        assert not bad, (i, bad)
+
+
+def test_ssd_backward_deterministic():
+    t, opt = ssd_inputs(2, 1500, 16, 64, 2, 128, torch.bfloat16)
+    _, _, g1, seeds = run_ssd(kernels.ssd_scan, t, opt, 256)
+    _, _, g2, _ = run_ssd(kernels.ssd_scan, t, opt, 256, seeds=seeds)
+    assert all(torch.equal(g1[k], g2[k]) for k in g1)
+
+
+@pytest.mark.parametrize("width", [2, 3, 4])
+def test_conv1d_bf16_vs_reference(width):
+    x = torch.randn(2, 3001, 768, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(768, width, device="cuda") * 0.5
+    b = torch.randn(768, device="cuda")
+    seq = seq_idx_random(2, 3001)
+    poison()
+    leaves = [v.clone().requires_grad_(True) for v in (x, w, b)]
+    y = kernels.causal_conv1d(*leaves, seq_idx=seq, activation="silu")
+    gy = torch.randn_like(y, dtype=torch.float32)
+    g = torch.autograd.grad((y.float() * gy).sum(), leaves)
+    leaves0 = [v.float().requires_grad_(True) for v in (x, w, b)]
+    y0 = conv_ref(*leaves0, seq_idx=seq, activation="silu")
+    g0 = torch.autograd.grad((y0 * gy).sum(), leaves0)
+    assert rel(y, y0) < 1e-2
+    assert all(rel(a, c) < 1e-2 for a, c in zip(g, g0))
+
+
+@pytest.mark.parametrize("before", [False, True])
+def test_rmsnorm_gated_bf16_vs_reference(before):
+    y = torch.randn(2, 2049, 1024, device="cuda", dtype=torch.bfloat16)
+    z = torch.randn_like(y)
+    w = 1 + 0.1 * torch.randn(1024, device="cuda")
+    poison()
+    leaves = [v.clone().requires_grad_(True) for v in (y, z, w)]
+    o = kernels.rmsnorm_gated(leaves[0], leaves[1], leaves[2], group_size=256, norm_before_gate=before)
+    go = torch.randn_like(o, dtype=torch.float32)
+    g = torch.autograd.grad((o.float() * go).sum(), leaves)
+    leaves0 = [v.float().requires_grad_(True) for v in (y, z, w)]
+    o0 = rms_ref(leaves0[0], leaves0[1], leaves0[2], group_size=256, norm_before_gate=before)
+    g0 = torch.autograd.grad((o0 * go).sum(), leaves0)
+    assert rel(o, o0) < 1e-2
+    assert all(rel(a, c) < 1e-2 for a, c in zip(g, g0))
