@@ -42,11 +42,19 @@ def load_config(argv: list[str]) -> dict:
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.create({"run": {"name": "fake", "dir": "runs"}, "trainer": {"max_steps": 10},
-                            "fake": {"step_seconds": 0.2, "crash_at_step": 0}})
+                            "fake": {"step_seconds": 0.2, "step_seconds_after_restart": None,
+                                     "crash_at_step": 0}})
     for path in args.config:
         cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(args.overrides))
     return OmegaConf.to_container(cfg)
+
+
+def save(ckpt: Path, step: int) -> None:
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt.with_suffix(".tmp")
+    tmp.write_text(str(step))
+    os.replace(tmp, ckpt)  # atomic: a reader sees the old or the new step, never half of it
 
 
 def main(argv: list[str]) -> int:
@@ -71,6 +79,9 @@ def main(argv: list[str]) -> int:
     ckpt = run_dir / "checkpoints" / "latest"
     max_steps = int(cfg["trainer"]["max_steps"])
     step_seconds = float(cfg["fake"]["step_seconds"])
+    if restart > 0 and cfg["fake"]["step_seconds_after_restart"] is not None:
+        # lets a test make the first run outlast its time limit and the next one finish quickly
+        step_seconds = float(cfg["fake"]["step_seconds_after_restart"])
     crash_at = int(cfg["fake"]["crash_at_step"])
     start = int(ckpt.read_text()) if ckpt.exists() else 0
 
@@ -81,6 +92,13 @@ def main(argv: list[str]) -> int:
         nodes = [node]
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists():
+            # Steps after the checkpoint were logged by a run that stopped before saving them:
+            # they are trained again, so drop them (the real trainer must do the same).
+            keep = [line for line in metrics.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= start]
+            metrics.write_text("".join(line + "\n" for line in keep))
         print(f"[fake_trainer] world {world} on {nodes}, restart {restart}, resuming after step {start}"
               f" of {max_steps}", flush=True)
         with open(run_dir / "starts.jsonl", "a") as f:
@@ -102,10 +120,7 @@ def main(argv: list[str]) -> int:
             print(f"[fake_trainer] step {step}/{max_steps} loss {loss:.4f}", flush=True)
         if all_max(1.0 if _SIGNALS else 0.0) > 0:
             if rank == 0:
-                ckpt.parent.mkdir(parents=True, exist_ok=True)
-                tmp = ckpt.with_suffix(".tmp")
-                tmp.write_text(str(step))
-                os.replace(tmp, ckpt)
+                save(ckpt, step)
                 print(f"[fake_trainer] signal {_SIGNALS}: saved checkpoint at step {step}, exiting "
                       f"{REQUEUE_EXIT_CODE}", flush=True)
             if world > 1:
@@ -113,6 +128,7 @@ def main(argv: list[str]) -> int:
                 dist.destroy_process_group()
             return REQUEUE_EXIT_CODE
     if rank == 0:
+        save(ckpt, max_steps)  # a final checkpoint: a requeue after the end is a no-op
         print("[fake_trainer] done", flush=True)
     if world > 1:
         dist.barrier()
