@@ -151,6 +151,9 @@ class CheckpointConfig:
     keep_last: int = 3
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0 = off)
     async_save: bool = True
+    # signals that ask for a checkpoint at the next step boundary, then exit 42 (requeue me)
+    signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
+    verify_on_load: bool = True  # check the checksums of a checkpoint before resuming from it
 
 
 @dataclass
@@ -370,6 +373,15 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
     c = cfg.checkpoint
     _need(c.interval >= 0, "checkpoint.interval", c.interval, "must be >= 0")
     _need(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be >= 1")
+    _need(c.keep_every >= 0, "checkpoint.keep_every", c.keep_every, "must be >= 0")
+    _need(c.interval_minutes >= 0, "checkpoint.interval_minutes", c.interval_minutes, "must be >= 0")
+    _need(bool(c.resume), "checkpoint.resume", c.resume, "must be auto, none or a checkpoint path")
+    import signal as _signal
+
+    bad_signals = [s for s in c.signals if not isinstance(getattr(_signal, str(s).upper(), None), _signal.Signals)
+                   or str(s).upper() in ("SIGKILL", "SIGSTOP")]
+    _need(not bad_signals, "checkpoint.signals", list(c.signals),
+          f"unknown or uncatchable signal name(s) {bad_signals}; use names like SIGUSR1, SIGTERM")
     _need(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", cfg.run.name, "must be a non-empty name without '/'")
 
     run_dir = os.path.join(cfg.run.dir, cfg.run.name)

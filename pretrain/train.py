@@ -16,6 +16,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", action="append", default=[], metavar="YAML",
                         help="config file; repeat to merge several in order")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--verify", metavar="CHECKPOINT",
+                        help="check a checkpoint (or every checkpoint of a run / checkpoints dir) offline: "
+                             "completion marker, sizes and checksums; exit 1 naming any bad file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotlist overrides, e.g. trainer.max_steps=100")
     return parser.parse_args(argv)
 
@@ -28,6 +31,10 @@ def setup_logging(is_main: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.verify:
+        from pretrain.checkpoint import verify_main
+
+        return verify_main(args.verify)
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
@@ -40,15 +47,24 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    # before the slow start-up: a preemption signal from now on means "save at the next step, exit 42"
+    from pretrain.signals import install_process_flag
+
+    install_process_flag(cfg.checkpoint.signals)
     dist_info = init_distributed(cfg.trainer.device)
     setup_logging(dist_info.is_main)
     from pretrain.trainer import Trainer
 
+    from pretrain.checkpoint import CheckpointError
+
     try:
-        Trainer(cfg, derived, dist_info).fit()
+        code = Trainer(cfg, derived, dist_info).fit()
+    except CheckpointError as err:
+        print(f"checkpoint error: {err}", file=sys.stderr)
+        return 3
     finally:
         shutdown_distributed()
-    return 0
+    return code  # 0: done; 42 (pretrain.signals.REQUEUE_EXIT_CODE): checkpointed on a signal, requeue me
 
 
 def _world_size_from_env() -> int:

@@ -141,19 +141,39 @@ class Trainer:
             record[f"moe_load/layer{i}"] = [float(x) for x in load.tolist()]
         return record
 
-    def fit(self) -> None:
+    def fit(self) -> int:
+        """Train to total_steps, resuming per checkpoint.resume and saving per checkpoint.*.
+
+        Returns 0 when training is complete, or REQUEUE_EXIT_CODE (42) after a signal (SIGUSR1/SIGTERM,
+        checkpoint.signals) made every rank save a checkpoint at the next step boundary."""
+        from pretrain.checkpoint import REQUEUE_EXIT_CODE, Checkpointer
+
         total = self.derived.total_steps
-        window_start, window_steps = time.perf_counter(), 0
-        while self.step < total:
-            out = self.train_step()
-            window_steps += 1
-            if self.step % self.cfg.trainer.log_interval == 0 or self.step in (1, total):
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                now = time.perf_counter()
-                record = self.make_record(out, (now - window_start) / window_steps)
-                self.metrics.write(self.step, record)
-                if self.dist.is_main:
-                    log.info(progress_line({"step": self.step, **record}, total))
-                window_start, window_steps = now, 0
-        self.metrics.close()
+        self.checkpointer = ckpt = Checkpointer(self.cfg, self.derived, self.dist)
+        ok = False
+        try:
+            ckpt.resume(self)
+            window_start, window_steps = time.perf_counter(), 0
+            while True:
+                if ckpt.at_step_boundary(self):
+                    ok = True
+                    return REQUEUE_EXIT_CODE
+                if self.step >= total:
+                    break
+                out = self.train_step()
+                window_steps += 1
+                if self.step % self.cfg.trainer.log_interval == 0 or self.step in (1, total):
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    now = time.perf_counter()
+                    record = self.make_record(out, (now - window_start) / window_steps)
+                    self.metrics.write(self.step, record)
+                    if self.dist.is_main:
+                        log.info(progress_line({"step": self.step, **record}, total))
+                    window_start, window_steps = now, 0
+            ckpt.finish(self)
+            ok = True
+            return 0
+        finally:
+            ckpt.close(abort=not ok)
+            self.metrics.close()
