@@ -1,0 +1,143 @@
+"""slurm/train.sbatch against a real local Slurm (2 simulated nodes, CPU): completion, requeue on
+USR1, requeue near the time limit, and no requeue loop after crashes.
+
+The trainer is the stand-in tests/slurm/fake_trainer.py (HP_TRAIN_MODULE), which follows the
+trainer's contract: SIGUSR1/SIGTERM -> checkpoint at the next step, exit 42; resume from
+checkpoints/latest; one metrics.jsonl line per step on rank 0. Every wait is bounded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+SBATCH = REPO / "slurm" / "train.sbatch"
+FINAL = ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
+
+
+def job_info(job: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True,
+                         timeout=30).stdout
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def submit(workdir: Path, *args: str, sbatch_opts: tuple[str, ...] = (), env: dict | None = None) -> str:
+    cfg = workdir / "fake.yaml"
+    if not cfg.exists():
+        cfg.write_text("trainer:\n  max_steps: 10\n")
+    full_env = {**os.environ, "HP_REPO": str(REPO), "HP_TRAIN_MODULE": "tests.slurm.fake_trainer",
+                "HP_RESIGNAL_SECONDS": "10", **(env or {})}
+    res = subprocess.run(["sbatch", "--parsable", *sbatch_opts, str(SBATCH), "fake.yaml", *args],
+                         cwd=workdir, env=full_env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip().split(";")[0]
+
+
+def job_log(workdir: Path, job: str) -> str:
+    logs = list(workdir.glob(f"*-{job}.out"))
+    return logs[0].read_text() if logs else "(no log)"
+
+
+def wait_final(workdir: Path, job: str, timeout: float) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = job_info(job)
+        if info.get("JobState") in FINAL:
+            return info
+        time.sleep(0.5)
+    subprocess.run(["scancel", job], timeout=30)
+    pytest.fail(f"job {job} not finished after {timeout} s: {job_info(job).get('JobState')}\n"
+                f"{job_log(workdir, job)}")
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def run_dir(workdir: Path, job: str, name: str = "hp-train") -> Path:
+    return workdir / "runs" / f"{name}-{job}"
+
+
+def steps(run: Path) -> list[int]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def starts(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "starts.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_two_nodes_run_to_completion(slurm_cluster, tmp_path):
+    job = submit(tmp_path, "trainer.max_steps=5", "fake.step_seconds=0.05", sbatch_opts=("--nodes=2",))
+    info = wait_final(tmp_path, job, 120)
+    log = job_log(tmp_path, job)
+    assert info["JobState"] == "COMPLETED", log
+    assert info["ExitCode"] == "0:0" and info["Restarts"] == "0", log
+    run = run_dir(tmp_path, job)
+    assert steps(run) == [1, 2, 3, 4, 5]
+    (first,) = starts(run)
+    assert first["world"] == 2 and sorted(first["nodes"]) == ["node1", "node2"]
+    # the job's log is also kept in the run directory
+    assert "training finished" in (run / "logs" / f"slurm-{job}.out").read_text()
+
+
+def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
+    total = 30
+    job = submit(tmp_path, f"trainer.max_steps={total}", "fake.step_seconds=0.3", sbatch_opts=("--nodes=2",))
+    run = run_dir(tmp_path, job)
+    wait_for(lambda: len(steps(run)) >= 3, 90, "the first training steps")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
+    info = wait_final(tmp_path, job, 150)
+    log = job_log(tmp_path, job)
+    assert info["JobState"] == "COMPLETED", log
+    assert info["Restarts"] == "1", log
+    assert steps(run) == list(range(1, total + 1)), log  # none missing, none twice
+    first, second = starts(run)
+    assert first["restart"] == 0 and first["start"] == 0
+    assert second["restart"] == 1 and 3 <= second["start"] < total, "did not resume from the checkpoint"
+    assert "requeueing job" in log and log.count("run hp-train-") == 2  # --open-mode=append kept both runs
+
+
+def test_time_limit_signal_requeues_until_done(slurm_cluster, tmp_path):
+    # The first run outlasts its 1-minute limit (60 x 1 s); Slurm sends USR1 up to 60 s before the
+    # limit, the trainer saves, the job requeues itself; later runs are fast and finish.
+    total = 60
+    job = submit(tmp_path, f"trainer.max_steps={total}", "fake.step_seconds=1",
+                 "fake.step_seconds_after_restart=0.02",
+                 sbatch_opts=("--nodes=2", "--time=1", "--signal=B:USR1@30"))
+    info = wait_final(tmp_path, job, 240)
+    log = job_log(tmp_path, job)
+    assert info["JobState"] == "COMPLETED", log
+    assert int(info["Restarts"]) >= 1, log
+    run = run_dir(tmp_path, job)
+    assert steps(run) == list(range(1, total + 1)), log
+
+
+def test_crash_is_not_requeued_and_requeue_on_failure_is_bounded(slurm_cluster, tmp_path):
+    # Both jobs run side by side (each takes 1 CPU of each node).
+    crash = submit(tmp_path, "trainer.max_steps=10", "fake.step_seconds=0.05", "fake.crash_at_step=2",
+                   sbatch_opts=("--nodes=2", "-J", "crash"))
+    bounded = submit(tmp_path, "trainer.max_steps=10", "fake.step_seconds=0.05", "fake.crash_at_step=2",
+                     sbatch_opts=("--nodes=1", "-J", "bounded"),
+                     env={"HP_REQUEUE_ON_FAILURE": "1", "HP_MAX_RESTARTS": "1"})
+    info = wait_final(tmp_path, crash, 120)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "3:0", job_log(tmp_path, crash)
+    assert info["Restarts"] == "0"
+    info = wait_final(tmp_path, bounded, 150)
+    log = job_log(tmp_path, bounded)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "1", log
+    assert "not requeueing: already restarted 1 times" in log
