@@ -18,12 +18,16 @@ Bytes (fewest): fwd reads x, dt, B, C and writes y; bwd also reads dy and writes
 from __future__ import annotations
 
 import argparse
-import math
+import os
+import sys
 
-import torch
-import triton
+# run as a script, this file's folder comes first on sys.path and its name would shadow the package
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-import kernels
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+import kernels  # noqa: E402
 from kernels.conv1d.reference import causal_conv1d as conv_ref
 from kernels.rmsnorm_gated.reference import rmsnorm_gated as rms_ref
 from kernels.ssd.reference import ssd_scan as ssd_ref

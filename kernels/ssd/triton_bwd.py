@@ -18,6 +18,10 @@ output y_pre = y_ssd + D x, already multiplied by silu(z)):
   Then (in torch, small (batch, nheads, seqlen) tensors): dA_t = reverse cumsum of dcs within each
   chunk, ddtp += dA_t A, dA = sum dA_t dtp, and the dt processing (bias, softplus, clamp) by
   autograd on its PyTorch definition.
+Precision: for bf16/fp16 inputs the two float32 operands of the dx kernel's products (the decayed
+CB matrix and dS) are fed to the tensor cores as a hi + lo pair of the input dtype (two dots);
+rounding them to bf16 once made ddt/ddt_bias lose the cancellation between the row and column
+parts of dcs (GPU run 1: ddt 1.5e-2 relative vs the fp32 reference; hi+lo: ~4e-4 in fp16).
 No atomics anywhere: every output element is written by exactly one program, and partial sums
 are reduced by torch in a fixed order, so the backward is deterministic run to run.
 All offsets are 64-bit (program ids cast to int64 before stride products).
@@ -66,14 +70,14 @@ def _state_pass_bwd_kernel(
 
 @triton.jit
 def _chunk_dx_kernel(
-    x_ptr, dy_ptr, ypre_ptr, D_ptr, B_ptr, cb_ptr, dS_ptr, dtp_ptr, cs_ptr, seq_ptr,
+    x_ptr, dy_ptr, D_ptr, B_ptr, cb_ptr, dS_ptr, dtp_ptr, cs_ptr, seq_ptr,
     dx_ptr, ddtp_ptr, dcs_ptr, dD_ptr,
     seqlen, nheads, nchunks, chunk_size, hdim, dstate, heads_per_group, ngroups, nblk_max,
-    s_dx_b, s_dx_l, s_dx_h, s_dx_p, s_x_b, s_x_l, s_x_h, s_x_p, s_dy_b, s_dy_l, s_dy_h, s_dy_p, s_y_b, s_y_l, s_y_h, s_y_p,
+    s_dx_b, s_dx_l, s_dx_h, s_dx_p, s_x_b, s_x_l, s_x_h, s_x_p, s_dy_b, s_dy_l, s_dy_h, s_dy_p,
     s_b_b, s_b_l, s_b_g, s_b_n, s_seq_b, s_seq_l, s_D_h, s_D_p,
     HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
 ):
     pid_j = tl.program_id(0).to(tl.int64)
     pid_bc = tl.program_id(1).to(tl.int64)
@@ -106,7 +110,11 @@ def _chunk_dx_kernel(
                      mask=jvalid[:, None] & (offs_n < dstate)[None, :], other=0.0)
         dST = tl.load(dS_ptr + dS_base + offs_p[None, :] * dstate + offs_n[:, None],
                       mask=pmask[None, :] & (offs_n < dstate)[:, None], other=0.0)
-        acc += tl.dot(bj, dST.to(bj.dtype), input_precision=DOT_PREC)
+        if SPLIT:  # fp32 operand as a bf16/fp16 hi + lo pair: ~16 mantissa bits at tensor-core speed
+            d_hi = dST.to(bj.dtype)
+            acc += tl.dot(bj, d_hi) + tl.dot(bj, (dST - d_hi.to(tl.float32)).to(bj.dtype))
+        else:
+            acc += tl.dot(bj, dST.to(bj.dtype), input_precision=DOT_PREC)
     acc = acc * w[:, None]
     # within the chunk: sum_{i >= j} CB_ij exp(cs_i - cs_j) dy_i
     cb_base = (pid_bc * ngroups + pid_g) * chunk_size * chunk_size
@@ -123,22 +131,23 @@ def _chunk_dx_kernel(
         mT = tl.where(keep, cbT * decay, 0.0)
         dyi = tl.load(dy_ptr + pid_b * s_dy_b + pid_h * s_dy_h + t_i[:, None] * s_dy_l + offs_p[None, :] * s_dy_p,
                       mask=(t_i < seqlen)[:, None] & pmask[None, :], other=0.0)
-        acc += tl.dot(mT.to(dyi.dtype), dyi, input_precision=DOT_PREC)
+        if SPLIT:
+            m_hi = mT.to(dyi.dtype)
+            acc += tl.dot(m_hi, dyi) + tl.dot((mT - m_hi.to(tl.float32)).to(dyi.dtype), dyi)
+        else:
+            acc += tl.dot(mT.to(dyi.dtype), dyi, input_precision=DOT_PREC)
     jp = jvalid[:, None] & pmask[None, :]
     xj = tl.load(x_ptr + pid_b * s_x_b + pid_h * s_x_h + t_j[:, None] * s_x_l + offs_p[None, :] * s_x_p,
                  mask=jp, other=0.0).to(tl.float32)
     dyj = tl.load(dy_ptr + pid_b * s_dy_b + pid_h * s_dy_h + t_j[:, None] * s_dy_l + offs_p[None, :] * s_dy_p,
                   mask=jp, other=0.0).to(tl.float32)
-    yj = tl.load(ypre_ptr + pid_b * s_y_b + pid_h * s_y_h + t_j[:, None] * s_y_l + offs_p[None, :] * s_y_p,
-                 mask=jp, other=0.0).to(tl.float32)
     ddtp = tl.sum(acc * xj, axis=1)
     dx = acc * dtp_j[:, None]
     if HAS_D:
         d = tl.load(D_ptr + pid_h * s_D_h + offs_p * s_D_p, mask=pmask, other=0.0).to(tl.float32)
         dx += dyj * d[None, :]
-        yj = yj - xj * d[None, :]
         tl.store(dD_ptr + ((pid_bc * nblk_max + pid_j) * nheads + pid_h) * BLOCK_P + offs_p, tl.sum(dyj * xj, axis=0))
-    dcs = tl.sum(dyj * yj, axis=1) - dtp_j * ddtp
+    dcs = -dtp_j * ddtp  # column part; the row part dy_i . y_ssd_i comes from _chunk_dcb/_chunk_dbc
     tl.store(dx_ptr + pid_b * s_dx_b + pid_h * s_dx_h + t_j[:, None] * s_dx_l + offs_p[None, :] * s_dx_p,
              dx.to(dx_ptr.dtype.element_ty), mask=jp)
     tl.store(ddtp_ptr + cs_base + offs_j, ddtp)
@@ -147,7 +156,7 @@ def _chunk_dx_kernel(
 
 @triton.jit
 def _chunk_dcb_kernel(
-    x_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, dcb_ptr,
+    x_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, cb_ptr, dcb_ptr, rows_ptr,
     seqlen, nheads, nchunks, chunk_size, hdim, heads_per_group, ngroups,
     s_x_b, s_x_l, s_x_h, s_x_p, s_dy_b, s_dy_l, s_dy_h, s_dy_p, s_seq_b, s_seq_l,
     HAS_SEQ: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -174,6 +183,9 @@ def _chunk_dcb_kernel(
         seq_i = tl.load(seq_base + tl.minimum(t_i, seqlen - 1) * s_seq_l)
         seq_j = tl.load(seq_base + tl.minimum(t_j, seqlen - 1) * s_seq_l)
         keep = keep & (seq_i[:, None] == seq_j[None, :])
+    base = (pid_bc * ngroups + pid_g) * chunk_size * chunk_size
+    cb = tl.load(cb_ptr + base + offs_i[:, None] * chunk_size + offs_j[None, :])
+    cb = tl.where(keep, cb, 0.0)
     acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
     for hh in range(heads_per_group):
         h = pid_g * heads_per_group + hh
@@ -190,15 +202,16 @@ def _chunk_dcb_kernel(
         cs_j = tl.load(cs_ptr + cs_base + offs_j)
         dtp_j = tl.load(dtp_ptr + cs_base + offs_j)
         decay = tl.exp(tl.where(keep, cs_i[:, None] - cs_j[None, :], 0.0))
-        acc += g * decay * dtp_j[None, :]
-    acc = tl.where(keep, acc, 0.0)
-    base = (pid_bc * ngroups + pid_g) * chunk_size * chunk_size
+        dcb_h = tl.where(keep, g * decay * dtp_j[None, :], 0.0)
+        acc += dcb_h
+        # gradient of cs_i through the intra-chunk terms of row i: sum_j dCB_h,ij CB_ij = dy_i . y_diag_i
+        tl.store(rows_ptr + (cs_base * num_j + pid_j * chunk_size) + offs_i, tl.sum(dcb_h * cb, axis=1))
     tl.store(dcb_ptr + base + offs_i[:, None] * chunk_size + offs_j[None, :], acc)
 
 
 @triton.jit
 def _chunk_dbc_kernel(
-    x_ptr, dy_ptr, B_ptr, C_ptr, prev_ptr, dS_ptr, dcb_ptr, dtp_ptr, cs_ptr, seq_ptr, dB_ptr, dC_ptr,
+    x_ptr, dy_ptr, B_ptr, C_ptr, prev_ptr, dS_ptr, dcb_ptr, dtp_ptr, cs_ptr, seq_ptr, dB_ptr, dC_ptr, offd_ptr,
     seqlen, nheads, nchunks, chunk_size, hdim, dstate, heads_per_group, ngroups,
     s_x_b, s_x_l, s_x_h, s_x_p, s_dy_b, s_dy_l, s_dy_h, s_dy_p,
     s_b_b, s_b_l, s_b_g, s_b_n, s_c_b, s_c_l, s_c_g, s_c_n, s_seq_b, s_seq_l,
@@ -227,6 +240,8 @@ def _chunk_dbc_kernel(
         seq_end = tl.load(seq_base + tl.minimum(t0 + chunk_size - 1, seqlen - 1) * s_seq_l)
     dC = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     dB = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    c_r = tl.load(C_ptr + pid_b * s_c_b + pid_g * s_c_g + t_r[:, None] * s_c_l + offs_n[None, :] * s_c_n,
+                  mask=rvalid[:, None] & nmask[None, :], other=0.0).to(tl.float32)
     for hh in range(heads_per_group):
         h = pid_g * heads_per_group + hh
         cs_base = ((pid_b * nheads + h) * nchunks + pid_c) * chunk_size
@@ -255,6 +270,8 @@ def _chunk_dbc_kernel(
             accB += tl.dot(xr, ds.to(xr.dtype), input_precision=DOT_PREC)
         dC += accC * u[:, None]
         dB += accB * w[:, None]
+        # gradient of cs_r through the off-diagonal term: dy_r . y_off_r (partial over this n block)
+        tl.store(offd_ptr + (cs_base * num_n + pid_n * chunk_size) + offs_r, tl.sum(accC * c_r, axis=1) * u)
     cb_base = (pid_bc * ngroups + pid_g) * chunk_size * chunk_size
     # dC_r += sum_{k <= r} dCB_rk B_k
     hi = tl.minimum(pid_r * BLOCK_R + BLOCK_R, chunk_size)
@@ -312,7 +329,7 @@ def state_pass_bwd(dprev, prev, final, dfinal, cs, seq_idx, seqlen, chunk_size):
     return dS, dinit, dcs_last.sum(-1)
 
 
-def chunk_dx(x, dy, ypre, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec):
+def chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec):
     batch, seqlen, nheads, hdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     nchunks = triton.cdiv(seqlen, chunk_size)
@@ -324,13 +341,14 @@ def chunk_dx(x, dy, ypre, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec):
     dD = torch.empty(batch * nchunks, nblk, nheads, bs["P"], device=x.device, dtype=torch.float32) if D is not None else None
     Ds = (D.stride(0), D.stride(1) if D.dim() == 2 else 0) if D is not None else (0, 0)
     _chunk_dx_kernel[(nblk, batch * nchunks, nheads)](
-        x, dy, ypre, D if D is not None else x, B, cb, dS, dtp, cs, seq_idx if seq_idx is not None else cs,
+        x, dy, D if D is not None else x, B, cb, dS, dtp, cs, seq_idx if seq_idx is not None else cs,
         dx, ddtp, dcs, dD if dD is not None else dx,
         seqlen, nheads, nchunks, chunk_size, hdim, dstate, nheads // ngroups, ngroups, nblk,
-        *dx.stride(), *x.stride(), *dy.stride(), *ypre.stride(), *B.stride(),
+        *dx.stride(), *x.stride(), *dy.stride(), *B.stride(),
         *(seq_idx.stride() if seq_idx is not None else (0, 0)), *Ds,
         HAS_D=D is not None, HAS_SEQ=seq_idx is not None,
         BLOCK_J=bs["J"], BLOCK_I=bs["I"], BLOCK_P=bs["P"], BLOCK_N=bs["N"], DOT_PREC=dot_prec,
+        SPLIT=x.dtype != torch.float32,
         num_warps=bs["warps"], num_stages=bs["stages"],
     )
     if dD is not None:
@@ -339,21 +357,23 @@ def chunk_dx(x, dy, ypre, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec):
     return dx, ddtp, dcs, dD
 
 
-def chunk_dcb(x, dy, dtp, cs, seq_idx, ngroups, chunk_size, dot_prec):
+def chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, chunk_size, dot_prec):
     batch, seqlen, nheads, hdim = x.shape
     nchunks = triton.cdiv(seqlen, chunk_size)
     bs = _blocks(chunk_size, hdim, 16)
     BI = BJ = bs["I"]
     BP = bs["P"] if INTERPRET else min(64, bs["P"])
     dcb = torch.empty(batch, nchunks, ngroups, chunk_size, chunk_size, device=x.device, dtype=torch.float32)
-    _chunk_dcb_kernel[(triton.cdiv(chunk_size, BI) * triton.cdiv(chunk_size, BJ), batch * nchunks, ngroups)](
-        x, dy, dtp, cs, seq_idx if seq_idx is not None else cs, dcb,
+    nj = triton.cdiv(chunk_size, BJ)
+    rows = torch.zeros(batch, nheads, nchunks, nj, chunk_size, device=x.device, dtype=torch.float32)
+    _chunk_dcb_kernel[(triton.cdiv(chunk_size, BI) * nj, batch * nchunks, ngroups)](
+        x, dy, dtp, cs, seq_idx if seq_idx is not None else cs, cb, dcb, rows,
         seqlen, nheads, nchunks, chunk_size, hdim, nheads // ngroups, ngroups,
         *x.stride(), *dy.stride(), *(seq_idx.stride() if seq_idx is not None else (0, 0)),
         HAS_SEQ=seq_idx is not None, BLOCK_I=BI, BLOCK_J=BJ, BLOCK_P=BP, DOT_PREC=dot_prec,
         num_warps=bs["warps"], num_stages=bs["stages"],
     )
-    return dcb
+    return dcb, rows.sum(3)
 
 
 def chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, chunk_size, dot_prec):
@@ -364,13 +384,15 @@ def chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, chunk_size, dot_prec
     BP = bs["P"] if INTERPRET else min(64, bs["P"])
     dB = torch.empty(B.shape, device=B.device, dtype=B.dtype)
     dC = torch.empty_like(dB)
-    grid = (triton.cdiv(chunk_size, bs["R"]) * triton.cdiv(dstate, bs["N"]), batch * nchunks, ngroups)
+    nn = triton.cdiv(dstate, bs["N"])
+    offd = torch.empty(batch, nheads, nchunks, nn, chunk_size, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(chunk_size, bs["R"]) * nn, batch * nchunks, ngroups)
     _chunk_dbc_kernel[grid](
-        x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx if seq_idx is not None else cs, dB, dC,
+        x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx if seq_idx is not None else cs, dB, dC, offd,
         seqlen, nheads, nchunks, chunk_size, hdim, dstate, nheads // ngroups, ngroups,
         *x.stride(), *dy.stride(), *B.stride(), *C.stride(),
         *(seq_idx.stride() if seq_idx is not None else (0, 0)), *dB.stride(),
         HAS_SEQ=seq_idx is not None, BLOCK_R=bs["R"], BLOCK_K=bs["K"], BLOCK_N=bs["N"], BLOCK_P=BP,
         DOT_PREC=dot_prec, num_warps=bs["warps"], num_stages=bs["stages"],
     )
-    return dB, dC
+    return dB, dC, offd.sum(3)

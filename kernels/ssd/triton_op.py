@@ -28,6 +28,7 @@ class _SSDScan(torch.autograd.Function):
         prev, final = fwd.state_pass(states, cs, seq_idx, initial_states, seqlen, chunk_size)
         del states
         out, ypre = fwd.chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq_idx, chunk_size, z is not None, prec)
+        ypre = ypre if z is not None else None  # only the gate's backward needs it
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre, cb, prev, final, dtp, cs)
         ctx.chunk_size, ctx.dt_softplus, ctx.dt_limit = chunk_size, dt_softplus, dt_limit
         ctx.has_init = initial_states is not None
@@ -55,10 +56,11 @@ class _SSDScan(torch.autograd.Function):
         dprev = fwd.chunk_outer(dy, C, dtp, cs, seq_idx, Q, 1, prec)
         dS, dinit, dcs_last = bwd.state_pass_bwd(dprev, prev, final, dfinal, cs, seq_idx, seqlen, Q)
         del dprev
-        dx, ddtp, dcs, dD = bwd.chunk_dx(x, dy, ypre, D, B, cb, dS, dtp, cs, seq_idx, Q, prec)
-        dcb = bwd.chunk_dcb(x, dy, dtp, cs, seq_idx, ngroups, Q, prec)
-        dB, dC = bwd.chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, Q, prec)
+        dx, ddtp, dcs, dD = bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, Q, prec)
+        dcb, dcs_rows = bwd.chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, Q, prec)
+        dB, dC, dcs_offd = bwd.chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, Q, prec)
         del dcb, dS
+        dcs += dcs_rows + dcs_offd
         dcs[..., -1] += dcs_last
         da = dcs.flip(-1).cumsum(-1).flip(-1)  # gradient of dA_t = dtp_t * A (per position)
         Af = A.float()
