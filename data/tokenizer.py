@@ -6,6 +6,11 @@
     tok.decode(ids), tok.vocab_size, tok.eos_id, tok.spec
 
 `spec` is what goes into prepare_meta.json ("bytes" or the absolute path of the file).
+
+Train a byte-level BPE tokenizer on your own text (offline; writes tokenizer.json + tokenizer_config.json,
+loadable by data.prepare and by transformers' AutoTokenizer):
+
+    python -m data.tokenizer train --input corpus/ --vocab-size 32000 --out tokenizers/mine
 """
 
 from __future__ import annotations
@@ -137,3 +142,68 @@ def load_tokenizer(spec: str | Path, eos_token: str | None = None) -> Tokenizer:
             raise ValueError("--eos-token does not apply to the byte tokenizer (its EOS is id 256)")
         return ByteTokenizer()
     return HFTokenizer(spec, eos_token=eos_token)
+
+
+# ----------------------------------------------------------------------------------------------- training
+def train_bpe(inputs, out_dir, vocab_size: int, *, text_field: str = "text", eos_token: str = "<|endoftext|>",
+              special_tokens: Sequence[str] = (), max_bytes: int | None = None, progress: bool = True) -> Path:
+    """Train a GPT-2-style byte-level BPE on `inputs` (as data.prepare reads them); return tokenizer.json's path."""
+    from tokenizers import Tokenizer as _HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from data.prepare import find_inputs, iter_documents
+
+    specials = [eos_token] + [t for t in special_tokens if t != eos_token]
+    if vocab_size < 256 + len(specials):
+        raise ValueError(f"--vocab-size {vocab_size} is below 256 bytes + {len(specials)} special tokens")
+    files = find_inputs(inputs)
+
+    def texts():
+        seen = 0
+        for text, nbytes in iter_documents(files, text_field):
+            if max_bytes is not None and seen >= max_bytes:
+                return
+            seen += nbytes
+            if text:
+                yield text
+
+    tok = _HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=progress,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts(), trainer)
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos_token, "bos_token": eos_token,
+              "unk_token": None, "add_bos_token": False, "add_eos_token": False}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out / "tokenizer.json"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m data.tokenizer", description="tokenizer tools")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a byte-level BPE tokenizer on text files (offline)")
+    t.add_argument("--input", nargs="+", required=True, action="extend", help="files, directories or globs")
+    t.add_argument("--out", required=True, help="directory for tokenizer.json and tokenizer_config.json")
+    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--text-field", default="text", help="JSON field holding the text in .jsonl files")
+    t.add_argument("--eos-token", default="<|endoftext|>")
+    t.add_argument("--special-tokens", nargs="*", default=[], help="more special tokens to reserve")
+    t.add_argument("--max-bytes", type=int, default=None, help="train on at most this much text")
+    args = p.parse_args(argv)
+    try:
+        path = train_bpe(args.input, args.out, args.vocab_size, text_field=args.text_field,
+                         eos_token=args.eos_token, special_tokens=args.special_tokens, max_bytes=args.max_bytes)
+    except (FileNotFoundError, ValueError) as err:
+        p.exit(2, f"error: {err}\n")
+    tok = load_tokenizer(path)
+    print(f"wrote {path} (vocab_size {tok.vocab_size}, eos {tok.eos_token!r} = {tok.eos_id})")
+
+
+if __name__ == "__main__":
+    main()

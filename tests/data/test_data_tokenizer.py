@@ -71,3 +71,24 @@ def test_eos_from_tokenizer_config(tmp_path):
     path = build_bpe(tmp_path / "tokenizer.json", special=("<|endoftext|>", "<my_eos>"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<my_eos>"}))
     assert load_tokenizer(path).eos_token == "<my_eos>"
+
+
+def test_train_bpe_loads_in_prepare_and_transformers(tmp_path, capsys):
+    from conftest import write_corpus
+    from transformers import AutoTokenizer
+
+    from data.prepare import prepare
+    from data.tokenizer import main
+
+    corpus = write_corpus(tmp_path / "in")
+    main(["train", "--input", str(corpus), "--vocab-size", "320", "--out", str(tmp_path / "tok")])
+    assert "vocab_size 320" in capsys.readouterr().out
+    tok = load_tokenizer(tmp_path / "tok" / "tokenizer.json")
+    assert (tok.vocab_size, tok.eos_token) == (320, "<|endoftext|>")
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    assert hf.eos_token_id == tok.eos_id
+    assert hf(TEXT)["input_ids"] == tok.encode(TEXT) and hf.decode(tok.encode(TEXT)) == TEXT
+    summary = prepare([corpus], str(tmp_path / "tok" / "tokenizer.json"), tmp_path / "out", 16, progress=False)
+    assert summary["eos_id"] == tok.eos_id and summary["vocab_size"] == 320
+    with pytest.raises(SystemExit):
+        main(["train", "--input", str(corpus), "--vocab-size", "100", "--out", str(tmp_path / "t2")])
