@@ -150,7 +150,7 @@ def parse_size(text: str) -> int:
     return int(t)
 
 
-def write_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> int:
+def write_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int, progress: bool = True) -> int:
     """model-0000x-of-0000y.safetensors + model.safetensors.index.json; returns the number of shards."""
     from safetensors.torch import save_file
     from tqdm import tqdm
@@ -166,7 +166,8 @@ def write_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: i
         size += nbytes
     weight_map = {}
     total_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="writing safetensors", file=sys.stderr) as bar:
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="writing safetensors", file=sys.stderr,
+              disable=not progress) as bar:
         for i, names in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             save_file({n: tensors[n] for n in names}, str(out / fname), metadata={"format": "pt"})
@@ -179,7 +180,7 @@ def write_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: i
     return len(shards)
 
 
-def read_safetensors(src: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(src: Path, progress: bool = True) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
     from tqdm import tqdm
 
@@ -191,7 +192,7 @@ def read_safetensors(src: Path) -> dict[str, torch.Tensor]:
     else:
         raise ExportError(f"{src} holds neither model.safetensors.index.json nor model.safetensors")
     tensors: dict[str, torch.Tensor] = {}
-    for fname in tqdm(files, desc="reading safetensors", file=sys.stderr):
+    for fname in tqdm(files, desc="reading safetensors", file=sys.stderr, disable=not progress):
         with safe_open(str(src / fname), framework="pt") as f:
             for name in f.keys():
                 tensors[name] = f.get_tensor(name)
@@ -234,7 +235,7 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "bf16", toke
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {"_from_model_config": True, "eos_token_id": eos_id, "pad_token_id": eos_id}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    num_shards = write_shards(tensors, out, parse_size(max_shard_size))
+    num_shards = write_shards(tensors, out, parse_size(max_shard_size), progress=not quiet)
     say(parameter_summary(state, cfg.model))
     say(f"wrote {out}: config.json, {num_shards} safetensors shard(s) + index, generation_config.json, "
         f"tokenizer: {what}")
@@ -257,7 +258,7 @@ def import_export(src: str | Path, out: str | Path, *, force: bool = False, quie
     if hf.get("model_type") != "nemotron_h":
         raise ExportError(f"{src / 'config.json'}: model_type={hf.get('model_type')!r}, expected 'nemotron_h'")
     model_cfg, notes = model_config_from_hf(hf)
-    tensors = read_safetensors(src)
+    tensors = read_safetensors(src, progress=not quiet)
     state, model_cfg, more = from_hf_tensors(tensors, model_cfg)
     cfg = Config(model=model_cfg)
     cfg.data.tokenizer = str(src / "tokenizer.json") if (src / "tokenizer.json").is_file() else cfg.data.tokenizer

@@ -343,9 +343,14 @@ def name_pairs(cfg: ModelConfig) -> Iterator[tuple[str, str, Callable, Callable]
 
 
 def _zero_shared_expert(cfg: ModelConfig, i: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The all-zero shared expert of width 1 that stands for 'no shared expert' (relu2(0) = 0; its
+    biases, present when mlp_bias, are zero too)."""
     p = f"backbone.layers.{i}.mixer.shared_experts"
-    return {f"{p}.up_proj.weight": torch.zeros(1, cfg.d_model, dtype=dtype),
-            f"{p}.down_proj.weight": torch.zeros(cfg.d_model, 1, dtype=dtype)}
+    out = {f"{p}.up_proj.weight": torch.zeros(1, cfg.d_model, dtype=dtype),
+           f"{p}.down_proj.weight": torch.zeros(cfg.d_model, 1, dtype=dtype)}
+    if cfg.mlp.bias:
+        out.update({f"{p}.up_proj.bias": torch.zeros(1, dtype=dtype), f"{p}.down_proj.bias": torch.zeros(cfg.d_model, dtype=dtype)})
+    return out
 
 
 def to_hf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -378,9 +383,8 @@ def from_hf_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple
     kinds = layer_kinds(cfg.pattern)
     moe_layers = [i for i, k in enumerate(kinds) if k == "moe"]
     if moe_layers and not cfg.moe.num_shared_experts:
-        zero = all(not tensors[f"backbone.layers.{i}.mixer.shared_experts.{p}.weight"].any()
-                   for i in moe_layers for p in ("up_proj", "down_proj")
-                   if f"backbone.layers.{i}.mixer.shared_experts.{p}.weight" in tensors)
+        zero = all(not tensors[name].any() for i in moe_layers
+                   for name in _zero_shared_expert(cfg, i, torch.float32) if name in tensors)
         if not zero:
             notes.append("n_shared_experts=0 but the shared experts are not zero (transformers 5 applies them): "
                          "imported with model.moe.num_shared_experts=1")
