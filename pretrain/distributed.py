@@ -74,6 +74,9 @@ def init_distributed(requested_device: str = "auto") -> DistInfo:
 
 
 def shutdown_distributed() -> None:
+    from parallel.state import destroy
+
+    destroy()  # megatron-core's groups, if any
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # without it gloo teardown of several ranks aborts now and then
         dist.destroy_process_group()

@@ -3,6 +3,14 @@
 Pattern symbols (Megatron-LM / Nemotron-H notation): `M` Mamba-2 mixer, `*` attention, `-` dense
 MLP, `E` MoE MLP, `|` pipeline-stage boundary (ignored here). Every sublayer is x + mixer(norm(x))
 with RMSNorm. Parameter names mirror Nemotron-H (`layers.{i}.norm`, `layers.{i}.mixer.*`).
+
+Two builds of one model, chosen by whether megatron-core's process groups exist (parallel.state):
+- single process: the modules of pretrain/layers on (batch, seqlen, d_model); the reference.
+- tensor parallel: the modules of parallel/ (megatron-core parallel linears), vocab-parallel
+  embedding, head and cross-entropy; the residual stream is (seqlen[/tp under sequence
+  parallelism], batch, d_model). It starts from the very weights the single-process build draws
+  from the same seed (built once on CPU and cut into this rank's pieces), at any tp.
+Parameter names are identical in both builds.
 """
 from __future__ import annotations
 
@@ -12,6 +20,7 @@ import torch
 from torch import nn
 
 from pretrain.config import Derived, ModelConfig
+from pretrain.loss import IGNORE_INDEX, lm_loss
 from pretrain.layers.attention import Attention
 from pretrain.layers.mamba import Mamba2Mixer
 from pretrain.layers.mlp import MLP
@@ -43,10 +52,26 @@ class ResidualBlock(nn.Module):
         return hidden + self.mixer(self.norm(hidden), seq_idx)
 
 
-class HybridLM(nn.Module):
-    """tokens (batch, seqlen) int64, seq_idx (batch, seqlen) int32 -> logits (batch, seqlen, vocab)."""
+def _parallel_groups_ready() -> bool:
+    try:
+        from parallel.state import is_initialized
+    except ImportError:  # pragma: no cover
+        return False
+    return is_initialized()
 
-    def __init__(self, cfg: ModelConfig, derived: Derived):
+
+class HybridLM(nn.Module):
+    """tokens (batch, seqlen) int64, seq_idx (batch, seqlen) int32 -> logits (batch, seqlen, vocab
+    [/tp: this rank's vocabulary slice in the parallel build])."""
+
+    def __new__(cls, cfg: ModelConfig, derived: Derived, *args, parallel: bool | None = None, **kwargs):
+        if cls is HybridLM and (parallel if parallel is not None else _parallel_groups_ready()):
+            from parallel.model import ParallelHybridLM
+
+            return super().__new__(ParallelHybridLM)
+        return super().__new__(cls)
+
+    def __init__(self, cfg: ModelConfig, derived: Derived, *, parallel: bool | None = None):
         super().__init__()
         self.cfg = cfg
         self.embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -86,8 +111,39 @@ class HybridLM(nn.Module):
     def forward(self, tokens: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         return nn.functional.linear(self.hidden_states(tokens, seq_idx), self.output_weight())
 
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor, seq_idx: torch.Tensor | None = None,
+             z_loss_coeff: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to optimise incl. the MoE aux loss, cross-entropy for logging) of one micro-batch."""
+        loss, ce = lm_loss(self(tokens, seq_idx), labels, z_loss_coeff)
+        aux = self.aux_loss()
+        return (loss if aux is None else loss + aux), ce
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata: dict | None = None) -> dict:
+        """megatron-core dist_checkpointing view of every parameter and persistent buffer; keys and
+        global shapes independent of tp (see parallel/checkpointing.py for the contract)."""
+        from parallel.checkpointing import sharded_state_dict
+
+        return sharded_state_dict(self, prefix)
+
+    def num_parameters(self) -> dict[str, int]:
+        """Global parameter counts (the same at any tp): total, and active per token."""
+        from parallel.common import spec_of
+
+        def global_numel(p: torch.Tensor) -> int:
+            spec = spec_of(p)
+            local = sum(part.local_size for part in spec.parts)
+            size = sum(part.size for part in spec.parts)
+            return p.numel() // max(local, 1) * size if p.ndim else 1
+
+        total = sum(global_numel(p) for p in self.parameters())
+        inactive = 0
+        for layer in self.moe_layers():
+            per_expert = sum(global_numel(p) for p in layer.experts[0].parameters())
+            inactive += (len(layer.experts) - layer.cfg.top_k) * per_expert
+        return {"total": total, "active": total - inactive}
+
     def moe_layers(self) -> list[MoE]:
-        return [m for m in self.modules() if isinstance(m, MoE)]
+        return [m for m in self.modules() if hasattr(m, "update_expert_bias")]
 
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of the MoE load-balancing losses of the last forward (None without softmax_aux MoE)."""

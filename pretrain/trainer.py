@@ -21,7 +21,7 @@ from pretrain.flops import count_parameters, device_peak_tflops, train_flops_per
 from pretrain.loss import lm_loss
 from pretrain.metrics import MetricsWriter, memory_gb, progress_line
 from pretrain.model import HybridLM
-from pretrain.optim import build_optimizer
+from parallel.engine import Engine
 from pretrain.schedule import lr_at
 from data.dataset import infinite_batches
 
@@ -54,9 +54,19 @@ def build_data(cfg: Config, dist_info: DistInfo, derived: Derived):
     return build_train_loader(
         cfg.data.path, seq_len=cfg.data.seq_len, micro_batch_size=cfg.data.micro_batch_size,
         seed=cfg.run.seed, shuffle=cfg.data.shuffle, num_workers=cfg.data.num_workers,
-        dp_rank=dist_info.rank // (derived.world_size // derived.dp), dp_size=derived.dp,
+        dp_rank=_dp_rank(dist_info, derived), dp_size=derived.dp,
         vocab_size=cfg.model.vocab_size,
     )
+
+
+def _dp_rank(dist_info: DistInfo, derived: Derived) -> int:
+    """This rank's data-parallel index: from the process groups when they exist (rank order
+    tp-cp-ep-pp-dp keeps each replica's ranks consecutive, as the loader's `replication` needs)."""
+    from parallel import state as parallel_state
+
+    if parallel_state.is_initialized():
+        return parallel_state.dp_rank()
+    return dist_info.rank // (derived.world_size // derived.dp)
 
 
 class Trainer:
@@ -73,8 +83,13 @@ class Trainer:
             with open(os.path.join(derived.run_dir, "config.yaml"), "w") as f:
                 f.write(to_yaml(cfg))
 
-        self.model = HybridLM(cfg.model, derived).to(self.device)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        if dist_info.world_size > 1:  # tp/pp/ep/cp/dp groups; sizes were validated for this world size
+            from parallel import state as parallel_state
+
+            parallel_state.initialize(cfg, derived)
+        # single process: pretrain/layers + torch AdamW; parallel: megatron DDP + distributed optimizer
+        self.engine = Engine(cfg, derived, self.device, self.amp_dtype)
+        self.model, self.optimizer = self.engine.model, self.engine.optimizer
         self.loader = build_data(cfg, dist_info, derived)
         self.batches = infinite_batches(self.loader)
         self.metrics = MetricsWriter(derived.run_dir, enabled=dist_info.is_main)
@@ -82,7 +97,7 @@ class Trainer:
         self.consumed_samples = 0
         self.flops_per_token = train_flops_per_token(cfg, derived)
         self.peak_tflops = device_peak_tflops(self.device)
-        self.params = count_parameters(self.model)
+        self.params = self.model.num_parameters()  # global counts, the same at any tp
         if dist_info.is_main:
             log.info("model: %s parameters (%s active), pattern %s, %d layers; %.3g training FLOPs/token",
                      f"{self.params['total']:,}", f"{self.params['active']:,}", cfg.model.pattern,
@@ -95,35 +110,28 @@ class Trainer:
         batch = next(self.batches)
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def forward_backward(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
-        amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
-               else contextlib.nullcontext())
-        with amp:
-            logits = self.model(batch["tokens"], batch["seq_idx"])
-            loss, ce = lm_loss(logits, batch["labels"], self.cfg.trainer.z_loss_coeff)
-            aux = self.model.aux_loss()
-            if aux is not None:
-                loss = loss + aux
-        (loss * scale).backward()
-        return ce
+    def forward_backward(self, batch: dict[str, torch.Tensor], scale: float, last: bool = True) -> torch.Tensor:
+        """Accumulate one micro-batch's gradient (x scale); `last` lets DDP reduce (overlapped)."""
+        return self.engine.forward_backward(batch, scale, last=last)
 
     def train_step(self) -> dict:
         cfg = self.cfg
         lr = lr_at(self.step, self.derived.total_steps, cfg.optim)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         accum = self.derived.grad_accum_steps
         ce_sum = torch.zeros((), device=self.device)
-        for _ in range(accum):
-            ce_sum += self.forward_backward(self.next_batch(), 1.0 / accum)
-        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        moe_load = [layer.update_expert_bias() for layer in self.model.moe_layers()]
+        for i in range(accum):
+            ce_sum += self.forward_backward(self.next_batch(), 1.0 / accum, last=i == accum - 1)
+        grad_norm = self.engine.step(lr)  # dp/tp gradient sync, clipping over all groups, update
+        moe_load = self.engine.update_expert_bias()
+        loss = ce_sum / accum
+        if self.engine.parallel and self.derived.dp > 1:  # log the global batch's loss
+            from parallel import state as parallel_state
+
+            torch.distributed.all_reduce(loss, group=parallel_state.dp_group())
+            loss = loss / self.derived.dp
         self.step += 1
         self.consumed_samples += cfg.data.global_batch_size
-        return {"loss": ce_sum / accum, "lr": lr, "grad_norm": grad_norm, "moe_load": moe_load}
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "moe_load": moe_load}
 
     def make_record(self, out: dict, step_time: float) -> dict:
         tokens_per_s = self.derived.tokens_per_step / step_time

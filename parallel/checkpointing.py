@@ -1,0 +1,62 @@
+"""The model's sharded state dict for megatron-core dist_checkpointing, built from the shard specs.
+
+Contract (what pretrain/checkpoint.py relies on):
+- `HybridLM.sharded_state_dict(prefix="")` returns {state-dict key: ShardedTensor | ShardedTensorFactory}
+  for every parameter and persistent buffer (e.g. the MoE `gate.expert_bias`), with or without
+  process groups (tp = 1 included). Keys are the module's state-dict keys (`layers.3.mixer.in_proj.weight`).
+- Checkpoint keys and global shapes never depend on tp (nor, later, pp/ep): a tensor of one part is
+  one ShardedTensor of its global shape, cut along its tp axis; a tensor packed from several parts
+  (Mamba's in_proj: z, x, B, C, dt; conv_weight / conv_bias: x, B, C) is a ShardedTensorFactory that
+  saves one ShardedTensor per part under `<key>.<part>` (global shape of that part) and concatenates
+  the local pieces again on load. So a tp2 checkpoint loads at tp1 and back.
+- replica_id = (tp replica, 0, dp rank): exactly one rank saves each piece.
+- DistributedOptimizer.sharded_state_dict(model.sharded_state_dict(), ...) works with it (tests/parallel).
+- Load: `sd = dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir); model.load_state_dict(sd,
+  strict=False)` (megatron's linears add empty `_extra_state` entries on their own).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from parallel import state
+from parallel.common import Part, Spec, local_parts, spec_of
+
+
+def _sharded_tensor(key: str, local: torch.Tensor, dim: int, part: Part, dp_rank: int):
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    offsets = [(dim, part.index, part.num_parts)] if part.num_parts > 1 else []
+    return ShardedTensor.from_rank_offsets(key, local, *offsets, replica_id=(part.replica, 0, dp_rank))
+
+
+def _factory(key: str, tensor: torch.Tensor, spec: Spec, dp_rank: int):
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    def build(key, data, replica_id, flattened_range=None):
+        if flattened_range is not None:
+            raise NotImplementedError("flattened ranges are not supported for multi-part tensors")
+        return [_sharded_tensor(f"{key}.{part.name}", piece, spec.dim, part, dp_rank)
+                for part, piece in local_parts(data, spec)]
+
+    def merge(pieces):
+        return torch.cat(pieces, dim=spec.dim)
+
+    return ShardedTensorFactory(key, tensor, build, merge, replica_id=(0, 0, dp_rank))
+
+
+def sharded_state_dict(module: nn.Module, prefix: str = "") -> dict:
+    dp_rank = state.dp_rank()
+    tensors = dict(module.named_parameters())
+    persistent = module.state_dict(keep_vars=True)
+    tensors.update({name: buf for name, buf in module.named_buffers() if name in persistent})
+    out = {}
+    for name, tensor in tensors.items():
+        key = prefix + name
+        spec = spec_of(tensor)
+        data = tensor.detach() if isinstance(tensor, nn.Parameter) else tensor
+        if len(spec.parts) == 1:
+            out[key] = _sharded_tensor(key, data, spec.dim, spec.parts[0], dp_rank)
+        else:
+            out[key] = _factory(key, data, spec, dp_rank)
+    return out

@@ -1,0 +1,137 @@
+"""HybridLM's tensor/sequence-parallel build (see pretrain/model.py; `HybridLM(...)` returns this
+class when megatron-core's process groups exist).
+
+Residual stream (seqlen[/tp under SP], batch, d_model). Vocab-parallel embedding (reduce-scatter
+into sequence shards under SP), the head multiplies by this rank's vocabulary rows (of lm_head, or
+of the embedding when tied), and the loss is megatron-core's vocab-parallel cross-entropy.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from parallel import state
+from parallel.attention import ParallelAttention
+from parallel.common import megatron_config, replicated_part, set_spec, shard_full, spec_of, split_part
+from parallel.mamba import ParallelMamba2Mixer
+from parallel.mlp import ParallelMLP
+from parallel.moe import ParallelMoE
+from pretrain.config import Derived, ModelConfig
+from pretrain.loss import IGNORE_INDEX
+from pretrain.model import HybridLM
+
+
+def build_parallel_mixer(kind: str, cfg: ModelConfig, derived: Derived, mcfg) -> nn.Module:
+    if kind == "mamba":
+        return ParallelMamba2Mixer(cfg.d_model, cfg.mamba, norm_eps=cfg.norm_eps, mcfg=mcfg)
+    if kind == "attention":
+        return ParallelAttention(cfg.d_model, cfg.attention, derived.attention_head_dim, mcfg=mcfg)
+    if kind == "mlp":
+        return ParallelMLP(cfg.d_model, cfg.mlp.d_ff, cfg.mlp.activation, cfg.mlp.bias, mcfg=mcfg)
+    if kind == "moe":
+        return ParallelMoE(cfg.d_model, cfg.moe, derived.moe_shared_d_ff, mcfg=mcfg)
+    raise ValueError(f"unknown layer kind {kind!r}")
+
+
+def _norm(d_model: int, eps: float, sequence_parallel: bool) -> nn.RMSNorm:
+    norm = nn.RMSNorm(d_model, eps=eps)
+    set_spec(norm.weight, 0, replicated_part("", d_model), sequence_parallel=sequence_parallel)
+    return norm
+
+
+class ParallelResidualBlock(nn.Module):
+    def __init__(self, kind: str, cfg: ModelConfig, derived: Derived, mcfg):
+        super().__init__()
+        self.kind = kind
+        self.norm = _norm(cfg.d_model, cfg.norm_eps, mcfg.sequence_parallel)
+        self.mixer = build_parallel_mixer(kind, cfg, derived, mcfg)
+
+    def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
+        return hidden + self.mixer(self.norm(hidden), seq_idx)
+
+
+class _HeadWeight(nn.Module):
+    def __init__(self, vocab_local: int, d_model: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_local, d_model))
+
+
+class ParallelHybridLM(HybridLM):
+    def __init__(self, cfg: ModelConfig, derived: Derived, *, parallel: bool | None = None):
+        nn.Module.__init__(self)
+        from megatron.core.tensor_parallel import VocabParallelEmbedding
+
+        self.cfg = cfg
+        reference = HybridLM(cfg, derived, parallel=False)  # the single-process init, same seed
+        self.mcfg = mcfg = megatron_config(state.config(), num_layers=len(derived.layer_kinds))
+        self.sequence_parallel = bool(mcfg.sequence_parallel)
+        tp = state.tp_size()
+        self.embeddings = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, init_method=nn.init.zeros_,
+                                                 reduce_scatter_embeddings=self.sequence_parallel, config=mcfg)
+        set_spec(self.embeddings.weight, 0, split_part("", cfg.vocab_size))
+        self.layers = nn.ModuleList(ParallelResidualBlock(k, cfg, derived, mcfg) for k in derived.layer_kinds)
+        self.norm_f = _norm(cfg.d_model, cfg.norm_eps, self.sequence_parallel)
+        self.lm_head = None if cfg.tie_embeddings else _HeadWeight(cfg.vocab_size // tp, cfg.d_model)
+        if self.lm_head is not None:
+            set_spec(self.lm_head.weight, 0, split_part("", cfg.vocab_size))
+        self.load_full_state_dict(reference.state_dict())
+
+    @torch.no_grad()
+    def load_full_state_dict(self, full: dict[str, torch.Tensor]) -> None:
+        """Copy this rank's pieces of a single-process state dict (any tp)."""
+        own = dict(self.named_parameters())
+        own.update(self.named_buffers())
+        persistent = self.state_dict(keep_vars=True)
+        missing = [name for name in own if name in persistent and name not in full]
+        if missing:
+            raise KeyError(f"full state dict lacks {missing[:5]}")
+        for name, tensor in own.items():
+            if name in full:
+                tensor.copy_(shard_full(full[name].to(tensor.dtype), spec_of(tensor)))
+
+    def reset_parameters(self) -> None:  # weights come from the single-process build
+        pass
+
+    def hidden_states(self, tokens: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.embeddings(tokens)  # (batch, seqlen, d) or, under SP, (seqlen/tp, batch, d)
+        if not self.sequence_parallel:
+            hidden = hidden.transpose(0, 1).contiguous()
+        for layer in self.layers:
+            hidden = layer(hidden, seq_idx)
+        return self.norm_f(hidden)
+
+    def vocab_parallel_logits(self, tokens: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """(seqlen, batch, vocab/tp) logits of this rank's vocabulary slice."""
+        from megatron.core import tensor_parallel as mtp
+
+        hidden = self.hidden_states(tokens, seq_idx)
+        if self.sequence_parallel:
+            hidden = mtp.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
+        elif state.tp_size() > 1:
+            hidden = mtp.copy_to_tensor_model_parallel_region(hidden)
+        return nn.functional.linear(hidden, self.output_weight())
+
+    def forward(self, tokens: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        return self.vocab_parallel_logits(tokens, seq_idx).transpose(0, 1)
+
+    def loss(self, tokens, labels, seq_idx=None, z_loss_coeff: float = 0.0):
+        from megatron.core import tensor_parallel as mtp
+
+        logits = self.vocab_parallel_logits(tokens, seq_idx).float()
+        labels = labels.transpose(0, 1).contiguous()
+        mask = (labels != IGNORE_INDEX).float()
+        count = mask.sum().clamp(min=1)
+        z_loss = None
+        if z_loss_coeff > 0:
+            local_max = logits.detach().amax(dim=-1, keepdim=True)
+            global_max = local_max.clone()
+            torch.distributed.all_reduce(global_max, op=torch.distributed.ReduceOp.MAX, group=state.tp_group())
+            sum_exp = mtp.reduce_from_tensor_model_parallel_region((logits - global_max).exp().sum(-1))
+            lse = sum_exp.log() + global_max.squeeze(-1)
+            z_loss = z_loss_coeff * (lse.square() * mask).sum() / count
+        # megatron's cross-entropy works in place on the logits; labels outside the slice (incl. -100) are masked
+        per_token = mtp.vocab_parallel_cross_entropy(logits.clone() if z_loss is not None else logits, labels)
+        ce = (per_token * mask).sum() / count
+        loss = ce if z_loss is None else ce + z_loss
+        aux = self.aux_loss()
+        return (loss if aux is None else loss + aux), ce.detach()

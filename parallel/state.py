@@ -1,0 +1,128 @@
+"""Process groups from the config (megatron-core parallel_state), per-rank RNG seeding, teardown.
+
+    initialize(cfg, derived)   # after torch.distributed is up (or with world size 1: no groups at all)
+    ...
+    destroy()
+
+Rank order is "tp-cp-ep-pp-dp" (tp innermost, dp outermost): the ranks of one data-parallel replica
+are consecutive, which is what data.dataset's streaming `replication` needs (dp_rank = rank //
+(world_size // dp)). Sizes are checked by pretrain.config.validate before any group is created, so a
+bad size fails with a message that names the key and the value.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch.distributed as dist
+
+from pretrain.config import Config, ConfigError, Derived, validate
+
+ORDER = "tp-cp-ep-pp-dp"
+_config: Config | None = None
+
+
+def config() -> Config:
+    """The config the groups were created from (its parallel section drives the parallel layers)."""
+    if _config is None:
+        raise RuntimeError("parallel.state.initialize has not been called")
+    return _config
+
+
+def is_initialized() -> bool:
+    """Whether megatron-core's groups exist (never imports megatron-core when it was not imported)."""
+    ps = sys.modules.get("megatron.core.parallel_state")
+    return bool(ps is not None and ps.model_parallel_is_initialized())
+
+
+def check_sizes(cfg: Config, world_size: int) -> Derived:
+    """validate() with the actual world size; raises ConfigError naming the offending values."""
+    return validate(cfg, world_size)
+
+
+def initialize(cfg: Config, derived: Derived | None = None) -> Derived:
+    """Create the tp/pp/ep/cp/dp groups of `cfg.parallel` over the default process group and seed
+    the RNG tracker (tensor-parallel ranks get distinct streams, data-parallel replicas equal ones)."""
+    if not dist.is_initialized():
+        raise RuntimeError("parallel.state.initialize needs torch.distributed to be initialized first")
+    world_size = dist.get_world_size()
+    checked = check_sizes(cfg, world_size)
+    if derived is not None and derived.world_size != world_size:
+        raise ConfigError(f"world size {world_size} differs from the one validated ({derived.world_size})")
+    from parallel import cpu_compat
+
+    cpu_compat.install()
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    p = cfg.parallel
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.virtual_pp, context_parallel_size=p.cp,
+        expert_model_parallel_size=p.ep, order=ORDER,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(cfg.run.seed)
+    global _config
+    _config = cfg
+    return derived or checked
+
+
+def tp_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_group()
+
+
+def tp_size() -> int:
+    if not _groups_ready():
+        return 1
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_world_size()
+
+
+def tp_rank() -> int:
+    if not _groups_ready():
+        return 0
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_rank()
+
+
+def dp_size() -> int:
+    if not _groups_ready():
+        return dist.get_world_size() if dist.is_initialized() else 1
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_world_size()
+
+
+def dp_rank() -> int:
+    if not _groups_ready():
+        return dist.get_rank() if dist.is_initialized() else 0
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_rank()
+
+
+def dp_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group()
+
+
+def _groups_ready() -> bool:
+    return is_initialized()
+
+
+def destroy() -> None:
+    """Tear down megatron's groups (the default process group is left to pretrain.distributed)."""
+    if is_initialized():
+        from megatron.core import parallel_state as ps
+
+        if dist.is_initialized():
+            dist.barrier()
+        ps.destroy_model_parallel()
+    global _config
+    _config = None
