@@ -112,6 +112,7 @@ def _chunk_outer_kernel(
     s_a_b, s_a_l, s_a_h, s_a_p, s_b_b, s_b_l, s_b_g, s_b_n, s_seq_b, s_seq_l,
     MODE: tl.constexpr, HAS_SEQ: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """out[b, c, h] (hdim x dstate) = sum_k a[k, p] wt_k b[k, n] over the chunk's positions k.
 
@@ -159,7 +160,12 @@ def _chunk_outer_kernel(
         if HAS_SEQ:
             seq_k = tl.load(seq_base + tl.minimum(t, seqlen - 1) * s_seq_l)
             wt = tl.where(seq_k == seq_ref, wt, 0.0)
-        acc += tl.dot((aT * wt[None, :]).to(bb.dtype), bb, input_precision=DOT_PREC)
+        aw = aT * wt[None, :]
+        if SPLIT:  # the weighted float32 operand as a hi + lo pair of the input dtype (see triton_bwd)
+            aw_hi = aw.to(bb.dtype)
+            acc += tl.dot(aw_hi, bb) + tl.dot((aw - aw_hi.to(tl.float32)).to(bb.dtype), bb)
+        else:
+            acc += tl.dot(aw.to(bb.dtype), bb, input_precision=DOT_PREC)
     out = (((pid_b * nchunks + pid_c) * nheads + pid_h) * hdim + offs_p[:, None]) * dstate + offs_n[None, :]
     tl.store(out_ptr + out, acc, mask=(offs_p < hdim)[:, None] & (offs_n < dstate)[None, :])
 
@@ -335,6 +341,7 @@ def chunk_outer(a, b, dtp, cs, seq_idx, chunk_size, mode, dot_prec):
         a, b, dtp, cs, seq, out, seqlen, nheads, nchunks, chunk_size, hdim, dstate, nheads // ngroups,
         *a.stride(), *b.stride(), *(seq_idx.stride() if seq_idx is not None else (0, 0)),
         MODE=mode, HAS_SEQ=seq_idx is not None, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=bs["K"], DOT_PREC=dot_prec,
+        SPLIT=b.dtype != torch.float32,
         num_warps=bs["warps"], num_stages=bs["stages"],
     )
     return out
