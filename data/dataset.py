@@ -20,8 +20,12 @@ consecutive global ranks, i.e. dp_rank == RANK // (WORLD_SIZE // dp_size) (megat
 dp outermost, e.g. order="tp-cp-ep-pp-dp"). A layout that breaks this fails here with a clear message.
 
 Shared memory: every StreamingDataset registers /dev/shm/NNNNNN_* blocks (freed at normal exit) and
-$TMPDIR/NNNNNN_*_filelock files. A SIGKILLed run leaks both; give each run its own TMPDIR and call
-`clean_stale_streaming_shm()` once per node before building loaders (see its docstring).
+$TMPDIR/NNNNNN_*_filelock files. A SIGKILLed run leaks both; build_train_loader first removes blocks
+that no live process maps (`clean_stale_streaming_shm`), so a requeued job starts clean.
+
+Call build_train_loader on every rank (streaming runs a barrier on the default process group) and
+after torch.distributed is initialised: with WORLD_SIZE > 1 and no process group, streaming would
+create and destroy one of its own.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import time
 from multiprocessing.shared_memory import _posixshmem  # POSIX shm_unlink, as the stdlib uses
 from pathlib import Path
 from typing import Any, Iterator
@@ -129,17 +134,22 @@ def build_train_loader(
     num_canonical_nodes: int | None = None,
     pin_memory: bool | None = None,
     prefetch_factor: int | None = None,
+    clean_stale_shm: bool = True,
 ) -> StreamingDataLoader:
     """A StreamingDataLoader of `micro_batch_size` samples per rank (full batches only).
 
     dp_rank/dp_size: this rank's data-parallel coordinates (default: RANK/WORLD_SIZE, pure data
     parallelism); see the module docstring. vocab_size: the model's, checked against the data's.
     The loader has state_dict()/load_state_dict() (call load_state_dict before iterating).
+    clean_stale_shm: first unlink streaming shared memory left by killed runs (see module docstring).
     """
     check_prepared(path, seq_len, vocab_size)
+    replication = _replication(dp_rank, dp_size)
+    if clean_stale_shm:
+        clean_stale_streaming_shm()
     dataset = PackedDataset(
         path, seq_len=seq_len, batch_size=micro_batch_size, shuffle=shuffle, shuffle_seed=seed,
-        replication=_replication(dp_rank, dp_size), num_canonical_nodes=num_canonical_nodes,
+        replication=replication, num_canonical_nodes=num_canonical_nodes,
     )
     return StreamingDataLoader(
         dataset, batch_size=micro_batch_size, num_workers=num_workers, drop_last=True,
@@ -167,30 +177,69 @@ def infinite_batches(loader: StreamingDataLoader) -> Iterator[dict[str, torch.Te
 
 
 # ----------------------------------------------------------------------------------------------- cleanup
-_FILELOCK = re.compile(r"^(\d{6})_(barrier|cache)_filelock$")
+_SHM_DIR = Path("/dev/shm")
+_SHM_NAME = re.compile(r"^(\d{6})_(" + "|".join(SHM_TO_CLEAN) + r")$")
+_FILELOCK = re.compile(r"^(\d{6})_(barrier|cache)_filelock(\.lock)?$")
 
 
-def clean_stale_streaming_shm(tmpdir: str | os.PathLike | None = None) -> int:
-    """Remove shared memory and filelocks left in `tmpdir` (default: tempfile.gettempdir()) by dead runs.
+def _mapped_shm_names() -> set[str] | None:
+    """Names of /dev/shm files mapped by any process we can inspect (None when /proc is unavailable)."""
+    if not Path("/proc/self/maps").exists():
+        return None
+    names = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    if "/dev/shm/" in line:
+                        names.add(line.rsplit("/dev/shm/", 1)[1].split()[0])
+        except OSError:  # gone, or another user's process (which cannot map our 0600 files)
+            continue
+    return names
 
-    Every StreamingDataset leaves $TMPDIR/NNNNNN_{barrier,cache}_filelock; the matching /dev/shm/NNNNNN_*
-    blocks leak when its process is SIGKILLed. This removes both for every prefix found in `tmpdir`, so
-    call it only where no live dataset uses `tmpdir`: once per node (local rank 0, before a barrier) at
-    the start of a run with its own TMPDIR. Unlike streaming's clean_stale_shared_memory() it never
-    touches blocks of other jobs on the node. Returns the number of prefixes cleaned.
+
+def clean_stale_streaming_shm(tmpdir: str | os.PathLike | None = None, min_age_s: float = 60.0) -> list[str]:
+    """Unlink streaming's shared memory that no live process uses; return the prefixes cleaned.
+
+    A SIGKILLed run leaks its /dev/shm/NNNNNN_* blocks (streaming frees them only at a normal exit) and
+    its $TMPDIR/NNNNNN_*_filelock files. A prefix counts as stale when every one of its blocks belongs
+    to this user, is older than `min_age_s` and is mapped by no process (checked in /proc, so live runs
+    of any job on the node are never touched, unlike streaming's clean_stale_shared_memory()); its
+    filelocks in `tmpdir` (default tempfile.gettempdir()) go too, as do filelocks there whose blocks are
+    gone. Does nothing where /proc is missing. build_train_loader calls it; safe from several ranks.
     """
-    tmpdir = Path(tmpdir or tempfile.gettempdir())
-    prefixes = {m.group(1) for name in os.listdir(tmpdir) if (m := _FILELOCK.match(name))}
-    for prefix in prefixes:
-        for name in SHM_TO_CLEAN:
+    mapped = _mapped_shm_names()
+    if mapped is None or not _SHM_DIR.is_dir():
+        return []
+    now, uid = time.time(), os.getuid()
+    blocks: dict[str, list[str]] = {}
+    for name in os.listdir(_SHM_DIR):
+        if m := _SHM_NAME.match(name):
+            blocks.setdefault(m.group(1), []).append(name)
+    stale = []
+    for prefix, names in blocks.items():
+        try:
+            stats = [os.stat(_SHM_DIR / n) for n in names]
+        except FileNotFoundError:
+            continue
+        if any(n in mapped for n in names) or any(st.st_uid != uid or now - st.st_mtime < min_age_s
+                                                  for st in stats):
+            continue
+        stale.append(prefix)
+        for name in names:
             try:
-                _posixshmem.shm_unlink(f"/{prefix}_{name}")
-            except (FileNotFoundError, PermissionError):
+                _posixshmem.shm_unlink("/" + name)
+            except OSError:
                 pass
-        for kind in ("barrier", "cache"):
-            for suffix in ("", ".lock"):
-                try:
-                    os.unlink(tmpdir / f"{prefix}_{kind}_filelock{suffix}")
-                except FileNotFoundError:
-                    pass
-    return len(prefixes)
+    tmpdir = Path(tmpdir or tempfile.gettempdir())
+    for name in os.listdir(tmpdir):
+        m = _FILELOCK.match(name)
+        if m and (m.group(1) in stale or m.group(1) not in blocks):
+            try:
+                if now - os.stat(tmpdir / name).st_mtime >= min_age_s:
+                    os.unlink(tmpdir / name)
+            except OSError:  # gone meanwhile, or another user's
+                pass
+    return sorted(stale)

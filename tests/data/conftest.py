@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -13,7 +14,7 @@ RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 @pytest.fixture(autouse=True)
 def private_tmpdir(tmp_path, monkeypatch):
-    """Each test gets its own TMPDIR; its streaming shared memory is removed afterwards."""
+    """Each test gets its own TMPDIR (streaming's filelocks); stale streaming shared memory is removed after."""
     tmp = tmp_path / "tmpdir"
     tmp.mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp))
@@ -22,8 +23,9 @@ def private_tmpdir(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     yield tmp
     gc.collect()
-    from data.dataset import clean_stale_streaming_shm
-    clean_stale_streaming_shm(tmp)
+    if any(name.endswith("_filelock") for name in os.listdir(tmp)):  # streaming was used
+        from data.dataset import clean_stale_streaming_shm
+        clean_stale_streaming_shm(tmp)
 
 
 def write_corpus(root: Path, num_txt: int = 3, num_jsonl_docs: int = 40, field: str = "text") -> Path:

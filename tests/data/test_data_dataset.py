@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +155,13 @@ os.killpg(0, signal.SIGKILL)  # with the resource tracker, which would otherwise
 """
 
 
+def _age(prefix, *dirs, seconds=3600):
+    for d in ("/dev/shm",) + dirs:
+        for name in os.listdir(d):
+            if name.startswith(prefix + "_"):
+                os.utime(os.path.join(d, name), (time.time() - seconds,) * 2)
+
+
 def test_clean_stale_shm_after_kill(prepared, private_tmpdir):
     proc = subprocess.run([sys.executable, "-c", KILLED_RUN, str(prepared), str(SEQ_LEN)],
                           env={**os.environ, "TMPDIR": str(private_tmpdir)}, cwd=Path(__file__).parents[2],
@@ -161,8 +169,14 @@ def test_clean_stale_shm_after_kill(prepared, private_tmpdir):
     assert proc.returncode == -signal.SIGKILL
     prefixes = {name[:6] for name in os.listdir(private_tmpdir) if name.endswith("_filelock")}
     assert len(prefixes) == 1
-    prefix = prefixes.pop()
-    assert os.path.exists(f"/dev/shm/{prefix}_locals")  # leaked by the killed process
-    assert clean_stale_streaming_shm(private_tmpdir) == 1
-    assert not os.path.exists(f"/dev/shm/{prefix}_locals")
-    assert not [n for n in os.listdir(private_tmpdir) if n.endswith("_filelock")]
+    dead = prefixes.pop()
+    assert os.path.exists(f"/dev/shm/{dead}_locals")  # leaked by the killed process group
+    live_loader = loader(prepared, clean_stale_shm=False)
+    next(iter(live_loader))
+    live = live_loader.dataset._shm_prefix_int
+    _age(dead, private_tmpdir), _age(f"{live:06}", private_tmpdir)
+    clean_stale_streaming_shm(private_tmpdir)  # (a concurrent run's loader may clean the aged blocks first)
+    assert not os.path.exists(f"/dev/shm/{dead}_locals")
+    assert os.path.exists(f"/dev/shm/{live:06}_locals")  # mapped by this live process: kept
+    assert not [n for n in os.listdir(private_tmpdir) if n.startswith(dead)]
+    assert len(list(live_loader)) == NUM_SAMPLES // 4  # the live dataset still works
