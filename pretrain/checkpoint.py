@@ -248,7 +248,7 @@ class Checkpointer:
         self.pending = None
         self.last_saved_step = None
         log.error("checkpoint step %d FAILED (%s: %s); training continues, earlier checkpoints are intact",
-                  step, type(err).__name__, err)
+                  step, type(err).__name__, err, exc_info=err)
         if self.rank == 0:
             files.remove_tree(tmp_dir)
 
@@ -365,8 +365,10 @@ class Checkpointer:
         if error:
             raise CheckpointError(error)
         if not paths:
-            if self.ccfg.resume == "auto":
-                log.info("no checkpoint in %s: starting from scratch", self.root)
+            log.info("%s: starting from scratch", f"no checkpoint in {self.root}" if self.ccfg.resume == "auto"
+                     else "checkpoint.resume=none")
+            if self.rank == 0:  # records of an earlier attempt of this run are trained again
+                truncate_metrics(Path(self.derived.run_dir) / "metrics.jsonl", 0)
             return None
         bad = []
         for path in paths:

@@ -17,6 +17,7 @@ tensor as replicated (plain torch modules and torch optimizers).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.metadata
 import logging
@@ -31,6 +32,7 @@ import torch
 log = logging.getLogger("pretrain")
 
 REPO = Path(__file__).resolve().parents[1]
+OPTIMIZER_SHARDING = "fully_reshardable"  # megatron DistributedOptimizer checkpoint format
 
 
 # ----------------------------------------------------------------------------------------------- versions
@@ -81,8 +83,8 @@ def model_sharded_state_dict(model, replica_id: int) -> dict:
 
 def load_model_state(model, state: dict) -> None:
     inner = unwrap_model(model)
-    result = inner.load_state_dict(state, strict=True)
-    missing = getattr(result, "missing_keys", [])
+    result = inner.load_state_dict(state, strict=False)
+    missing = [k for k in getattr(result, "missing_keys", []) if not k.endswith("_extra_state")]
     if missing:
         raise KeyError(f"checkpoint lacks model tensors {missing}")
 
@@ -102,10 +104,16 @@ def optimizer_sharded_state_dict(optimizer, model, model_sd: dict, replica_id: i
     is_loading: build a template (zeros where the optimizer has no state yet) of the tensors that
     `saved_meta` (the checkpoint's common optimizer entry) says were saved."""
     if callable(getattr(optimizer, "sharded_state_dict", None)):
-        try:
-            return optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
-        except TypeError:
-            return optimizer.sharded_state_dict(model_sd)
+        # megatron maps optimizer state to model tensors by id(ShardedTensor.data): it must be the Parameter
+        params = dict(unwrap_model(model).named_parameters())
+        bound = {k: dataclasses.replace(v, data=params[k]) if k in params and getattr(v, "data", None) is not params[k]
+                 else v for k, v in model_sd.items()}
+        # fully_reshardable: canonical per-parameter state (gathered on dp rank 0 at save), so a checkpoint
+        # loads under another tp/pp/dp layout; megatron's default (fully_sharded_model_space) writes
+        # flattened ranges that the torch_dist format of 0.16.1 rejects, and dp_reshardable fixes tp/pp
+        # mem_efficient: gather on dp rank 0 only, over megatron's gloo dp group (also what works on CPU)
+        return optimizer.sharded_state_dict(bound, is_loading=is_loading, metadata={
+            "distrib_optim_sharding_type": OPTIMIZER_SHARDING, "distrib_optim_fully_reshardable_mem_efficient": True})
     from megatron.core.dist_checkpointing import ShardedTensor
 
     names = _param_names(model, optimizer)
