@@ -25,11 +25,11 @@ _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "_
 def stdlib_sources(max_bytes: int | None = None) -> list[Path]:
     """The standard library's .py files (sorted, tests excluded), up to about `max_bytes` in total."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(
-        (p for p in root.rglob("*.py")
-         if not _SKIP_DIRS & set(p.relative_to(root).parts[:-1]) and not p.name.startswith("test_")),
-        key=lambda p: str(p.relative_to(root)),
-    )
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]  # never descend into site-packages
+        found += [Path(dirpath, f) for f in filenames if f.endswith(".py") and not f.startswith("test_")]
+    files = sorted(found, key=lambda p: str(p.relative_to(root)))
     if not files:
         raise FileNotFoundError(f"no Python sources under {root} for the demo corpus")
     chosen, total = [], 0

@@ -84,7 +84,7 @@ def test_ranks_split_and_replicate(prepared, private_tmpdir, tmp_path):
     procs = [subprocess.Popen([sys.executable, str(worker), str(r), str(world), str(tmp_path / "init"),
                                str(prepared), str(SEQ_LEN), str(tmp_path / f"rank{r}.json")], env=env)
              for r in range(world)]
-    assert [p.wait(timeout=120) for p in procs] == [0] * world
+    assert [p.wait(timeout=600) for p in procs] == [0] * world
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     dp = [{tuple(x) for x in r["dp"]} for r in results]
     assert all(len(s) == NUM_SAMPLES // world for s in dp) and len(set.union(*dp)) == NUM_SAMPLES
