@@ -137,4 +137,9 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    # Python restores SIG_DFL for handled signals at interpreter shutdown: a repeated USR1 from
+    # the launcher in that window would turn "exit 42" into "killed by SIGUSR1". Ignore them now.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(code)

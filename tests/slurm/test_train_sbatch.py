@@ -33,7 +33,7 @@ def submit(workdir: Path, *args: str, sbatch_opts: tuple[str, ...] = (), env: di
     if not cfg.exists():
         cfg.write_text("trainer:\n  max_steps: 10\n")
     full_env = {**os.environ, "HP_REPO": str(REPO), "HP_TRAIN_MODULE": "tests.slurm.fake_trainer",
-                "HP_RESIGNAL_SECONDS": "10", **(env or {})}
+                "HP_RESIGNAL_SECONDS": "15", **(env or {})}
     res = subprocess.run(["sbatch", "--parsable", *sbatch_opts, str(SBATCH), "fake.yaml", *args],
                          cwd=workdir, env=full_env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
@@ -83,7 +83,7 @@ def starts(run: Path) -> list[dict]:
 
 def test_two_nodes_run_to_completion(slurm_cluster, tmp_path):
     job = submit(tmp_path, "trainer.max_steps=5", "fake.step_seconds=0.05", sbatch_opts=("--nodes=2",))
-    info = wait_final(tmp_path, job, 120)
+    info = wait_final(tmp_path, job, 300)
     log = job_log(tmp_path, job)
     assert info["JobState"] == "COMPLETED", log
     assert info["ExitCode"] == "0:0" and info["Restarts"] == "0", log
@@ -101,7 +101,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
     run = run_dir(tmp_path, job)
     wait_for(lambda: len(steps(run)) >= 3, 90, "the first training steps")
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
-    info = wait_final(tmp_path, job, 150)
+    info = wait_final(tmp_path, job, 300)
     log = job_log(tmp_path, job)
     assert info["JobState"] == "COMPLETED", log
     assert info["Restarts"] == "1", log
@@ -113,13 +113,15 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
 
 
 def test_time_limit_signal_requeues_until_done(slurm_cluster, tmp_path):
-    # The first run outlasts its 1-minute limit (60 x 1 s); Slurm sends USR1 up to 60 s before the
-    # limit, the trainer saves, the job requeues itself; later runs are fast and finish.
+    # The first run outlasts its 1-minute limit (60 x 1 s). slurmctld checks limits every 30 s and
+    # signals once less than @+30 s are left, i.e. here 20-50 s after the start; the trainer saves,
+    # the job requeues itself; the next run (fast steps) finishes before its own signal.
+    # (With @30, every run would be signalled at the first check, 0-30 s after its start.)
     total = 60
     job = submit(tmp_path, f"trainer.max_steps={total}", "fake.step_seconds=1",
                  "fake.step_seconds_after_restart=0.02",
-                 sbatch_opts=("--nodes=2", "--time=1", "--signal=B:USR1@30"))
-    info = wait_final(tmp_path, job, 240)
+                 sbatch_opts=("--nodes=2", "--time=1", "--signal=B:USR1@10"))
+    info = wait_final(tmp_path, job, 300)
     log = job_log(tmp_path, job)
     assert info["JobState"] == "COMPLETED", log
     assert int(info["Restarts"]) >= 1, log
@@ -134,10 +136,10 @@ def test_crash_is_not_requeued_and_requeue_on_failure_is_bounded(slurm_cluster, 
     bounded = submit(tmp_path, "trainer.max_steps=10", "fake.step_seconds=0.05", "fake.crash_at_step=2",
                      sbatch_opts=("--nodes=1", "-J", "bounded"),
                      env={"HP_REQUEUE_ON_FAILURE": "1", "HP_MAX_RESTARTS": "1"})
-    info = wait_final(tmp_path, crash, 120)
+    info = wait_final(tmp_path, crash, 300)
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "3:0", job_log(tmp_path, crash)
     assert info["Restarts"] == "0"
-    info = wait_final(tmp_path, bounded, 150)
+    info = wait_final(tmp_path, bounded, 300)
     log = job_log(tmp_path, bounded)
     assert info["JobState"] == "FAILED" and info["Restarts"] == "1", log
     assert "not requeueing: already restarted 1 times" in log
