@@ -114,9 +114,50 @@ def sdpa_case(batch, seqlen):
         return bench(fwd), bench(fwdbwd, grad_to_none=[q, k, v])
 
 
+def breakdown(batch, seqlen, h, p, g, n, q=256):
+    """Median time of each SSD kernel launch (forward and backward pieces) at one shape."""
+    from kernels.ssd import triton_bwd as bwd
+    from kernels.ssd import triton_fwd as fwd
+
+    dev, dt_ = "cuda", torch.bfloat16
+    x = torch.randn(batch, seqlen, h, p, device=dev, dtype=dt_)
+    dt = (torch.randn(batch, seqlen, h, device=dev) - 1).to(dt_)
+    A = -torch.exp(torch.rand(h, device=dev) * 2 - 1)
+    B = torch.randn(batch, seqlen, g, n, device=dev, dtype=dt_)
+    C = torch.randn(batch, seqlen, g, n, device=dev, dtype=dt_)
+    D = torch.randn(h, device=dev)
+    bias = torch.randn(h, device=dev)
+    dy = torch.randn_like(x)
+    lim = (0.0, float("inf"))
+    dtp, cs = fwd.dt_cumsum(dt, bias, A, q, True, lim)
+    cb = fwd.compute_cb(C, B, q, "tf32")
+    st = fwd.chunk_outer(x, B, dtp, cs, None, q, 0, "tf32")
+    prev, final = fwd.state_pass(st, cs, None, None, seqlen, q)
+    dprev = fwd.chunk_outer(dy, C, dtp, cs, None, q, 1, "tf32")
+    dS, dinit, last = bwd.state_pass_bwd(dprev, prev, final, None, cs, None, seqlen, q)
+    dx, ddtp, dcs, dD = bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, "tf32")
+    dcb, rows = bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, "tf32")
+    _, _, offd = bwd.chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, None, q, "tf32")
+    parts = [
+        ("fwd dt_cumsum", lambda: fwd.dt_cumsum(dt, bias, A, q, True, lim)),
+        ("fwd CB", lambda: fwd.compute_cb(C, B, q, "tf32")),
+        ("fwd chunk states", lambda: fwd.chunk_outer(x, B, dtp, cs, None, q, 0, "tf32")),
+        ("fwd state passing", lambda: fwd.state_pass(st, cs, None, None, seqlen, q)),
+        ("fwd chunk scan", lambda: fwd.chunk_scan(cb, x, None, D, C, prev, dtp, cs, None, q, False, "tf32")),
+        ("bwd dprev", lambda: fwd.chunk_outer(dy, C, dtp, cs, None, q, 1, "tf32")),
+        ("bwd state passing", lambda: bwd.state_pass_bwd(dprev, prev, final, None, cs, None, seqlen, q)),
+        ("bwd dx/ddt", lambda: bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, "tf32")),
+        ("bwd dCB", lambda: bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, "tf32")),
+        ("bwd dB/dC", lambda: bwd.chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, None, q, "tf32")),
+        ("bwd dt tail", lambda: bwd.dt_bwd(dcs, rows, offd, last, ddtp, dtp, dt, bias, A, True, lim)),
+    ]
+    return [(name, bench(fn)) for name, fn in parts]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-ref", action="store_true", help="skip the PyTorch reference timings")
+    ap.add_argument("--breakdown", action="store_true", help="also time each SSD kernel launch")
     args = ap.parse_args()
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
@@ -165,6 +206,12 @@ def main():
         tfb = bench(lambda: fn(yr, zr, wr, group_size=h * p // g).backward(gr), grad_to_none=[yr, zr, wr])
         lines.append(f"{f'rmsnorm_gated ({b}, {L}, {h * p})':34s} {name:10s} {tf:8.3f} {'':>6} {'':>6} "
                      f"{by / tf / 1e6:6.0f} {tfb:8.3f} {'':>6} {'':>6} {7 / 3 * by / tfb / 1e6:6.0f}")
+    if args.breakdown:
+        for shape in TARGETS:
+            parts = breakdown(*shape[:6])
+            total = sum(ms for _, ms in parts)
+            lines.append(f"per-kernel, shape {shape[:6]}: " + ", ".join(f"{k} {ms:.3f}" for k, ms in parts)
+                         + f"; sum {total:.3f} ms")
     print("\n".join(lines))
 
 

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import INTERPRET, next_pow2
+from kernels._triton_utils import INTERPRET, autotune, next_pow2
 
 
 @triton.jit
@@ -286,6 +286,23 @@ def _chunk_scan_fwd_kernel(
 # launchers
 
 
+def _cfgs(space):
+    return [triton.Config(kw, num_warps=w, num_stages=st) for kw, w, st in space]
+
+
+# CUDA: a few configs each, cached on disk by Triton (outputs are fully rewritten by any config)
+_chunk_scan_tuned = autotune(_cfgs([
+    (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64), 4, 2), (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64), 4, 3),
+    (dict(BLOCK_M=128, BLOCK_K=64, BLOCK_P=64), 8, 2), (dict(BLOCK_M=128, BLOCK_K=32, BLOCK_P=64), 4, 3),
+    (dict(BLOCK_M=64, BLOCK_K=32, BLOCK_P=64), 4, 2), (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=32), 4, 2),
+]), key=["chunk_size", "hdim", "dstate", "HAS_SEQ", "HAS_Z"])(_chunk_scan_fwd_kernel)
+_chunk_outer_tuned = autotune(_cfgs([
+    (dict(BLOCK_P=64, BLOCK_N=64, BLOCK_K=64), 4, 2), (dict(BLOCK_P=64, BLOCK_N=128, BLOCK_K=64), 4, 3),
+    (dict(BLOCK_P=64, BLOCK_N=128, BLOCK_K=32), 4, 3), (dict(BLOCK_P=64, BLOCK_N=128, BLOCK_K=64), 8, 2),
+    (dict(BLOCK_P=64, BLOCK_N=64, BLOCK_K=32), 4, 3),
+]), key=["chunk_size", "hdim", "dstate", "MODE", "HAS_SEQ", "SPLIT"])(_chunk_outer_kernel)
+
+
 def _blocks(chunk_size, hdim, dstate):
     """Fixed tile table. Interpreter: one tile per chunk (few program instances)."""
     if INTERPRET:
@@ -334,16 +351,19 @@ def chunk_outer(a, b, dtp, cs, seq_idx, chunk_size, mode, dot_prec):
     nchunks = triton.cdiv(seqlen, chunk_size)
     out = torch.empty(batch, nchunks, nheads, hdim, dstate, device=a.device, dtype=torch.float32)
     bs = _blocks(chunk_size, hdim, dstate)
-    BP, BN = bs["P"], bs["N"]
-    grid = (triton.cdiv(hdim, BP) * triton.cdiv(dstate, BN), batch * nchunks, nheads)
     seq = seq_idx if seq_idx is not None else dtp
-    _chunk_outer_kernel[grid](
-        a, b, dtp, cs, seq, out, seqlen, nheads, nchunks, chunk_size, hdim, dstate, nheads // ngroups,
-        *a.stride(), *b.stride(), *(seq_idx.stride() if seq_idx is not None else (0, 0)),
-        MODE=mode, HAS_SEQ=seq_idx is not None, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=bs["K"], DOT_PREC=dot_prec,
-        SPLIT=b.dtype != torch.float32,
-        num_warps=bs["warps"], num_stages=bs["stages"],
-    )
+    args = (a, b, dtp, cs, seq, out, seqlen, nheads, nchunks, chunk_size, hdim, dstate, nheads // ngroups,
+            *a.stride(), *b.stride(), *(seq_idx.stride() if seq_idx is not None else (0, 0)))
+    kw = dict(MODE=mode, HAS_SEQ=seq_idx is not None, DOT_PREC=dot_prec, SPLIT=b.dtype != torch.float32)
+    if INTERPRET:
+        BP, BN = bs["P"], bs["N"]
+        grid = (triton.cdiv(hdim, BP) * triton.cdiv(dstate, BN), batch * nchunks, nheads)
+        _chunk_outer_kernel[grid](*args, **kw, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=bs["K"], num_warps=4)
+    else:
+        def grid(meta):
+            return (triton.cdiv(hdim, meta["BLOCK_P"]) * triton.cdiv(dstate, meta["BLOCK_N"]), batch * nchunks, nheads)
+
+        _chunk_outer_tuned[grid](*args, **kw)
     return out
 
 
@@ -371,19 +391,24 @@ def chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq_idx, chunk_size, store_ypre, d
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     ypre = torch.empty_like(out) if store_ypre else out
     bs = _blocks(chunk_size, hdim, dstate)
-    grid = (triton.cdiv(chunk_size, bs["M"]) * triton.cdiv(hdim, bs["P"]), batch * nchunks, nheads)
     if D is not None:
         Ds = (D.stride(0), D.stride(1) if D.dim() == 2 else 0)
     else:
         Ds = (0, 0)
     zz = z if z is not None else x
-    _chunk_scan_fwd_kernel[grid](
-        cb, x, zz, D if D is not None else x, C, prev, dtp, cs, seq_idx if seq_idx is not None else cs,
-        ypre, out, seqlen, nheads, nchunks, chunk_size, hdim, dstate, nheads // ngroups, ngroups,
-        *x.stride(), *zz.stride(), *out.stride(), *C.stride(),
-        *(seq_idx.stride() if seq_idx is not None else (0, 0)), *Ds,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, STORE_YPRE=store_ypre,
-        BLOCK_M=bs["M"], BLOCK_P=bs["P"], BLOCK_K=bs["K"], BLOCK_N=bs["N"], DOT_PREC=dot_prec,
-        num_warps=bs["warps"], num_stages=bs["stages"],
-    )
+    args = (cb, x, zz, D if D is not None else x, C, prev, dtp, cs, seq_idx if seq_idx is not None else cs,
+            ypre, out, seqlen, nheads, nchunks, chunk_size, hdim, dstate, nheads // ngroups, ngroups,
+            *x.stride(), *zz.stride(), *out.stride(), *C.stride(),
+            *(seq_idx.stride() if seq_idx is not None else (0, 0)), *Ds)
+    kw = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, STORE_YPRE=store_ypre,
+              BLOCK_N=bs["N"], DOT_PREC=dot_prec)
+    if INTERPRET:
+        grid = (triton.cdiv(chunk_size, bs["M"]) * triton.cdiv(hdim, bs["P"]), batch * nchunks, nheads)
+        _chunk_scan_fwd_kernel[grid](*args, **kw, BLOCK_M=bs["M"], BLOCK_P=bs["P"], BLOCK_K=bs["K"], num_warps=4)
+    else:
+        def grid(meta):
+            return (triton.cdiv(chunk_size, meta["BLOCK_M"]) * triton.cdiv(hdim, meta["BLOCK_P"]), batch * nchunks,
+                    nheads)
+
+        _chunk_scan_tuned[grid](*args, **kw)
     return out, ypre

@@ -2,8 +2,8 @@
 
 Owns `ssd_scan` for the Triton path: argument checks that only the Triton path needs (chunk
 size a power of two >= 16), the forward (triton_fwd) and backward (triton_bwd) orchestration,
-and the small elementwise tails done in PyTorch (SiLU gate backward, the reverse cumsum that
-turns d(cumsum dA) into d(dA), and the dt processing backward by autograd on its definition).
+and the SiLU gate backward (PyTorch elementwise; the rest of the backward tail, from d(cumsum dA)
+to ddt, dA and d dt_bias, is the fused triton_bwd.dt_bwd kernel).
 Shapes as in kernels.ssd.reference.
 """
 
@@ -14,7 +14,7 @@ import torch
 from kernels._triton_utils import dot_precision
 from kernels.ssd import triton_bwd as bwd
 from kernels.ssd import triton_fwd as fwd
-from kernels.ssd.reference import _check_shapes, process_dt
+from kernels.ssd.reference import _check_shapes
 
 
 class _SSDScan(torch.autograd.Function):
@@ -60,21 +60,10 @@ class _SSDScan(torch.autograd.Function):
         dcb, dcs_rows = bwd.chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, Q, prec)
         dB, dC, dcs_offd = bwd.chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, Q, prec)
         del dcb, dS
-        dcs += dcs_rows + dcs_offd
-        dcs[..., -1] += dcs_last
-        da = dcs.flip(-1).cumsum(-1).flip(-1)  # gradient of dA_t = dtp_t * A (per position)
-        Af = A.float()
-        ddtp = ddtp + da * Af[None, :, None, None]
-        dA = (da * dtp).sum((0, 2, 3)).to(A.dtype)
-        ddtp = ddtp.permute(0, 2, 3, 1).reshape(batch, -1, nheads)[:, :seqlen]
-        with torch.enable_grad():
-            dt_ = dt.detach().requires_grad_(True)
-            bias_ = dt_bias.detach().requires_grad_(True) if dt_bias is not None else None
-            ref = process_dt(dt_, bias_, ctx.dt_softplus, ctx.dt_limit, torch.float32)
-            leaves = [dt_] + ([bias_] if bias_ is not None else [])
-            grads = torch.autograd.grad(ref, leaves, ddtp)
-        ddt = grads[0].to(dt.dtype)
-        ddt_bias = grads[1].to(dt_bias.dtype) if dt_bias is not None else None
+        ddt, dA, ddt_bias = bwd.dt_bwd(dcs, dcs_rows, dcs_offd, dcs_last, ddtp, dtp, dt, dt_bias, A,
+                                       ctx.dt_softplus, ctx.dt_limit)
+        dA = dA.to(A.dtype)
+        ddt_bias = ddt_bias.to(dt_bias.dtype) if dt_bias is not None else None
         if dD is not None:
             dD = dD.to(D.dtype)
         dinit = dinit if ctx.has_init else None
