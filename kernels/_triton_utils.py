@@ -17,13 +17,15 @@ import torch
 import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# KERNELS_AUTOTUNE=0: use each kernel's first config on CUDA too (quick test runs, no tuning)
+AUTOTUNE = os.environ.get("KERNELS_AUTOTUNE", "1") != "0"
 
 _AUTOTUNE_HAS_CACHE = "cache_results" in inspect.signature(triton.autotune).parameters
 
 
 def autotune(configs, key, interpret_config=None, **kw):
     """triton.autotune on GPU; under the interpreter a single config (the first, or `interpret_config`)."""
-    if INTERPRET:
+    if INTERPRET or not AUTOTUNE:
         return triton.autotune(configs=[interpret_config or configs[0]], key=key, **kw)
     if _AUTOTUNE_HAS_CACHE:
         kw.setdefault("cache_results", True)
