@@ -16,8 +16,9 @@ Ranks: mosaicml-streaming reads RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZ
 (torchrun and slurm/train.sbatch set them; a plain `python` run is rank 0 of 1). Pass the data-parallel
 coordinates explicitly: the ranks that share a dp_rank (tensor/context/pipeline parallel peers) get
 identical batches through streaming's `replication = WORLD_SIZE // dp_size`, which requires that they are
-consecutive global ranks, i.e. dp_rank == RANK // (WORLD_SIZE // dp_size) (megatron-core rank order with
-dp outermost, e.g. order="tp-cp-ep-pp-dp"). A layout that breaks this fails here with a clear message.
+consecutive global ranks, i.e. dp_rank == RANK // (WORLD_SIZE // dp_size): megatron-core's default order
+"tp-cp-ep-dp-pp" satisfies it while pp == 1; with pp > 1 use an order with dp last ("tp-cp-ep-pp-dp") or
+load on one stage and send. A layout that breaks this fails here with a clear message.
 
 Shared memory: every StreamingDataset registers /dev/shm/NNNNNN_* blocks (freed at normal exit) and
 $TMPDIR/NNNNNN_*_filelock files. A SIGKILLed run leaks both; build_train_loader first removes blocks

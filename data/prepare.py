@@ -173,9 +173,10 @@ def prepare(
     dtype = token_dtype(tok.vocab_size)
     sample_len = seq_len + 1
     columns = {"tokens": f"ndarray:{dtype.name}:{sample_len}", "doc_starts": "ndarray:uint32"}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_partials(out)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
 
     counts = dict(num_documents=0, num_empty_documents=0, num_samples=0)
     stream_tokens = 0
@@ -219,6 +220,14 @@ def prepare(
     return dict(meta, out=str(out), seconds=round(time.time() - start, 2))
 
 
+def _remove_dead_partials(out: Path) -> None:
+    """Delete .<out>.partial-<pid> directories left by killed prepares (their process is gone)."""
+    for path in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
+        pid = path.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and Path("/proc/self").exists():
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _tokenized_documents(tok: Tokenizer, files, text_field, bar, counts, batch_bytes=1 << 20):
     """Yield each non-empty document as an ndarray of ids with EOS appended (batched for HF tokenizers)."""
     eos = np.array([tok.eos_id], dtype=np.int64)
@@ -238,7 +247,10 @@ def _tokenized_documents(tok: Tokenizer, files, text_field, bar, counts, batch_b
 
     def flush():
         for ids in tok.encode_batch(batch):
-            yield np.concatenate([np.asarray(ids, dtype=np.int64), eos])
+            ids = np.concatenate([np.asarray(ids, dtype=np.int64), eos])
+            if ids.max() >= tok.vocab_size:  # would wrap around in the uint16 column
+                raise ValueError(f"tokenizer {tok.spec} produced id {ids.max()} >= its vocab_size {tok.vocab_size}")
+            yield ids
 
     for text, nbytes in iter_documents(files, text_field):
         bar.update(nbytes)

@@ -121,3 +121,11 @@ def test_cli(tmp_path, capsys):
         main(["--input", str(corpus), "--tokenizer", str(tmp_path / "missing.json"),
               "--out", str(tmp_path / "o2"), "--seq-len", "16"])
     assert exc.value.code == 2 and "missing.json" in capsys.readouterr().err
+
+
+def test_dead_partial_is_removed(tmp_path):
+    corpus = write_corpus(tmp_path / "in")
+    stale = tmp_path / ".out.partial-999999999"  # no such process
+    stale.mkdir()
+    prepare([corpus], "bytes", tmp_path / "out", SEQ_LEN, progress=False)
+    assert not stale.exists() and (tmp_path / "out" / META_FILE).is_file()
