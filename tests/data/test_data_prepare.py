@@ -7,9 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import expected_documents, write_corpus
+from data_test_utils import build_bpe, expected_documents, write_corpus
 from streaming import StreamingDataset
-from test_data_tokenizer import build_bpe
 
 from data.prepare import META_FILE, Packer, main, prepare, token_dtype
 from data.tokenizer import load_tokenizer

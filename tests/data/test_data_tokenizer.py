@@ -4,22 +4,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from data_test_utils import TEXT, build_bpe, write_corpus
+from tokenizers import Tokenizer
 
 from data.tokenizer import ByteTokenizer, load_tokenizer
-
-TEXT = "def f(x):\n    return x ** 2  # ünïcødé ∑ 🙂\n"
-
-
-def build_bpe(path, special=("<|endoftext|>",), vocab_size=400):
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([TEXT, "hello world " * 20, "the quick brown fox " * 10], trainer)
-    tok.save(str(path))
-    return path
 
 
 def test_bytes_round_trip():
@@ -74,7 +62,6 @@ def test_eos_from_tokenizer_config(tmp_path):
 
 
 def test_train_bpe_loads_in_prepare_and_transformers(tmp_path, capsys):
-    from conftest import write_corpus
     from transformers import AutoTokenizer
 
     from data.prepare import prepare
