@@ -154,8 +154,9 @@ def prepare(
     `max_tokens` caps the token stream (EOS included; the document at the cap is cut). `input_files`
     skips the input search and reads exactly these files (used by the demo for its .py sources).
     Meta fields: format, format_version, seq_len, sample_len, tokenizer (spec), vocab_size, eos_id,
-    token_dtype, columns, text_field, max_tokens, num_input_files, num_documents, num_empty_documents,
-    num_tokens (in samples), num_tokens_dropped, num_samples, num_shards, compression, out.
+    eos_token (None for bytes), token_dtype, columns, text_field, max_tokens, num_input_files,
+    num_documents, num_empty_documents, num_tokens (in samples), num_tokens_dropped (the tail),
+    num_samples, num_shards, compression. The summary adds out and seconds.
     """
     from streaming import MDSWriter
     from tqdm import tqdm
@@ -204,7 +205,8 @@ def prepare(
         num_shards = len(json.loads((partial / "index.json").read_text())["shards"])
         meta = dict(
             format=FORMAT, format_version=FORMAT_VERSION, seq_len=seq_len, sample_len=sample_len,
-            tokenizer=tok.spec, vocab_size=tok.vocab_size, eos_id=tok.eos_id, token_dtype=dtype.name,
+            tokenizer=tok.spec, vocab_size=tok.vocab_size, eos_id=tok.eos_id,
+            eos_token=getattr(tok, "eos_token", None), token_dtype=dtype.name,
             columns=columns, text_field=text_field, max_tokens=max_tokens, num_input_files=len(files),
             num_documents=counts["num_documents"], num_empty_documents=counts["num_empty_documents"],
             num_tokens=counts["num_samples"] * sample_len, num_tokens_dropped=packer.leftover,
