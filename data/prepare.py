@@ -2,9 +2,9 @@
 
     python -m data.prepare --input corpus/ more/*.jsonl --tokenizer tokenizer.json --out data/mds --seq-len 2048
 
-Inputs: files, directories (searched recursively for .txt and .jsonl) and globs. A .jsonl file holds one
-document per line (the `--text-field` string of each JSON object); any other file named explicitly is one
-plain-text document. Files are read in sorted path order, so the output is deterministic.
+Inputs: files, directories (searched recursively for .txt and .jsonl) and globs (every file they match).
+A .jsonl file holds one document per line (the `--text-field` string of each JSON object); any other file
+is one plain-text document. Files are read in sorted path order, so the output is deterministic.
 
 Every document is tokenized and followed by EOS; the token stream is cut into samples of seq_len + 1
 tokens (inputs are sample[:-1], labels sample[1:]). A document may run across a sample boundary; its
@@ -37,7 +37,7 @@ from data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 META_FILE = "prepare_meta.json"
 FORMAT = "hybrid-pretrain/packed-mds"
 FORMAT_VERSION = 1
-SEARCHED_SUFFIXES = (".txt", ".jsonl")  # what directories and globs pick up
+SEARCHED_SUFFIXES = (".txt", ".jsonl")  # what directories are searched for
 _GLOB_CHARS = set("*?[")
 
 
@@ -51,9 +51,9 @@ def find_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         item = os.path.expanduser(str(item))
         if _GLOB_CHARS & set(item):
             matches = [Path(m) for m in glob.glob(item, recursive=True)]
-            found = [m for m in matches if m.is_file() and m.suffix in SEARCHED_SUFFIXES]
+            found = [m for m in matches if m.is_file()]
             if not found:
-                raise FileNotFoundError(f"--input {item!r} matches no {'/'.join(SEARCHED_SUFFIXES)} files")
+                raise FileNotFoundError(f"--input {item!r} matches no files")
         elif os.path.isdir(item):
             found = [p for p in Path(item).rglob("*") if p.is_file() and p.suffix in SEARCHED_SUFFIXES
                      and not any(part.startswith(".") for part in p.relative_to(item).parts)]
