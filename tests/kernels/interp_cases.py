@@ -35,6 +35,7 @@ def run_ssd(name, shape, chunk, **kw):
     leaves = {**t, **{k: v for k, v in opt.items() if k != "seq_idx"}}
     args = dict(chunk_size=chunk, dt_limit=kw.get("limit", (0.0, math.inf)), dt_softplus=softplus,
                 return_final_states=True)
+    assert kernels.use_triton(t["x"]), "the interpreter run must dispatch to Triton"
     y, fs = kernels.ssd_scan(**t, **opt, **args)
     seeds = (torch.randn_like(y), torch.randn_like(fs))
     g = torch.autograd.grad((y * seeds[0]).sum() + (fs * seeds[1]).sum(), list(leaves.values()))
