@@ -10,11 +10,11 @@ code). Configs NemotronH cannot express stop with one message listing each field
 weight mapping, and where NemotronH's semantics differ from ours, live in pretrain/export_nemotron_h.py.
 
 --checkpoint accepts:
+- a training checkpoint (runs/<name>/checkpoints/step_XXXXXXXX/, the `latest` file, the checkpoints
+  directory or the run directory), saved under any tp/pp/ep/dp layout: read on one CPU process by
+  pretrain/export_checkpoint.py (megatron dist_checkpointing into the single-process model);
 - a directory with model.pt (a torch.save'd HybridLM state dict) and config.yaml (our resolved
-  config): what --to-checkpoint writes, and the tested path;
-- a training checkpoint (runs/<name>/checkpoints/step_XXXXXXXX/, or the `latest` file / the
-  checkpoints directory naming it), read through pretrain.checkpoint's
-  `load_model_for_export(step_dir) -> (Config, state dict of full tensors on CPU)`.
+  config): what --to-checkpoint writes.
 
 --to-checkpoint reads an export (ours or a compatible published NemotronH checkpoint) and writes
 model.pt + config.yaml (the model section from config.json; the other sections are defaults to
@@ -75,16 +75,16 @@ def load_model_checkpoint(path: str | Path) -> tuple[Config, dict[str, torch.Ten
             raise ExportError(f"cannot read {step / CONFIG_FILE}: {err}") from None
         state = torch.load(step / STATE_FILE, map_location="cpu", weights_only=True)
         return cfg, state, step
+    from pretrain.export_checkpoint import CheckpointReadError, is_training_checkpoint, load_training_checkpoint
+
+    if not is_training_checkpoint(step):
+        raise ExportError(f"{step} is neither a training checkpoint (.metadata, common.pt) nor a directory with "
+                          f"{STATE_FILE} + {CONFIG_FILE}")
     try:
-        from pretrain import checkpoint as checkpoint_module  # the training checkpoints (megatron dist_checkpointing)
-    except ImportError:
-        checkpoint_module = None
-    loader = getattr(checkpoint_module, "load_model_for_export", None)
-    if loader is None:
-        raise ExportError(f"{step} holds no {STATE_FILE} + {CONFIG_FILE}, and training checkpoints cannot be "
-                          "read yet (pretrain.checkpoint.load_model_for_export is missing)")
-    cfg, state = loader(step)
-    return cfg, {k: v.detach().cpu() for k, v in state.items()}, step
+        cfg, state = load_training_checkpoint(step)
+    except CheckpointReadError as err:
+        raise ExportError(str(err)) from None
+    return cfg, state, step
 
 
 def save_model_checkpoint(cfg: Config, state: dict[str, torch.Tensor], out: Path) -> None:
