@@ -301,8 +301,6 @@ do_start() {
             say "settings changed: restarting"
             do_stop
         fi
-        # Node names or counts may differ: drop saved controller state so old jobs and nodes do not linger.
-        rm -rf "$STATE"
     fi
     mkdir -p "$ETC" "$RUN" "$LOG" "$STATE" /var/lib/slurm
     write_config "$ETC"
