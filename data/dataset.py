@@ -21,8 +21,9 @@ consecutive global ranks, i.e. dp_rank == RANK // (WORLD_SIZE // dp_size): megat
 load on one stage and send. A layout that breaks this fails here with a clear message.
 
 Shared memory: every StreamingDataset registers /dev/shm/NNNNNN_* blocks (freed at normal exit) and
-$TMPDIR/NNNNNN_*_filelock files. A SIGKILLed run leaks both; build_train_loader first removes blocks
-that no live process maps (`clean_stale_streaming_shm`), so a requeued job starts clean.
+$TMPDIR/NNNNNN_*_filelock files. A SIGKILLed run leaks both; build_train_loader first removes those of
+dead runs with the same TMPDIR that no live process maps (`clean_stale_streaming_shm`), so a requeued job
+starts clean. Keep TMPDIR the same across requeues of a job (e.g. /tmp, or one derived from the job id).
 
 Call build_train_loader on every rank (streaming runs a barrier on the default process group) and
 after torch.distributed is initialised: with WORLD_SIZE > 1 and no process group, streaming would
@@ -202,45 +203,51 @@ def _mapped_shm_names() -> set[str] | None:
 
 
 def clean_stale_streaming_shm(tmpdir: str | os.PathLike | None = None, min_age_s: float = 60.0) -> list[str]:
-    """Unlink streaming's shared memory that no live process uses; return the prefixes cleaned.
+    """Unlink streaming's shared memory left by dead runs that used `tmpdir`; return the prefixes cleaned.
 
-    A SIGKILLed run leaks its /dev/shm/NNNNNN_* blocks (streaming frees them only at a normal exit) and
-    its $TMPDIR/NNNNNN_*_filelock files. A prefix counts as stale when every one of its blocks belongs
-    to this user, is older than `min_age_s` and is mapped by no process (checked in /proc, so live runs
-    of any job on the node are never touched, unlike streaming's clean_stale_shared_memory()); its
-    filelocks in `tmpdir` (default tempfile.gettempdir()) go too, as do filelocks there whose blocks are
-    gone. Does nothing where /proc is missing. build_train_loader calls it; safe from several ranks.
+    Every StreamingDataset leaves $TMPDIR/NNNNNN_{barrier,cache}_filelock; a SIGKILLed run also leaks its
+    /dev/shm/NNNNNN_* blocks (streaming frees them only at a normal exit). For each prefix with a filelock
+    in `tmpdir` (default tempfile.gettempdir()), the blocks and filelocks are removed when no process maps
+    any of the blocks (checked in /proc), all belong to this user and all are older than `min_age_s`.
+    Unlike streaming's clean_stale_shared_memory() this never touches a live run, nor blocks of runs with
+    another TMPDIR (so a PID namespace that hides processes cannot mislead it). Does nothing where /proc is
+    missing. build_train_loader calls it; safe from several ranks at once.
     """
+    tmpdir = Path(tmpdir or tempfile.gettempdir())
     mapped = _mapped_shm_names()
-    if mapped is None or not _SHM_DIR.is_dir():
+    if mapped is None or not _SHM_DIR.is_dir() or not tmpdir.is_dir():
         return []
-    now, uid = time.time(), os.getuid()
+    locks: dict[str, list[str]] = {}
+    for name in os.listdir(tmpdir):
+        if m := _FILELOCK.match(name):
+            locks.setdefault(m.group(1), []).append(name)
+    if not locks:
+        return []
     blocks: dict[str, list[str]] = {}
     for name in os.listdir(_SHM_DIR):
-        if m := _SHM_NAME.match(name):
+        if (m := _SHM_NAME.match(name)) and m.group(1) in locks:
             blocks.setdefault(m.group(1), []).append(name)
-    stale = []
-    for prefix, names in blocks.items():
+    now, uid, cleaned = time.time(), os.getuid(), []
+    for prefix, lock_names in locks.items():
+        names = blocks.get(prefix, [])
+        paths = [_SHM_DIR / n for n in names] + [tmpdir / n for n in lock_names]
         try:
-            stats = [os.stat(_SHM_DIR / n) for n in names]
-        except FileNotFoundError:
+            stats = [os.stat(path) for path in paths]
+        except FileNotFoundError:  # changing under us: leave it for next time
             continue
         if any(n in mapped for n in names) or any(st.st_uid != uid or now - st.st_mtime < min_age_s
                                                   for st in stats):
             continue
-        stale.append(prefix)
         for name in names:
             try:
                 _posixshmem.shm_unlink("/" + name)
             except OSError:
                 pass
-    tmpdir = Path(tmpdir or tempfile.gettempdir())
-    for name in os.listdir(tmpdir):
-        m = _FILELOCK.match(name)
-        if m and (m.group(1) in stale or m.group(1) not in blocks):
+        for name in lock_names:
             try:
-                if now - os.stat(tmpdir / name).st_mtime >= min_age_s:
-                    os.unlink(tmpdir / name)
-            except OSError:  # gone meanwhile, or another user's
+                os.unlink(tmpdir / name)
+            except OSError:
                 pass
-    return sorted(stale)
+        if names:
+            cleaned.append(prefix)
+    return sorted(cleaned)
