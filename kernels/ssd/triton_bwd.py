@@ -117,19 +117,26 @@ def _chunk_dx_kernel(
         else:
             acc += tl.dot(bj, dST.to(bj.dtype), input_precision=DOT_PREC)
     acc = acc * w[:, None]
-    # within the chunk: sum_{i >= j} CB_ij exp(cs_i - cs_j) dy_i
+    # within the chunk: sum_{i >= j} CB_ij exp(cs_i - cs_j) dy_i; the row tiles on the diagonal
+    # need the causal mask, those wholly below it do not
     cb_base = (pid_bc * ngroups + pid_g) * chunk_size * chunk_size
+    j_end = tl.minimum(pid_j * BLOCK_J + BLOCK_J, chunk_size)
     for i0 in range(pid_j * BLOCK_J, chunk_size, BLOCK_I):
         offs_i = i0 + tl.arange(0, BLOCK_I)
         t_i = t0 + offs_i
         cbT = tl.load(cb_ptr + cb_base + offs_i[None, :] * chunk_size + offs_j[:, None])
         cs_i = tl.load(cs_ptr + cs_base + offs_i)
-        keep = offs_i[None, :] >= offs_j[:, None]
-        if HAS_SEQ:
-            seq_i = tl.load(seq_base + tl.minimum(t_i, seqlen - 1) * s_seq_l)
-            keep = keep & (seq_i[None, :] == seq_j[:, None])
-        decay = tl.exp(tl.where(keep, cs_i[None, :] - cs_j[:, None], 0.0))
-        mT = tl.where(keep, cbT * decay, 0.0)
+        if i0 < j_end:
+            keep = offs_i[None, :] >= offs_j[:, None]
+            if HAS_SEQ:
+                seq_i = tl.load(seq_base + tl.minimum(t_i, seqlen - 1) * s_seq_l)
+                keep = keep & (seq_i[None, :] == seq_j[:, None])
+            mT = tl.where(keep, cbT * tl.exp(tl.where(keep, cs_i[None, :] - cs_j[:, None], 0.0)), 0.0)
+        else:
+            mT = cbT * tl.exp(cs_i[None, :] - cs_j[:, None])
+            if HAS_SEQ:
+                seq_i = tl.load(seq_base + tl.minimum(t_i, seqlen - 1) * s_seq_l)
+                mT = tl.where(seq_i[None, :] == seq_j[:, None], mT, 0.0)
         dyi = tl.load(dy_ptr + pid_b * s_dy_b + pid_h * s_dy_h + t_i[:, None] * s_dy_l + offs_p[None, :] * s_dy_p,
                       mask=(t_i < seqlen)[:, None] & pmask[None, :], other=0.0)
         if SPLIT:
@@ -395,7 +402,7 @@ _chunk_dbc_tuned = autotune(_cfgs([
 
 def _blocks(chunk_size, hdim, dstate):
     if INTERPRET:
-        q = chunk_size
+        q = min(chunk_size, 16)  # several tiles per chunk when Q > 16 (tile loops exercised on CPU)
         return dict(J=q, I=q, P=next_pow2(hdim), N=next_pow2(dstate), R=q, K=q, warps=4, stages=1)
     return dict(J=min(64, chunk_size), I=min(64, chunk_size), P=next_pow2(hdim), N=min(64, next_pow2(dstate)),
                 R=min(64, chunk_size), K=min(64, chunk_size), warps=4, stages=2)

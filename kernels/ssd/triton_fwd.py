@@ -248,10 +248,25 @@ def _chunk_scan_fwd_kernel(
                         mask=pmask[None, :] & (offs_n < dstate)[:, None], other=0.0)
         acc += tl.dot(c, prevT.to(c.dtype), input_precision=DOT_PREC)
     acc = acc * u[:, None]
-    # diagonal block: sum_{j <= i} CB_ij exp(cs_i - cs_j) dtp_j x_j
+    # diagonal block: sum_{j <= i} CB_ij exp(cs_i - cs_j) dtp_j x_j. Column tiles wholly left of
+    # this row tile need no causal mask (fewer elementwise ops); the tiles on the diagonal do.
     cb_base = (pid_bc * ngroups + pid_g) * chunk_size * chunk_size
-    hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, chunk_size)
-    for k0 in range(0, hi, BLOCK_K):
+    m0 = pid_m * BLOCK_M
+    hi = tl.minimum(m0 + BLOCK_M, chunk_size)
+    for k0 in range(0, m0, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        t_k = t0 + offs_k
+        cb = tl.load(cb_ptr + cb_base + offs_m[:, None] * chunk_size + offs_k[None, :])
+        cs_k = tl.load(cs_ptr + cs_base + offs_k)
+        dtp_k = tl.load(dtp_ptr + cs_base + offs_k)
+        m = cb * tl.exp(cs_m[:, None] - cs_k[None, :]) * dtp_k[None, :]
+        if HAS_SEQ:
+            seq_k = tl.load(seq_base + tl.minimum(t_k, seqlen - 1) * s_seq_l)
+            m = tl.where(seq_m[:, None] == seq_k[None, :], m, 0.0)
+        xk = tl.load(x_ptr + pid_b * s_x_b + pid_h * s_x_h + t_k[:, None] * s_x_l + offs_p[None, :] * s_x_p,
+                     mask=(t_k < seqlen)[:, None] & pmask[None, :], other=0.0)
+        acc += tl.dot(m.to(xk.dtype), xk, input_precision=DOT_PREC)
+    for k0 in range(m0, hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         t_k = t0 + offs_k
         cb = tl.load(cb_ptr + cb_base + offs_m[:, None] * chunk_size + offs_k[None, :])
@@ -307,6 +322,7 @@ def _blocks(chunk_size, hdim, dstate):
     """Fixed tile table. Interpreter: one tile per chunk (few program instances)."""
     if INTERPRET:
         q = chunk_size
+        q = min(q, 16)  # several tiles per chunk when Q > 16, so the tile loops are exercised on CPU
         return dict(M=q, K=q, P=next_pow2(hdim), N=next_pow2(dstate), warps=4, stages=1)
     return dict(M=min(64, chunk_size), K=min(64, chunk_size), P=min(64, next_pow2(hdim)),
                 N=min(128, next_pow2(dstate)), warps=4, stages=2)

@@ -94,8 +94,8 @@ SSD_CASES = {
     # exactly one chunk, no seq_idx, no softplus, no bias
     "ssd_one_chunk": (dict(batch=2, seqlen=16, nheads=2, headdim=4, ngroups=1, dstate=4), 16,
                       dict(with_seq=False, with_bias=False, softplus=False)),
-    # many chunks (state passing), 1 group
-    "ssd_many_chunks": (dict(batch=1, seqlen=130, nheads=2, headdim=3, ngroups=1, dstate=5), 16, dict()),
+    # many chunks (state passing), 1 group; chunk 32 = two 16-tiles per chunk in the interpreter
+    "ssd_many_chunks": (dict(batch=1, seqlen=130, nheads=2, headdim=3, ngroups=1, dstate=5), 32, dict()),
 }
 
 
