@@ -132,23 +132,23 @@ def breakdown(batch, seqlen, h, p, g, n, q=256):
     dtp, cs = fwd.dt_cumsum(dt, bias, A, q, True, lim)
     cb = fwd.compute_cb(C, B, q, "tf32")
     st = fwd.chunk_outer(x, B, dtp, cs, None, q, 0, "tf32")
-    prev, final = fwd.state_pass(st, cs, None, None, seqlen, q)
+    prev, prev_lp, final = fwd.state_pass(st, cs, None, None, seqlen, q, dt_)
     dprev = fwd.chunk_outer(dy, C, dtp, cs, None, q, 1, "tf32")
-    dS, dinit, last = bwd.state_pass_bwd(dprev, prev, final, None, cs, None, seqlen, q)
+    dS, dS_lp, dinit, last = bwd.state_pass_bwd(dprev, prev, final, None, cs, None, seqlen, q, dt_)
     dx, ddtp, dcs, dD = bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, "tf32")
     dcb, rows = bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, "tf32")
-    _, _, offd = bwd.chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, None, q, "tf32")
+    _, _, offd = bwd.chunk_dbc(x, dy, B, C, prev_lp, dS_lp, dcb, dtp, cs, None, q, "tf32")
     parts = [
         ("fwd dt_cumsum", lambda: fwd.dt_cumsum(dt, bias, A, q, True, lim)),
         ("fwd CB", lambda: fwd.compute_cb(C, B, q, "tf32")),
         ("fwd chunk states", lambda: fwd.chunk_outer(x, B, dtp, cs, None, q, 0, "tf32")),
-        ("fwd state passing", lambda: fwd.state_pass(st, cs, None, None, seqlen, q)),
-        ("fwd chunk scan", lambda: fwd.chunk_scan(cb, x, None, D, C, prev, dtp, cs, None, q, False, "tf32")),
+        ("fwd state passing", lambda: fwd.state_pass(st, cs, None, None, seqlen, q, dt_)),
+        ("fwd chunk scan", lambda: fwd.chunk_scan(cb, x, None, D, C, prev_lp, dtp, cs, None, q, False, "tf32")),
         ("bwd dprev", lambda: fwd.chunk_outer(dy, C, dtp, cs, None, q, 1, "tf32")),
-        ("bwd state passing", lambda: bwd.state_pass_bwd(dprev, prev, final, None, cs, None, seqlen, q)),
+        ("bwd state passing", lambda: bwd.state_pass_bwd(dprev, prev, final, None, cs, None, seqlen, q, dt_)),
         ("bwd dx/ddt", lambda: bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, "tf32")),
         ("bwd dCB", lambda: bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, "tf32")),
-        ("bwd dB/dC", lambda: bwd.chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, None, q, "tf32")),
+        ("bwd dB/dC", lambda: bwd.chunk_dbc(x, dy, B, C, prev_lp, dS_lp, dcb, dtp, cs, None, q, "tf32")),
         ("bwd dt tail", lambda: bwd.dt_bwd(dcs, rows, offd, last, ddtp, dtp, dt, bias, A, True, lim)),
     ]
     return [(name, bench(fn)) for name, fn in parts]

@@ -39,9 +39,9 @@ from kernels.ssd.triton_fwd import _softplus
 
 @triton.jit
 def _state_pass_bwd_kernel(
-    dprev_ptr, prev_ptr, final_ptr, dfinal_ptr, cs_ptr, seq_ptr, dS_ptr, dinit_ptr, dcs_last_ptr,
+    dprev_ptr, prev_ptr, final_ptr, dfinal_ptr, cs_ptr, seq_ptr, dS_ptr, dS_lp_ptr, dinit_ptr, dcs_last_ptr,
     seqlen, nheads, nchunks, chunk_size, dim, nblocks, s_seq_b, s_seq_l,
-    HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, STORE_LP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid_blk = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -58,6 +58,8 @@ def _state_pass_bwd_kernel(
         c = nchunks - 1 - i
         off = ((pid_b * nchunks + c) * nheads + pid_h) * dim + offs
         tl.store(dS_ptr + off, g, mask=mask)
+        if STORE_LP:
+            tl.store(dS_lp_ptr + off, g.to(dS_lp_ptr.dtype.element_ty), mask=mask)
         tl.store(dcs_last_ptr + ((pid_b * nheads + pid_h) * nchunks + c) * nblocks + pid_blk, tl.sum(g * s_after))
         scale = tl.exp(tl.load(cs_ptr + ((pid_b * nheads + pid_h) * nchunks + c) * chunk_size + chunk_size - 1))
         if HAS_SEQ:
@@ -395,8 +397,9 @@ _chunk_dcb_tuned = autotune(_cfgs([
     (dict(BLOCK_P=64), 4, 2), (dict(BLOCK_P=64), 4, 3), (dict(BLOCK_P=64), 8, 2), (dict(BLOCK_P=32), 4, 3),
 ]), key=["chunk_size", "hdim", "HAS_SEQ"])(_chunk_dcb_kernel)
 _chunk_dbc_tuned = autotune(_cfgs([
-    (dict(BLOCK_K=64, BLOCK_P=64), 4, 2), (dict(BLOCK_K=64, BLOCK_P=64), 4, 3),
-    (dict(BLOCK_K=32, BLOCK_P=64), 4, 2), (dict(BLOCK_K=64, BLOCK_P=64), 8, 2),
+    (dict(BLOCK_R=64, BLOCK_K=64, BLOCK_P=64), 4, 2), (dict(BLOCK_R=64, BLOCK_K=64, BLOCK_P=64), 4, 3),
+    (dict(BLOCK_R=64, BLOCK_K=32, BLOCK_P=64), 4, 2), (dict(BLOCK_R=128, BLOCK_K=64, BLOCK_P=64), 8, 2),
+    (dict(BLOCK_R=128, BLOCK_K=32, BLOCK_P=64), 8, 3),
 ]), key=["chunk_size", "hdim", "dstate", "HAS_SEQ"])(_chunk_dbc_kernel)
 
 
@@ -423,23 +426,26 @@ def _seq_args(seq_idx, fallback):
     return (seq_idx if seq_idx is not None else fallback), (seq_idx.stride() if seq_idx is not None else (0, 0))
 
 
-def state_pass_bwd(dprev, prev, final, dfinal, cs, seq_idx, seqlen, chunk_size):
-    """-> dS (gradient of each chunk's end state), d initial_states, and per-chunk partials of
+def state_pass_bwd(dprev, prev, final, dfinal, cs, seq_idx, seqlen, chunk_size, lp_dtype=torch.float32):
+    """-> dS (gradient of each chunk's end state, float32, for dx), dS_lp (the same in lp_dtype,
+    for the dB/dC kernel which rounds it so anyway), d initial_states, and per-chunk partials of
     <dS_c, S_c> (batch, nheads, nchunks, nblocks)."""
     batch, nchunks, nheads, hdim, dstate = dprev.shape
     dim = hdim * dstate
     BLOCK = triton.next_power_of_2(dim) if INTERPRET else min(1024, triton.next_power_of_2(dim))
     nblocks = triton.cdiv(dim, BLOCK)
     dS = torch.empty_like(dprev)
+    store_lp = lp_dtype != torch.float32
+    dS_lp = torch.empty(dprev.shape, device=dprev.device, dtype=lp_dtype) if store_lp else dS
     dinit = torch.empty(batch, nheads, hdim, dstate, device=dprev.device, dtype=torch.float32)
     dcs_last = torch.empty(batch, nheads, nchunks, nblocks, device=dprev.device, dtype=torch.float32)
     seq, seq_s = _seq_args(seq_idx, cs)
     _state_pass_bwd_kernel[(nblocks, batch, nheads)](
-        dprev, prev, final, dfinal.contiguous() if dfinal is not None else final, cs, seq, dS, dinit, dcs_last,
-        seqlen, nheads, nchunks, chunk_size, dim, nblocks, *seq_s,
-        HAS_DFINAL=dfinal is not None, HAS_SEQ=seq_idx is not None, BLOCK=BLOCK, num_warps=4,
+        dprev, prev, final, dfinal.contiguous() if dfinal is not None else final, cs, seq, dS, dS_lp, dinit,
+        dcs_last, seqlen, nheads, nchunks, chunk_size, dim, nblocks, *seq_s,
+        HAS_DFINAL=dfinal is not None, HAS_SEQ=seq_idx is not None, STORE_LP=store_lp, BLOCK=BLOCK, num_warps=4,
     )
-    return dS, dinit, dcs_last
+    return dS, dS_lp, dinit, dcs_last
 
 
 def chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec):
@@ -510,11 +516,14 @@ def chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, chunk_size, dot_prec
     args = (x, dy, B, C, prev, dS, dcb, dtp, cs, seq, dB, dC, offd,
             seqlen, nheads, nchunks, chunk_size, hdim, dstate, nheads // ngroups, ngroups, nsplit,
             *x.stride(), *dy.stride(), *B.stride(), *C.stride(), *seq_s)
-    kw = dict(HAS_SEQ=seq_idx is not None, BLOCK_R=bs["R"], BLOCK_N=bs["N"], DOT_PREC=dot_prec)
-    grid = (triton.cdiv(chunk_size, bs["R"]) * nn, batch * nchunks, ngroups * nsplit)
+    kw = dict(HAS_SEQ=seq_idx is not None, BLOCK_N=bs["N"], DOT_PREC=dot_prec)
     if INTERPRET:
-        _chunk_dbc_kernel[grid](*args, **kw, BLOCK_K=bs["K"], BLOCK_P=bs["P"], num_warps=4)
+        grid = (triton.cdiv(chunk_size, bs["R"]) * nn, batch * nchunks, ngroups * nsplit)
+        _chunk_dbc_kernel[grid](*args, **kw, BLOCK_R=bs["R"], BLOCK_K=bs["K"], BLOCK_P=bs["P"], num_warps=4)
     else:
+        def grid(meta):
+            return (triton.cdiv(chunk_size, meta["BLOCK_R"]) * nn, batch * nchunks, ngroups * nsplit)
+
         _chunk_dbc_tuned[grid](*args, **kw)
     if nsplit == 1:
         return dB[:, :, 0].to(B.dtype), dC[:, :, 0].to(C.dtype), offd

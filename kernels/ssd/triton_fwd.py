@@ -172,9 +172,9 @@ def _chunk_outer_kernel(
 
 @triton.jit
 def _state_pass_fwd_kernel(
-    states_ptr, cs_ptr, seq_ptr, init_ptr, prev_ptr, final_ptr,
+    states_ptr, cs_ptr, seq_ptr, init_ptr, prev_ptr, prev_lp_ptr, final_ptr,
     seqlen, nheads, nchunks, chunk_size, dim, s_seq_b, s_seq_l,
-    HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, STORE_LP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid_blk = tl.program_id(0).to(tl.int64)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -192,6 +192,8 @@ def _state_pass_fwd_kernel(
         cc = c
         off = ((pid_b * nchunks + cc) * nheads + pid_h) * dim + offs
         tl.store(prev_ptr + off, s, mask=mask)
+        if STORE_LP:
+            tl.store(prev_lp_ptr + off, s.to(prev_lp_ptr.dtype.element_ty), mask=mask)
         st = tl.load(states_ptr + off, mask=mask, other=0.0)
         scale = tl.exp(tl.load(cs_ptr + ((pid_b * nheads + pid_h) * nchunks + cc) * chunk_size + chunk_size - 1))
         if HAS_SEQ:
@@ -383,21 +385,27 @@ def chunk_outer(a, b, dtp, cs, seq_idx, chunk_size, mode, dot_prec):
     return out
 
 
-def state_pass(states, cs, seq_idx, initial_states, seqlen, chunk_size):
+def state_pass(states, cs, seq_idx, initial_states, seqlen, chunk_size, lp_dtype=torch.float32):
+    """-> prev (state entering each chunk, float32), prev_lp (the same in lp_dtype: the chunk scan and
+    the dB/dC kernel round it to the input dtype for their dots anyway, so they read half the bytes),
+    final state."""
     batch, nchunks, nheads, hdim, dstate = states.shape
     dim = hdim * dstate
     prev = torch.empty_like(states)
+    store_lp = lp_dtype != torch.float32
+    prev_lp = torch.empty(states.shape, device=states.device, dtype=lp_dtype) if store_lp else prev
     final = torch.empty(batch, nheads, hdim, dstate, device=states.device, dtype=torch.float32)
     BLOCK = triton.next_power_of_2(dim) if INTERPRET else min(1024, triton.next_power_of_2(dim))
     init = initial_states.contiguous() if initial_states is not None else states
     seq = seq_idx if seq_idx is not None else cs
     grid = (triton.cdiv(dim, BLOCK), batch, nheads)
     _state_pass_fwd_kernel[grid](
-        states, cs, seq, init, prev, final, seqlen, nheads, nchunks, chunk_size, dim,
+        states, cs, seq, init, prev, prev_lp, final, seqlen, nheads, nchunks, chunk_size, dim,
         *(seq_idx.stride() if seq_idx is not None else (0, 0)),
-        HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, BLOCK=BLOCK, num_warps=4,
+        HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, STORE_LP=store_lp, BLOCK=BLOCK,
+        num_warps=4,
     )
-    return prev, final
+    return prev, prev_lp, final
 
 
 def chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq_idx, chunk_size, store_ypre, dot_prec):

@@ -25,11 +25,11 @@ class _SSDScan(torch.autograd.Function):
         dtp, cs = fwd.dt_cumsum(dt, dt_bias, A, chunk_size, dt_softplus, dt_limit)
         cb = fwd.compute_cb(C, B, chunk_size, prec)
         states = fwd.chunk_outer(x, B, dtp, cs, seq_idx, chunk_size, 0, prec)
-        prev, final = fwd.state_pass(states, cs, seq_idx, initial_states, seqlen, chunk_size)
+        prev, prev_lp, final = fwd.state_pass(states, cs, seq_idx, initial_states, seqlen, chunk_size, x.dtype)
         del states
-        out, ypre = fwd.chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq_idx, chunk_size, z is not None, prec)
+        out, ypre = fwd.chunk_scan(cb, x, z, D, C, prev_lp, dtp, cs, seq_idx, chunk_size, z is not None, prec)
         ypre = ypre if z is not None else None  # only the gate's backward needs it
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre, cb, prev, final, dtp, cs)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre, cb, prev, prev_lp, final, dtp, cs)
         ctx.chunk_size, ctx.dt_softplus, ctx.dt_limit = chunk_size, dt_softplus, dt_limit
         ctx.has_init = initial_states is not None
         ctx.set_materialize_grads(False)
@@ -37,7 +37,7 @@ class _SSDScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dfinal):
-        x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre, cb, prev, final, dtp, cs = ctx.saved_tensors
+        x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre, cb, prev, prev_lp, final, dtp, cs = ctx.saved_tensors
         Q = ctx.chunk_size
         batch, seqlen, nheads, hdim = x.shape
         ngroups = B.shape[2]
@@ -54,12 +54,12 @@ class _SSDScan(torch.autograd.Function):
         else:
             dy = dout.to(x.dtype)
         dprev = fwd.chunk_outer(dy, C, dtp, cs, seq_idx, Q, 1, prec)
-        dS, dinit, dcs_last = bwd.state_pass_bwd(dprev, prev, final, dfinal, cs, seq_idx, seqlen, Q)
+        dS, dS_lp, dinit, dcs_last = bwd.state_pass_bwd(dprev, prev, final, dfinal, cs, seq_idx, seqlen, Q, x.dtype)
         del dprev
         dx, ddtp, dcs, dD = bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, Q, prec)
         dcb, dcs_rows = bwd.chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, Q, prec)
-        dB, dC, dcs_offd = bwd.chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, Q, prec)
-        del dcb, dS
+        dB, dC, dcs_offd = bwd.chunk_dbc(x, dy, B, C, prev_lp, dS_lp, dcb, dtp, cs, seq_idx, Q, prec)
+        del dcb, dS, dS_lp
         ddt, dA, ddt_bias = bwd.dt_bwd(dcs, dcs_rows, dcs_offd, dcs_last, ddtp, dtp, dt, dt_bias, A,
                                        ctx.dt_softplus, ctx.dt_limit)
         dA = dA.to(A.dtype)
