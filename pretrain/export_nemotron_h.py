@@ -24,29 +24,37 @@ Weight names, ours -> theirs (every sublayer is `layers.{i}.norm` + `layers.{i}.
     norm_f.weight                          backbone.norm_f.weight
     lm_head.weight                         lm_head.weight (written even when tied: see below)
 
-Semantics checked against transformers 5.24 (same unless said):
-- block: x + mixer(rmsnorm(x)), rmsnorm eps = layer_norm_epsilon everywhere (block norms, norm_f
-  and the mixer's gated norm), which is our model.norm_eps.
-- Mamba-2: dt = softplus(dt + dt_bias) then clamp; A = -exp(A_log); y = scan + D * x (x after the
-  conv); gated norm rmsnorm_group(y * silu(z)) * weight with group size d_inner / n_groups
-  (= our norm_before_gate=False); conv weight[:, -1] multiplies the current token.
-  MISMATCH 1: transformers 5 clamps dt to (time_step_min, inf) and ignores time_step_limit, and its
-  decode step (generate) does not clamp at all. So we write time_step_min = our dt_limit_min
-  (init-only dt_min is kept in `hybrid_pretrain`), and dt_limit_max must be inf.
-  MISMATCH 2: in/out_proj bias comes from `use_bias`, not `mamba_proj_bias` (both are written).
-- attention: no RoPE, no biases (hard-coded), scaling head_dim**-0.5, GQA: as ours without rope/bias.
-- MLP and experts: down(act(up(x))) with one activation `mlp_hidden_act` for MLPs, experts and the
-  shared expert: relu2 only here (no gated variant). mlp_bias applies to MLPs and the shared expert,
-  never to routed experts.
-- router: sigmoid(x W^T) in float32; top-k over scores + e_score_correction_bias; weights are the
-  raw scores of the chosen experts, normalised when norm_topk_prob, times routed_scaling_factor.
-  MISMATCH 3: transformers normalises even for top_k = 1, we do not: norm_topk_prob is written as
-  ours and top_k > 1. The group-limited routing (n_group, topk_group) is a no-op at 1/1 but takes a
-  top-2 inside the group, so it needs at least 2 experts.
-  MISMATCH 4: transformers 5 always builds a shared expert (n_shared_experts is not read).
-- tie_word_embeddings: transformers 5.24's NemotronHForCausalLM declares no tied weights, so
-  lm_head.weight is always written (a copy of the embedding when tied).
-- residual_in_fp32 and rescale_prenorm_residual are not read by the forward; written as False/True.
+Semantics checked against transformers 5.24 (same unless said; tests/export compares logits):
+- block: x + mixer(rmsnorm(x)); one eps, layer_norm_epsilon, for the block norms, norm_f and the
+  mixer's gated norm: our model.norm_eps. No RoPE anywhere.
+- Mamba-2: dt = softplus(dt + dt_bias), then clamped; A = -exp(A_log); y = scan + D * x (x after
+  the conv); gated norm rmsnorm_group(y * silu(z)) * weight, group size d_inner / n_groups (= our
+  norm_before_gate=False); conv weight[:, -1] multiplies the current token; heads read B/C group
+  h // (heads / groups).
+  MISMATCH 1 (dt clamp): transformers 5 clamps dt to (time_step_min, inf) and ignores
+  time_step_limit; its one-token decode step (generate) does not clamp at all. So time_step_min is
+  written as our dt_limit_min (the clamp, 0 by default; our init-only dt_min stays in
+  `hybrid_pretrain`), time_step_limit as [dt_limit_min, dt_limit_max], and dt_limit_max must be
+  inf. With dt_limit_min > 0, generate() in transformers departs slightly from its own forward.
+  Import takes time_step_min as dt_limit_min, i.e. as transformers 5 runs the model.
+  MISMATCH 2 (Mamba bias): in/out_proj bias follows `use_bias`, not `mamba_proj_bias` (both written).
+- attention: q/k/v/o without bias (hard-coded; attention_bias is not read), scale head_dim**-0.5, GQA.
+- MLP and experts: down(act(up(x))), one activation (mlp_hidden_act) for MLPs, routed and shared
+  experts: relu2; no gated variant. mlp_bias gives the MLPs and the shared expert biases, never
+  the routed experts.
+- router: sigmoid(x W^T) in float32 (gate.weight and the bias are kept float32 by transformers, and
+  written so); top-k of scores + e_score_correction_bias; weights = the chosen raw scores,
+  normalised when norm_topk_prob, times routed_scaling_factor.
+  MISMATCH 3 (top-1): transformers normalises even for top_k = 1, we do not: written as
+  norm_topk_prob = ours and top_k > 1. Its group-limited routing (n_group = topk_group = 1 here) still
+  takes a top-2 inside the group, so at least 2 experts are needed.
+  MISMATCH 4 (shared expert): transformers 5 always builds one (n_shared_experts is not read);
+  without ours an all-zero expert of width 1 is written (exact), and n_shared_experts = 0.
+  MISMATCH 5 (tied head): NemotronHForCausalLM 5.24 declares no tied weights, so lm_head.weight is
+  always written (a copy when tie_word_embeddings).
+- residual_in_fp32, rescale_prenorm_residual, expand, attention_bias are not read by the forward.
+- our pattern's pipeline-stage boundaries `|` have no place in NemotronH; `hybrid_pretrain` keeps
+  our whole model config so that --to-checkpoint restores it exactly.
 """
 from __future__ import annotations
 
@@ -263,7 +271,7 @@ def model_config_from_hf(hf: dict) -> tuple[ModelConfig, list[str]]:
         mb.dt_init_floor = hf.get("time_step_floor", mb.dt_init_floor)
     at = AttentionConfig(**{**asdict(cfg.attention), **dict(
         num_heads=hf["num_attention_heads"], num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        head_dim=hf.get("head_dim"), rope=False, bias=False)})
+        head_dim=hf.get("head_dim") or hf.get("attention_head_dim"), rope=False, bias=False)})
     mlp = MLPConfig(**{**asdict(cfg.mlp), **dict(d_ff=hf["intermediate_size"], activation="relu2",
                                                  bias=hf.get("mlp_bias", False))})
     top_k = hf.get("num_experts_per_tok", 2)
