@@ -37,7 +37,13 @@ def get_backend() -> str:
 
 
 def set_deterministic(flag: bool) -> None:
-    """Make Triton backward passes bitwise reproducible (no atomics; fixed reduction order)."""
+    """Ask for bitwise reproducible backward passes.
+
+    Every Triton backward in kernels/ is deterministic by construction today (no atomics: each
+    output element has one writer, and partial sums over heads, positions or row blocks are
+    reduced by torch in a fixed order; tests/kernels/test_kern_gpu.py checks it), so the flag
+    changes nothing yet. A future faster kernel that uses atomics must honour it.
+    """
     global _deterministic
     _deterministic = bool(flag)
 
