@@ -1,0 +1,162 @@
+"""End-to-end training throughput on one GPU through the trainer users run; prints one table.
+
+    python bench/train.py configs/hybrid_460m.yaml configs/hybrid_1b3.yaml:data.micro_batch_size=4 \
+        --steps 10 --warmup 3 --backends triton,torch
+
+Each row builds the real `pretrain.trainer.Trainer` (engine, optimizer, streaming loader) on a
+synthetic packed dataset of the preset's vocabulary and sequence length, runs `--warmup` steps,
+then times `--steps` steps with CUDA events. Columns: tokens/s, TFLOP/s per GPU and MFU (the
+trainer's own formula, pretrain/flops.py: 3 x forward FLOPs of every matmul incl. the attention and
+SSD terms, over the device's bf16 dense peak), peak memory, and the split of a step into data,
+forward+backward and optimizer (synchronised per phase in a separate pass), plus forward alone.
+The comparison in the same run is the same preset with `kernels.backend=torch` (the PyTorch
+reference kernels); a row that runs out of memory says OOM.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data.synthetic import write_synthetic  # noqa: E402
+from pretrain.config import load_config, validate  # noqa: E402
+from pretrain.distributed import DistInfo  # noqa: E402
+from pretrain.trainer import Trainer  # noqa: E402
+
+
+def build_trainer(spec: str, backend: str, steps: int, workdir: Path) -> Trainer:
+    path, _, extra = spec.partition(":")
+    overrides = [o for o in extra.split(",") if o]
+    cfg = load_config([path], overrides)
+    data_dir = workdir / f"data_{cfg.data.seq_len}_{cfg.model.vocab_size}"
+    if not data_dir.exists():
+        num = max(64, cfg.data.global_batch_size * (steps + 4))
+        write_synthetic(data_dir, seq_len=cfg.data.seq_len, vocab_size=cfg.model.vocab_size, num_samples=num)
+    cfg = load_config([path], overrides + [
+        f"data.path={data_dir}", "data.demo_corpus=false", f"kernels.backend={backend}",
+        f"run.dir={workdir / 'runs'}", f"run.name=bench_{Path(path).stem}_{backend}",
+        f"trainer.max_steps={steps}", "trainer.max_tokens=0", "checkpoint.interval=0",
+        f"data.global_batch_size={cfg.data.micro_batch_size}",
+    ])
+    derived = validate(cfg, 1)
+    return Trainer(cfg, derived, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cuda")))
+
+
+def timed_steps(trainer: Trainer, steps: int) -> float:
+    """Seconds per step over `steps` unsynchronised steps (events at both ends)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        trainer.train_step()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / steps
+
+
+def phase_split(trainer: Trainer, steps: int) -> dict[str, float]:
+    """Median seconds of each phase, synchronising between phases."""
+    phases: dict[str, list[float]] = {"data": [], "fwd+bwd": [], "optimizer": [], "forward": []}
+    engine = trainer.engine
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        batch = trainer.next_batch()
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        engine.forward_backward(batch, 1.0)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        engine.step(trainer.cfg.optim.lr * 0.01)
+        torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = engine.model.loss(batch["tokens"], batch["labels"], batch["seq_idx"], 0.0)
+        torch.cuda.synchronize()
+        t4 = time.perf_counter()
+        del loss
+        for key, value in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            phases[key].append(value)
+    return {k: statistics.median(v) for k, v in phases.items()}
+
+
+def run_row(spec: str, backend: str, args, workdir: Path) -> dict:
+    row = {"config": spec.split(":")[0].split("/")[-1].removesuffix(".yaml"), "backend": backend,
+           "overrides": spec.partition(":")[2]}
+    trainer = None
+    try:
+        torch.cuda.reset_peak_memory_stats()
+        trainer = build_trainer(spec, backend, args.warmup + args.steps + args.split_steps, workdir)
+        for _ in range(args.warmup):
+            trainer.train_step()
+        step_s = timed_steps(trainer, args.steps)
+        split = phase_split(trainer, args.split_steps)
+        tokens = trainer.derived.tokens_per_step
+        tflops = trainer.flops_per_token * tokens / step_s / 1e12
+        row.update(
+            batch=f"{trainer.cfg.data.micro_batch_size}x{trainer.cfg.data.seq_len}",
+            params=f"{trainer.params['total'] / 1e6:.0f}M/{trainer.params['active'] / 1e6:.0f}M",
+            tok_s=tokens / step_s, tflops=tflops,
+            mfu=tflops / trainer.peak_tflops if trainer.peak_tflops else float("nan"),
+            mem_gb=torch.cuda.max_memory_allocated() / 2**30, step_ms=step_s * 1e3,
+            **{f"{k}_ms": v * 1e3 for k, v in split.items()},
+        )
+    except torch.OutOfMemoryError:
+        row["error"] = "OOM"
+    except Exception as err:  # a broken row must not hide the others
+        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
+    finally:
+        del trainer
+        gc.collect()
+        torch.cuda.empty_cache()
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    head = ["config", "backend", "batch", "params(tot/act)", "tok/s", "TFLOP/s", "MFU", "peak GB", "step ms",
+            "data ms", "fwd ms", "fwd+bwd ms", "optim ms"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in rows:
+        name = r["config"] + (f" ({r['overrides']})" if r["overrides"] else "")
+        if "error" in r:
+            print(f"| {name} | {r['backend']} | " + r["error"] + " |" * (len(head) - 2))
+            continue
+        print(f"| {name} | {r['backend']} | {r['batch']} | {r['params']} | {r['tok_s'] / 1e3:.1f}K | "
+              f"{r['tflops']:.1f} | {100 * r['mfu']:.1f}% | {r['mem_gb']:.1f} | {r['step_ms']:.0f} | "
+              f"{r['data_ms']:.1f} | {r['forward_ms']:.0f} | {r['fwd+bwd_ms']:.0f} | {r['optimizer_ms']:.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("specs", nargs="+", help="config.yaml[:key=value,key=value]")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--split-steps", type=int, default=3)
+    parser.add_argument("--backends", default="triton,torch")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/train.py needs a CUDA GPU")
+    logging.basicConfig(level=logging.WARNING)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ.setdefault("TMPDIR", tmp)
+        for spec in args.specs:
+            for backend in args.backends.split(","):
+                rows.append(run_row(spec, backend, args, Path(tmp)))
+                print(rows[-1], flush=True)
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}; MFU against the bf16 dense peak\n")
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
