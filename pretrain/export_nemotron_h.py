@@ -365,6 +365,7 @@ def to_hf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, dtype: torch
     """Our state dict -> NemotronH tensors (contiguous, own storage, `dtype`; router tensors float32)."""
     check_exportable(cfg)
     expected = {ours for ours, *_ in name_pairs(cfg)}
+    state = {k: v for k, v in state.items() if not k.endswith("_extra_state")}  # megatron linears' extras
     if cfg.tie_embeddings:
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
