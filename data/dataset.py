@@ -21,9 +21,10 @@ consecutive global ranks, i.e. dp_rank == RANK // (WORLD_SIZE // dp_size): megat
 load on one stage and send. A layout that breaks this fails here with a clear message.
 
 Shared memory: every StreamingDataset registers /dev/shm/NNNNNN_* blocks (freed at normal exit) and
-$TMPDIR/NNNNNN_*_filelock files. A SIGKILLed run leaks both; build_train_loader first removes those of
-dead runs with the same TMPDIR that no live process maps (`clean_stale_streaming_shm`), so a requeued job
-starts clean. Keep TMPDIR the same across requeues of a job (e.g. /tmp, or one derived from the job id).
+$TMPDIR/NNNNNN_*_filelock files. A SIGKILLed run leaks both; build_train_loader notes in TMPDIR which
+process owns which blocks and first removes those of dead processes (`clean_stale_streaming_shm`), so a
+requeued job starts clean. Keep TMPDIR the same across requeues of a job (e.g. /tmp, or one derived from
+the job id).
 
 Call build_train_loader on every rank (streaming runs a barrier on the default process group) and
 after torch.distributed is initialised: with WORLD_SIZE > 1 and no process group, streaming would
@@ -32,10 +33,10 @@ create and destroy one of its own.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
-import time
 from multiprocessing.shared_memory import _posixshmem  # POSIX shm_unlink, as the stdlib uses
 from pathlib import Path
 from typing import Any, Iterator
@@ -153,6 +154,7 @@ def build_train_loader(
         path, seq_len=seq_len, batch_size=micro_batch_size, shuffle=shuffle, shuffle_seed=seed,
         replication=replication, num_canonical_nodes=num_canonical_nodes,
     )
+    _record_owner(dataset)
     return StreamingDataLoader(
         dataset, batch_size=micro_batch_size, num_workers=num_workers, drop_last=True,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
@@ -181,73 +183,96 @@ def infinite_batches(loader: StreamingDataLoader) -> Iterator[dict[str, torch.Te
 # ----------------------------------------------------------------------------------------------- cleanup
 _SHM_DIR = Path("/dev/shm")
 _SHM_NAME = re.compile(r"^(\d{6})_(" + "|".join(SHM_TO_CLEAN) + r")$")
-_FILELOCK = re.compile(r"^(\d{6})_(barrier|cache)_filelock(\.lock)?$")
+_OWNER = "hp_streaming_shm_{prefix}_{pid}.json"  # in TMPDIR: which process registered which shm prefix
 
 
-def _mapped_shm_names() -> set[str] | None:
-    """Names of /dev/shm files mapped by any process we can inspect (None when /proc is unavailable)."""
-    if not Path("/proc/self/maps").exists():
-        return None
-    names = set()
+def _record_owner(dataset: StreamingDataset) -> None:
+    """Note in TMPDIR that this process uses the dataset's shm prefix (its locals block, by inode)."""
+    prefix = f"{getattr(dataset, '_shm_prefix_int', -1):06}"
+    try:
+        inode = os.stat(_SHM_DIR / f"{prefix}_locals").st_ino
+        record = {"prefix": prefix, "pid": os.getpid(), "locals_inode": inode}
+        (Path(tempfile.gettempdir()) / _OWNER.format(prefix=prefix, pid=os.getpid())).write_text(json.dumps(record))
+    except OSError:  # no /dev/shm (not Linux) or an unexpected streaming layout: nothing to record
+        pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _mapped_shm_blocks() -> set[tuple[str, int]]:
+    """(name, inode) of every /dev/shm file mapped by a process we can inspect.
+
+    The inode tells the current file from an unlinked one of the same name that a process still maps."""
+    blocks = set()
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             with open(f"/proc/{pid}/maps") as f:
                 for line in f:
-                    if "/dev/shm/" in line:
-                        names.add(line.rsplit("/dev/shm/", 1)[1].split()[0])
-        except OSError:  # gone, or another user's process (which cannot map our 0600 files)
+                    if "/dev/shm/" in line:  # address perms offset dev inode /dev/shm/name [(deleted)]
+                        fields = line.split()
+                        blocks.add((fields[5].rsplit("/", 1)[1], int(fields[4])))
+        except (OSError, IndexError, ValueError):  # gone, or another user's (cannot map our 0600 files)
             continue
-    return names
+    return blocks
 
 
-def clean_stale_streaming_shm(tmpdir: str | os.PathLike | None = None, min_age_s: float = 60.0) -> list[str]:
-    """Unlink streaming's shared memory left by dead runs that used `tmpdir`; return the prefixes cleaned.
+def clean_stale_streaming_shm(tmpdir: str | os.PathLike | None = None) -> list[str]:
+    """Unlink streaming shared memory of dead processes that used `tmpdir`; return the prefixes cleaned.
 
-    Every StreamingDataset leaves $TMPDIR/NNNNNN_{barrier,cache}_filelock; a SIGKILLed run also leaks its
-    /dev/shm/NNNNNN_* blocks (streaming frees them only at a normal exit). For each prefix with a filelock
-    in `tmpdir` (default tempfile.gettempdir()), the blocks and filelocks are removed when no process maps
-    any of the blocks (checked in /proc), all belong to this user and all are older than `min_age_s`.
-    Unlike streaming's clean_stale_shared_memory() this never touches a live run, nor blocks of runs with
-    another TMPDIR (so a PID namespace that hides processes cannot mislead it). Does nothing where /proc is
-    missing. build_train_loader calls it; safe from several ranks at once.
+    A SIGKILLed run leaks its /dev/shm/NNNNNN_* blocks (streaming frees them only at a normal exit) and
+    $TMPDIR/NNNNNN_*_filelock files. build_train_loader records in TMPDIR (default tempfile.gettempdir())
+    which process registered which prefix, identified by the inode of its locals block. A prefix is
+    cleaned only when its recording process is dead, its locals block is still that same file (streaming
+    never hands out a prefix whose locals block exists, so the other blocks are that run's too) and no
+    process maps any of its blocks (checked in /proc). So live runs, also of other jobs and other TMPDIRs,
+    are never touched, unlike streaming's clean_stale_shared_memory(). Does nothing without /proc.
+    Called by build_train_loader; safe from several ranks at once.
     """
     tmpdir = Path(tmpdir or tempfile.gettempdir())
-    mapped = _mapped_shm_names()
-    if mapped is None or not _SHM_DIR.is_dir() or not tmpdir.is_dir():
+    if not Path("/proc/self/maps").exists() or not _SHM_DIR.is_dir() or not tmpdir.is_dir():
         return []
-    locks: dict[str, list[str]] = {}
-    for name in os.listdir(tmpdir):
-        if m := _FILELOCK.match(name):
-            locks.setdefault(m.group(1), []).append(name)
-    if not locks:
-        return []
-    blocks: dict[str, list[str]] = {}
-    for name in os.listdir(_SHM_DIR):
-        if (m := _SHM_NAME.match(name)) and m.group(1) in locks:
-            blocks.setdefault(m.group(1), []).append(name)
-    now, uid, cleaned = time.time(), os.getuid(), []
-    for prefix, lock_names in locks.items():
-        names = blocks.get(prefix, [])
-        paths = [_SHM_DIR / n for n in names] + [tmpdir / n for n in lock_names]
+    records = []
+    for path in tmpdir.glob(_OWNER.format(prefix="*", pid="*")):
         try:
-            stats = [os.stat(path) for path in paths]
-        except FileNotFoundError:  # changing under us: leave it for next time
+            records.append((path, json.loads(path.read_text())))
+        except (OSError, ValueError):
             continue
-        if any(n in mapped for n in names) or any(st.st_uid != uid or now - st.st_mtime < min_age_s
-                                                  for st in stats):
+    live_prefixes = {rec["prefix"] for _, rec in records if _pid_alive(rec["pid"])}
+    dead = [(path, rec) for path, rec in records if rec["prefix"] not in live_prefixes]
+    if not dead:
+        return []
+    mapped, shm_names, cleaned = _mapped_shm_blocks(), os.listdir(_SHM_DIR), []
+    for path, rec in dead:
+        prefix = rec["prefix"]
+        names = [n for n in shm_names if (m := _SHM_NAME.match(n)) and m.group(1) == prefix]
+        try:
+            stats = {n: os.stat(_SHM_DIR / n) for n in names}
+        except FileNotFoundError:  # changing under us (another rank cleaning): leave it for next time
             continue
-        for name in names:
-            try:
-                _posixshmem.shm_unlink("/" + name)
-            except OSError:
-                pass
-        for name in lock_names:
-            try:
-                os.unlink(tmpdir / name)
-            except OSError:
-                pass
-        if names:
-            cleaned.append(prefix)
+        same_run = prefix + "_locals" in stats and stats[prefix + "_locals"].st_ino == rec["locals_inode"]
+        if same_run:
+            if any((n, st.st_ino) in mapped for n, st in stats.items()):
+                continue  # still mapped by someone: not stale after all
+            for name in names:
+                try:
+                    _posixshmem.shm_unlink("/" + name)
+                except OSError:
+                    pass
+            if prefix not in cleaned:
+                cleaned.append(prefix)
+        elif prefix + "_locals" in stats:
+            path.unlink(missing_ok=True)  # the prefix now serves another run (other TMPDIR): keep its files
+            continue
+        for name in (path.name, f"{prefix}_barrier_filelock", f"{prefix}_cache_filelock"):
+            (tmpdir / name).unlink(missing_ok=True)
     return sorted(cleaned)

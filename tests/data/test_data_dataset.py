@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -155,13 +154,6 @@ os.killpg(0, signal.SIGKILL)  # with the resource tracker, which would otherwise
 """
 
 
-def _age(prefix, *dirs, seconds=3600):
-    for d in ("/dev/shm",) + dirs:
-        for name in os.listdir(d):
-            if name.startswith(prefix + "_"):
-                os.utime(os.path.join(d, name), (time.time() - seconds,) * 2)
-
-
 def test_clean_stale_shm_after_kill(prepared, private_tmpdir):
     proc = subprocess.run([sys.executable, "-c", KILLED_RUN, str(prepared), str(SEQ_LEN)],
                           env={**os.environ, "TMPDIR": str(private_tmpdir)}, cwd=Path(__file__).parents[2],
@@ -171,13 +163,14 @@ def test_clean_stale_shm_after_kill(prepared, private_tmpdir):
     assert len(prefixes) == 1
     dead = prefixes.pop()
     leaked = os.stat(f"/dev/shm/{dead}_locals").st_ino  # leaked by the killed process group
-    live_loader = loader(prepared, clean_stale_shm=False)
+    live_loader = loader(prepared, clean_stale_shm=False)  # a live run beside the leak
     next(iter(live_loader))
-    live = live_loader.dataset._shm_prefix_int
-    _age(dead, private_tmpdir), _age(f"{live:06}", private_tmpdir)
-    clean_stale_streaming_shm(private_tmpdir)  # (a concurrent run's loader may clean the aged blocks first)
+    live = f"{live_loader.dataset._shm_prefix_int:06}"
+    assert live != dead
+    assert clean_stale_streaming_shm(private_tmpdir) == [dead]
     # gone (the prefix may already serve a new dataset of a concurrent run: then it is another file)
     assert not os.path.exists(f"/dev/shm/{dead}_locals") or os.stat(f"/dev/shm/{dead}_locals").st_ino != leaked
-    assert os.path.exists(f"/dev/shm/{live:06}_locals")  # mapped by this live process: kept
-    assert not [n for n in os.listdir(private_tmpdir) if n.startswith(dead)]
-    assert len(list(live_loader)) == NUM_SAMPLES // 4  # the live dataset still works
+    assert not [n for n in os.listdir(private_tmpdir) if dead in n]  # filelocks and owner record
+    assert os.path.exists(f"/dev/shm/{live}_locals")  # the live run's blocks are kept
+    assert len(list(live_loader)) == NUM_SAMPLES // 4  # and it still works
+    assert clean_stale_streaming_shm(private_tmpdir) == []
