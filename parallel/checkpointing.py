@@ -54,7 +54,7 @@ def sharded_state_dict(module: nn.Module, prefix: str = "") -> dict:
     for name, tensor in tensors.items():
         key = prefix + name
         spec = spec_of(tensor)
-        data = tensor.detach() if isinstance(tensor, nn.Parameter) else tensor
+        data = tensor  # the Parameter itself: the distributed optimizer maps its state through it
         if len(spec.parts) == 1:
             out[key] = _sharded_tensor(key, data, spec.dim, spec.parts[0], dp_rank)
         else:

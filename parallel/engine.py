@@ -46,12 +46,12 @@ class Engine:
             grad_reduce_in_fp32=True, overlap_grad_reduce=True, use_distributed_optimizer=distributed_optimizer)
         self.ddp = DistributedDataParallel(mcfg, ddp_cfg, self.model)
         o = cfg.optim
-        self.optimizer = get_megatron_optimizer(
+        self.optimizer = CheckpointableOptimizer(get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
                             adam_beta1=o.beta1, adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.grad_clip,
                             bf16=mcfg.bf16, params_dtype=torch.bfloat16 if mcfg.bf16 else torch.float32,
                             use_distributed_optimizer=distributed_optimizer),
-            [self.ddp])
+            [self.ddp]))
 
     def zero_grad(self) -> None:
         if self.ddp is not None:
@@ -93,3 +93,69 @@ class Engine:
 
     def update_expert_bias(self) -> list[torch.Tensor]:
         return [layer.update_expert_bias() for layer in self.model.moe_layers()]
+
+
+class CheckpointableOptimizer:
+    """megatron-core's optimizer, with a sharded_state_dict that reshards over tp and dp by default.
+
+    `sharded_state_dict(model_sharded_state_dict, is_loading=False, metadata=None)`: megatron's
+    default format ("fully_sharded_model_space") needs flattened ShardedTensors that megatron-core
+    0.16.1's dist_checkpointing rejects, so "fully_reshardable" is the default here (gathered over
+    dp through the gloo group, hence also on CPU). Before a load into an optimizer that has not
+    stepped yet, its Adam state (step, exp_avg, exp_avg_sq) is created as zeros: megatron's torch-Adam
+    fallback has no step entry until the first step. Everything else is the wrapped optimizer's.
+    """
+
+    DEFAULT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
+                        "distrib_optim_fully_reshardable_mem_efficient": True}
+
+    def __init__(self, optimizer):
+        self.__dict__["optimizer"] = optimizer
+
+    def __getattr__(self, name):
+        return getattr(self.optimizer, name)
+
+    def __setattr__(self, name, value):
+        setattr(self.optimizer, name, value)
+
+    def _inner_torch_optimizers(self):
+        chained = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        return [opt.optimizer for opt in chained if getattr(opt, "optimizer", None) is not None]
+
+    @torch.no_grad()
+    def _ensure_state(self) -> None:
+        for opt in self._inner_torch_optimizers():
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if not opt.state[p]:
+                        opt.state[p] = {"step": torch.zeros((), dtype=torch.float32),
+                                        "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata: dict | None = None):
+        if is_loading:
+            self._ensure_state()
+        metadata = {**self.DEFAULT_METADATA, **(metadata or {})}
+        return self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading, metadata=metadata)
+
+    def load_state_dict(self, state_dict) -> None:
+        """megatron's load, except that the fully-reshardable parameter state (which holds no Adam
+        `step`: that comes from the common part) is copied in while the per-parameter `step`
+        entries of torch's Adam are set aside (megatron 0.16.1 expects none there without apex/TE)."""
+        chained = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        if (len(chained) != 1 or not isinstance(state_dict, dict) or "param_state" not in state_dict
+                or state_dict.get("param_state_sharding_type") != "fully_reshardable"):
+            self.optimizer.load_state_dict(state_dict)
+            return
+        dist_opt = chained[0]
+        common = {k: v for k, v in state_dict.items() if k not in ("param_state", "param_state_sharding_type")}
+        dist_opt.load_state_dict(common)
+        steps = {}
+        for opt in self._inner_torch_optimizers():
+            for p, st in opt.state.items():
+                if "step" in st:
+                    steps[(id(opt), p)] = (opt, st.pop("step"))
+        try:
+            dist_opt.load_parameter_state_from_fully_reshardable(state_dict["param_state"])
+        finally:
+            for (_, p), (opt, step) in steps.items():
+                opt.state[p]["step"] = step

@@ -1,0 +1,170 @@
+"""Rank functions for tests/parallel (spawned by tests/distributed/spawn.py).
+
+Each case builds the sharded model (from the same seed as the single-process reference, so both
+start from identical weights), runs one micro-batch per dp rank and compares loss and every
+gradient with the reference run over the whole global batch (the dp slices as accumulated
+micro-batches), then trains both for a number of steps and returns both loss curves.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from parallel import state
+from parallel.common import shard_full, spec_of
+from parallel.engine import Engine
+from pretrain.config import load_config, validate
+from pretrain.schedule import lr_at
+
+BASE = [
+    "data.path=unused", "model.d_model=32", "model.vocab_size=64", "model.pattern=M*-E",
+    "model.mamba.num_heads=4", "model.mamba.head_dim=8", "model.mamba.num_groups=2", "model.mamba.d_state=8",
+    "model.mamba.chunk_size=8", "model.attention.num_heads=4", "model.attention.num_kv_heads=2",
+    "model.mlp.d_ff=48", "model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.d_ff=24",
+    "model.moe.num_shared_experts=1", "data.seq_len=16", "data.micro_batch_size=2",
+    "optim.lr=3e-3", "optim.warmup_steps=2", "optim.grad_clip=1.0", "trainer.max_steps=20", "run.seed=7",
+]
+
+
+def make_batch(step: int, batch: int, seq_len: int, vocab: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    tokens = torch.randint(0, vocab, (batch, seq_len + 1), generator=g)
+    seq_idx = torch.zeros(batch, seq_len, dtype=torch.int32)
+    seq_idx[:, seq_len // 2 + step % 3:] = 1  # two packed documents per row
+    return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "seq_idx": seq_idx}
+
+
+def _slice(batch: dict, i: int, n: int) -> dict:
+    size = next(iter(batch.values())).shape[0] // n
+    return {k: v[i * size:(i + 1) * size] for k, v in batch.items()}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error in the Frobenius norm (max-abs errors of A_log's tiny, cancelling gradients
+    reach 1e-5 from summation order alone)."""
+    return float((a - b).norm() / b.norm().clamp(min=1e-12))
+
+
+def run_case(rank: int, world: int, overrides: list[str], steps: int) -> dict:
+    cfg = load_config([], BASE + list(overrides))
+    derived = validate(cfg, world)
+    state.initialize(cfg, derived)
+    dp, dpr = state.dp_size(), state.dp_rank()
+    cpu = torch.device("cpu")
+    mb, seq_len, vocab = cfg.data.micro_batch_size, cfg.data.seq_len, cfg.model.vocab_size
+
+    torch.manual_seed(cfg.run.seed)
+    par = Engine(cfg, derived, cpu, parallel=True, distributed_optimizer=False)
+    torch.manual_seed(cfg.run.seed)
+    ref = Engine(cfg, derived, cpu, parallel=False)
+
+    # one step: loss and every gradient
+    batch = make_batch(0, mb * dp, seq_len, vocab)
+    ce_ref = sum(float(ref.forward_backward(_slice(batch, i, dp), 1.0 / dp)) for i in range(dp)) / dp
+    par.zero_grad()
+    ce = par.forward_backward(_slice(batch, dpr, dp), 1.0).clone()
+    par.finalize_grads()
+    dist.all_reduce(ce, group=state.dp_group())
+    ref_params = dict(ref.model.named_parameters())
+    grad_err = {}
+    for name, p in par.model.named_parameters():
+        expected = shard_full(ref_params[name].grad, spec_of(p))
+        grad_err[name] = _rel(p.main_grad.float(), expected)
+    loss_err = abs(float(ce) / dp - ce_ref) / abs(ce_ref)
+    del par
+
+    # training: the distributed optimizer against torch AdamW on one process
+    ref.zero_grad()
+    torch.manual_seed(cfg.run.seed)
+    ref = Engine(cfg, derived, cpu, parallel=False)
+    torch.manual_seed(cfg.run.seed)
+    par = Engine(cfg, derived, cpu, parallel=True, distributed_optimizer=True)
+    curve, curve_ref = [], []
+    for step in range(steps):
+        lr = lr_at(step, steps, cfg.optim)
+        batch = make_batch(step, mb * dp, seq_len, vocab)
+        ce = par.forward_backward(_slice(batch, dpr, dp), 1.0).clone()
+        par.step(lr)
+        par.update_expert_bias()
+        dist.all_reduce(ce, group=state.dp_group())
+        curve.append(float(ce) / dp)
+        curve_ref.append(sum(float(ref.forward_backward(_slice(batch, i, dp), 1.0 / dp)) for i in range(dp)) / dp)
+        ref.step(lr)
+        ref.update_expert_bias()
+    counts = par.model.num_parameters()
+    state.destroy()
+    return {"loss_err": loss_err, "grad_err": grad_err, "curve": curve, "curve_ref": curve_ref,
+            "num_parameters": counts, "ref_num_parameters": ref.model.num_parameters()}
+
+
+def run_cases(rank: int, world: int, cases: list[tuple[list[str], int]]) -> list[dict]:
+    return [run_case(rank, world, overrides, steps) for overrides, steps in cases]
+
+
+def _tensors(eng) -> dict:
+    tensors = dict(eng.model.named_parameters())
+    for layer in eng.model.moe_layers():
+        name = next(n for n, m in eng.model.named_modules() if m is layer)
+        tensors[f"{name}.gate.expert_bias"] = layer.gate.expert_bias
+    return tensors
+
+
+def save_and_reload(rank: int, world: int, ckpt_dir: str, save_overrides: list[str], load_overrides: list[str]) -> dict:
+    """Train 2 steps with `save_overrides`, save model + distributed optimizer with dist_checkpointing;
+    rebuild with `load_overrides` (another tp), load both, and return both runs' pieces with their specs."""
+    from megatron.core import dist_checkpointing
+
+
+    out = {}
+    for phase, overrides in (("saved", save_overrides), ("loaded", load_overrides)):
+        cfg = load_config([], BASE + list(overrides))
+        derived = validate(cfg, world)
+        state.initialize(cfg, derived)
+        torch.manual_seed(cfg.run.seed + (0 if phase == "saved" else 1))  # different init: loading must overwrite
+        eng = Engine(cfg, derived, torch.device("cpu"), parallel=True)
+        dp = state.dp_size()
+        mb, seq_len, vocab = cfg.data.micro_batch_size, cfg.data.seq_len, cfg.model.vocab_size
+        if phase == "saved":
+            for step in range(2):
+                eng.forward_backward(_slice(make_batch(step, mb * dp, seq_len, vocab), state.dp_rank(), dp), 1.0)
+                eng.step(1e-3)
+                eng.update_expert_bias()
+            model_sd = eng.model.sharded_state_dict()
+            sd = {"model": model_sd, "optimizer": eng.optimizer.sharded_state_dict(model_sd)}
+            dist_checkpointing.save(sd, ckpt_dir)
+            out["saved"] = {k: (v.detach().clone(), spec_of(v)) for k, v in _tensors(eng).items()}
+        else:
+            model_sd = eng.model.sharded_state_dict()
+            sd = {"model": model_sd, "optimizer": eng.optimizer.sharded_state_dict(model_sd, is_loading=True)}
+            loaded = dist_checkpointing.load(sd, ckpt_dir)
+            eng.model.load_state_dict(loaded["model"], strict=False)
+            out["loaded_before_step"] = {k: v.detach().clone() for k, v in loaded["model"].items() if torch.is_tensor(v)}
+            eng.optimizer.load_state_dict(loaded["optimizer"])
+        # the same next step in both layouts: the resharded Adam state must give the same update
+        eng.forward_backward(_slice(make_batch(5, mb * dp, seq_len, vocab), state.dp_rank(), dp), 1.0)
+        eng.step(1e-3)
+        out[phase + "_after_step"] = {k: (v.detach().clone(), spec_of(v)) for k, v in _tensors(eng).items()}
+        del eng
+        state.destroy()
+        dist.barrier()
+    return out
+
+
+def cpu_compat_report() -> dict:
+    """What parallel.cpu_compat did in this (CPU-only) process."""
+    from parallel import cpu_compat
+
+    return {"patched": list(cpu_compat.PATCHED), "installed": cpu_compat.installed(),
+            "current_device": str(torch.cuda.current_device()), "cuda_available": torch.cuda.is_available()}
+
+
+def two_rank_launch(rank: int, world: int, cases: list, ckpt_dir: str) -> dict:
+    return {"cases": run_cases(rank, world, cases),
+            "reload": save_and_reload(rank, world, ckpt_dir, *RELOAD_CASE),
+            "cpu_compat": cpu_compat_report()}
+
+
+# saved at tp=2 with ngroups=1 < tp (B/C replicated) and kv heads 1 < tp, loaded at tp=1 x dp=2
+RELOAD_CASE = (["parallel.tp=2", "model.mamba.num_groups=1", "model.attention.num_kv_heads=1"],
+               ["data.micro_batch_size=1", "data.global_batch_size=2", "model.mamba.num_groups=1",
+                "model.attention.num_kv_heads=1"])
