@@ -255,10 +255,12 @@ def clean_stale_streaming_shm(tmpdir: str | os.PathLike | None = None) -> list[s
     for path, rec in dead:
         prefix = rec["prefix"]
         names = [n for n in shm_names if (m := _SHM_NAME.match(n)) and m.group(1) == prefix]
-        try:
-            stats = {n: os.stat(_SHM_DIR / n) for n in names}
-        except FileNotFoundError:  # changing under us (another rank cleaning): leave it for next time
-            continue
+        stats = {}
+        for name in names:
+            try:
+                stats[name] = os.stat(_SHM_DIR / name)
+            except FileNotFoundError:  # unlinked meanwhile (another rank cleaning)
+                pass
         same_run = prefix + "_locals" in stats and stats[prefix + "_locals"].st_ino == rec["locals_inode"]
         if same_run:
             if any((n, st.st_ino) in mapped for n, st in stats.items()):
