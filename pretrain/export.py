@@ -223,8 +223,8 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "bf16", toke
     check_exportable(cfg.model)  # before any work: incompatible configs stop here
     spec = tokenizer if tokenizer is not None else cfg.data.tokenizer
     if spec not in ("bytes", "none") and not Path(spec).expanduser().is_file():
-        raise ExportError(f"tokenizer {spec!r} (data.tokenizer of {step}) not found; pass --tokenizer PATH "
-                          "or --tokenizer none")
+        origin = "--tokenizer" if tokenizer is not None else f"data.tokenizer of {step}"
+        raise ExportError(f"tokenizer {spec!r} ({origin}) not found; pass --tokenizer PATH or --tokenizer none")
     prepare_out(out, force)
     say(f"export {step} -> {out} (NemotronH, {DTYPE_NAMES[DTYPES[dtype]]})")
     eos_id, what = (None, "none") if spec == "none" else _write_tokenizer(spec, out, cfg.data.seq_len)

@@ -156,6 +156,15 @@ def test_cli_reads_latest_and_refuses_a_full_out_dir(tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--force"]) == 0
     assert main(["--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+    # a tokenizer.json is copied, with a tokenizer_config.json naming the EOS token found in it
+    byte_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    assert main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf_tok"),
+                 "--tokenizer", str(tmp_path / "tokenizer.json")]) == 0
+    assert (tmp_path / "hf_tok/tokenizer.json").read_bytes() == (tmp_path / "tokenizer.json").read_bytes()
+    assert json.loads((tmp_path / "hf_tok/tokenizer_config.json").read_text())["eos_token"] == "<|endoftext|>"
+    assert json.loads((tmp_path / "hf_tok/config.json").read_text())["eos_token_id"] == 256
+    assert main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf_x"), "--tokenizer", "/nope.json"]) == 2
+    assert "'/nope.json' (--tokenizer) not found" in capsys.readouterr().err
 
 
 def test_byte_tokenizer_json_is_exact():
