@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,3 +65,25 @@ def slurm_cluster():
     yield CLUSTER
     if not was_up:
         _cluster("stop", 180)
+
+
+@pytest.fixture
+def job_dir(request):
+    """A submit directory for Slurm jobs. Not pytest's tmp_path: other pytest sessions of the same
+    user prune old /tmp/pytest-of-<user> directories, which can delete it under a running job.
+    Removed afterwards unless the test failed or HP_KEEP_SLURM_TMP=1."""
+    path = Path(tempfile.mkdtemp(prefix=f"hp-slurm-{request.node.name[:40]}-"))
+    yield path
+    report = getattr(request.node, "rep_call", None)
+    if os.environ.get("HP_KEEP_SLURM_TMP") != "1" and report is not None and report.passed:
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        print(f"\nslurm job directory kept: {path}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call":
+        item.rep_call = report

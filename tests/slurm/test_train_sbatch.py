@@ -82,13 +82,13 @@ def starts(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "starts.jsonl").read_text().splitlines() if line.strip()]
 
 
-def test_two_nodes_run_to_completion(slurm_cluster, tmp_path):
-    job = submit(tmp_path, "trainer.max_steps=5", "fake.step_seconds=0.05", sbatch_opts=("--nodes=2",))
-    info = wait_final(tmp_path, job, 300)
-    log = job_log(tmp_path, job)
+def test_two_nodes_run_to_completion(slurm_cluster, job_dir):
+    job = submit(job_dir, "trainer.max_steps=5", "fake.step_seconds=0.05", sbatch_opts=("--nodes=2",))
+    info = wait_final(job_dir, job, 300)
+    log = job_log(job_dir, job)
     assert info["JobState"] == "COMPLETED", log
     assert info["ExitCode"] == "0:0" and info["Restarts"] == "0", log
-    run = run_dir(tmp_path, job)
+    run = run_dir(job_dir, job)
     assert steps(run) == [1, 2, 3, 4, 5]
     (first,) = starts(run)
     assert first["world"] == 2 and sorted(first["nodes"]) == ["node1", "node2"]
@@ -96,20 +96,20 @@ def test_two_nodes_run_to_completion(slurm_cluster, tmp_path):
     assert "training finished" in (run / "logs" / f"slurm-{job}.out").read_text()
 
 
-def test_time_limit_signal_requeues_until_done(slurm_cluster, tmp_path):
+def test_time_limit_signal_requeues_until_done(slurm_cluster, job_dir):
     # The first run outlasts its 1-minute limit (60 x 1 s). slurmctld checks limits every 30 s and
     # signals once less than @+30 s are left, i.e. here 20-50 s after the start; the trainer saves,
     # the job requeues itself; the next run (fast steps) finishes before its own signal.
     # (With @30, every run would be signalled at the first check, 0-30 s after its start.)
     total = 60
-    job = submit(tmp_path, f"trainer.max_steps={total}", "fake.step_seconds=1",
+    job = submit(job_dir, f"trainer.max_steps={total}", "fake.step_seconds=1",
                  "fake.step_seconds_after_restart=0.02",
                  sbatch_opts=("--nodes=2", "--time=1", "--signal=B:USR1@10"))
-    info = wait_final(tmp_path, job, 300)
-    log = job_log(tmp_path, job)
+    info = wait_final(job_dir, job, 300)
+    log = job_log(job_dir, job)
     assert info["JobState"] == "COMPLETED", log
     assert int(info["Restarts"]) >= 1, log
-    run = run_dir(tmp_path, job)
+    run = run_dir(job_dir, job)
     assert steps(run) == list(range(1, total + 1)), log  # none missing, none twice
     restarts = int(info["Restarts"])
     assert [s["restart"] for s in starts(run)] == list(range(restarts + 1))
@@ -117,17 +117,17 @@ def test_time_limit_signal_requeues_until_done(slurm_cluster, tmp_path):
     assert log.count("run hp-train-") == restarts + 1  # --open-mode=append kept every run's output
 
 
-def test_crash_is_not_requeued_and_requeue_on_failure_is_bounded(slurm_cluster, tmp_path):
+def test_crash_is_not_requeued_and_requeue_on_failure_is_bounded(slurm_cluster, job_dir):
     # Both jobs run side by side (each takes 1 CPU of each node).
-    crash = submit(tmp_path, "trainer.max_steps=10", "fake.step_seconds=0.05", "fake.crash_at_step=2",
+    crash = submit(job_dir, "trainer.max_steps=10", "fake.step_seconds=0.05", "fake.crash_at_step=2",
                    sbatch_opts=("--nodes=2", "-J", "crash"))
-    bounded = submit(tmp_path, "trainer.max_steps=10", "fake.step_seconds=0.05", "fake.crash_at_step=2",
+    bounded = submit(job_dir, "trainer.max_steps=10", "fake.step_seconds=0.05", "fake.crash_at_step=2",
                      sbatch_opts=("--nodes=1", "-J", "bounded"),
                      env={"HP_REQUEUE_ON_FAILURE": "1", "HP_MAX_RESTARTS": "1"})
-    info = wait_final(tmp_path, crash, 300)
-    assert info["JobState"] == "FAILED" and info["ExitCode"] == "3:0", job_log(tmp_path, crash)
+    info = wait_final(job_dir, crash, 300)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "3:0", job_log(job_dir, crash)
     assert info["Restarts"] == "0"
-    info = wait_final(tmp_path, bounded, 300)
-    log = job_log(tmp_path, bounded)
+    info = wait_final(job_dir, bounded, 300)
+    log = job_log(job_dir, bounded)
     assert info["JobState"] == "FAILED" and info["Restarts"] == "1", log
     assert "not requeueing: already restarted 1 times" in log
