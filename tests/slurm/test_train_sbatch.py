@@ -1,6 +1,6 @@
-"""slurm/train.sbatch against a real local Slurm (2 simulated nodes, CPU): completion, requeue near
-the time limit (USR1 -> checkpoint -> requeue -> resume), and no requeue loop after crashes.
-(test_real_trainer.py covers `scancel --signal=USR1 --batch` with the real trainer.)
+"""slurm/train.sbatch against a real local Slurm (2 simulated nodes, CPU): completion, requeue after
+`scancel --signal=USR1 --batch` and near the time limit (USR1 -> checkpoint -> requeue -> resume),
+and no requeue loop after crashes.
 
 The trainer is the stand-in tests/slurm/fake_trainer.py (HP_TRAIN_MODULE), which follows the
 trainer's contract: SIGUSR1/SIGTERM -> checkpoint at the next step, exit 42; resume from
@@ -94,6 +94,23 @@ def test_two_nodes_run_to_completion(slurm_cluster, job_dir):
     assert first["world"] == 2 and sorted(first["nodes"]) == ["node1", "node2"]
     # the job's log is also kept in the run directory
     assert "training finished" in (run / "logs" / f"slurm-{job}.out").read_text()
+
+
+def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, job_dir):
+    total = 30
+    job = submit(job_dir, f"trainer.max_steps={total}", "fake.step_seconds=0.3", sbatch_opts=("--nodes=2",))
+    run = run_dir(job_dir, job)
+    wait_for(lambda: len(steps(run)) >= 3, 240, "the first training steps")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
+    info = wait_final(job_dir, job, 300)
+    log = job_log(job_dir, job)
+    assert info["JobState"] == "COMPLETED", log
+    assert info["Restarts"] == "1", log
+    assert steps(run) == list(range(1, total + 1)), log  # none missing, none twice
+    first, second = starts(run)
+    assert first["restart"] == 0 and first["start"] == 0
+    assert second["restart"] == 1 and 3 <= second["start"] < total, "did not resume from the checkpoint"
+    assert "requeueing job" in log and log.count("run hp-train-") == 2  # --open-mode=append kept both runs
 
 
 def test_time_limit_signal_requeues_until_done(slurm_cluster, job_dir):
