@@ -199,7 +199,9 @@ class Checkpointer:
                 self.pending = _PendingSave(step, tmp_dir, started, reason)
                 log.info("checkpoint step %d: writing in the background (%s)", step, tmp_dir.name)
                 return True
-        except Exception as err:  # noqa: BLE001 - reported; training goes on with earlier checkpoints intact
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # noqa: BLE001 - reported; training goes on with earlier checkpoints intact
             self._failed(step, tmp_dir, err)
             return False
         return True
@@ -261,16 +263,34 @@ class Checkpointer:
         self._finalize(blocking=True)
 
     def _finalize(self, blocking: bool) -> None:
-        if self.pending is None:
-            return
-        pending = self.pending
-        try:
-            done = self.queue.maybe_finalize_async_calls(blocking=blocking)
-        except Exception as err:  # noqa: BLE001
-            self._failed(pending.step, pending.tmp_dir, err)
-            return
-        if done:
-            self.pending = None
+        """Publish the save in flight once every rank's writer is done. A writer that hangs (megatron waits
+        without a timeout for its worker processes, e.g. one killed by the OOM killer) is aborted after
+        checkpoint.async_timeout_minutes and reported as a failed save."""
+        while self.pending is not None:
+            pending = self.pending
+            try:
+                done = self.queue.maybe_finalize_async_calls(blocking=False)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as err:  # noqa: BLE001 - torch's CheckpointException is a BaseException
+                self._failed(pending.step, pending.tmp_dir, err)
+                return
+            if done:
+                self.pending = None
+                return
+            limit = 60 * self.ccfg.async_timeout_minutes
+            expired = _broadcast(self.rank == 0 and limit > 0 and time.monotonic() - pending.started > limit)
+            if expired:
+                for call in list(self.queue.async_calls):
+                    call.async_caller.close(abort=True)
+                self.queue.async_calls.clear()
+                self._failed(pending.step, pending.tmp_dir, TimeoutError(
+                    f"the background writer did not finish within checkpoint.async_timeout_minutes="
+                    f"{self.ccfg.async_timeout_minutes}; it was killed"))
+                return
+            if not blocking:
+                return
+            time.sleep(0.05)
 
     # ------------------------------------------------------------------------------------------- loop
     def at_step_boundary(self, trainer) -> bool:
@@ -434,7 +454,8 @@ class Checkpointer:
             state.load_model_state(trainer.model, loaded["model"])
             state.load_optimizer_state(trainer.optimizer, trainer.model, loaded["optimizer"], opt_meta)
         except (KeyError, ValueError, RuntimeError) as err:
-            raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: {err}") from err
+            log.debug("loading %s failed", path, exc_info=err)
+            raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: {type(err).__name__}: {err}") from err
         if "rng" in template:
             state.set_rng_state(loaded["rng"])
         else:

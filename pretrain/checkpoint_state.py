@@ -111,6 +111,8 @@ def optimizer_sharded_state_dict(optimizer, model, model_sd: dict, replica_id: i
         # fully_reshardable: canonical per-parameter state (gathered on dp rank 0 at save), so a checkpoint
         # loads under another tp/pp/dp layout; megatron's default (fully_sharded_model_space) writes
         # flattened ranges that the torch_dist format of 0.16.1 rejects, and dp_reshardable fixes tp/pp
+        if is_loading:
+            _init_megatron_optimizer_state(optimizer)
         # mem_efficient: gather on dp rank 0 only, over megatron's gloo dp group (also what works on CPU)
         return optimizer.sharded_state_dict(bound, is_loading=is_loading, metadata={
             "distrib_optim_sharding_type": OPTIMIZER_SHARDING, "distrib_optim_fully_reshardable_mem_efficient": True})
@@ -139,6 +141,24 @@ def optimizer_sharded_state_dict(optimizer, model, model_sd: dict, replica_id: i
     meta = {"kind": type(optimizer).__name__, "param_names": names, "tensor_keys": tensor_keys,
             "scalars": scalars, "param_groups": groups}
     return {"tensors": tensors, "meta": meta}
+
+
+def _init_megatron_optimizer_state(optimizer) -> None:
+    """A megatron optimizer that has not stepped yet has no torch state, and its state_dict() (which
+    sharded_state_dict(is_loading=True) calls) needs one 'step' per parameter: zeros stand in until the
+    checkpoint's values are loaded over them."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                st = inner.state[p]
+                if len(st) == 0:
+                    on_device = bool(group.get("fused") or group.get("capturable"))
+                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def load_optimizer_state(optimizer, model, loaded: dict, saved_meta: dict | None) -> None:

@@ -154,6 +154,7 @@ class CheckpointConfig:
     # signals that ask for a checkpoint at the next step boundary, then exit 42 (requeue me)
     signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
     verify_on_load: bool = True  # check the checksums of a checkpoint before resuming from it
+    async_timeout_minutes: float = 30.0  # a background save still running after this is killed and reported
 
 
 @dataclass

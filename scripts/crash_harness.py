@@ -75,7 +75,7 @@ def prepare_data(workdir: Path, seq_len: int) -> Path:
 
 def overrides(workdir: Path, data: Path, name: str, args) -> list[str]:
     return [
-        *TINY_MODEL, f"data.path={data}", "data.seq_len=32", "data.micro_batch_size=2",
+        *TINY_MODEL, f"model.pattern={args.pattern}", f"data.path={data}", "data.seq_len=32", "data.micro_batch_size=2",
         f"data.global_batch_size={2 * args.nproc}", "optim.lr=3e-3", "optim.warmup_steps=2",
         f"trainer.max_steps={args.steps}", "trainer.log_interval=1", "trainer.device=cpu", "kernels.backend=torch",
         f"run.dir={workdir / 'runs'}", f"run.name={name}", f"checkpoint.interval={args.interval}",
@@ -228,12 +228,15 @@ def run(args) -> dict:  # noqa: C901 - one linear story
         plan = None
         if summary["kills"] < args.kills:
             mode = rng.choices(["startup", "train", "save", "published"], weights=[1, 4, 4, 1])[0]
+            # half of the lives first let one more checkpoint be published, so that training advances
             plan = {"mode": mode, "whole_group": rng.random() < 0.8, "delay": rng.uniform(0, 0.4),
+                    "progress_first": mode != "startup" and rng.random() < 0.5,
                     "startup_delay": rng.uniform(0.5, args.startup_seconds),
                     "extra_steps": rng.randint(1, 2 * args.interval)}
         began = time.time()
         seen_tmp = set()
         killed_mid_save = False
+        killed = False
         base_step = None
         while not life.done():
             if time.time() - began > args.life_timeout:
@@ -251,7 +254,12 @@ def run(args) -> dict:  # noqa: C901 - one linear story
                 if FALLBACK in text:
                     summary["problems"].append(f"{tag}: reported a corrupt checkpoint: see {life.logs[0]}")
                 base_step = got or 0
-            if plan is not None:
+            if plan is not None and plan["progress_first"] and base_step is not None:
+                newest, _ = check_checkpoints(ckpt_root)
+                if newest is not None and newest > base_step:
+                    plan["progress_first"] = False
+                    base_step = newest
+            if plan is not None and not plan["progress_first"]:
                 mode = plan["mode"]
                 fire = False
                 if mode == "startup":
@@ -270,6 +278,7 @@ def run(args) -> dict:  # noqa: C901 - one linear story
                     time.sleep(plan["delay"] if mode != "startup" else 0)
                     killed_mid_save = any(ckpt_root.glob(".tmp-*")) if ckpt_root.is_dir() else False
                     life.kill(plan["whole_group"])
+                    killed = True
                     summary["kills"] += 1
                     summary["modes"][mode] = summary["modes"].get(mode, 0) + 1
                     summary["kills_mid_save"] += int(killed_mid_save)
@@ -289,7 +298,7 @@ def run(args) -> dict:  # noqa: C901 - one linear story
         summary["problems"] += [f"after {tag}: {p}" for p in problems]
         expected_resume = newest
         state_file.write_text(json.dumps({"summary": summary, "expected_resume": expected_resume}))
-        if plan is not None and codes != [0] * args.nproc:
+        if killed:
             log(f"{tag}: killed ({plan['mode']}{', mid-save' if killed_mid_save else ''}"
                 f"{'' if plan['whole_group'] else ', trainers only'}) at step {last_step(metrics)}; "
                 f"newest complete checkpoint: {newest}")
@@ -343,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-last", type=int, default=2)
     p.add_argument("--async-save", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pattern", default="M*-E", help="model.pattern of the tiny model")
     p.add_argument("--startup-seconds", type=float, default=8.0, help="startup kills happen within this")
     p.add_argument("--life-timeout", type=float, default=600.0)
     p.add_argument("--fresh", action="store_true", help="delete the workdir first (else reuse the reference)")
