@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 
 from pretrain.config import ConfigError, load_config, to_yaml, validate
 
@@ -57,13 +58,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from pretrain.checkpoint import CheckpointError
 
+    clean = False
     try:
         code = Trainer(cfg, derived, dist_info).fit()
+        clean = True
     except CheckpointError as err:
-        print(f"checkpoint error: {err}", file=sys.stderr)
+        print(f"checkpoint error (rank {dist_info.rank}): {err}", file=sys.stderr)
         return 3
+    except BaseException:
+        # say what happened before teardown: the other ranks may hang in a collective until killed
+        traceback.print_exc()
+        sys.stderr.flush()
+        raise
     finally:
-        shutdown_distributed()
+        shutdown_distributed(clean)
     return code  # 0: done; 42 (pretrain.signals.REQUEUE_EXIT_CODE): checkpointed on a signal, requeue me
 
 
