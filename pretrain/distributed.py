@@ -73,10 +73,12 @@ def init_distributed(requested_device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(clean: bool = True) -> None:
+    """clean=False (an error on this rank): skip the final barrier, the other ranks may never reach it."""
     from parallel.state import destroy
 
     destroy()  # megatron-core's groups, if any
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # without it gloo teardown of several ranks aborts now and then
+        if clean:
+            dist.barrier()  # without it gloo teardown of several ranks aborts now and then
         dist.destroy_process_group()
