@@ -1,0 +1,69 @@
+"""Shared pieces of the checkpoint tests: a small prepared dataset and a tiny model config."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+# the tiny hybrid of tests/pretrain/tiny_models.py (Mamba-2, attention, MLP, MoE with a biased router),
+# with the byte tokenizer's vocabulary
+TINY_MODEL = [
+    "model.d_model=32", "model.vocab_size=264", "model.pattern=M*-E",
+    "model.mamba.num_heads=4", "model.mamba.head_dim=8", "model.mamba.num_groups=2", "model.mamba.d_state=8",
+    "model.mamba.chunk_size=8", "model.attention.num_heads=4", "model.attention.num_kv_heads=2",
+    "model.mlp.d_ff=48", "model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.d_ff=24",
+    "model.moe.bias_update_rate=0.01",
+]
+
+
+def write_text_corpus(root: Path, num_docs: int = 300, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "mamba", "state", "space", "token", "expert", "router",
+             "attention", "layer", "norm", "scan", "chunk", "batch", "shard", "save", "resume", "step"]
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "docs.jsonl", "w") as f:
+        for i in range(num_docs):
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(3, 40)))
+            f.write(json.dumps({"text": f"doc {i}: {text}."}) + "\n")
+    return root
+
+
+def prepare_dataset(tmp: Path, seq_len: int = 32) -> Path:
+    from data.prepare import prepare
+
+    out = tmp / "data"
+    if not (out / "index.json").is_file():
+        prepare([str(write_text_corpus(tmp / "corpus"))], "bytes", out, seq_len, progress=False)
+    return out
+
+
+def tiny_overrides(run_dir: Path, data: Path, name: str = "run", steps: int = 12, *extra: str) -> list[str]:
+    return [
+        *TINY_MODEL, f"data.path={data}", "data.seq_len=32", "data.micro_batch_size=4", "data.global_batch_size=4",
+        "optim.lr=3e-3", "optim.warmup_steps=2", f"trainer.max_steps={steps}", "trainer.log_interval=1",
+        "trainer.device=cpu", "kernels.backend=torch", f"run.dir={run_dir}", f"run.name={name}", *extra,
+    ]
+
+
+def read_losses(run_dir: Path, name: str = "run") -> dict[int, float]:
+    """step -> loss from metrics.jsonl; fails on a step logged twice."""
+    out: dict[int, float] = {}
+    for line in (run_dir / name / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        assert rec["step"] not in out, f"step {rec['step']} logged twice in metrics.jsonl"
+        out[rec["step"]] = rec["loss"]
+    return out
+
+
+def subprocess_env(tmpdir: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(TMPDIR=str(tmpdir), PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+PYTHON = sys.executable
