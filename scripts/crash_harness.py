@@ -213,6 +213,8 @@ def run(args) -> dict:  # noqa: C901 - one linear story
         shutil.rmtree(run_dir, ignore_errors=True)
     ckpt_root = run_dir / "checkpoints"
     metrics = run_dir / "metrics.jsonl"
+    if continuing:  # the harness itself may have been stopped after a save was published
+        expected_resume = check_checkpoints(ckpt_root)[0]
     t1 = time.time()
     while True:
         if args.deadline_seconds and time.time() - t0 > args.deadline_seconds and summary["kills"] < args.kills:
