@@ -37,6 +37,9 @@ class Engine:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+        import logging
+
+        logging.getLogger("megatron.core").setLevel(logging.WARNING)  # it lists every parameter at INFO
         mcfg = self.model.mcfg
         if mcfg.bf16:
             for p in self.model.parameters():

@@ -19,6 +19,11 @@ def _entry(rank: int, world_size: int, init_file: str, out_dir: str, fn, args) -
     import torch
     import torch.distributed as dist
 
+    import faulthandler
+    import sys
+
+    # a hung collective shows up as every rank's stack on stderr
+    faulthandler.dump_traceback_later(float(os.environ.get("HP_TEST_STACK_DUMP_S", "600")), repeat=True, file=sys.stderr)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
@@ -30,6 +35,9 @@ def _entry(rank: int, world_size: int, init_file: str, out_dir: str, fn, args) -
         payload = ("error", traceback.format_exc())
     with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(payload, f)
+    if payload[0] == "error":  # the other ranks may wait in a collective: end now, mp.spawn stops them
+        sys.stderr.write(payload[1])
+        os._exit(1)
     try:
         from parallel import state
 
@@ -37,8 +45,6 @@ def _entry(rank: int, world_size: int, init_file: str, out_dir: str, fn, args) -
     finally:
         dist.barrier()
         dist.destroy_process_group()
-    if payload[0] == "error":
-        raise SystemExit(1)
 
 
 def run_ranks(fn, world_size: int, *args) -> list:

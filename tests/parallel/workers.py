@@ -7,6 +7,8 @@ micro-batches), then trains both for a number of steps and returns both loss cur
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -65,12 +67,20 @@ def run_case(rank: int, world: int, overrides: list[str], steps: int) -> dict:
     ce = par.forward_backward(_slice(batch, dpr, dp), 1.0).clone()
     par.finalize_grads()
     dist.all_reduce(ce, group=state.dp_group())
-    ref_params = dict(ref.model.named_parameters())
-    grad_err = {}
+    loss_err = abs(float(ce) / dp - ce_ref) / abs(ce_ref)
+    # float32's own accuracy: the reference against a float64 run of the same model and data
+    torch.manual_seed(cfg.run.seed)
+    ref64 = Engine(cfg, derived, cpu, parallel=False)
+    ref64.model.double()
+    for i in range(dp):
+        ref64.forward_backward(_slice(batch, i, dp), 1.0 / dp)
+    ref_params, ref64_params = dict(ref.model.named_parameters()), dict(ref64.model.named_parameters())
+    grad_err, ref_err = {}, {}
     for name, p in par.model.named_parameters():
         expected = shard_full(ref_params[name].grad, spec_of(p))
         grad_err[name] = _rel(p.main_grad.float(), expected)
-    loss_err = abs(float(ce) / dp - ce_ref) / abs(ce_ref)
+        ref_err[name] = _rel(expected.double(), shard_full(ref64_params[name].grad, spec_of(p)))
+    del ref64
     del par
 
     # training: the distributed optimizer against torch AdamW on one process
@@ -93,7 +103,7 @@ def run_case(rank: int, world: int, overrides: list[str], steps: int) -> dict:
         ref.update_expert_bias()
     counts = par.model.num_parameters()
     state.destroy()
-    return {"loss_err": loss_err, "grad_err": grad_err, "curve": curve, "curve_ref": curve_ref,
+    return {"loss_err": loss_err, "grad_err": grad_err, "ref_fp32_err": ref_err, "curve": curve, "curve_ref": curve_ref,
             "num_parameters": counts, "ref_num_parameters": ref.model.num_parameters()}
 
 
@@ -131,6 +141,8 @@ def save_and_reload(rank: int, world: int, ckpt_dir: str, save_overrides: list[s
                 eng.update_expert_bias()
             model_sd = eng.model.sharded_state_dict()
             sd = {"model": model_sd, "optimizer": eng.optimizer.sharded_state_dict(model_sd)}
+            os.makedirs(ckpt_dir, exist_ok=True)
+            dist.barrier()
             dist_checkpointing.save(sd, ckpt_dir)
             out["saved"] = {k: (v.detach().clone(), spec_of(v)) for k, v in _tensors(eng).items()}
         else:
@@ -165,6 +177,7 @@ def two_rank_launch(rank: int, world: int, cases: list, ckpt_dir: str) -> dict:
 
 
 # saved at tp=2 with ngroups=1 < tp (B/C replicated) and kv heads 1 < tp, loaded at tp=1 x dp=2
-RELOAD_CASE = (["parallel.tp=2", "model.mamba.num_groups=1", "model.attention.num_kv_heads=1"],
+# (no clipping: with replicated B/C and k/v rows megatron's grad norm at tp=2 differs, see parallel/README.md)
+RELOAD_CASE = (["parallel.tp=2", "model.mamba.num_groups=1", "model.attention.num_kv_heads=1", "optim.grad_clip=0"],
                ["data.micro_batch_size=1", "data.global_batch_size=2", "model.mamba.num_groups=1",
-                "model.attention.num_kv_heads=1"])
+                "model.attention.num_kv_heads=1", "optim.grad_clip=0"])

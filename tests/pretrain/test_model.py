@@ -56,7 +56,9 @@ def test_packed_documents_do_not_see_each_other(pattern):
 def _moe(router: str, **extra) -> MoE:
     cfg = tiny_config("model.pattern=E", f"model.moe.router={router}",
                       *[f"model.moe.{k}={v}" for k, v in extra.items()])
-    return MoE(cfg.model.d_model, cfg.model.moe, validate(cfg).moe_shared_d_ff)
+    moe = MoE(cfg.model.d_model, cfg.model.moe, validate(cfg).moe_shared_d_ff)
+    torch.nn.init.normal_(moe.gate.weight, std=0.2)  # HybridLM initialises it; a bare MoE leaves it empty
+    return moe
 
 
 def _reference_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
