@@ -9,11 +9,9 @@ from pretrain.config import validate
 from pretrain.layers.moe import MoE
 from pretrain.model import HybridLM
 
-torch.set_default_dtype(torch.float64)  # exact comparisons: any leak shows far above rounding
-
-
 @pytest.fixture(autouse=True)
 def _float64():
+    """float64 in these tests only: exact comparisons, any leak shows far above rounding."""
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(torch.float32)
