@@ -32,6 +32,16 @@ def test_default_is_triton():
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="checks the no-interpreter fallback")
 def test_cpu_without_interpreter_uses_reference():
+    # the backend is process state: an earlier in-process training run may have set "torch"
+    previous = backend.get_backend()
+    backend.set_backend("triton")
+    try:
+        _check_reference_dispatch()
+    finally:
+        backend.set_backend(previous)
+
+
+def _check_reference_dispatch():
     assert backend.get_backend() == "triton"
     assert not backend.use_triton(torch.zeros(2))
     x = torch.randn(1, 9, 2, 3)
