@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 
-def rmsnorm_gated(y, z, weight, *, group_size, eps=1e-5, norm_before_gate=False):
-    """See the module docstring."""
+def check_args(y, z, weight, group_size) -> None:
+    """The shape contract shared by every implementation: y, z (..., d), weight (d,), d % group_size == 0."""
     d = y.shape[-1]
     if d % group_size != 0:
         raise ValueError(f"d ({d}) must be a multiple of group_size ({group_size})")
@@ -25,6 +25,12 @@ def rmsnorm_gated(y, z, weight, *, group_size, eps=1e-5, norm_before_gate=False)
         raise ValueError(f"weight must be ({d},), got {tuple(weight.shape)}")
     if z is not None and z.shape != y.shape:
         raise ValueError(f"z must have y's shape {tuple(y.shape)}, got {tuple(z.shape)}")
+
+
+def rmsnorm_gated(y, z, weight, *, group_size, eps=1e-5, norm_before_gate=False):
+    """See the module docstring."""
+    check_args(y, z, weight, group_size)
+    d = y.shape[-1]
     cdt = torch.float64 if y.dtype == torch.float64 else torch.float32
     v = y.to(cdt)
     if z is not None and not norm_before_gate:

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels._triton_utils import INTERPRET
+from kernels.rmsnorm_gated.reference import check_args
 
 
 @triton.jit
@@ -171,11 +172,5 @@ class _RMSNormGated(torch.autograd.Function):
 
 def rmsnorm_gated(y, z, weight, *, group_size, eps=1e-5, norm_before_gate=False):
     """Triton gated grouped RMSNorm; same contract as kernels.rmsnorm_gated.reference."""
-    d = y.shape[-1]
-    if d % group_size != 0:
-        raise ValueError(f"d ({d}) must be a multiple of group_size ({group_size})")
-    if weight.shape != (d,):
-        raise ValueError(f"weight must be ({d},), got {tuple(weight.shape)}")
-    if z is not None and z.shape != y.shape:
-        raise ValueError(f"z must have y's shape {tuple(y.shape)}, got {tuple(z.shape)}")
+    check_args(y, z, weight, group_size)
     return _RMSNormGated.apply(y, z, weight.contiguous(), int(group_size), float(eps), bool(norm_before_gate))
