@@ -143,7 +143,24 @@ class CheckpointableOptimizer:
     def load_state_dict(self, state_dict) -> None:
         """megatron's load, except that the fully-reshardable parameter state (which holds no Adam
         `step`: that comes from the common part) is copied in while the per-parameter `step`
-        entries of torch's Adam are set aside (megatron 0.16.1 expects none there without apex/TE)."""
+        entries of torch's Adam are set aside (megatron 0.16.1 expects none there without apex/TE).
+        Afterwards every parameter gets its own `step` tensor (see _unshare_steps)."""
+        try:
+            self._load_state_dict(state_dict)
+        finally:
+            self._unshare_steps()
+
+    @torch.no_grad()
+    def _unshare_steps(self) -> None:
+        """megatron's load puts one `step` tensor, shared by every parameter of a param group, into
+        torch Adam's state; torch increments each parameter's step in place, so a shared tensor
+        would advance by the number of parameters per update and bias-correct wrongly after a resume."""
+        for opt in self._inner_torch_optimizers():
+            for st in opt.state.values():
+                if torch.is_tensor(st.get("step")):
+                    st["step"] = st["step"].clone()
+
+    def _load_state_dict(self, state_dict) -> None:
         chained = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
         if (len(chained) != 1 or not isinstance(state_dict, dict) or "param_state" not in state_dict
                 or state_dict.get("param_state_sharding_type") != "fully_reshardable"):

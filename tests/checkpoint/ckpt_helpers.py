@@ -67,3 +67,42 @@ def subprocess_env(tmpdir: Path) -> dict:
 
 
 PYTHON = sys.executable
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_ranks(nproc: int, args: list[str], tmpdir: Path, log_dir: Path, tag: str) -> list:
+    """`python -m pretrain.train ARGS` as `nproc` gloo ranks (RANK/WORLD_SIZE env, as torchrun sets);
+    each rank's output goes to log_dir/<tag>_rank<r>.log."""
+    import subprocess
+
+    port = free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for rank in range(nproc):
+        env = subprocess_env(tmpdir)
+        env.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HP_DIST_TIMEOUT_MIN="5")
+        with open(log_dir / f"{tag}_rank{rank}.log", "w") as out:
+            procs.append(subprocess.Popen([PYTHON, "-m", "pretrain.train", *args], cwd=REPO, env=env, stdout=out,
+                                          stderr=subprocess.STDOUT))
+    return procs
+
+
+def wait_all(procs: list, timeout: float = 600) -> list[int]:
+    import time
+
+    deadline = time.time() + timeout
+    try:
+        return [p.wait(timeout=max(1.0, deadline - time.time())) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()

@@ -95,8 +95,6 @@ def test_tp2_checkpoint_reloads_at_tp1(two_ranks):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="open: after a tp2 -> tp1 reload the next Adam update differs (~0.3 lr) from "
-                          "continuing at tp2; the optimizer-state resharding is not verified yet", strict=False)
 def test_optimizer_state_reshards_tp2_to_tp1(two_ranks):
     after_tp1 = {k: t for k, (t, _) in two_ranks[0]["reload"]["loaded_after_step"].items()}
     for rank in two_ranks:
