@@ -3,7 +3,9 @@
 Contract (what pretrain/checkpoint.py relies on):
 - `HybridLM.sharded_state_dict(prefix="")` returns {state-dict key: ShardedTensor | ShardedTensorFactory}
   for every parameter and persistent buffer (e.g. the MoE `gate.expert_bias`), with or without
-  process groups (tp = 1 included). Keys are the module's state-dict keys (`layers.3.mixer.in_proj.weight`).
+  process groups (tp = 1 included), in both builds: the single-process model (pretrain/layers) writes the
+  same keys and shapes, so a checkpoint of one build loads into the other. Keys are the module's
+  state-dict keys (`layers.3.mixer.in_proj.weight`).
 - Checkpoint keys and global shapes never depend on tp (nor, later, pp/ep): a tensor of one part is
   one ShardedTensor of its global shape, cut along its tp axis; a tensor packed from several parts
   (Mamba's in_proj: z, x, B, C, dt; conv_weight / conv_bias: x, B, C) is a ShardedTensorFactory that
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 
 from parallel import state
-from parallel.common import Part, Spec, local_parts, spec_of
+from parallel.common import Part, Spec, local_parts, set_spec, spec_of
 
 
 def _sharded_tensor(key: str, local: torch.Tensor, dim: int, part: Part, dp_rank: int):
@@ -45,8 +47,27 @@ def _factory(key: str, tensor: torch.Tensor, spec: Spec, dp_rank: int):
     return ShardedTensorFactory(key, tensor, build, merge, replica_id=(0, 0, dp_rank))
 
 
+def _annotate_single_process_mamba(module: nn.Module) -> None:
+    """The single-process Mamba-2 mixer (pretrain/layers/mamba.py) packs the same parts as the parallel
+    one; give its packed tensors the tp=1 specs, so both builds write the same keys and shapes."""
+    from pretrain.layers.mamba import Mamba2Mixer
+
+    for mixer in module.modules():
+        if not isinstance(mixer, Mamba2Mixer) or hasattr(mixer.conv_weight, "_hp_spec"):
+            continue
+        d_inner, bc, nh = mixer.d_inner, mixer.num_groups * mixer.d_state, mixer.num_heads
+        whole = [Part(name, size, 1, 0) for name, size in (("z", d_inner), ("x", d_inner), ("B", bc), ("C", bc),
+                                                           ("dt", nh))]
+        packed = [(mixer.in_proj.weight, whole), (mixer.in_proj.bias, whole),
+                  (mixer.conv_weight, whole[1:4]), (mixer.conv_bias, whole[1:4])]
+        for tensor, parts in packed:
+            if tensor is not None:
+                set_spec(tensor, 0, *parts)
+
+
 def sharded_state_dict(module: nn.Module, prefix: str = "") -> dict:
     dp_rank = state.dp_rank()
+    _annotate_single_process_mamba(module)
     tensors = dict(module.named_parameters())
     persistent = module.state_dict(keep_vars=True)
     tensors.update({name: buf for name, buf in module.named_buffers() if name in persistent})

@@ -116,12 +116,13 @@ def _groups_ready() -> bool:
     return is_initialized()
 
 
-def destroy() -> None:
-    """Tear down megatron's groups (the default process group is left to pretrain.distributed)."""
+def destroy(barrier: bool = True) -> None:
+    """Tear down megatron's groups (the default process group is left to pretrain.distributed).
+    barrier=False after an error on this rank: the other ranks may never reach a barrier."""
     if is_initialized():
         from megatron.core import parallel_state as ps
 
-        if dist.is_initialized():
+        if barrier and dist.is_initialized():
             dist.barrier()
         ps.destroy_model_parallel()
     global _config

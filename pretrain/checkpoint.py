@@ -436,11 +436,11 @@ class Checkpointer:
                      state.describe_layout(saved_layout), saved_layout.get("world_size"),
                      state.describe_layout(self.layout), self.layout["world_size"])
         model_sd = state.model_sharded_state_dict(trainer.model, replica_id=self.rank)
-        opt_meta = (common.get("optimizer") or {}).get("meta")
+        saved_opt = common.get("optimizer")
         template = {
             "model": model_sd,
             "optimizer": state.optimizer_sharded_state_dict(trainer.optimizer, trainer.model, model_sd,
-                                                            replica_id=self.rank, is_loading=True, saved_meta=opt_meta),
+                                                            replica_id=self.rank, is_loading=True, saved=saved_opt),
         }
         if saved_layout.get("world_size") == self.world:
             template["rng"] = state.rng_sharded_object(self.rank, self.world, None)
@@ -452,7 +452,8 @@ class Checkpointer:
                 f"{state.describe_layout(self.layout)}: {type(err).__name__}: {err}") from err
         try:
             state.load_model_state(trainer.model, loaded["model"])
-            state.load_optimizer_state(trainer.optimizer, trainer.model, loaded["optimizer"], opt_meta)
+            state.load_optimizer_state(trainer.optimizer, trainer.model, loaded["optimizer"], saved_opt,
+                                       loaded["model"])
         except (KeyError, ValueError, RuntimeError) as err:
             log.debug("loading %s failed", path, exc_info=err)
             raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: {type(err).__name__}: {err}") from err

@@ -90,56 +90,96 @@ def load_model_state(model, state: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- optimizer
+ADAM_TENSORS = ("exp_avg", "exp_avg_sq")
+
+
+def is_megatron_optimizer(optimizer) -> bool:
+    return callable(getattr(optimizer, "sharded_state_dict", None))
+
+
+def saved_optimizer_format(saved: dict | None) -> str | None:
+    """"megatron" (distributed optimizer, fully reshardable), "torch" (single process) or None (no state)."""
+    if not saved:
+        return None
+    if saved.get("param_state_sharding_type") == OPTIMIZER_SHARDING:
+        return "megatron"
+    return "torch" if "meta" in saved else None
+
+
 def _param_names(model, optimizer) -> list[str]:
     names = {id(p): n for n, p in unwrap_model(model).named_parameters()}
     return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
-def optimizer_sharded_state_dict(optimizer, model, model_sd: dict, replica_id: int, *,
-                                 is_loading: bool = False, saved_meta: dict | None = None) -> dict:
-    """The optimizer's part. A megatron (distributed) optimizer provides its own; for a torch optimizer
-    every per-parameter tensor of parameter shape becomes a replicated ShardedTensor
-    `optimizer.state.<name>.<param key>`, the rest (step counts, hyperparameters) stays common.
+def _bind_to_params(model, model_sd: dict) -> dict:
+    """megatron maps optimizer state to model tensors by id(ShardedTensor.data): it must be the Parameter."""
+    params = dict(unwrap_model(model).named_parameters())
+    return {k: dataclasses.replace(v, data=params[k]) if k in params and getattr(v, "data", None) is not params[k]
+            else v for k, v in model_sd.items()}
 
-    is_loading: build a template (zeros where the optimizer has no state yet) of the tensors that
-    `saved_meta` (the checkpoint's common optimizer entry) says were saved."""
-    if callable(getattr(optimizer, "sharded_state_dict", None)):
-        # megatron maps optimizer state to model tensors by id(ShardedTensor.data): it must be the Parameter
-        params = dict(unwrap_model(model).named_parameters())
-        bound = {k: dataclasses.replace(v, data=params[k]) if k in params and getattr(v, "data", None) is not params[k]
-                 else v for k, v in model_sd.items()}
-        # fully_reshardable: canonical per-parameter state (gathered on dp rank 0 at save), so a checkpoint
-        # loads under another tp/pp/dp layout; megatron's default (fully_sharded_model_space) writes
-        # flattened ranges that the torch_dist format of 0.16.1 rejects, and dp_reshardable fixes tp/pp
+
+PARAM_STATE_PREFIX = "optimizer.state.param."
+
+
+def _without_main_params(tree):
+    """A megatron load template for a single-process checkpoint, which holds no fp32 main params
+    (`optimizer.state.param.<key>`): those entries are left out and come from the model's tensors."""
+    if isinstance(tree, dict):
+        return {k: _without_main_params(v) for k, v in tree.items()
+                if not str(getattr(v, "key", "")).startswith(PARAM_STATE_PREFIX)}
+    return tree
+
+
+def _fill_main_params(template, loaded, model_tensors: dict) -> None:
+    """Put the model's loaded tensors where the template has `optimizer.state.param.<key>` entries."""
+    for k, v in template.items():
+        key = getattr(v, "key", None)
+        if isinstance(v, dict):
+            _fill_main_params(v, loaded.setdefault(k, {}), model_tensors)
+        elif isinstance(key, str) and key.startswith(PARAM_STATE_PREFIX):
+            loaded[k] = model_tensors[key[len(PARAM_STATE_PREFIX):]]
+
+
+def _megatron_template(optimizer, model, model_sd: dict, is_loading: bool) -> dict:
+    # mem_efficient: gather on dp rank 0 only, over megatron's gloo dp group (also what works on CPU)
+    return optimizer.sharded_state_dict(_bind_to_params(model, model_sd), is_loading=is_loading, metadata={
+        "distrib_optim_sharding_type": OPTIMIZER_SHARDING, "distrib_optim_fully_reshardable_mem_efficient": True})
+
+
+def optimizer_sharded_state_dict(optimizer, model, model_sd: dict, replica_id: int, *,
+                                 is_loading: bool = False, saved: dict | None = None) -> dict:
+    """The optimizer's part. Both builds write Adam's moments under megatron's keys,
+    `optimizer.state.<exp_avg|exp_avg_sq>.<model key>`, with the model tensor's global shape and
+    sharding (packed Mamba tensors as their named parts), so a checkpoint of either build loads into
+    the other: the distributed optimizer (fully reshardable format: gathered over dp at save, so tp/pp/dp
+    may change) provides its own; a torch optimizer's moments are wrapped like the model tensors, and
+    its step counts and hyperparameters stay in the common part (`meta`).
+
+    is_loading: a template for `saved`, the checkpoint's common optimizer entry (either format)."""
+    from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+
+    if is_megatron_optimizer(optimizer):
         if is_loading:
             _init_megatron_optimizer_state(optimizer)
-        # mem_efficient: gather on dp rank 0 only, over megatron's gloo dp group (also what works on CPU)
-        return optimizer.sharded_state_dict(bound, is_loading=is_loading, metadata={
-            "distrib_optim_sharding_type": OPTIMIZER_SHARDING, "distrib_optim_fully_reshardable_mem_efficient": True})
-    from megatron.core.dist_checkpointing import ShardedTensor
-
+        sd = _megatron_template(optimizer, model, model_sd, is_loading)
+        return _without_main_params(sd) if is_loading and saved_optimizer_format(saved) == "torch" else sd
     names = _param_names(model, optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    tensors, scalars = {}, {}
-    if is_loading:
-        keys_by_param = (saved_meta or {}).get("tensor_keys", {})
+    has_state = (saved_optimizer_format(saved) == "megatron" or bool((saved or {}).get("meta", {}).get("has_state"))
+                 if is_loading else any(optimizer.state.get(p) for p in params))
+    tensors = {}
+    if has_state:
         for name, p in zip(names, params):
-            for key in keys_by_param.get(name, []):
-                tensors.setdefault(name, {})[key] = ShardedTensor.from_rank_offsets(
-                    f"optimizer.state.{key}.{name}", torch.zeros_like(p), replica_id=replica_id)
+            for key in ADAM_TENSORS:
+                value = torch.zeros_like(p) if is_loading else optimizer.state[p][key].detach()
+                tensors.setdefault(name, {})[key] = make_sharded_optimizer_tensor(model_sd[name], value,
+                                                                                  f"optimizer.state.{key}")
+    if is_loading:
         return {"tensors": tensors}
-    tensor_keys = {}
-    for name, p in zip(names, params):
-        for key, value in optimizer.state.get(p, {}).items():
-            if torch.is_tensor(value) and value.shape == p.shape and value.ndim > 0:
-                tensors.setdefault(name, {})[key] = ShardedTensor.from_rank_offsets(
-                    f"optimizer.state.{key}.{name}", value.detach(), replica_id=replica_id)
-                tensor_keys.setdefault(name, []).append(key)
-            else:
-                scalars.setdefault(name, {})[key] = value.item() if torch.is_tensor(value) else value
+    steps = {name: float(optimizer.state[p]["step"]) for name, p in zip(names, params) if "step" in optimizer.state.get(p, {})}
     groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    meta = {"kind": type(optimizer).__name__, "param_names": names, "tensor_keys": tensor_keys,
-            "scalars": scalars, "param_groups": groups}
+    meta = {"kind": type(optimizer).__name__, "param_names": names, "has_state": has_state, "steps": steps,
+            "param_groups": groups}
     return {"tensors": tensors, "meta": meta}
 
 
@@ -161,29 +201,47 @@ def _init_megatron_optimizer_state(optimizer) -> None:
                     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def load_optimizer_state(optimizer, model, loaded: dict, saved_meta: dict | None) -> None:
-    if callable(getattr(optimizer, "sharded_state_dict", None)):
+def _saved_step(saved: dict) -> float:
+    """The Adam step count of a checkpoint of either format (one count: every parameter steps together)."""
+    if saved_optimizer_format(saved) == "megatron":
+        steps = [g.get("step", 0.0) for g in saved["optimizer"]["param_groups"]]
+    else:
+        steps = list(saved["meta"].get("steps", {}).values())
+    return float(max(steps, default=0.0))
+
+
+def load_optimizer_state(optimizer, model, loaded: dict, saved: dict | None, model_tensors: dict) -> None:
+    """Load `loaded` (the filled template) into the optimizer; `saved` is the checkpoint's common entry,
+    `model_tensors` the model's loaded tensors (the fp32 main params of a single-process checkpoint)."""
+    fmt = saved_optimizer_format(saved)
+    if is_megatron_optimizer(optimizer):
+        if fmt == "torch":  # a single-process checkpoint: megatron's common part, made from ours
+            chained = getattr(optimizer, "chained_optimizers", [optimizer])
+            groups = [{**{k: v for k, v in g.items() if k != "params"}, "step": _saved_step(saved)}
+                      for opt in chained for g in opt.optimizer.state_dict()["param_groups"]]
+            template = _megatron_template(optimizer, model, model_sharded_state_dict(model, replica_id=0), True)
+            param_state = loaded["param_state"]
+            _fill_main_params(template["param_state"], param_state, model_tensors)
+            loaded = {"optimizer": {"param_groups": groups}, "param_state": param_state,
+                      "param_state_sharding_type": OPTIMIZER_SHARDING}
         optimizer.load_state_dict(loaded)
         return
-    meta = saved_meta or {}
     names = _param_names(model, optimizer)
-    if meta.get("param_names") and list(meta["param_names"]) != names:
+    if fmt == "torch" and saved["meta"].get("param_names") and list(saved["meta"]["param_names"]) != names:
         raise ValueError("the optimizer's parameters differ from the checkpoint's "
-                         f"({len(names)} now, {len(meta['param_names'])} saved)")
+                         f"({len(names)} now, {len(saved['meta']['param_names'])} saved)")
     current = optimizer.state_dict()
     state = {}
-    for idx, name in enumerate(names):
-        entry = {}
-        for key, value in meta.get("scalars", {}).get(name, {}).items():
-            entry[key] = torch.tensor(value, dtype=torch.float32) if key == "step" else value
-        for key, value in loaded.get("tensors", {}).get(name, {}).items():
-            entry[key] = value
-        if entry:
-            state[idx] = entry
-    groups = current["param_groups"]
-    for group, saved in zip(groups, meta.get("param_groups", [])):
-        group.update({k: v for k, v in saved.items() if k in group and k != "params"})
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    tensors = loaded.get("tensors", {})
+    if tensors:
+        step = _saved_step(saved)
+        for idx, name in enumerate(names):
+            state[idx] = {"step": torch.tensor(step, dtype=torch.float32),
+                          **{key: tensors[name][key] for key in ADAM_TENSORS}}
+    if fmt == "torch":
+        for group, saved_group in zip(current["param_groups"], saved["meta"].get("param_groups", [])):
+            group.update({k: v for k, v in saved_group.items() if k in group and k != "params"})
+    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
 
 
 # ----------------------------------------------------------------------------------------------- RNG

@@ -77,7 +77,7 @@ def shutdown_distributed(clean: bool = True) -> None:
     """clean=False (an error on this rank): skip the final barrier, the other ranks may never reach it."""
     from parallel.state import destroy
 
-    destroy()  # megatron-core's groups, if any
+    destroy(barrier=clean)  # megatron-core's groups, if any
     if dist.is_available() and dist.is_initialized():
         if clean:
             dist.barrier()  # without it gloo teardown of several ranks aborts now and then
