@@ -127,3 +127,45 @@ def test_cp_config_errors_name_the_key(overrides, world, message):
         return
     with pytest.raises(ConfigError, match=message):
         validate(cfg, world_size=world)
+
+
+def _train_demo(run_dir, steps: int) -> None:
+    """The real trainer (python -m pretrain.train under torchrun) at cp=2 on the CPU demo."""
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "TMPDIR": str(run_dir), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "pretrain.train", "--config", "configs/demo.yaml", f"trainer.max_steps={steps}", "trainer.log_interval=1",
+           f"run.dir={run_dir}", "run.name=cp2", "checkpoint.interval=0", "checkpoint.async_save=false",
+           "parallel.cp=2"]
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_trainer_cp2_follows_the_single_process_demo_and_resumes(tmp_path):
+    """3 steps at cp=2 through the real trainer (checkpoint saved at cp=2), then a resumed run to 5.
+    Steps 1-4 equal the single-process demo's golden losses (step 4 is the resumed run's first: the
+    cp=2 checkpoint's model and data state load exactly). Step 5 follows the first optimizer update
+    after a load: that is inexact with any 2-rank distributed optimizer (dp=2 gives the same 3.7411
+    against 3.7140; parallel/README.md), so a mismatch there is an expected failure, not a pass."""
+    import json
+    import platform
+
+    import torch
+
+    _train_demo(tmp_path, 3)
+    _train_demo(tmp_path, 5)  # resumes from step 3 (checkpoint.resume=auto)
+    records = [json.loads(line) for line in (tmp_path / "cp2" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    print("cp2 trainer losses:", losses)
+    golden_path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "pretrain", "golden_demo_losses.json")
+    golden = json.loads(open(golden_path).read())
+    if golden["environment"] != {"python": platform.python_version(), "torch": torch.__version__.split("+")[0]}:
+        pytest.skip(f"golden losses were recorded with {golden['environment']}")
+    assert losses[:4] == pytest.approx(golden["losses"][:4], rel=2e-4, abs=2e-4)
+    if losses[4] != pytest.approx(golden["losses"][4], rel=2e-4, abs=2e-4):
+        pytest.xfail(f"open: first update after a 2-rank distributed-optimizer resume is inexact "
+                     f"(step 5: {losses[4]:.4f} vs {golden['losses'][4]:.4f})")
