@@ -50,6 +50,11 @@ class Engine:
         ddp_cfg = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=True, use_distributed_optimizer=distributed_optimizer)
         self.ddp = DistributedDataParallel(mcfg, ddp_cfg, self.model)
+        # parameters are replicated over dp and cp: megatron reduces (and the distributed optimizer
+        # shards) over parallel_state.get_data_parallel_group(with_context_parallel=True)
+        replicas = state.dp_size() * state.cp_size()
+        if self.ddp.dp_cp_group.size() != replicas:
+            raise RuntimeError(f"megatron DDP reduces over {self.ddp.dp_cp_group.size()} ranks, expected dp*cp={replicas}")
         o = cfg.optim
         self.optimizer = CheckpointableOptimizer(get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
