@@ -3,14 +3,18 @@
 kv heads are split over tp when there are at least tp of them; otherwise each rank holds the one
 kv head its query heads use (replicated over tp / kv_heads ranks; partial gradients are summed in
 parallel.grads). Same math and names as pretrain.layers.attention.Attention. Input/output
-(seqlen[/tp with SP], batch, d_model).
+(seqlen[/cp][/tp with SP], batch, d_model).
+
+Context parallelism (parallel.context): q, k, v of the sequence shard are exchanged for whole
+sequences of heads/cp heads (k/v heads repeated first when this rank holds fewer than cp), RoPE and
+the document-masked causal core run on whole sequences, and the output is exchanged back.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from parallel import state
+from parallel import context, state
 from parallel.common import column_linear, grouped_part, row_linear, split_part
 from pretrain.config import AttentionConfig
 from pretrain.layers.attention import apply_rope, causal_attention, rope_tables
@@ -36,6 +40,8 @@ class ParallelAttention(nn.Module):
         return out.view(seqlen, batch, num_heads, self.head_dim).permute(1, 2, 0, 3)
 
     def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        if state.cp_size() > 1:
+            return self.forward_context_parallel(hidden, seq_idx)
         q = self._heads(self.q_proj, hidden, self.num_heads)  # (batch, heads, seqlen, head_dim)
         k = self._heads(self.k_proj, hidden, self.num_kv_heads)
         v = self._heads(self.v_proj, hidden, self.num_kv_heads)
@@ -46,3 +52,22 @@ class ParallelAttention(nn.Module):
         out = causal_attention(q, k, v, seq_idx)  # (batch, heads, seqlen, head_dim)
         out = out.permute(2, 0, 1, 3).reshape(seqlen, batch, self.num_heads * self.head_dim)
         return self.o_proj(out)[0]
+
+    def forward_context_parallel(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
+        """hidden (s/cp[/tp], batch, d_model) -> the same; seq_idx (batch, s) of the whole sequence."""
+        q, _ = self.q_proj(hidden)  # (s/cp, batch, heads * head_dim)
+        k, _ = self.k_proj(hidden)
+        v, _ = self.v_proj(hidden)
+        s_local, batch, _ = q.shape
+        q = q.view(s_local, batch, self.num_heads, self.head_dim)
+        k = context.repeat_groups(k.view(s_local, batch, self.num_kv_heads, self.head_dim), self.num_kv_heads, 2)
+        v = context.repeat_groups(v.view(s_local, batch, self.num_kv_heads, self.head_dim), self.num_kv_heads, 2)
+        # (s, batch, heads/cp, head_dim) -> (batch, heads/cp, s, head_dim)
+        q, k, v = (context.seq_to_heads(t).permute(1, 2, 0, 3) for t in (q, k, v))
+        seqlen = q.shape[2]
+        if self.cfg.rope:  # positions of the whole sequence
+            cos, sin = rope_tables(seqlen, self.head_dim, self.cfg.rope_theta, q.device, q.dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = causal_attention(q, k, v, seq_idx)  # (batch, heads/cp, s, head_dim)
+        out = context.heads_to_seq(out.permute(2, 0, 1, 3))  # (s/cp, batch, heads, head_dim)
+        return self.o_proj(out.reshape(s_local, batch, self.num_heads * self.head_dim))[0]

@@ -11,7 +11,8 @@ Contract (what pretrain/checkpoint.py relies on):
   (Mamba's in_proj: z, x, B, C, dt; conv_weight / conv_bias: x, B, C) is a ShardedTensorFactory that
   saves one ShardedTensor per part under `<key>.<part>` (global shape of that part) and concatenates
   the local pieces again on load. So a tp2 checkpoint loads at tp1 and back.
-- replica_id = (tp replica, 0, dp rank): exactly one rank saves each piece.
+- replica_id = (tp replica, 0, dp x cp rank): exactly one rank saves each piece (parameters are
+  replicated over dp and cp).
 - DistributedOptimizer.sharded_state_dict(model.sharded_state_dict(), ...) works with it (tests/parallel).
 - Load: `sd = dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir); model.load_state_dict(sd,
   strict=False)` (megatron's linears add empty `_extra_state` entries on their own).
@@ -66,7 +67,7 @@ def _annotate_single_process_mamba(module: nn.Module) -> None:
 
 
 def sharded_state_dict(module: nn.Module, prefix: str = "") -> dict:
-    dp_rank = state.dp_rank()
+    dp_rank = state.dp_cp_rank()
     _annotate_single_process_mamba(module)
     tensors = dict(module.named_parameters())
     persistent = module.state_dict(keep_vars=True)

@@ -6,7 +6,9 @@ sequence-parallel HybridLM wrapped in megatron-core DistributedDataParallel (con
 buffers, gradient reduction overlapped with backward, `no_sync` for all but the last micro-batch)
 and megatron-core's distributed optimizer (ZeRO-1: fp32 main weights and Adam state sharded over
 dp; gradients reduce-scattered, parameters all-gathered after the step); gradient clipping over all
-groups by megatron (norm over dp shards, tp duplicates counted once). On CUDA the parameters are
+groups by megatron (norm over dp shards, tp duplicates counted once). Context parallelism needs
+nothing here: megatron DDP and the distributed optimizer reduce and shard over its dp x cp group
+(parameters are replicated over cp) and parallel/model.py scales the loss for it. On CUDA the parameters are
 bf16 with fp32 main weights in the optimizer.
 """
 from __future__ import annotations
@@ -48,6 +50,11 @@ class Engine:
         ddp_cfg = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=True, use_distributed_optimizer=distributed_optimizer)
         self.ddp = DistributedDataParallel(mcfg, ddp_cfg, self.model)
+        # parameters are replicated over dp and cp: megatron reduces (and the distributed optimizer
+        # shards) over parallel_state.get_data_parallel_group(with_context_parallel=True)
+        replicas = state.dp_size() * state.cp_size()
+        if self.ddp.dp_cp_group.size() != replicas:
+            raise RuntimeError(f"megatron DDP reduces over {self.ddp.dp_cp_group.size()} ranks, expected dp*cp={replicas}")
         o = cfg.optim
         self.optimizer = CheckpointableOptimizer(get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
@@ -95,7 +102,14 @@ class Engine:
         return grad_norm
 
     def update_expert_bias(self) -> list[torch.Tensor]:
-        return [layer.update_expert_bias() for layer in self.model.moe_layers()]
+        """Each MoE layer's load since the last call (the whole global batch's) and its bias update.
+        Under cp each rank counted its sequence shard: the counts are summed over cp first (the
+        layers sum over tp shards and dp replicas themselves)."""
+        layers = self.model.moe_layers()
+        if self.parallel and state.cp_size() > 1:
+            for layer in layers:
+                torch.distributed.all_reduce(layer.tokens_per_expert, group=state.cp_group())
+        return [layer.update_expert_bias() for layer in layers]
 
 
 class CheckpointableOptimizer:

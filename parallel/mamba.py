@@ -8,8 +8,13 @@ Same math and parameter names as pretrain.layers.mamba.Mamba2Mixer; per tp rank:
 - grouped gated RMSNorm on local channels; when a norm group spans ranks (ngroups < tp) its
   sum of squares is reduced over tp.
 - out_proj: row-parallel (all-reduce, or reduce-scatter under sequence parallelism).
-Input/output (seqlen[/tp with SP], batch, d_model) as megatron's layers expect; seq_idx
+Input/output (seqlen[/cp][/tp with SP], batch, d_model) as megatron's layers expect; seq_idx
 (batch, seqlen) covers the whole sequence.
+
+Context parallelism (parallel.context): in_proj, the gated norm and out_proj stay on the sequence
+shard; x, B, C (groups repeated when this rank holds fewer than cp) and dt are exchanged in one
+all-to-all for whole sequences of nheads/cp heads, the conv1d and SSD scan run there with this cp
+rank's slice of conv_weight/conv_bias/dt_bias/A_log/D, and y is exchanged back.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from torch import nn
 from kernels.conv1d.op import causal_conv1d
 from kernels.rmsnorm_gated.op import rmsnorm_gated
 from kernels.ssd.op import ssd_scan
-from parallel import state
+from parallel import context, state
 from parallel.common import all_reduce_tp_both, column_linear, grouped_part, row_linear, set_spec, split_part
 from pretrain.config import MambaConfig
 
@@ -61,8 +66,20 @@ class ParallelMamba2Mixer(nn.Module):
         self.norm_weight = nn.Parameter(torch.empty(self.d_inner))
         set_spec(self.norm_weight, 0, split_part("", d_inner))
         self.out_proj = row_linear(mcfg, [split_part("", d_inner)], d_model, bias=cfg.proj_bias)
+        cp = state.cp_size()
+        if cp > 1:
+            # this cp rank's heads and (repeated) groups after the exchange, as local conv channels
+            groups, self.cp_groups = context.group_slice(self.num_groups)
+            self.cp_heads = self.num_heads // cp
+            head0 = state.cp_rank() * self.cp_heads
+            x_rows = torch.arange(head0 * cfg.head_dim, (head0 + self.cp_heads) * cfg.head_dim)
+            bc_rows = torch.cat([torch.arange(g * ds, (g + 1) * ds) for g in groups])
+            rows = torch.cat([x_rows, self.d_inner + bc_rows, self.d_inner + bc + bc_rows])
+            self.register_buffer("cp_conv_rows", rows, persistent=False)
 
     def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        if state.cp_size() > 1:
+            return self.forward_context_parallel(hidden, seq_idx)
         zxbcdt, _ = self.in_proj(hidden)  # (seqlen, batch, local in_proj)
         zxbcdt = zxbcdt.transpose(0, 1).contiguous()
         batch, seqlen, _ = zxbcdt.shape
@@ -77,6 +94,10 @@ class ParallelMamba2Mixer(nn.Module):
             chunk_size=self.cfg.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
             dt_limit=(self.cfg.dt_limit_min, self.cfg.dt_limit_max), seq_idx=seq_idx,
         ).reshape(batch, seqlen, self.d_inner)
+        return self.gated_norm_out(y, z)
+
+    def gated_norm_out(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """y, z (batch, seqlen, local d_inner) -> out_proj(norm(y * silu(z))) (seqlen, batch, d_model)."""
         if self.norm_spans_ranks:
             y = self.norm_across_ranks(y, z)
         else:
@@ -84,6 +105,39 @@ class ParallelMamba2Mixer(nn.Module):
                               norm_before_gate=self.cfg.norm_before_gate)
         out, _ = self.out_proj(y.transpose(0, 1))
         return out
+
+    def forward_context_parallel(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
+        """hidden (s/cp[/tp], batch, d_model) -> the same; the conv and scan see whole sequences."""
+        cp = state.cp_size()
+        zxbcdt, _ = self.in_proj(hidden)  # (s/cp, batch, local in_proj)
+        s_local, batch, _ = zxbcdt.shape
+        bc = self.num_groups * self.d_state
+        z, x, B, C, dt = torch.split(zxbcdt, [self.d_inner, self.d_inner, bc, bc, self.num_heads], dim=-1)
+        B = context.repeat_groups(B, self.num_groups, -1)
+        C = context.repeat_groups(C, self.num_groups, -1)
+        # one exchange: per destination rank its heads of x and dt and its groups of B and C
+        send = torch.cat([t.reshape(s_local, batch, cp, -1) for t in (x, B, C, dt)], dim=-1)
+        recv = context.seq_to_heads(send).squeeze(2).transpose(0, 1)  # (batch, s, per-rank channels)
+        seqlen = recv.shape[1]
+        x_dim, bc_dim = self.cp_heads * self.head_dim, self.cp_groups * self.d_state
+        xBC, dt = torch.split(recv, [x_dim + 2 * bc_dim, self.cp_heads], dim=-1)
+        conv_bias = None if self.conv_bias is None else self.conv_bias.index_select(0, self.cp_conv_rows)
+        xBC = causal_conv1d(xBC.contiguous(), self.conv_weight.index_select(0, self.cp_conv_rows), conv_bias,
+                            seq_idx=seq_idx, activation="silu")
+        x, B, C = torch.split(xBC, [x_dim, bc_dim, bc_dim], dim=-1)
+        head0 = state.cp_rank() * self.cp_heads
+        heads = slice(head0, head0 + self.cp_heads)
+        y = ssd_scan(
+            x.reshape(batch, seqlen, self.cp_heads, self.head_dim), dt.contiguous(),
+            -torch.exp(self.A_log[heads].float()),
+            B.reshape(batch, seqlen, self.cp_groups, self.d_state),
+            C.reshape(batch, seqlen, self.cp_groups, self.d_state),
+            chunk_size=self.cfg.chunk_size, D=self.D[heads], dt_bias=self.dt_bias[heads], dt_softplus=True,
+            dt_limit=(self.cfg.dt_limit_min, self.cfg.dt_limit_max), seq_idx=seq_idx,
+        )  # (batch, s, heads/cp, head_dim)
+        y = context.heads_to_seq(y.transpose(0, 1).reshape(seqlen, batch, 1, x_dim))  # (s/cp, batch, cp, x_dim)
+        y = y.reshape(s_local, batch, self.d_inner).transpose(0, 1).contiguous()
+        return self.gated_norm_out(y, z.transpose(0, 1).contiguous())
 
     def norm_across_ranks(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Gated RMSNorm whose group (of group_size channels) spans tp / ngroups ranks: the sum of

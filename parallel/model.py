@@ -1,16 +1,21 @@
 """HybridLM's tensor/sequence-parallel build (see pretrain/model.py; `HybridLM(...)` returns this
 class when megatron-core's process groups exist).
 
-Residual stream (seqlen[/tp under SP], batch, d_model). Vocab-parallel embedding (reduce-scatter
+Residual stream (seqlen[/cp][/tp under SP], batch, d_model). Vocab-parallel embedding (reduce-scatter
 into sequence shards under SP), the head multiplies by this rank's vocabulary rows (of lm_head, or
 of the embedding when tied), and the loss is megatron-core's vocab-parallel cross-entropy.
+
+Context parallelism: tokens, labels and seq_idx arrive whole (every cp rank of a replica gets the
+same micro-batch); the model keeps this cp rank's contiguous sequence shard of tokens and labels
+(parallel.context.local_shard) and passes the whole seq_idx to the mixers, which exchange shards
+for heads where they need whole sequences. Logits are those of the shard.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from parallel import state
+from parallel import context, state
 from parallel.attention import ParallelAttention
 from parallel.common import megatron_config, replicated_part, set_spec, shard_full, spec_of, split_part
 from parallel.mamba import ParallelMamba2Mixer
@@ -93,7 +98,9 @@ class ParallelHybridLM(HybridLM):
         pass
 
     def hidden_states(self, tokens: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.embeddings(tokens)  # (batch, seqlen, d) or, under SP, (seqlen/tp, batch, d)
+        """tokens (batch, seqlen) whole; seq_idx (batch, seqlen) whole -> (seqlen/cp[/tp], batch, d)."""
+        tokens = context.local_shard(tokens, dim=1)
+        hidden = self.embeddings(tokens)  # (batch, seqlen/cp, d) or, under SP, (seqlen/cp/tp, batch, d)
         if not self.sequence_parallel:
             hidden = hidden.transpose(0, 1).contiguous()
         for layer in self.layers:
@@ -101,7 +108,7 @@ class ParallelHybridLM(HybridLM):
         return self.norm_f(hidden)
 
     def vocab_parallel_logits(self, tokens: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """(seqlen, batch, vocab/tp) logits of this rank's vocabulary slice."""
+        """(seqlen/cp, batch, vocab/tp) logits of this rank's vocabulary slice (and sequence shard)."""
         from megatron.core import tensor_parallel as mtp
 
         hidden = self.hidden_states(tokens, seq_idx)
@@ -115,12 +122,17 @@ class ParallelHybridLM(HybridLM):
         return self.vocab_parallel_logits(tokens, seq_idx).transpose(0, 1)
 
     def loss(self, tokens, labels, seq_idx=None, z_loss_coeff: float = 0.0):
+        """(loss to optimise, cross-entropy of the whole micro-batch for logging). Under cp the token
+        means divide this shard's sums by the whole sequence's label count, and the loss to optimise
+        is cp x that share (megatron DDP averages gradients over dp x cp); the returned cross-entropy
+        is summed over cp, i.e. the replica's."""
         from megatron.core import tensor_parallel as mtp
 
+        cp = state.cp_size()
         logits = self.vocab_parallel_logits(tokens, seq_idx).float()
-        labels = labels.transpose(0, 1).contiguous()
+        count = (labels != IGNORE_INDEX).sum().clamp(min=1).float()  # whole sequences (labels arrive whole)
+        labels = context.local_shard(labels, dim=1).transpose(0, 1).contiguous()
         mask = (labels != IGNORE_INDEX).float()
-        count = mask.sum().clamp(min=1)
         z_loss = None
         if z_loss_coeff > 0:
             local_max = logits.detach().amax(dim=-1, keepdim=True)
@@ -133,5 +145,10 @@ class ParallelHybridLM(HybridLM):
         per_token = mtp.vocab_parallel_cross_entropy(logits.clone() if z_loss is not None else logits, labels)
         ce = (per_token * mask).sum() / count
         loss = ce if z_loss is None else ce + z_loss
-        aux = self.aux_loss()
-        return (loss if aux is None else loss + aux), ce.detach()
+        ce = ce.detach()
+        if cp > 1:
+            loss = loss * cp
+            ce = ce.clone()
+            torch.distributed.all_reduce(ce, group=state.cp_group())
+        aux = self.aux_loss()  # under cp: this shard's own balancing statistics (parallel/README.md)
+        return (loss if aux is None else loss + aux), ce

@@ -112,6 +112,39 @@ def dp_group():
     return ps.get_data_parallel_group()
 
 
+def cp_size() -> int:
+    """Context-parallel size (1 without groups)."""
+    if not _groups_ready():
+        return 1
+    from megatron.core import parallel_state as ps
+
+    return ps.get_context_parallel_world_size()
+
+
+def cp_rank() -> int:
+    if not _groups_ready():
+        return 0
+    from megatron.core import parallel_state as ps
+
+    return ps.get_context_parallel_rank()
+
+
+def cp_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_context_parallel_group()
+
+
+def dp_cp_rank() -> int:
+    """Rank among the replicas of a parameter: dp x cp (parameters are replicated over both; megatron
+    DDP and the distributed optimizer reduce and shard over this group)."""
+    if not _groups_ready():
+        return dist.get_rank() if dist.is_initialized() else 0
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_rank(with_context_parallel=True)
+
+
 def _groups_ready() -> bool:
     return is_initialized()
 

@@ -297,6 +297,8 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
               f"must be in (0, A_init_max={mb.A_init_max}]")
         _need(p.cp == 1 or mb.num_heads % (p.tp * p.cp) == 0, "model.mamba.num_heads", mb.num_heads,
               f"must be divisible by tp*cp={p.tp * p.cp} for context parallelism")
+        _need(mb.num_groups % (p.tp * p.cp) == 0 or (p.tp * p.cp) % mb.num_groups == 0, "model.mamba.num_groups",
+              mb.num_groups, f"must divide or be a multiple of tp*cp={p.tp * p.cp} for context parallelism")
 
     at = m.attention
     head_dim = at.head_dim if at.head_dim is not None else (m.d_model // at.num_heads if at.num_heads > 0 else 0)
@@ -312,6 +314,9 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
               at.num_kv_heads, f"must divide or be a multiple of parallel.tp={p.tp}")
         _need(p.cp == 1 or at.num_heads % (p.tp * p.cp) == 0, "model.attention.num_heads", at.num_heads,
               f"must be divisible by tp*cp={p.tp * p.cp} for context parallelism")
+        _need(at.num_kv_heads % (p.tp * p.cp) == 0 or (p.tp * p.cp) % at.num_kv_heads == 0,
+              "model.attention.num_kv_heads", at.num_kv_heads,
+              f"must divide or be a multiple of tp*cp={p.tp * p.cp} for context parallelism")
         _need(not at.rope or head_dim % 2 == 0, "model.attention.head_dim", head_dim, "must be even for RoPE")
 
     if "mlp" in kinds:
