@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 import kernels.backend
-from pretrain.config import Config, Derived, to_yaml
+from pretrain.config import Config, Derived, stream_dicts, to_yaml
 from pretrain.distributed import DistInfo
 from pretrain.flops import count_parameters, device_peak_tflops, train_flops_per_token
 from pretrain.loss import lm_loss
@@ -52,7 +52,7 @@ def build_data(cfg: Config, dist_info: DistInfo, derived: Derived):
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
     return build_train_loader(
-        cfg.data.path, seq_len=cfg.data.seq_len, micro_batch_size=cfg.data.micro_batch_size,
+        cfg.data.path or None, streams=stream_dicts(cfg.data.path, cfg.data.streams), seq_len=cfg.data.seq_len, micro_batch_size=cfg.data.micro_batch_size,
         seed=cfg.run.seed, shuffle=cfg.data.shuffle, num_workers=cfg.data.num_workers,
         dp_rank=_dp_rank(dist_info, derived), dp_size=derived.dp,
         vocab_size=cfg.model.vocab_size,
