@@ -192,7 +192,7 @@ def prepare(
         if counts["num_samples"] == 0:
             raise ValueError(f"the inputs hold {stream_tokens} tokens, fewer than one sample of "
                              f"seq_len + 1 = {sample_len} tokens")
-        index = json.loads((partial / "index.json").read_text())
+        index = {"shards": writer.shards}  # = index.json's list (which a remote upload does not keep locally)
         meta = dict(
             format=FORMAT, format_version=FORMAT_VERSION, seq_len=seq_len, sample_len=sample_len,
             tokenizer=tok.spec, vocab_size=tok.vocab_size, eos_id=tok.eos_id,
@@ -250,6 +250,7 @@ def _existing_meta(out: str | Path) -> dict | None:
 def _upload_meta(staging: Path, remote: str, meta: dict) -> None:
     from streaming.base.storage import CloudUploader
 
+    staging.mkdir(parents=True, exist_ok=True)  # the writer removes its local directory when done
     (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     CloudUploader.get((str(staging), remote), keep_local=True, exist_ok=True).upload_file(META_FILE)
 
