@@ -4,6 +4,7 @@ downloader read, and creates the bucket."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from typing import Iterator
@@ -23,6 +24,7 @@ def local_s3(bucket: str) -> Iterator[str]:
     import boto3
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

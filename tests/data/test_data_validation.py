@@ -38,11 +38,14 @@ def data(tmp_path):
     return tmp_path
 
 
-def _run(root, name, *extra):
+def _run(root, name, *extra, streams=False):
     from pretrain.trainer import Trainer
 
-    cfg = load_config(["configs/demo.yaml"], [
-        *TINY, f"data.path={root / 'train'}", "data.demo_corpus=false", f"data.seq_len={SEQ_LEN}",
+    extra_yaml = root / f"{name}.yaml"  # the training data as data.path, or as the one stream of data.streams
+    extra_yaml.write_text(f"data:\n  path: ''\n  streams: [{{path: {root / 'train'}}}]\n" if streams
+                          else f"data:\n  path: {root / 'train'}\n")
+    cfg = load_config(["configs/demo.yaml", str(extra_yaml)], [
+        *TINY, "data.demo_corpus=false", f"data.seq_len={SEQ_LEN}",
         f"data.micro_batch_size={MB}", f"data.global_batch_size={MB}", "trainer.max_steps=4",
         "trainer.log_interval=1", "trainer.device=cpu", "kernels.backend=torch", "checkpoint.interval=0",
         "checkpoint.async_save=false", f"run.dir={root / 'runs'}", f"run.name={name}", *extra])
@@ -87,7 +90,8 @@ def test_eval_loss_matches_independent_computation(data):
     assert [e.step for e in tb.Scalars("eval/loss")] == [2, 4]
     assert tb.Scalars("eval/loss")[-1].value == pytest.approx(last["eval/loss"], rel=1e-6)
 
-    # evaluating changed nothing in training (MoE load counters restored, no shared RNG or loader use)
-    _, plain = _run(data, "plain")
+    # evaluating changed nothing in training (MoE load counters restored, no shared RNG or loader use);
+    # this run reads its training data through data.streams (one stream), which is the same as data.path
+    _, plain = _run(data, "plain", streams=True)
     losses = lambda recs: [(r["step"], r["loss"]) for r in recs if "loss" in r]  # noqa: E731
     assert losses(records) == losses(plain)
