@@ -3,7 +3,6 @@ rerun semantics (--skip-existing / --overwrite), and an interrupted prepare neve
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
