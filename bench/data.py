@@ -75,7 +75,10 @@ def main() -> None:
     p.add_argument("--no-remote", action="store_true", help="skip the remote (moto S3) rows")
     args = p.parse_args()
     workers = [int(w) for w in args.workers.split(",")]
-    os.environ.setdefault("TMPDIR", tempfile.mkdtemp(prefix="bench-data-"))
+    own_tmp = None
+    if "TMPDIR" not in os.environ:  # streaming's filelocks: a private TMPDIR, removed at the end
+        own_tmp = os.environ["TMPDIR"] = tempfile.mkdtemp(prefix="bench-data-tmp-")
+        tempfile.tempdir = own_tmp
     work = Path(tempfile.mkdtemp(prefix="bench-data-"))
     rows = []
     try:
@@ -99,6 +102,8 @@ def main() -> None:
                         rows.append(("remote-warm", w, *measure(args.seq_len, args.micro_batch_size, w, streams=stream)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if own_tmp:
+            shutil.rmtree(own_tmp, ignore_errors=True)
 
     print(f"\nmachine: {platform.node()} ({os.cpu_count()} CPUs, {platform.processor() or platform.machine()}), "
           f"load average {os.getloadavg()[0]:.1f}; dataset {args.samples} samples x {args.seq_len + 1} tokens, "
