@@ -6,6 +6,9 @@
     batch = next(batches)                       # tokens (B, L) int64, labels (B, L) int64, seq_idx (B, L) int32
     state = loader.state_dict()                 # into the checkpoint (a small JSON-able dict)
     loader.load_state_dict(state)               # on a fresh loader, before iterating: resumes the order
+    build_train_loader(streams=[{"path": "data/web", "proportion": 0.7},            # a mixture through
+                                {"remote": "s3://b/code", "local": "/cache/code", "proportion": 0.3}], ...)
+                                                # streaming's own Stream mixing (data.streams)
 
 seq_idx[b, i] is the index of the document that position i belongs to, counted from 0 within each sample;
 it increases by one right after every EOS, so SSD scans reset their state and attention masks stop at
@@ -47,31 +50,13 @@ from streaming import StreamingDataLoader, StreamingDataset
 from streaming.base import distributed as sdist
 from streaming.base.constant import SHM_TO_CLEAN
 
-from data.prepare import FORMAT, META_FILE, read_meta
+from data.streams import StreamSpec, check_stream, stream_specs, to_streaming
 
 
 # ----------------------------------------------------------------------------------------------- checks
 def check_prepared(path: str | os.PathLike, seq_len: int, vocab_size: int | None = None) -> dict:
-    """Return prepare_meta.json of `path` after checking it exists and matches seq_len (and vocab_size)."""
-    path = Path(path).expanduser()
-    hint = f"create it with `python -m data.prepare --input <text files> --tokenizer <tokenizer.json|bytes> " \
-           f"--out {path} --seq-len {seq_len}`"
-    if not (path / "index.json").is_file():
-        what = "does not exist" if not path.exists() else "has no index.json"
-        raise FileNotFoundError(f"no prepared dataset at {path} ({what}); {hint}")
-    meta = read_meta(path)
-    if meta is None or meta.get("format") != FORMAT:
-        raise FileNotFoundError(f"{path} holds MDS shards but no {META_FILE} from data.prepare; {hint}")
-    if meta["seq_len"] != seq_len:
-        raise ValueError(
-            f"seq_len mismatch: training asks for seq_len={seq_len} but {path} was prepared with "
-            f"seq_len={meta['seq_len']} ({path / META_FILE}); prepare again with --seq-len {seq_len} "
-            f"or set seq_len={meta['seq_len']}")
-    if vocab_size is not None and vocab_size < meta["vocab_size"]:
-        raise ValueError(
-            f"vocab_size mismatch: the model has vocab_size={vocab_size} but {path} was tokenized with "
-            f"{meta['tokenizer']} (vocab_size={meta['vocab_size']}, {path / META_FILE})")
-    return meta
+    """Return prepare_meta.json of the local dataset `path` after the checks of data.streams.check_stream."""
+    return check_stream(StreamSpec(local=str(Path(path).expanduser())), seq_len, vocab_size)
 
 
 def _replication(dp_rank: int | None, dp_size: int | None) -> int | None:
@@ -109,11 +94,12 @@ def sample_to_example(tokens: np.ndarray, doc_starts: np.ndarray) -> dict[str, t
 
 
 class PackedDataset(StreamingDataset):
-    """StreamingDataset over data.prepare output whose items are {tokens, labels, seq_idx} tensors."""
+    """StreamingDataset over data.prepare output (one or several streams) whose items are
+    {tokens, labels, seq_idx} tensors."""
 
-    def __init__(self, path: str | os.PathLike, *, seq_len: int, **kwargs: Any):
+    def __init__(self, specs: list[StreamSpec], *, seq_len: int, **kwargs: Any):
         self.seq_len = seq_len
-        super().__init__(local=str(Path(path).expanduser().resolve()), remote=None, **kwargs)
+        super().__init__(streams=to_streaming(specs), **kwargs)
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         sample = super().__getitem__(idx)
@@ -124,8 +110,9 @@ class PackedDataset(StreamingDataset):
 
 
 def build_train_loader(
-    path: str | os.PathLike,
+    path: str | os.PathLike | None = None,
     *,
+    streams: list[dict] | None = None,
     seq_len: int,
     micro_batch_size: int,
     seed: int,
@@ -141,17 +128,22 @@ def build_train_loader(
 ) -> StreamingDataLoader:
     """A StreamingDataLoader of `micro_batch_size` samples per rank (full batches only).
 
+    Reads `path` (one local prepared directory) or `streams`, a mixture as described in data.streams
+    (dicts with path or remote + local, and proportion or repeat/choose).
+
     dp_rank/dp_size: this rank's data-parallel coordinates (default: RANK/WORLD_SIZE, pure data
     parallelism); see the module docstring. vocab_size: the model's, checked against the data's.
     The loader has state_dict()/load_state_dict() (call load_state_dict before iterating).
     clean_stale_shm: first unlink streaming shared memory left by killed runs (see module docstring).
     """
-    check_prepared(path, seq_len, vocab_size)
+    specs = stream_specs(path, streams)
+    for spec in specs:
+        check_stream(spec, seq_len, vocab_size)
     replication = _replication(dp_rank, dp_size)
     if clean_stale_shm:
         clean_stale_streaming_shm()
     dataset = PackedDataset(
-        path, seq_len=seq_len, batch_size=micro_batch_size, shuffle=shuffle, shuffle_seed=seed,
+        specs, seq_len=seq_len, batch_size=micro_batch_size, shuffle=shuffle, shuffle_seed=seed,
         replication=replication, num_canonical_nodes=num_canonical_nodes,
     )
     _record_owner(dataset)

@@ -17,7 +17,7 @@ from data.prepare import FORMAT, FORMAT_VERSION, META_FILE, token_dtype
 
 
 def write_synthetic(out: str | os.PathLike, *, seq_len: int, vocab_size: int, num_samples: int,
-                    mean_doc_len: int = 2048, seed: int = 0) -> Path:
+                    mean_doc_len: int = 2048, seed: int = 0, shard_size_limit: int | str = "256mb") -> Path:
     """Write `num_samples` samples of seq_len + 1 uniform random tokens; documents start at
     positions drawn with mean spacing `mean_doc_len`. Returns the output directory."""
     from streaming import MDSWriter
@@ -29,7 +29,7 @@ def write_synthetic(out: str | os.PathLike, *, seq_len: int, vocab_size: int, nu
     dtype = token_dtype(vocab_size)
     sample_len = seq_len + 1
     columns = {"tokens": f"ndarray:{dtype.name}:{sample_len}", "doc_starts": "ndarray:uint32"}
-    with MDSWriter(out=str(out), columns=columns, size_limit="256mb") as writer:
+    with MDSWriter(out=str(out), columns=columns, size_limit=shard_size_limit) as writer:
         for _ in range(num_samples):
             tokens = rng.integers(0, vocab_size, sample_len).astype(dtype)
             num_starts = rng.poisson(seq_len / max(1, mean_doc_len))

@@ -151,7 +151,7 @@ def train_bpe(inputs, out_dir, vocab_size: int, *, text_field: str = "text", eos
     from tokenizers import Tokenizer as _HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    from data.prepare import find_inputs, iter_documents
+    from data.inputs import find_inputs, iter_documents
 
     specials = [eos_token] + [t for t in special_tokens if t != eos_token]
     if vocab_size < 256 + len(specials):

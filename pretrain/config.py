@@ -98,8 +98,28 @@ class ModelConfig:
 
 
 @dataclass
+class StreamConfig:
+    """One stream of a mixture (see data/streams.py): a local `path`, or `remote` (s3://, gs://, ...) cached
+    in `local`; at most one weight: proportion (relative, all streams or none), repeat or choose."""
+    path: str = ""
+    remote: str = ""
+    local: str = ""
+    proportion: Optional[float] = None
+    repeat: Optional[float] = None
+    choose: Optional[int] = None
+
+
+@dataclass
+class ValidationDataConfig:
+    """Held-out data for periodic evaluation (trainer.eval_interval); the same forms as data.path/streams."""
+    path: str = ""
+    streams: list[StreamConfig] = field(default_factory=list)
+
+
+@dataclass
 class DataConfig:
-    path: str = ""  # a directory of MDS shards written by `python -m data.prepare`
+    path: str = ""  # a directory of MDS shards written by `python -m data.prepare` (the one-stream case)
+    streams: list[StreamConfig] = field(default_factory=list)  # a mixture instead of `path`
     demo_corpus: bool = False  # prepare the offline demo corpus into `path` when it is missing
     tokenizer: str = "bytes"  # "bytes" or a tokenizer.json
     seq_len: int = 1024
@@ -107,6 +127,7 @@ class DataConfig:
     global_batch_size: int = 4
     num_workers: int = 0
     shuffle: bool = True
+    validation: ValidationDataConfig = field(default_factory=ValidationDataConfig)
 
 
 @dataclass
@@ -131,6 +152,8 @@ class TrainerConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     device: str = "auto"  # auto | cpu | cuda
     z_loss_coeff: float = 0.0
+    eval_interval: int = 0  # > 0: evaluate on data.validation every this many steps (and at the end)
+    eval_steps: int = 10  # micro-batches per dp rank in one evaluation
 
 
 @dataclass
@@ -256,6 +279,26 @@ def _need(cond: bool, key: str, value, why: str) -> None:
         raise ConfigError(f"{key}={value!r}: {why}")
 
 
+def stream_dicts(path: str, streams: list) -> list[dict] | None:
+    """data.streams (or data.validation.streams) as plain dicts for data.dataset, None when `path` is used."""
+    if not streams:
+        return None
+    return [OmegaConf.to_container(OmegaConf.structured(s)) if not isinstance(s, dict) else dict(s) for s in streams]
+
+
+def _check_streams(path: str, streams: list, key: str) -> None:
+    """The stream rules of data/streams.py as ConfigErrors naming the key (no file system access here)."""
+    from data.streams import stream_specs
+
+    if not path and not streams:
+        raise ConfigError(f"{key}.path='': must name a prepared dataset directory (python -m data.prepare), "
+                          f"or give {key}.streams")
+    try:
+        stream_specs(path or None, stream_dicts(path, streams), key=key)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def validate(cfg: Config, world_size: int = 1) -> Derived:
     """Check every cross-field rule and compute the derived values; raises ConfigError."""
     m, p, d = cfg.model, cfg.parallel, cfg.data
@@ -354,7 +397,9 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
     per_step = d.micro_batch_size * dp
     _need(d.global_batch_size > 0 and d.global_batch_size % per_step == 0, "data.global_batch_size",
           d.global_batch_size, f"must be a multiple of data.micro_batch_size x dp = {d.micro_batch_size} x {dp}")
-    _need(bool(d.path), "data.path", d.path, "must name a prepared dataset directory (python -m data.prepare)")
+    _check_streams(d.path, d.streams, "data")
+    if d.validation.path or d.validation.streams:
+        _check_streams(d.validation.path, d.validation.streams, "data.validation")
 
     o = cfg.optim
     _need(o.schedule in ("cosine", "wsd", "constant"), "optim.schedule", o.schedule, "must be cosine, wsd or constant")
@@ -367,6 +412,10 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
     _need(t.precision in ("auto", "bf16", "fp32"), "trainer.precision", t.precision, "must be auto, bf16 or fp32")
     _need(t.device in ("auto", "cpu", "cuda"), "trainer.device", t.device, "must be auto, cpu or cuda")
     _need(t.log_interval > 0, "trainer.log_interval", t.log_interval, "must be > 0")
+    _need(t.eval_interval >= 0, "trainer.eval_interval", t.eval_interval, "must be >= 0 (0 = no evaluation)")
+    _need(t.eval_steps > 0, "trainer.eval_steps", t.eval_steps, "must be > 0")
+    _need(t.eval_interval == 0 or bool(d.validation.path or d.validation.streams), "trainer.eval_interval",
+          t.eval_interval, "needs validation data: set data.validation.path or data.validation.streams")
     tokens_per_step = d.global_batch_size * d.seq_len
     if t.max_tokens > 0:
         total_steps = math.ceil(t.max_tokens / tokens_per_step)

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 import kernels.backend
-from pretrain.config import Config, Derived, to_yaml
+from pretrain.config import Config, Derived, stream_dicts, to_yaml
+from pretrain.evaluate import Evaluator
 from pretrain.distributed import DistInfo
 from pretrain.flops import count_parameters, device_peak_tflops, train_flops_per_token
 from pretrain.loss import lm_loss
@@ -52,7 +53,7 @@ def build_data(cfg: Config, dist_info: DistInfo, derived: Derived):
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
     return build_train_loader(
-        cfg.data.path, seq_len=cfg.data.seq_len, micro_batch_size=cfg.data.micro_batch_size,
+        cfg.data.path or None, streams=stream_dicts(cfg.data.path, cfg.data.streams), seq_len=cfg.data.seq_len, micro_batch_size=cfg.data.micro_batch_size,
         seed=cfg.run.seed, shuffle=cfg.data.shuffle, num_workers=cfg.data.num_workers,
         dp_rank=_dp_rank(dist_info, derived), dp_size=derived.dp,
         vocab_size=cfg.model.vocab_size,
@@ -92,6 +93,7 @@ class Trainer:
         self.model, self.optimizer = self.engine.model, self.engine.optimizer
         self.loader = build_data(cfg, dist_info, derived)
         self.batches = infinite_batches(self.loader)
+        self.evaluator = Evaluator(cfg, dist_info, derived, _dp_rank(dist_info, derived))
         self.metrics = MetricsWriter(derived.run_dir, enabled=dist_info.is_main)
         self.step = 0
         self.consumed_samples = 0
@@ -179,6 +181,7 @@ class Trainer:
                     if self.dist.is_main:
                         log.info(progress_line({"step": self.step, **record}, total))
                     window_start, window_steps = now, 0
+                window_start += self.evaluator.maybe_evaluate(self)  # seconds: eval time is not step time
             ckpt.finish(self)
             ok = True
             return 0
