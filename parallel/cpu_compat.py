@@ -16,6 +16,10 @@ This is the one module in the project that patches a library. `install()` is a n
   megatron.core.optimizer.optimizer, megatron.core.optimizer.clip_grads and megatron.core.utils
   (its local multi-tensor l2 norm, used for the grad norm without apex): those modules see
   a `torch` whose tensor factories map device "cuda" to the CPU (every other attribute is torch's).
+- the MoE all-to-all dispatcher's `maybe_move_tensor_to_cpu` (megatron.core.transformer.moe.
+  token_dispatcher): it turns the split sizes into numpy only for tensors on CUDA, so on CPU they
+  stay torch tensors, which gloo's all_to_all_single rejects; the stand-in returns numpy for CPU
+  tensors too when numpy was asked for.
 - `Tensor.type() == "torch.cuda.FloatTensor"` checks: DistributedOptimizer.__init__ sorts parameters
   by that string (its stand-in lets each parameter report the CUDA type name while it is built), and
   clip_grad_by_total_norm_fp32 asserts it (its stand-in is the same scaling without the assert).
@@ -41,6 +45,7 @@ PATCHED = (
     "megatron.core.utils.torch",
     "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.__init__",
     "megatron.core.optimizer.optimizer.clip_grad_by_total_norm_fp32",
+    "megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu",
 )
 
 _installed = False
@@ -179,6 +184,13 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
         torch._foreach_mul_(grads, clip_coeff)
 
 
+def _move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """maybe_move_tensor_to_cpu for tensors that are on the CPU already: numpy when asked for."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.detach().cpu().numpy()
+    return tensor
+
+
 def install() -> bool:
     """Install the stand-ins when CUDA is unavailable (idempotent). Returns whether they are active."""
     global _installed
@@ -209,6 +221,9 @@ def install() -> bool:
     import megatron.core.utils as mutils
 
     mutils.torch = _CpuFactoriesTorch()
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.maybe_move_tensor_to_cpu = _move_tensor_to_cpu
     _installed = True
     return True
 

@@ -95,7 +95,13 @@ class Engine:
         return grad_norm
 
     def update_expert_bias(self) -> list[torch.Tensor]:
+        """Per MoE layer, the load (routed slots per expert over the global batch, dropped or not)
+        since the last call; applies the sigmoid router's bias update."""
         return [layer.update_expert_bias() for layer in self.model.moe_layers()]
+
+    def take_dropped_tokens(self) -> list[torch.Tensor]:
+        """Per MoE layer, slots dropped over capacity per expert (global batch) since the last call."""
+        return [layer.take_dropped_tokens() for layer in self.model.moe_layers()]
 
 
 class CheckpointableOptimizer:
@@ -143,22 +149,28 @@ class CheckpointableOptimizer:
     def load_state_dict(self, state_dict) -> None:
         """megatron's load, except that the fully-reshardable parameter state (which holds no Adam
         `step`: that comes from the common part) is copied in while the per-parameter `step`
-        entries of torch's Adam are set aside (megatron 0.16.1 expects none there without apex/TE)."""
+        entries of torch's Adam are set aside (megatron 0.16.1 expects none there without apex/TE).
+        With MoE the optimizer is a chain (dense params; expert params over the expert-dp groups)
+        and the state dict holds one such entry per chained optimizer ({0: ..., 1: ...})."""
         chained = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
-        if (len(chained) != 1 or not isinstance(state_dict, dict) or "param_state" not in state_dict
-                or state_dict.get("param_state_sharding_type") != "fully_reshardable"):
+        entries = [state_dict] if len(chained) == 1 else (
+            [state_dict[k] for k in sorted(state_dict)] if isinstance(state_dict, dict) else [])
+        if len(entries) != len(chained) or not all(
+                isinstance(sd, dict) and "param_state" in sd and sd.get("param_state_sharding_type") == "fully_reshardable"
+                for sd in entries):
             self.optimizer.load_state_dict(state_dict)
             return
-        dist_opt = chained[0]
-        common = {k: v for k, v in state_dict.items() if k not in ("param_state", "param_state_sharding_type")}
-        dist_opt.load_state_dict(common)
+        for dist_opt, sd in zip(chained, entries):
+            common = {k: v for k, v in sd.items() if k not in ("param_state", "param_state_sharding_type")}
+            dist_opt.load_state_dict(common)
         steps = {}
         for opt in self._inner_torch_optimizers():
             for p, st in opt.state.items():
                 if "step" in st:
                     steps[(id(opt), p)] = (opt, st.pop("step"))
         try:
-            dist_opt.load_parameter_state_from_fully_reshardable(state_dict["param_state"])
+            for dist_opt, sd in zip(chained, entries):
+                dist_opt.load_parameter_state_from_fully_reshardable(sd["param_state"])
         finally:
             for (_, p), (opt, step) in steps.items():
                 opt.state[p]["step"] = step
