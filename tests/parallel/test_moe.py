@@ -7,6 +7,7 @@ One 2-rank launch (imports cost 10-25 s per rank):
   router + expert bias and a shared expert; the softmax router + aux loss with SwiGLU experts; a
   capacity factor that drops slots; the starved expert again, now across the all-to-all;
 - an ep2 -> ep1 checkpoint reload (expert weights keyed by global expert index).
+One 4-rank launch: tp2 x ep2 with sequence parallelism, both routers.
 For each parity case: loss and every gradient after one step equal the single-process run (relative
 1e-5, float32), 20 steps of training (distributed optimizer with expert-dp groups, clipping at 1.0)
 give the same loss curve and gradient norms, the per-expert load equals the reference's and sums to
@@ -42,6 +43,12 @@ CASES = {
     "ep2_capacity_factor": (EP2 + ["model.moe.capacity_factor=1.0", "model.moe.num_shared_experts=0"], STEPS),
     "ep2_empty_expert": (EP2, STEPS, "starve_expert_3"),
 }
+TP2_EP2 = ["parallel.tp=2", "parallel.ep=2", "parallel.sequence_parallel=true", "data.global_batch_size=4"]
+FOUR_RANK_CASES = {  # tp-cp-ep-pp-dp: tp groups (0,1) (2,3); ep groups (0,2) (1,3); dp = 2
+    "tp2_ep2_sp_sigmoid_shared": (TP2_EP2, STEPS),
+    "tp2_ep2_sp_softmax_aux_swiglu": (TP2_EP2 + ["model.moe.router=softmax_aux", "model.moe.activation=swiglu",
+                                                 "model.moe.num_shared_experts=0"], 5),
+}
 # saved at ep=2 (dp=2), loaded at ep=1 (dp=2)
 RELOAD = (EP2 + ["optim.grad_clip=0"], DP2 + ["optim.grad_clip=0"])
 
@@ -56,6 +63,11 @@ def two_rank_launch(rank: int, world: int, cases: list, ckpt_dir: str) -> dict:
 def two_ranks(tmp_path_factory):
     ckpt = str(tmp_path_factory.mktemp("ckpt") / "ep2")
     return run_ranks(two_rank_launch, 2, list(CASES.values()), ckpt)
+
+
+@pytest.fixture(scope="module")
+def four_ranks():
+    return run_ranks(workers.run_cases, 4, list(FOUR_RANK_CASES.values()))
 
 
 def _check(name: str, per_rank: list[dict]) -> None:
@@ -95,6 +107,19 @@ def test_moe_load_sums_to_routed_slots(two_ranks, name):
         assert all(layer[3] == 0 for step in result["moe_load"] for layer in step)
     dropped = sum(sum(layer) for step in result["moe_dropped"] for layer in step)
     assert (dropped > 0) == ("capacity" in name), (name, dropped)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FOUR_RANK_CASES))
+def test_tp2_x_ep2_matches_single_process(four_ranks, name):
+    """Experts sliced over tp and spread over ep: the dispatcher all-gathers sequence shards over
+    expert-tp (uneven, via cpu_compat on gloo) after the all-to-all over ep."""
+    index = list(FOUR_RANK_CASES).index(name)
+    per_rank = [rank[index] for rank in four_ranks]
+    _check(name, per_rank)
+    result = per_rank[0]
+    for load, load_ref in zip(result["moe_load"][0], result["moe_load_ref"][0]):
+        assert sum(load) == result["routed_slots_per_step"] and load == load_ref, name
 
 
 @pytest.mark.slow
