@@ -83,6 +83,9 @@ class Engine:
         """finalize gradients, clip, update, zero; returns the gradient norm before clipping."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+            if "wd_mult" in group:  # megatron's groups: no decay on 1-D params and biases (wd_mult 0),
+                # applied by its scheduler in Megatron-LM; torch's Adam reads group["weight_decay"]
+                group["weight_decay"] = self.cfg.optim.weight_decay * group["wd_mult"]
         if self.ddp is None:
             max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
