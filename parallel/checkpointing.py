@@ -12,7 +12,8 @@ Contract (what pretrain/checkpoint.py relies on):
   saves one ShardedTensor per part under `<key>.<part>` (global shape of that part) and concatenates
   the local pieces again on load. So a tp2 checkpoint loads at tp1 and back.
 - replica_id = (tp replica, 0, dp x cp rank): exactly one rank saves each piece (parameters are
-  replicated over dp and cp).
+  replicated over dp and cp). Expert weights are keyed by their global expert index
+  (`experts.{j}.*`) and use the expert-data-parallel rank, so an ep2 checkpoint loads at ep1 and back.
 - DistributedOptimizer.sharded_state_dict(model.sharded_state_dict(), ...) works with it (tests/parallel).
 - Load: `sd = dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir); model.load_state_dict(sd,
   strict=False)` (megatron's linears add empty `_extra_state` entries on their own).
@@ -67,7 +68,7 @@ def _annotate_single_process_mamba(module: nn.Module) -> None:
 
 
 def sharded_state_dict(module: nn.Module, prefix: str = "") -> dict:
-    dp_rank = state.dp_cp_rank()
+    dp_rank, expert_dp_rank = state.dp_cp_rank(), state.expert_dp_rank()
     _annotate_single_process_mamba(module)
     tensors = dict(module.named_parameters())
     persistent = module.state_dict(keep_vars=True)
@@ -77,8 +78,10 @@ def sharded_state_dict(module: nn.Module, prefix: str = "") -> dict:
         key = prefix + name
         spec = spec_of(tensor)
         data = tensor  # the Parameter itself: the distributed optimizer maps its state through it
+        # expert weights (one key per global expert index) are replicated over expert-dp only
+        replica_rank = expert_dp_rank if getattr(tensor, "_hp_expert", False) else dp_rank
         if len(spec.parts) == 1:
-            out[key] = _sharded_tensor(key, data, spec.dim, spec.parts[0], dp_rank)
+            out[key] = _sharded_tensor(key, data, spec.dim, spec.parts[0], replica_rank)
         else:
-            out[key] = _factory(key, data, spec, dp_rank)
+            out[key] = _factory(key, data, spec, replica_rank)
     return out

@@ -116,6 +116,10 @@ def megatron_config(cfg, *, num_layers: int):
     on_cuda = torch.cuda.is_available()
     tp = state.tp_size()
     bf16 = on_cuda and cfg.trainer.precision in ("auto", "bf16")
+    moe = cfg.model.moe
+    # megatron needs the MoE sizes to accept ep > 1; its all-to-all dispatcher reads them (parallel/moe.py)
+    experts = dict(num_moe_experts=moe.num_experts, moe_router_topk=moe.top_k, moe_token_dispatcher_type="alltoall",
+                   moe_expert_capacity_factor=moe.capacity_factor) if cfg.parallel.ep > 1 else {}
     return TransformerConfig(
         num_layers=max(num_layers, 1), hidden_size=cfg.model.d_model, num_attention_heads=tp,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=cfg.parallel.pp,
@@ -123,7 +127,7 @@ def megatron_config(cfg, *, num_layers: int):
         sequence_parallel=cfg.parallel.sequence_parallel and tp > 1,
         use_cpu_initialization=True, perform_initialization=False,  # weights come from the full model
         params_dtype=torch.float32, bf16=bf16, gradient_accumulation_fusion=False,
-        add_bias_linear=False,
+        add_bias_linear=False, **experts,
     )
 
 

@@ -16,6 +16,16 @@ This is the one module in the project that patches a library. `install()` is a n
   megatron.core.optimizer.optimizer, megatron.core.optimizer.clip_grads and megatron.core.utils
   (its local multi-tensor l2 norm, used for the grad norm without apex): those modules see
   a `torch` whose tensor factories map device "cuda" to the CPU (every other attribute is torch's).
+- the MoE all-to-all dispatcher's `maybe_move_tensor_to_cpu` (megatron.core.transformer.moe.
+  token_dispatcher): it turns the split sizes into numpy only for tensors on CUDA, so on CPU they
+  stay torch tensors, which gloo's all_to_all_single rejects; the stand-in returns numpy for CPU
+  tensors too when numpy was asked for.
+- uneven all-gather / reduce-scatter over tp (megatron.core.tensor_parallel.mappings.
+  `_gather_along_first_dim` / `_reduce_scatter_along_first_dim` with split sizes: the all-to-all
+  dispatcher's expert-tp step when tp > 1 and ep > 1): NCCL takes lists of unequal tensors, gloo
+  does not. The stand-ins gather rows padded to the longest piece and cut them out again, and
+  reduce-scatter as an all-reduce of which each rank keeps its own piece; without split sizes
+  they call megatron's own functions.
 - `Tensor.type() == "torch.cuda.FloatTensor"` checks: DistributedOptimizer.__init__ sorts parameters
   by that string (its stand-in lets each parameter report the CUDA type name while it is built), and
   clip_grad_by_total_norm_fp32 asserts it (its stand-in is the same scaling without the assert).
@@ -41,6 +51,9 @@ PATCHED = (
     "megatron.core.utils.torch",
     "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.__init__",
     "megatron.core.optimizer.optimizer.clip_grad_by_total_norm_fp32",
+    "megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu",
+    "megatron.core.tensor_parallel.mappings._gather_along_first_dim",
+    "megatron.core.tensor_parallel.mappings._reduce_scatter_along_first_dim",
 )
 
 _installed = False
@@ -179,6 +192,42 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
         torch._foreach_mul_(grads, clip_coeff)
 
 
+def _move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """maybe_move_tensor_to_cpu for tensors that are on the CPU already: numpy when asked for."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.detach().cpu().numpy()
+    return tensor
+
+
+def _uneven_gather(original):
+    def gather(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return original(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        longest = max(sizes)
+        padded = input_.new_zeros((longest, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        pieces = [torch.empty_like(padded) for _ in sizes]
+        torch.distributed.all_gather(pieces, padded.contiguous(), group=group)
+        return torch.cat([piece[:n] for piece, n in zip(pieces, sizes)])
+
+    return gather
+
+
+def _uneven_reduce_scatter(original):
+    def reduce_scatter(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return original(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        torch.distributed.all_reduce(total, group=group)
+        sizes = [int(n) for n in input_split_sizes]
+        rank = group.rank()
+        start = sum(sizes[:rank])
+        return total[start:start + sizes[rank]].clone()
+
+    return reduce_scatter
+
+
 def install() -> bool:
     """Install the stand-ins when CUDA is unavailable (idempotent). Returns whether they are active."""
     global _installed
@@ -209,6 +258,13 @@ def install() -> bool:
     import megatron.core.utils as mutils
 
     mutils.torch = _CpuFactoriesTorch()
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.maybe_move_tensor_to_cpu = _move_tensor_to_cpu
+    from megatron.core.tensor_parallel import mappings
+
+    mappings._gather_along_first_dim = _uneven_gather(mappings._gather_along_first_dim)
+    mappings._reduce_scatter_along_first_dim = _uneven_reduce_scatter(mappings._reduce_scatter_along_first_dim)
     _installed = True
     return True
 

@@ -90,6 +90,9 @@ class Engine:
         """finalize gradients, clip, update, zero; returns the gradient norm before clipping."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+            if "wd_mult" in group:  # megatron's groups: no decay on 1-D params and biases (wd_mult 0),
+                # applied by its scheduler in Megatron-LM; torch's Adam reads group["weight_decay"]
+                group["weight_decay"] = self.cfg.optim.weight_decay * group["wd_mult"]
         if self.ddp is None:
             max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
@@ -102,14 +105,13 @@ class Engine:
         return grad_norm
 
     def update_expert_bias(self) -> list[torch.Tensor]:
-        """Each MoE layer's load since the last call (the whole global batch's) and its bias update.
-        Under cp each rank counted its sequence shard: the counts are summed over cp first (the
-        layers sum over tp shards and dp replicas themselves)."""
-        layers = self.model.moe_layers()
-        if self.parallel and state.cp_size() > 1:
-            for layer in layers:
-                torch.distributed.all_reduce(layer.tokens_per_expert, group=state.cp_group())
-        return [layer.update_expert_bias() for layer in layers]
+        """Per MoE layer, the load (routed slots per expert over the global batch, dropped or not)
+        since the last call; applies the sigmoid router's bias update."""
+        return [layer.update_expert_bias() for layer in self.model.moe_layers()]
+
+    def take_dropped_tokens(self) -> list[torch.Tensor]:
+        """Per MoE layer, slots dropped over capacity per expert (global batch) since the last call."""
+        return [layer.take_dropped_tokens() for layer in self.model.moe_layers()]
 
 
 class CheckpointableOptimizer:
@@ -158,6 +160,8 @@ class CheckpointableOptimizer:
         """megatron's load, except that the fully-reshardable parameter state (which holds no Adam
         `step`: that comes from the common part) is copied in while the per-parameter `step`
         entries of torch's Adam are set aside (megatron 0.16.1 expects none there without apex/TE).
+        With MoE the optimizer is a chain (dense params; expert params over the expert-dp groups)
+        and the state dict holds one such entry per chained optimizer ({0: ..., 1: ...}).
         Afterwards every parameter gets its own `step` tensor (see _unshare_steps)."""
         try:
             self._load_state_dict(state_dict)
@@ -176,20 +180,24 @@ class CheckpointableOptimizer:
 
     def _load_state_dict(self, state_dict) -> None:
         chained = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
-        if (len(chained) != 1 or not isinstance(state_dict, dict) or "param_state" not in state_dict
-                or state_dict.get("param_state_sharding_type") != "fully_reshardable"):
+        entries = [state_dict] if len(chained) == 1 else (
+            [state_dict[k] for k in sorted(state_dict)] if isinstance(state_dict, dict) else [])
+        if len(entries) != len(chained) or not all(
+                isinstance(sd, dict) and "param_state" in sd and sd.get("param_state_sharding_type") == "fully_reshardable"
+                for sd in entries):
             self.optimizer.load_state_dict(state_dict)
             return
-        dist_opt = chained[0]
-        common = {k: v for k, v in state_dict.items() if k not in ("param_state", "param_state_sharding_type")}
-        dist_opt.load_state_dict(common)
+        for dist_opt, sd in zip(chained, entries):
+            common = {k: v for k, v in sd.items() if k not in ("param_state", "param_state_sharding_type")}
+            dist_opt.load_state_dict(common)
         steps = {}
         for opt in self._inner_torch_optimizers():
             for p, st in opt.state.items():
                 if "step" in st:
                     steps[(id(opt), p)] = (opt, st.pop("step"))
         try:
-            dist_opt.load_parameter_state_from_fully_reshardable(state_dict["param_state"])
+            for dist_opt, sd in zip(chained, entries):
+                dist_opt.load_parameter_state_from_fully_reshardable(sd["param_state"])
         finally:
             for (_, p), (opt, step) in steps.items():
                 opt.state[p]["step"] = step

@@ -1,15 +1,23 @@
-"""Tensor-parallel MoE MLP (ep = 1): every rank holds a d_ff slice of every expert.
+"""Tensor- and expert-parallel MoE MLP.
 
 Same routing rules, math and parameter names as the single-process reference
-pretrain.layers.moe.MoE (`gate.weight`, `gate.expert_bias`, `experts.{j}.*`, `shared_experts.*`).
-Per step of the forward, with T tokens on this rank ((seqlen[/tp], batch) flattened):
-1. route the local tokens (the router is replicated; under sequence parallelism its gradient is
-   partial over sequence shards and summed over tp, and the aux loss uses tp-global statistics);
-2. under SP all-gather tokens, routes and gate weights over tp, so every rank sees the replica's tokens;
-3. each expert runs its d_ff slice on its tokens (no communication per expert);
-4. one all-reduce over tp of the stacked partial expert outputs, then gate weighting and combine;
-5. under SP scatter back to this rank's sequence shard; add the (tensor-parallel) shared expert.
-Expert parallelism (tokens dispatched by all-to-all over ep) is a later step.
+pretrain.layers.moe.MoE (`gate.weight`, `gate.expert_bias`, `experts.{j}.*` with the global expert
+index j, `shared_experts.*`). The router is replicated; every rank routes its own tokens (T =
+(seqlen[/tp], batch) flattened), with the reference's capacity rule when a capacity factor is set.
+Under sequence parallelism the router's gradient is partial over sequence shards (summed over tp)
+and the aux loss uses tp-global statistics.
+
+ep = 1 (every rank holds a d_ff/tp slice of every expert): under SP all-gather tokens, routes and
+gate weights over tp; the experts run grouped on the routed slots sorted by expert; one all-reduce
+over tp of the partial outputs, gate weighting, combine; under SP scatter back to the shard.
+
+ep > 1 (rank r of the ep group holds experts r*E/ep .. (r+1)*E/ep-1, each as a d_ff/tp slice):
+megatron-core's MoEAlltoAllTokenDispatcher permutes the routed slots by expert, all-to-alls them to
+the ranks holding their experts (all-gather over expert-tp when tp > 1, which then needs SP), the
+local experts run grouped, outputs are weighted, reduce-scattered over expert-tp, sent back and
+summed per token. Expert weights are replicated over the expert-data-parallel group only
+(`allreduce=False`: megatron's DDP and distributed optimizer use the expert-dp groups for them).
+Both: the (tensor-parallel) shared expert is added on the local tokens.
 """
 from __future__ import annotations
 
@@ -18,10 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel import state
-from parallel.common import LocalLinear, replicated_part, set_spec, split_part
+from parallel.common import replicated_part, set_spec
+from parallel.experts import GroupedExperts
 from parallel.mlp import ParallelMLP
 from pretrain.config import MoEConfig
-from pretrain.layers.moe import TopKRouter
+from pretrain.layers.moe import TopKRouter, capacity_keep_mask
 
 
 class ParallelTopKRouter(TopKRouter):
@@ -54,90 +63,129 @@ class ParallelTopKRouter(TopKRouter):
         return indices, weights * cfg.routed_scaling_factor, aux
 
 
-class ExpertSlice(nn.Module):
-    """One expert's d_ff slice: up (and gate) rows, down columns; names as pretrain.layers.mlp.MLP."""
-
-    def __init__(self, d_model: int, d_ff: int, activation: str):
-        super().__init__()
-        local = d_ff // state.tp_size()
-        self.up_proj = LocalLinear(d_model, local)
-        self.gate_proj = LocalLinear(d_model, local) if activation == "swiglu" else None
-        self.down_proj = LocalLinear(local, d_model)
-        ff = split_part("", d_ff)
-        for lin in (self.up_proj, self.gate_proj):
-            if lin is not None:
-                set_spec(lin.weight, 0, ff)
-        set_spec(self.down_proj.weight, 1, ff)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (tokens, d_model) -> this rank's partial sum of the expert output (tokens, d_model)."""
-        if self.gate_proj is not None:
-            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
-        else:
-            h = torch.square(F.relu(self.up_proj(x)))
-        return self.down_proj(h)
-
-
 class ParallelMoE(nn.Module):
     def __init__(self, d_model: int, cfg: MoEConfig, shared_d_ff: int, *, mcfg):
         super().__init__()
         self.cfg = cfg
         self.sequence_parallel = bool(mcfg.sequence_parallel)
         self.gate = ParallelTopKRouter(d_model, cfg, self.sequence_parallel)
-        self.experts = nn.ModuleList(ExpertSlice(d_model, cfg.d_ff, cfg.activation) for _ in range(cfg.num_experts))
+        ep, per_rank = state.ep_size(), cfg.num_experts // state.ep_size()
+        first = state.ep_rank() * per_rank
+        self.experts = GroupedExperts(d_model, cfg.d_ff, cfg.activation, range(first, first + per_rank))
         self.shared_experts = (ParallelMLP(d_model, shared_d_ff, cfg.activation, mcfg=mcfg)
                                if cfg.num_shared_experts else None)
+        self.dispatcher = _alltoall_dispatcher(cfg, mcfg, list(self.experts.expert_ids)) if ep > 1 else None
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False)
+        self.register_buffer("dropped_per_expert", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False)
         self.aux_loss: torch.Tensor | None = None
 
     def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        from megatron.core import tensor_parallel as mtp
-
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
         indices, weights, self.aux_loss = self.gate(x)
+        keep = capacity_keep_mask(indices, weights, self.cfg.num_experts, self.cfg.capacity_factor)
         with torch.no_grad():
             self.tokens_per_expert += torch.bincount(indices.flatten(), minlength=self.cfg.num_experts).float()
-        tp = state.tp_size()
-        if self.sequence_parallel:
-            x = mtp.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True)
-            weights = mtp.gather_from_sequence_parallel_region(weights, tensor_parallel_output_grad=False)
-            indices = mtp.gather_from_sequence_parallel_region(indices, tensor_parallel_output_grad=False)
-        elif tp > 1:
-            x = mtp.copy_to_tensor_model_parallel_region(x)
-        token_ids, slots, partials = [], [], []
-        for e, expert in enumerate(self.experts):
-            tok, slot = torch.where(indices == e)
-            if tok.numel() == 0:
-                continue
-            token_ids.append(tok)
-            slots.append(slot)
-            partials.append(expert(x[tok]))
-        out = torch.zeros_like(x)
-        if partials:
-            token_ids, slots = torch.cat(token_ids), torch.cat(slots)
-            y = torch.cat(partials)
-            if tp > 1:
-                y = mtp.reduce_from_tensor_model_parallel_region(y)
-            y = y * weights[token_ids, slots, None].to(y.dtype)
-            out = out.index_add(0, token_ids, y)
-        if self.sequence_parallel:
-            out = mtp.scatter_to_sequence_parallel_region(out)
+            if keep is not None:
+                self.dropped_per_expert += torch.bincount(indices[~keep], minlength=self.cfg.num_experts).float()
+        if self.dispatcher is not None:
+            out = self._forward_alltoall(x, indices, weights, keep)
+        else:
+            out = self._forward_local(x, indices, weights, keep)
         out = out.view(shape)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden)
         return out
 
+    def _forward_local(self, x, indices, weights, keep):
+        """ep = 1: every rank runs its d_ff slice of every expert on the tp replica's tokens."""
+        from megatron.core import tensor_parallel as mtp
+
+        tp = state.tp_size()
+        if self.sequence_parallel:
+            x = mtp.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True)
+            weights = mtp.gather_from_sequence_parallel_region(weights, tensor_parallel_output_grad=False)
+            indices = mtp.gather_from_sequence_parallel_region(indices, tensor_parallel_output_grad=False)
+            if keep is not None:
+                keep = mtp.gather_from_sequence_parallel_region(keep.to(torch.uint8),
+                                                                tensor_parallel_output_grad=False).bool()
+        elif tp > 1:
+            x = mtp.copy_to_tensor_model_parallel_region(x)
+        k = indices.shape[1]
+        slot_expert = indices.flatten()
+        slots = torch.arange(slot_expert.numel(), device=x.device)
+        if keep is not None:
+            slots = slots[keep.flatten()]
+        slots = slots[torch.argsort(slot_expert[slots], stable=True)]  # routed slots sorted by expert
+        counts = torch.bincount(slot_expert[slots], minlength=self.cfg.num_experts).tolist()
+        token_ids = slots // k
+        y = self.experts(x[token_ids], counts)
+        if tp > 1:
+            y = mtp.reduce_from_tensor_model_parallel_region(y)
+        y = y * weights.flatten()[slots, None].to(y.dtype)
+        out = torch.zeros_like(x).index_add(0, token_ids, y)
+        if self.sequence_parallel:
+            out = mtp.scatter_to_sequence_parallel_region(out)
+        return out
+
+    def _forward_alltoall(self, x, indices, weights, keep):
+        """ep > 1: megatron-core's all-to-all dispatcher sends each routed slot to the ep rank that
+        holds its expert (and, with tp > 1, all-gathers the sequence shards over the expert-tp group),
+        the local experts run grouped, and the outputs travel back the same way."""
+        num_tokens, num_experts = x.shape[0], self.cfg.num_experts
+        routed = indices if keep is None else torch.where(keep, indices, num_experts)  # dropped: a dummy column
+        routing_map = torch.zeros(num_tokens, num_experts + 1, dtype=torch.bool, device=x.device)
+        routing_map.scatter_(1, routed, True)
+        probs = torch.zeros(num_tokens, num_experts + 1, dtype=weights.dtype, device=x.device)
+        probs = probs.scatter(1, routed, weights)
+        routing_map, probs = routing_map[:, :num_experts].contiguous(), probs[:, :num_experts].contiguous()
+        d = self.dispatcher
+        tokens, slot_probs = d.dispatch_preprocess(x, routing_map, probs)
+        tokens, slot_probs = d.token_dispatch(tokens, slot_probs)
+        tokens, tokens_per_expert, slot_probs = d.dispatch_postprocess(tokens, slot_probs)
+        y = self.experts(tokens, [int(n) for n in tokens_per_expert.tolist()])
+        y = y * slot_probs[:, None].to(y.dtype)
+        y = d.combine_preprocess(y)
+        y = d.token_combine(y)
+        return d.combine_postprocess(y)
+
     @torch.no_grad()
     def update_expert_bias(self) -> torch.Tensor:
         """The reference's bias update from the load summed over the sequence shards and dp replicas."""
-        load = self.tokens_per_expert.clone()
-        if torch.distributed.is_initialized():
-            if self.sequence_parallel:
-                torch.distributed.all_reduce(load, group=state.tp_group())
-            if state.dp_size() > 1:
-                torch.distributed.all_reduce(load, group=state.dp_group())
+        load = self._global(self.tokens_per_expert)
         if self.cfg.router == "sigmoid_bias" and load.sum() > 0:
             self.gate.expert_bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
         self.tokens_per_expert.zero_()
         return load
+
+    @torch.no_grad()
+    def take_dropped_tokens(self) -> torch.Tensor:
+        """Routed slots dropped over capacity per expert since the last call, summed over all ranks' tokens."""
+        dropped = self._global(self.dropped_per_expert)
+        self.dropped_per_expert.zero_()
+        return dropped
+
+    def _global(self, counts: torch.Tensor) -> torch.Tensor:
+        counts = counts.clone()
+        if torch.distributed.is_initialized():
+            if self.sequence_parallel:
+                torch.distributed.all_reduce(counts, group=state.tp_group())
+            if state.cp_size() > 1:  # each cp rank routed its own sequence shard
+                torch.distributed.all_reduce(counts, group=state.cp_group())
+            if state.dp_size() > 1:
+                torch.distributed.all_reduce(counts, group=state.dp_group())
+        return counts
+
+
+def _alltoall_dispatcher(cfg: MoEConfig, mcfg, local_expert_ids: list[int]):
+    """megatron-core's MoEAlltoAllTokenDispatcher over this rank's ep / expert-tp groups. Routing
+    stays ours (the reference's routers, capacity rule and expert bias): the dispatcher gets the
+    (tokens, experts) routing map and gate weights. With a capacity factor the map holds only the
+    kept slots, and megatron sizes its buffers from the map (moe_expert_capacity_factor set)."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    if mcfg.num_moe_experts != cfg.num_experts or mcfg.moe_router_topk != cfg.top_k:
+        raise ValueError("megatron's TransformerConfig lacks this MoE's sizes (parallel.common.megatron_config)")
+    groups = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["ep", "expt_tp", "tp_ep"])
+    return MoEAlltoAllTokenDispatcher(len(local_expert_ids), local_expert_ids, mcfg, pg_collection=groups)

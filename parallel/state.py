@@ -145,6 +145,31 @@ def dp_cp_rank() -> int:
     return ps.get_data_parallel_rank(with_context_parallel=True)
 
 
+def ep_size() -> int:
+    if not _groups_ready():
+        return 1
+    from megatron.core import parallel_state as ps
+
+    return ps.get_expert_model_parallel_world_size()
+
+
+def ep_rank() -> int:
+    if not _groups_ready():
+        return 0
+    from megatron.core import parallel_state as ps
+
+    return ps.get_expert_model_parallel_rank()
+
+
+def expert_dp_rank() -> int:
+    """Rank in the expert-data-parallel group (the replicas of this rank's experts)."""
+    if not _groups_ready():
+        return dp_rank()
+    from megatron.core import parallel_state as ps
+
+    return ps.get_expert_data_parallel_rank()
+
+
 def _groups_ready() -> bool:
     return is_initialized()
 

@@ -97,11 +97,20 @@ def is_megatron_optimizer(optimizer) -> bool:
     return callable(getattr(optimizer, "sharded_state_dict", None))
 
 
+def _megatron_entries(saved: dict) -> list[dict]:
+    """A megatron optimizer's common part: one entry, or {0: ..., 1: ...} for a chain (MoE: dense and
+    expert parameters have their own distributed optimizers)."""
+    if "param_state_sharding_type" in saved:
+        return [saved]
+    return [saved[k] for k in sorted(saved)] if saved and all(isinstance(v, dict) for v in saved.values()) else []
+
+
 def saved_optimizer_format(saved: dict | None) -> str | None:
     """"megatron" (distributed optimizer, fully reshardable), "torch" (single process) or None (no state)."""
     if not saved:
         return None
-    if saved.get("param_state_sharding_type") == OPTIMIZER_SHARDING:
+    entries = _megatron_entries(saved)
+    if entries and all(e.get("param_state_sharding_type") == OPTIMIZER_SHARDING for e in entries):
         return "megatron"
     return "torch" if "meta" in saved else None
 
@@ -204,7 +213,7 @@ def _init_megatron_optimizer_state(optimizer) -> None:
 def _saved_step(saved: dict) -> float:
     """The Adam step count of a checkpoint of either format (one count: every parameter steps together)."""
     if saved_optimizer_format(saved) == "megatron":
-        steps = [g.get("step", 0.0) for g in saved["optimizer"]["param_groups"]]
+        steps = [g.get("step", 0.0) for e in _megatron_entries(saved) for g in e["optimizer"]["param_groups"]]
     else:
         steps = list(saved["meta"].get("steps", {}).values())
     return float(max(steps, default=0.0))
@@ -217,13 +226,19 @@ def load_optimizer_state(optimizer, model, loaded: dict, saved: dict | None, mod
     if is_megatron_optimizer(optimizer):
         if fmt == "torch":  # a single-process checkpoint: megatron's common part, made from ours
             chained = getattr(optimizer, "chained_optimizers", [optimizer])
-            groups = [{**{k: v for k, v in g.items() if k != "params"}, "step": _saved_step(saved)}
-                      for opt in chained for g in opt.optimizer.state_dict()["param_groups"]]
             template = _megatron_template(optimizer, model, model_sharded_state_dict(model, replica_id=0), True)
-            param_state = loaded["param_state"]
-            _fill_main_params(template["param_state"], param_state, model_tensors)
-            loaded = {"optimizer": {"param_groups": groups}, "param_state": param_state,
-                      "param_state_sharding_type": OPTIMIZER_SHARDING}
+
+            def per_optimizer(tree):
+                return [tree] if len(chained) == 1 else [tree[k] for k in sorted(tree)]
+
+            entries = []
+            for opt, tpl, got in zip(chained, per_optimizer(template), per_optimizer(loaded)):
+                groups = [{**{k: v for k, v in g.items() if k != "params"}, "step": _saved_step(saved)}
+                          for g in opt.optimizer.state_dict()["param_groups"]]
+                _fill_main_params(tpl["param_state"], got["param_state"], model_tensors)
+                entries.append({"optimizer": {"param_groups": groups}, "param_state": got["param_state"],
+                                "param_state_sharding_type": OPTIMIZER_SHARDING})
+            loaded = entries[0] if len(entries) == 1 else dict(enumerate(entries))
         optimizer.load_state_dict(loaded)
         return
     names = _param_names(model, optimizer)

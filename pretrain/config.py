@@ -81,6 +81,7 @@ class MoEConfig:
     routed_scaling_factor: float = 1.0
     num_shared_experts: int = 0  # 0 or 1 shared MLP of width shared_d_ff
     shared_d_ff: Optional[int] = None  # default d_ff
+    capacity_factor: Optional[float] = None  # None = dropless; else each expert takes <= ceil(T*k/E*factor) slots
 
 
 @dataclass
@@ -308,7 +309,11 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
     _need(world_size % model_parallel == 0, "parallel", f"tp={p.tp} pp={p.pp} cp={p.cp}",
           f"world size {world_size} is not divisible by tp*pp*cp={model_parallel}")
     dp = world_size // model_parallel
-    _need((dp * p.cp) % p.ep == 0, "parallel.ep", p.ep, f"must divide dp*cp={dp * p.cp}")
+    _need((dp * p.cp) % p.ep == 0, "parallel.ep", p.ep,
+          f"must divide dp*cp={dp * p.cp} (world size {world_size} / tp*pp*cp={model_parallel})")
+    # experts split over tp and ep: megatron's dispatcher all-gathers sequence shards over tp
+    _need(p.ep == 1 or p.tp == 1 or p.sequence_parallel, "parallel.sequence_parallel", p.sequence_parallel,
+          f"must be true when parallel.ep={p.ep} and parallel.tp={p.tp} are both > 1")
 
     unknown = sorted({c for c in m.pattern if c not in LAYER_SYMBOLS and c != STAGE_BOUNDARY})
     _need(not unknown, "model.pattern", m.pattern,
@@ -378,6 +383,8 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
               f"must be in [1, model.moe.num_experts={moe.num_experts}]")
         _need(moe.num_experts % p.ep == 0, "model.moe.num_experts", moe.num_experts,
               f"must be divisible by parallel.ep={p.ep}")
+        _need(moe.capacity_factor is None or moe.capacity_factor > 0, "model.moe.capacity_factor",
+              moe.capacity_factor, "must be > 0 (or null for dropless routing)")
         _need(moe.num_shared_experts in (0, 1), "model.moe.num_shared_experts", moe.num_shared_experts, "must be 0 or 1")
         _need(moe.d_ff > 0 and moe.d_ff % p.tp == 0, "model.moe.d_ff", moe.d_ff,
               f"must be > 0 and divisible by parallel.tp={p.tp}")

@@ -135,11 +135,14 @@ class HybridLM(nn.Module):
             size = sum(part.size for part in spec.parts)
             return p.numel() // max(local, 1) * size if p.ndim else 1
 
-        total = sum(global_numel(p) for p in self.parameters())
+        expert_params = {id(p) for layer in self.moe_layers() for p in layer.experts.parameters()}
+        total = sum(global_numel(p) for p in self.parameters() if id(p) not in expert_params)
         inactive = 0
-        for layer in self.moe_layers():
-            per_expert = sum(global_numel(p) for p in layer.experts[0].parameters())
-            inactive += (len(layer.experts) - layer.cfg.top_k) * per_expert
+        for layer in self.moe_layers():  # under expert parallelism a rank holds only some experts
+            some_expert = next(iter(layer.experts.children()))
+            per_expert = sum(global_numel(p) for p in some_expert.parameters())
+            total += layer.cfg.num_experts * per_expert
+            inactive += (layer.cfg.num_experts - layer.cfg.top_k) * per_expert
         return {"total": total, "active": total - inactive}
 
     def moe_layers(self) -> list[MoE]:

@@ -125,6 +125,7 @@ class Trainer:
             ce_sum += self.forward_backward(self.next_batch(), 1.0 / accum, last=i == accum - 1)
         grad_norm = self.engine.step(lr)  # dp/tp gradient sync, clipping over all groups, update
         moe_load = self.engine.update_expert_bias()
+        moe_dropped = self.engine.take_dropped_tokens()
         loss = ce_sum / accum
         if self.engine.parallel and self.derived.dp > 1:  # log the global batch's loss
             from parallel import state as parallel_state
@@ -133,7 +134,8 @@ class Trainer:
             loss = loss / self.derived.dp
         self.step += 1
         self.consumed_samples += cfg.data.global_batch_size
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "moe_load": moe_load}
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "moe_load": moe_load,
+                "moe_dropped": moe_dropped}
 
     def make_record(self, out: dict, step_time: float) -> dict:
         tokens_per_s = self.derived.tokens_per_step / step_time
@@ -149,6 +151,9 @@ class Trainer:
         }
         for i, load in enumerate(out["moe_load"]):
             record[f"moe_load/layer{i}"] = [float(x) for x in load.tolist()]
+        if self.cfg.model.moe.capacity_factor is not None:
+            for i, dropped in enumerate(out.get("moe_dropped", [])):
+                record[f"moe_dropped/layer{i}"] = [float(x) for x in dropped.tolist()]
         return record
 
     def fit(self) -> int:

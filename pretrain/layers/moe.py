@@ -8,8 +8,19 @@ Routers:
 - softmax_aux (Switch / Jamba): probs = softmax(router(x)); top-k of probs, gate weights the chosen
   probs (normalised when norm_topk_prob); load-balancing loss coeff x E x sum_i f_i P_i, with f_i the
   share of routed slots going to expert i and P_i the mean probability of expert i.
+
+Dropless by default. With `capacity_factor` set, each expert takes at most
+ceil(tokens x top_k / num_experts x capacity_factor) of a micro-batch's routed slots (per rank: the
+tokens one forward sees), those with the largest gate weights; the other slots are dropped (they
+add nothing to the output) and counted in `dropped_per_expert`. The load (`tokens_per_expert`)
+counts routed slots, dropped or not.
+
+Every expert runs on every forward, also on zero tokens, so every expert weight is in the
+autograd graph (a zero gradient): megatron's DDP waits for a gradient of every parameter.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +28,24 @@ from torch import nn
 
 from pretrain.config import MoEConfig
 from pretrain.layers.mlp import MLP
+
+
+def capacity_keep_mask(indices: torch.Tensor, weights: torch.Tensor, num_experts: int,
+                       capacity_factor: float | None) -> torch.Tensor | None:
+    """indices/weights (tokens, k) -> bool (tokens, k): the routed slots each expert keeps under its
+    capacity ceil(tokens * k / num_experts * capacity_factor), largest gate weights first; None when dropless."""
+    if capacity_factor is None:
+        return None
+    num_tokens = indices.shape[0]
+    capacity = min(math.ceil(indices.numel() / num_experts * capacity_factor), num_tokens)
+    scores = torch.full((num_tokens, num_experts), -math.inf, dtype=torch.float32, device=indices.device)
+    scores.scatter_(1, indices, weights.detach().float())
+    kept = torch.zeros(num_tokens, num_experts, dtype=torch.bool, device=indices.device)
+    if capacity > 0:
+        top = torch.topk(scores, capacity, dim=0, sorted=False).indices  # (capacity, experts)
+        kept.scatter_(0, top, True)
+    kept &= scores > -math.inf
+    return kept.gather(1, indices)
 
 
 class TopKRouter(nn.Module):
@@ -58,19 +87,22 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(MLP(d_model, cfg.d_ff, cfg.activation) for _ in range(cfg.num_experts))
         self.shared_experts = MLP(d_model, shared_d_ff, cfg.activation) if cfg.num_shared_experts else None
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False)
+        self.register_buffer("dropped_per_expert", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False)
         self.aux_loss: torch.Tensor | None = None
 
     def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
         indices, weights, self.aux_loss = self.gate(x)
+        keep = capacity_keep_mask(indices, weights, self.cfg.num_experts, self.cfg.capacity_factor)
         with torch.no_grad():
             self.tokens_per_expert += torch.bincount(indices.flatten(), minlength=self.cfg.num_experts).float()
+            if keep is not None:
+                self.dropped_per_expert += torch.bincount(indices[~keep], minlength=self.cfg.num_experts).float()
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
-            token_ids, slot = torch.where(indices == e)
-            if token_ids.numel() == 0:
-                continue
+            routed = indices == e if keep is None else (indices == e) & keep
+            token_ids, slot = torch.where(routed)  # may be empty: the expert still joins the graph
             y = expert(x[token_ids]) * weights[token_ids, slot, None].to(x.dtype)
             out.index_add_(0, token_ids, y)
         if self.shared_experts is not None:
@@ -85,3 +117,10 @@ class MoE(nn.Module):
             self.gate.expert_bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
         self.tokens_per_expert.zero_()
         return load
+
+    @torch.no_grad()
+    def take_dropped_tokens(self) -> torch.Tensor:
+        """Routed slots dropped over capacity per expert since the last call (zeros when dropless)."""
+        dropped = self.dropped_per_expert.clone()
+        self.dropped_per_expert.zero_()
+        return dropped

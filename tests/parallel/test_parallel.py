@@ -122,6 +122,9 @@ def test_cpu_compat_pins_the_list(two_ranks):
         "megatron.core.utils.torch",
         "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.__init__",
         "megatron.core.optimizer.optimizer.clip_grad_by_total_norm_fp32",
+        "megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu",
+        "megatron.core.tensor_parallel.mappings._gather_along_first_dim",
+        "megatron.core.tensor_parallel.mappings._reduce_scatter_along_first_dim",
     ]
 
 

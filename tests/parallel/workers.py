@@ -47,7 +47,25 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-12))
 
 
-def run_case(rank: int, world: int, overrides: list[str], steps: int) -> dict:
+def starve_expert(eng, expert: int = 3) -> None:
+    """A sigmoid router bias that keeps `expert` from ever being chosen (scores are in (0, 1))."""
+    for layer in eng.model.moe_layers():
+        layer.gate.expert_bias[expert] = -100.0
+
+
+PREPARE = {"starve_expert_3": starve_expert}
+
+
+def _engine(cfg, derived, cpu, prepare: str | None, **kwargs) -> Engine:
+    torch.manual_seed(cfg.run.seed)
+    eng = Engine(cfg, derived, cpu, **kwargs)
+    if prepare:
+        PREPARE[prepare](eng)
+    return eng
+
+
+def run_case(rank: int, world: int, overrides: list[str], steps: int, prepare: str | None = None) -> dict:
+    """prepare: a name in PREPARE applied to both models after they are built (same change to both)."""
     cfg = load_config([], BASE + list(overrides))
     derived = validate(cfg, world)
     state.initialize(cfg, derived)
@@ -55,10 +73,8 @@ def run_case(rank: int, world: int, overrides: list[str], steps: int) -> dict:
     cpu = torch.device("cpu")
     mb, seq_len, vocab = cfg.data.micro_batch_size, cfg.data.seq_len, cfg.model.vocab_size
 
-    torch.manual_seed(cfg.run.seed)
-    par = Engine(cfg, derived, cpu, parallel=True, distributed_optimizer=False)
-    torch.manual_seed(cfg.run.seed)
-    ref = Engine(cfg, derived, cpu, parallel=False)
+    par = _engine(cfg, derived, cpu, prepare, parallel=True, distributed_optimizer=False)
+    ref = _engine(cfg, derived, cpu, prepare, parallel=False)
 
     # one step: loss and every gradient
     batch = make_batch(0, mb * dp, seq_len, vocab)
@@ -69,8 +85,7 @@ def run_case(rank: int, world: int, overrides: list[str], steps: int) -> dict:
     dist.all_reduce(ce, group=state.dp_group())
     loss_err = abs(float(ce) / dp - ce_ref) / abs(ce_ref)
     # float32's own accuracy: the reference against a float64 run of the same model and data
-    torch.manual_seed(cfg.run.seed)
-    ref64 = Engine(cfg, derived, cpu, parallel=False)
+    ref64 = _engine(cfg, derived, cpu, prepare, parallel=False)
     ref64.model.double()
     for i in range(dp):
         ref64.forward_backward(_slice(batch, i, dp), 1.0 / dp)
@@ -85,30 +100,35 @@ def run_case(rank: int, world: int, overrides: list[str], steps: int) -> dict:
 
     # training: the distributed optimizer against torch AdamW on one process
     ref.zero_grad()
-    torch.manual_seed(cfg.run.seed)
-    ref = Engine(cfg, derived, cpu, parallel=False)
-    torch.manual_seed(cfg.run.seed)
-    par = Engine(cfg, derived, cpu, parallel=True, distributed_optimizer=True)
-    curve, curve_ref = [], []
+    ref = _engine(cfg, derived, cpu, prepare, parallel=False)
+    par = _engine(cfg, derived, cpu, prepare, parallel=True, distributed_optimizer=True)
+    curve, curve_ref, norms, norms_ref = [], [], [], []
+    loads, loads_ref, dropped, dropped_ref = [], [], [], []
     for step in range(steps):
         lr = lr_at(step, steps, cfg.optim)
         batch = make_batch(step, mb * dp, seq_len, vocab)
         ce = par.forward_backward(_slice(batch, dpr, dp), 1.0).clone()
-        par.step(lr)
-        par.update_expert_bias()
+        norms.append(float(par.step(lr)))
+        loads.append([x.tolist() for x in par.update_expert_bias()])
+        dropped.append([x.tolist() for x in par.take_dropped_tokens()])
         dist.all_reduce(ce, group=state.dp_group())
         curve.append(float(ce) / dp)
         curve_ref.append(sum(float(ref.forward_backward(_slice(batch, i, dp), 1.0 / dp)) for i in range(dp)) / dp)
-        ref.step(lr)
-        ref.update_expert_bias()
+        norms_ref.append(float(ref.step(lr)))
+        loads_ref.append([x.tolist() for x in ref.update_expert_bias()])
+        dropped_ref.append([x.tolist() for x in ref.take_dropped_tokens()])
     counts = par.model.num_parameters()
     state.destroy()
     return {"loss_err": loss_err, "grad_err": grad_err, "ref_fp32_err": ref_err, "curve": curve, "curve_ref": curve_ref,
-            "num_parameters": counts, "ref_num_parameters": ref.model.num_parameters()}
+            "num_parameters": counts, "ref_num_parameters": ref.model.num_parameters(),
+            "grad_norm": norms, "grad_norm_ref": norms_ref, "moe_load": loads, "moe_load_ref": loads_ref,
+            "moe_dropped": dropped, "moe_dropped_ref": dropped_ref,
+            "routed_slots_per_step": mb * dp * seq_len * cfg.model.moe.top_k}
 
 
-def run_cases(rank: int, world: int, cases: list[tuple[list[str], int]]) -> list[dict]:
-    return [run_case(rank, world, overrides, steps) for overrides, steps in cases]
+def run_cases(rank: int, world: int, cases: list[tuple]) -> list[dict]:
+    """cases: (overrides, steps) or (overrides, steps, prepare)."""
+    return [run_case(rank, world, *case) for case in cases]
 
 
 def _tensors(eng) -> dict:
