@@ -440,7 +440,8 @@ class Checkpointer:
         template = {
             "model": model_sd,
             "optimizer": state.optimizer_sharded_state_dict(trainer.optimizer, trainer.model, model_sd,
-                                                            replica_id=self.rank, is_loading=True, saved=saved_opt),
+                                                            replica_id=self.rank, is_loading=True, saved=saved_opt,
+                                                            saved_keys=_tensor_keys(path)),
         }
         if saved_layout.get("world_size") == self.world:
             template["rng"] = state.rng_sharded_object(self.rank, self.world, None)
@@ -480,6 +481,12 @@ class Checkpointer:
                  trainer.consumed_samples, trainer.consumed_samples * self.cfg.data.seq_len)
         _barrier()
         return trainer.step
+
+
+def _tensor_keys(path: Path) -> set[str]:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
 
 
 def _dict_diff(a, b, prefix: str) -> list[str]:

@@ -23,6 +23,7 @@ import importlib.metadata
 import logging
 import platform
 import random
+import re
 import subprocess
 from pathlib import Path
 
@@ -128,21 +129,40 @@ def _bind_to_params(model, model_sd: dict) -> dict:
 
 
 PARAM_STATE_PREFIX = "optimizer.state.param."
+CHAINED_PREFIX = re.compile(r"^chained_\d+\.")
 
 
-def _without_main_params(tree):
-    """A megatron load template for a single-process checkpoint, which holds no fp32 main params
-    (`optimizer.state.param.<key>`): those entries are left out and come from the model's tensors."""
+def _as_single_process_template(tree):
+    """A megatron load template for a single-process checkpoint. That checkpoint holds no fp32 main
+    params (`optimizer.state.param.<key>`): those entries are left out and come from the model's
+    tensors. Its keys have no `chained_<i>.` prefix (megatron's chain of dense and expert optimizers)."""
     if isinstance(tree, dict):
-        return {k: _without_main_params(v) for k, v in tree.items()
-                if not str(getattr(v, "key", "")).startswith(PARAM_STATE_PREFIX)}
+        return {k: _as_single_process_template(v) for k, v in tree.items()
+                if not CHAINED_PREFIX.sub("", str(getattr(v, "key", ""))).startswith(PARAM_STATE_PREFIX)}
+    key = getattr(tree, "key", None)
+    if isinstance(key, str) and CHAINED_PREFIX.match(key):
+        return dataclasses.replace(tree, key=CHAINED_PREFIX.sub("", key))
     return tree
+
+
+def _saved_key_prefixes(saved_keys) -> dict[str, str]:
+    """model key -> prefix of its Adam tensors in a megatron checkpoint ("" or "chained_<i>.");
+    packed tensors are saved as parts (`<key>.z`), so each key's parent is recorded too."""
+    out = {}
+    for name in saved_keys:
+        m = re.match(r"^((?:chained_\d+\.)?)optimizer\.state\.exp_avg\.(.+)$", name)
+        if m:
+            prefix, rest = m.groups()
+            out.setdefault(rest, prefix)
+            out.setdefault(rest.rsplit(".", 1)[0], prefix)
+    return out
 
 
 def _fill_main_params(template, loaded, model_tensors: dict) -> None:
     """Put the model's loaded tensors where the template has `optimizer.state.param.<key>` entries."""
     for k, v in template.items():
         key = getattr(v, "key", None)
+        key = CHAINED_PREFIX.sub("", key) if isinstance(key, str) else key
         if isinstance(v, dict):
             _fill_main_params(v, loaded.setdefault(k, {}), model_tensors)
         elif isinstance(key, str) and key.startswith(PARAM_STATE_PREFIX):
@@ -156,7 +176,7 @@ def _megatron_template(optimizer, model, model_sd: dict, is_loading: bool) -> di
 
 
 def optimizer_sharded_state_dict(optimizer, model, model_sd: dict, replica_id: int, *,
-                                 is_loading: bool = False, saved: dict | None = None) -> dict:
+                                 is_loading: bool = False, saved: dict | None = None, saved_keys=()) -> dict:
     """The optimizer's part. Both builds write Adam's moments under megatron's keys,
     `optimizer.state.<exp_avg|exp_avg_sq>.<model key>`, with the model tensor's global shape and
     sharding (packed Mamba tensors as their named parts), so a checkpoint of either build loads into
@@ -164,25 +184,27 @@ def optimizer_sharded_state_dict(optimizer, model, model_sd: dict, replica_id: i
     may change) provides its own; a torch optimizer's moments are wrapped like the model tensors, and
     its step counts and hyperparameters stay in the common part (`meta`).
 
-    is_loading: a template for `saved`, the checkpoint's common optimizer entry (either format)."""
+    is_loading: a template for `saved`, the checkpoint's common optimizer entry (either format), whose
+    tensor keys are `saved_keys` (a chain of megatron optimizers prefixes them `chained_<i>.`)."""
     from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
 
     if is_megatron_optimizer(optimizer):
         if is_loading:
             _init_megatron_optimizer_state(optimizer)
         sd = _megatron_template(optimizer, model, model_sd, is_loading)
-        return _without_main_params(sd) if is_loading and saved_optimizer_format(saved) == "torch" else sd
+        return _as_single_process_template(sd) if is_loading and saved_optimizer_format(saved) == "torch" else sd
     names = _param_names(model, optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     has_state = (saved_optimizer_format(saved) == "megatron" or bool((saved or {}).get("meta", {}).get("has_state"))
                  if is_loading else any(optimizer.state.get(p) for p in params))
     tensors = {}
+    prefixes = _saved_key_prefixes(saved_keys) if is_loading else {}
     if has_state:
         for name, p in zip(names, params):
             for key in ADAM_TENSORS:
                 value = torch.zeros_like(p) if is_loading else optimizer.state[p][key].detach()
-                tensors.setdefault(name, {})[key] = make_sharded_optimizer_tensor(model_sd[name], value,
-                                                                                  f"optimizer.state.{key}")
+                tensors.setdefault(name, {})[key] = make_sharded_optimizer_tensor(
+                    model_sd[name], value, f"{prefixes.get(name, '')}optimizer.state.{key}")
     if is_loading:
         return {"tensors": tensors}
     steps = {name: float(optimizer.state[p]["step"]) for name, p in zip(names, params) if "step" in optimizer.state.get(p, {})}
@@ -229,7 +251,7 @@ def load_optimizer_state(optimizer, model, loaded: dict, saved: dict | None, mod
             template = _megatron_template(optimizer, model, model_sharded_state_dict(model, replica_id=0), True)
 
             def per_optimizer(tree):
-                return [tree] if len(chained) == 1 else [tree[k] for k in sorted(tree)]
+                return [tree] if len(chained) == 1 else [tree[k] for k in sorted(k for k in tree if isinstance(k, int))]
 
             entries = []
             for opt, tpl, got in zip(chained, per_optimizer(template), per_optimizer(loaded)):
