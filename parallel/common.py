@@ -116,6 +116,15 @@ def megatron_config(cfg, *, num_layers: int):
     on_cuda = torch.cuda.is_available()
     tp = state.tp_size()
     bf16 = on_cuda and cfg.trainer.precision in ("auto", "bf16")
+    pipeline = {}
+    if cfg.parallel.pp > 1:
+        # p2p buffers in the parameters' dtype. On the CPU (gloo) no batched p2p: gloo matches a batch's
+        # sends and receives per peer in posting order, and at pp=2 (previous = next rank) the batch's
+        # order (send_prev, recv_prev, send_next, recv_next) pairs activations with gradients; megatron's
+        # unbatched path orders by rank parity and uses two groups for the two directions.
+        pipeline = dict(pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+                        batch_p2p_comm=on_cuda, batch_p2p_sync=on_cuda,
+                        virtual_pipeline_model_parallel_size=cfg.parallel.virtual_pp)
     return TransformerConfig(
         num_layers=max(num_layers, 1), hidden_size=cfg.model.d_model, num_attention_heads=tp,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=cfg.parallel.pp,
@@ -123,7 +132,7 @@ def megatron_config(cfg, *, num_layers: int):
         sequence_parallel=cfg.parallel.sequence_parallel and tp > 1,
         use_cpu_initialization=True, perform_initialization=False,  # weights come from the full model
         params_dtype=torch.float32, bf16=bf16, gradient_accumulation_fusion=False,
-        add_bias_linear=False,
+        add_bias_linear=False, **pipeline,
     )
 
 

@@ -30,9 +30,22 @@ class Engine:
         full gradients over dp instead of reduce-scattering them (tests compare whole gradients)."""
         self.cfg, self.derived, self.device = cfg, derived, device
         self.parallel = state.is_initialized() if parallel is None else parallel
-        self.model = HybridLM(cfg.model, derived, parallel=self.parallel).to(device)
+        self.pipeline = self.parallel and state.pp_size() > 1
         self.ddp = None
         self.amp_dtype = amp_dtype
+        if self.pipeline:  # this pipeline rank's model chunks (parallel/pipeline.py)
+            from parallel.model import ParallelHybridLM
+            from parallel.pipeline import ModelChunks, chunk_placements
+
+            reference = HybridLM(cfg.model, derived, parallel=False).state_dict()  # single-process init
+            self.chunks = [ParallelHybridLM(cfg.model, derived, layers=layers, pre_process=pre, post_process=post,
+                                            reference_state=reference).to(device)
+                           for layers, pre, post in chunk_placements(derived)]
+            del reference
+            self.model = self.chunks[0] if len(self.chunks) == 1 else ModelChunks(self.chunks)
+        else:
+            self.model = HybridLM(cfg.model, derived, parallel=self.parallel).to(device)
+            self.chunks = [self.model]
         if not self.parallel:
             self.optimizer = build_optimizer(self.model, cfg.optim)
             return
@@ -42,14 +55,19 @@ class Engine:
         import logging
 
         logging.getLogger("megatron.core").setLevel(logging.WARNING)  # it lists every parameter at INFO
-        mcfg = self.model.mcfg
+        mcfg = self.chunks[0].mcfg
         if mcfg.bf16:
             for p in self.model.parameters():
                 p.data = p.data.to(torch.bfloat16)
             self.amp_dtype = None  # the parameters are bf16 already
         ddp_cfg = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=True, use_distributed_optimizer=distributed_optimizer)
-        self.ddp = DistributedDataParallel(mcfg, ddp_cfg, self.model)
+        self.ddp_chunks = [DistributedDataParallel(chunk.mcfg, ddp_cfg, chunk, disable_bucketing=i > 0)
+                           for i, chunk in enumerate(self.chunks)]
+        self.ddp = self.ddp_chunks[0]
+        if self.pipeline:  # the schedules switch gradient reduction off until each chunk's last micro-batch
+            mcfg.no_sync_func = ([d.no_sync for d in self.ddp_chunks] if len(self.ddp_chunks) > 1
+                                 else self.ddp.no_sync)
         # parameters are replicated over dp and cp: megatron reduces (and the distributed optimizer
         # shards) over parallel_state.get_data_parallel_group(with_context_parallel=True)
         replicas = state.dp_size() * state.cp_size()
@@ -61,15 +79,19 @@ class Engine:
                             adam_beta1=o.beta1, adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.grad_clip,
                             bf16=mcfg.bf16, params_dtype=torch.bfloat16 if mcfg.bf16 else torch.float32,
                             use_distributed_optimizer=distributed_optimizer),
-            [self.ddp]))
+            self.ddp_chunks))
 
     def zero_grad(self) -> None:
         if self.ddp is not None:
-            self.ddp.zero_grad_buffer()
+            for ddp in self.ddp_chunks:
+                ddp.zero_grad_buffer()
         self.optimizer.zero_grad(set_to_none=True) if self.ddp is None else self.optimizer.zero_grad()
 
     def forward_backward(self, batch: dict[str, torch.Tensor], scale: float, last: bool = True) -> torch.Tensor:
-        """Accumulate the gradient of one micro-batch (scaled); returns its cross-entropy (detached)."""
+        """Accumulate the gradient of one micro-batch (scaled); returns its cross-entropy (detached).
+        Not with pipeline parallelism: see forward_backward_microbatches."""
+        if self.pipeline:
+            raise RuntimeError("with parallel.pp > 1 use Engine.forward_backward_microbatches (all micro-batches of a step)")
         amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
                else contextlib.nullcontext())
         sync = self.ddp.no_sync() if (self.ddp is not None and not last) else contextlib.nullcontext()
@@ -80,11 +102,29 @@ class Engine:
             (loss * scale).backward()
         return ce
 
+    def forward_backward_microbatches(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Accumulate the gradient of one optimizer step's micro-batches of this dp rank, each scaled
+        by 1/len(batches) (the mean, as a loop of forward_backward(batch, 1/len) does); returns the mean
+        cross-entropy over them (detached, on every rank). With pp > 1 they go through megatron-core's
+        pipeline schedule (1F1B, interleaved with virtual_pp)."""
+        if not self.pipeline:
+            ce = torch.zeros((), device=self.device)
+            for i, batch in enumerate(batches):
+                ce += self.forward_backward(batch, 1.0 / len(batches), last=i == len(batches) - 1)
+            return ce / len(batches)
+        from parallel.pipeline import run_schedule
+
+        if self.amp_dtype is not None:
+            raise RuntimeError("pipeline parallelism runs bf16 parameters (CUDA) or float32, not autocast")
+        return run_schedule(self.ddp_chunks, self.chunks, batches, self.cfg.data.seq_len,
+                            self.cfg.trainer.z_loss_coeff)
+
     def finalize_grads(self) -> None:
         if self.ddp is not None:
             from parallel.grads import finalize_grads
 
-            finalize_grads(self.ddp, self.model)
+            for ddp, chunk in zip(self.ddp_chunks, self.chunks):
+                finalize_grads(ddp, chunk)
 
     def step(self, lr: float) -> torch.Tensor:
         """finalize gradients, clip, update, zero; returns the gradient norm before clipping."""
@@ -109,7 +149,13 @@ class Engine:
         if self.parallel and state.cp_size() > 1:
             for layer in layers:
                 torch.distributed.all_reduce(layer.tokens_per_expert, group=state.cp_group())
-        return [layer.update_expert_bias() for layer in layers]
+        if not self.pipeline:
+            return [layer.update_expert_bias() for layer in layers]
+        # each pipeline stage updates its own layers; the loads of all stages, in layer order, on every rank
+        from parallel.pipeline import moe_loads_by_layer
+
+        loads = [[layer.update_expert_bias() for layer in chunk.moe_layers()] for chunk in self.chunks]
+        return moe_loads_by_layer(self.chunks, loads)
 
 
 class CheckpointableOptimizer:
