@@ -49,7 +49,8 @@ def run_case(rank: int, world: int, overrides: list[str], steps: int) -> dict:
     par = Engine(cfg, derived, cpu, parallel=True, distributed_optimizer=False)
     torch.manual_seed(cfg.run.seed)
     ref = Engine(cfg, derived, cpu, parallel=False)
-    layer_names = sorted({name.split(".")[1] for name, _ in par.model.named_parameters() if name.startswith(("layers.", "chunks."))})
+    layer_names = sorted({name.split(".")[1] for chunk in par.chunks for name, _ in chunk.named_parameters()
+                          if name.startswith("layers.")}, key=int)
 
     # one step: loss and every gradient of this rank's layers
     mine, per_rank = step_batches(0, cfg, dp, dpr, accum)
@@ -93,7 +94,8 @@ def run_case(rank: int, world: int, overrides: list[str], steps: int) -> dict:
               "curve_ref": curve_ref, "grad_norm": norms, "grad_norm_ref": norms_ref, "moe_load": loads,
               "moe_load_ref": loads_ref, "num_parameters": par.model.num_parameters(),
               "ref_num_parameters": ref.model.num_parameters(), "layers": layer_names,
-              "pp_rank": state.pp_rank(), "chunks": len(par.chunks)}
+              "pp_rank": state.pp_rank(), "chunks": len(par.chunks),
+              "ref_names": sorted(name for name, _ in ref.model.named_parameters())}
     state.destroy()
     return result
 
