@@ -60,8 +60,12 @@ class Engine:
             for p in self.model.parameters():
                 p.data = p.data.to(torch.bfloat16)
             self.amp_dtype = None  # the parameters are bf16 already
+        # tied embeddings under pp: the stages' local gradients of the shared weight are summed before
+        # the dp reduction (finalize_grads), so that reduction is not overlapped with the backward there
+        self.tied_pipeline = self.pipeline and cfg.model.tie_embeddings
         ddp_cfg = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=True, use_distributed_optimizer=distributed_optimizer)
+            grad_reduce_in_fp32=True, overlap_grad_reduce=not self.tied_pipeline,
+            use_distributed_optimizer=distributed_optimizer)
         self.ddp_chunks = [DistributedDataParallel(chunk.mcfg, ddp_cfg, chunk, disable_bucketing=i > 0)
                            for i, chunk in enumerate(self.chunks)]
         self.ddp = self.ddp_chunks[0]
@@ -123,6 +127,10 @@ class Engine:
         if self.ddp is not None:
             from parallel.grads import finalize_grads
 
+            if self.tied_pipeline:
+                from parallel.pipeline import sum_tied_embedding_grads
+
+                sum_tied_embedding_grads(self.chunks)
             for ddp, chunk in zip(self.ddp_chunks, self.chunks):
                 finalize_grads(ddp, chunk)
 

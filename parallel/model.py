@@ -84,6 +84,13 @@ class ParallelHybridLM(HybridLM):
             self.embeddings = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, init_method=nn.init.zeros_,
                                                      reduce_scatter_embeddings=self.sequence_parallel, config=mcfg)
             set_spec(self.embeddings.weight, 0, split_part("", cfg.vocab_size))
+        elif post_process and cfg.tie_embeddings:
+            # pipeline, tied embeddings: the last stage's head is a copy of the first stage's embedding,
+            # kept equal by summing the two gradients over megatron's embedding group (Engine.finalize_grads)
+            self.embeddings = _HeadWeight(cfg.vocab_size // tp, cfg.d_model)
+            set_spec(self.embeddings.weight, 0, split_part("", cfg.vocab_size))
+            self.embeddings.weight.shared = True  # megatron's grad norm counts the first stage's copy only
+            self.embeddings.weight._hp_pp_replica = 1  # checkpoints save the first stage's copy
         if layers is None:
             self.layers = nn.ModuleList(ParallelResidualBlock(k, cfg, derived, mcfg) for k in derived.layer_kinds)
         else:  # a pipeline chunk: global layer names, so checkpoint keys do not depend on pp
@@ -141,7 +148,12 @@ class ParallelHybridLM(HybridLM):
         return attach_aux(hidden, self.aux_loss(), self.aux_scale)
 
     def local_num_parameters(self) -> dict[str, int]:
-        return HybridLM.num_parameters(self)
+        """This chunk's parameters (global counts over tp); a tied head copy counts on the first stage."""
+        counts = HybridLM.num_parameters(self)
+        if not self.pre_process and hasattr(self, "embeddings"):
+            copy = self.cfg.vocab_size * self.cfg.d_model
+            counts = {k: v - copy for k, v in counts.items()}
+        return counts
 
     def num_parameters(self) -> dict[str, int]:
         """Whole-model counts (the same at any tp and pp)."""

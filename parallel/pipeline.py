@@ -16,6 +16,10 @@ One optimizer step's micro-batches go through `megatron.core.pipeline_parallel.g
 (1F1B; interleaved 1F1B with virtual_pp). The loss is the mean over micro-batches of each micro-batch's
 token mean, as at pp=1. MoE aux losses (softmax_aux router) of layers before the last stage enter the
 backward through `_AttachAux` on the stage's output, scaled by 1/num_microbatches like the loss.
+
+Tied embeddings: the last stage holds a copy of the embedding as its head (same name, marked
+`shared` for megatron's grad norm and as a pp replica in checkpoints); before the dp reduction the
+two local gradients are summed over megatron's embedding group, so both copies take the same steps.
 """
 from __future__ import annotations
 
@@ -143,6 +147,19 @@ def moe_loads_by_layer(chunks: list[nn.Module], loads_per_chunk: list[list[torch
     gathered = [None] * state.pp_size()
     dist.all_gather_object(gathered, mine, group=state.pp_group())
     return [load for _, load in sorted((x for part in gathered for x in part), key=lambda x: x[0])]
+
+
+def sum_tied_embedding_grads(chunks: list[nn.Module]) -> None:
+    """Tied embeddings: the first stage's embedding and the last stage's copy used as the head get
+    the sum of both local gradients (megatron's embedding group), before the dp reduction."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.is_rank_in_embedding_group(ignore_virtual=True):
+        return
+    for chunk in chunks:
+        if (chunk.pre_process or chunk.post_process) and hasattr(chunk, "embeddings"):
+            weight = chunk.embeddings.weight
+            dist.all_reduce(weight.main_grad, group=ps.get_embedding_group())
 
 
 def run_schedule(ddp_chunks: list, chunks: list[nn.Module], batches: list[dict[str, torch.Tensor]],

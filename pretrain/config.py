@@ -393,8 +393,6 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
         else:
             _need(len(kinds) % stages == 0, "model.pattern", m.pattern,
                   f"{len(kinds)} layers cannot be split evenly into {what}={stages} stages; add '|' boundaries")
-        _need(not m.tie_embeddings, "model.tie_embeddings", m.tie_embeddings,
-              f"tied embeddings are not supported with parallel.pp={p.pp} yet")
         _need(cfg.trainer.eval_interval == 0, "trainer.eval_interval", cfg.trainer.eval_interval,
               f"evaluation is not supported with parallel.pp={p.pp} yet (set 0)")
 

@@ -31,12 +31,17 @@ from tests.distributed.spawn import run_ranks  # noqa: E402
 GRAD_RTOL = 1e-5
 CURVE_RTOL = 2e-4  # as tests/parallel/test_parallel.py: Adam amplifies rounding-level differences
 NORM_RTOL = 2e-3  # grad norms after the first update (the first one: GRAD_RTOL)
+# tp=2 with sequence parallelism over 3 accumulated micro-batches puts A_log's small, cancelling
+# gradient at 1.16e-5 from the single process; the same run at pp=1 gives the identical 1.1634e-5
+# (measured), so that is tp's summation order, not the pipeline's
+GRAD_RTOL_CASE = {"tp2_pp2_sp": 2e-5}
 
 TWO_RANK_CASES = {
     "pp2_1f1b": (["parallel.pp=2", "data.global_batch_size=8"], 8),
     "pp2_bars_softmax_aux_zloss": (["parallel.pp=2", "model.pattern=ME|*-M", "model.moe.router=softmax_aux",
                                     "trainer.z_loss_coeff=1e-3", "data.global_batch_size=6"], 6),
     "pp2_vpp2_interleaved": (["parallel.pp=2", "parallel.virtual_pp=2", "data.global_batch_size=8"], 6),
+    "pp2_tied_embeddings": (["parallel.pp=2", "model.tie_embeddings=true", "data.global_batch_size=6"], 6),
 }
 FOUR_RANK_CASES = {
     "pp2_dp2": (["parallel.pp=2", "data.global_batch_size=8"], 6),
@@ -66,7 +71,7 @@ def _check_case(name: str, overrides: list[str], per_rank: list[dict]) -> None:
         assert result["loss_err"] < GRAD_RTOL, (name, rank, result["loss_err"])
         assert result["grad_err"], (name, rank, "no gradients compared")
         for param, err in result["grad_err"].items():
-            limit = max(GRAD_RTOL, 3 * result["ref_fp32_err"][param])
+            limit = max(GRAD_RTOL_CASE.get(name, GRAD_RTOL), 3 * result["ref_fp32_err"][param])
             assert err < limit, (name, rank, param, err, result["ref_fp32_err"][param])
         np.testing.assert_allclose(result["curve"], result["curve_ref"], rtol=CURVE_RTOL, err_msg=name)
         np.testing.assert_allclose(result["grad_norm"][0], result["grad_norm_ref"][0], rtol=GRAD_RTOL, err_msg=name)
@@ -134,7 +139,6 @@ def test_virtual_stage_layers():
     (["parallel.pp=2", "parallel.virtual_pp=2", "model.pattern=M*-EM*"],
      r"6 layers cannot be split evenly into parallel.pp=2 x parallel.virtual_pp=2=4"),
     (["parallel.virtual_pp=2"], r"parallel.virtual_pp=2: needs parallel.pp > 1"),
-    (["parallel.pp=2", "model.tie_embeddings=true"], r"model.tie_embeddings=True: tied embeddings are not supported"),
     (["parallel.pp=2", "parallel.virtual_pp=2", "data.global_batch_size=6"],
      r"data.global_batch_size=6: gives 3 micro-batches per step; the interleaved schedule"),
 ])
@@ -142,3 +146,38 @@ def test_impossible_stages_are_clear_errors(overrides, match):
     cfg = load_config([], workers.BASE + overrides)
     with pytest.raises(ConfigError, match=match):
         validate(cfg, world_size=2)
+
+
+def _train_demo(run_dir, steps: int) -> None:
+    """The real trainer (python -m pretrain.train under torchrun) at pp=2 on the CPU demo (8 layers,
+    tied embeddings: 4 layers per stage)."""
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "TMPDIR": str(run_dir), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "pretrain.train", "--config", "configs/demo.yaml", f"trainer.max_steps={steps}", "trainer.log_interval=1",
+           f"run.dir={run_dir}", "run.name=pp2", "checkpoint.interval=0", "checkpoint.async_save=false",
+           "parallel.pp=2"]
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_trainer_pp2_follows_the_single_process_demo_and_resumes(tmp_path):
+    """3 steps at pp=2 through the real trainer (checkpoint saved at pp=2), then a resumed run to 6:
+    all 6 logged losses equal the single-process demo's golden losses."""
+    import json
+    import platform
+
+    _train_demo(tmp_path, 3)
+    _train_demo(tmp_path, 6)  # resumes from step 3 (checkpoint.resume=auto)
+    records = [json.loads(line) for line in (tmp_path / "pp2" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    print("pp2 trainer losses:", losses)
+    golden_path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "pretrain", "golden_demo_losses.json")
+    golden = json.loads(open(golden_path).read())
+    if golden["environment"] != {"python": platform.python_version(), "torch": torch.__version__.split("+")[0]}:
+        pytest.skip(f"golden losses were recorded with {golden['environment']}")
+    assert losses == pytest.approx(golden["losses"][:6], rel=2e-4, abs=2e-4)
