@@ -11,9 +11,10 @@ Contract (what pretrain/checkpoint.py relies on):
   (Mamba's in_proj: z, x, B, C, dt; conv_weight / conv_bias: x, B, C) is a ShardedTensorFactory that
   saves one ShardedTensor per part under `<key>.<part>` (global shape of that part) and concatenates
   the local pieces again on load. So a tp2 checkpoint loads at tp1 and back.
-- replica_id = (tp replica, 0, dp x cp rank): exactly one rank saves each piece (parameters are
-  replicated over dp and cp). Expert weights are keyed by their global expert index
-  (`experts.{j}.*`) and use the expert-data-parallel rank, so an ep2 checkpoint loads at ep1 and back.
+- replica_id = (tp replica, pp replica, dp x cp rank): exactly one rank saves each piece (parameters
+  are replicated over dp and cp; pp replica 1 marks the last pipeline stage's copy of tied
+  embeddings). Expert weights are keyed by their global expert index (`experts.{j}.*`) and use the
+  expert-data-parallel rank, so an ep2 checkpoint loads at ep1 and back.
 - DistributedOptimizer.sharded_state_dict(model.sharded_state_dict(), ...) works with it (tests/parallel).
 - Load: `sd = dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir); model.load_state_dict(sd,
   strict=False)` (megatron's linears add empty `_extra_state` entries on their own).
@@ -27,11 +28,11 @@ from parallel import state
 from parallel.common import Part, Spec, local_parts, set_spec, spec_of
 
 
-def _sharded_tensor(key: str, local: torch.Tensor, dim: int, part: Part, dp_rank: int):
+def _sharded_tensor(key: str, local: torch.Tensor, dim: int, part: Part, dp_rank: int, pp_replica: int = 0):
     from megatron.core.dist_checkpointing import ShardedTensor
 
     offsets = [(dim, part.index, part.num_parts)] if part.num_parts > 1 else []
-    return ShardedTensor.from_rank_offsets(key, local, *offsets, replica_id=(part.replica, 0, dp_rank))
+    return ShardedTensor.from_rank_offsets(key, local, *offsets, replica_id=(part.replica, pp_replica, dp_rank))
 
 
 def _factory(key: str, tensor: torch.Tensor, spec: Spec, dp_rank: int):
@@ -81,7 +82,9 @@ def sharded_state_dict(module: nn.Module, prefix: str = "") -> dict:
         # expert weights (one key per global expert index) are replicated over expert-dp only
         replica_rank = expert_dp_rank if getattr(tensor, "_hp_expert", False) else dp_rank
         if len(spec.parts) == 1:
-            out[key] = _sharded_tensor(key, data, spec.dim, spec.parts[0], replica_rank)
+            # pp_replica 1: the last pipeline stage's copy of tied embeddings (parallel/model.py)
+            out[key] = _sharded_tensor(key, data, spec.dim, spec.parts[0], replica_rank,
+                                       getattr(tensor, "_hp_pp_replica", 0))
         else:
             out[key] = _factory(key, data, spec, replica_rank)
     return out

@@ -120,6 +120,15 @@ def megatron_config(cfg, *, num_layers: int):
     # megatron needs the MoE sizes to accept ep > 1; its all-to-all dispatcher reads them (parallel/moe.py)
     experts = dict(num_moe_experts=moe.num_experts, moe_router_topk=moe.top_k, moe_token_dispatcher_type="alltoall",
                    moe_expert_capacity_factor=moe.capacity_factor) if cfg.parallel.ep > 1 else {}
+    pipeline = {}
+    if cfg.parallel.pp > 1:
+        # p2p buffers in the parameters' dtype. On the CPU (gloo) no batched p2p: gloo matches a batch's
+        # sends and receives per peer in posting order, and at pp=2 (previous = next rank) the batch's
+        # order (send_prev, recv_prev, send_next, recv_next) pairs activations with gradients; megatron's
+        # unbatched path orders by rank parity and uses two groups for the two directions.
+        pipeline = dict(pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+                        batch_p2p_comm=on_cuda, batch_p2p_sync=on_cuda,
+                        virtual_pipeline_model_parallel_size=cfg.parallel.virtual_pp)
     return TransformerConfig(
         num_layers=max(num_layers, 1), hidden_size=cfg.model.d_model, num_attention_heads=tp,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=cfg.parallel.pp,
@@ -127,7 +136,7 @@ def megatron_config(cfg, *, num_layers: int):
         sequence_parallel=cfg.parallel.sequence_parallel and tp > 1,
         use_cpu_initialization=True, perform_initialization=False,  # weights come from the full model
         params_dtype=torch.float32, bf16=bf16, gradient_accumulation_fusion=False,
-        add_bias_linear=False, **experts,
+        add_bias_linear=False, **experts, **pipeline,
     )
 
 

@@ -30,9 +30,22 @@ class Engine:
         full gradients over dp instead of reduce-scattering them (tests compare whole gradients)."""
         self.cfg, self.derived, self.device = cfg, derived, device
         self.parallel = state.is_initialized() if parallel is None else parallel
-        self.model = HybridLM(cfg.model, derived, parallel=self.parallel).to(device)
+        self.pipeline = self.parallel and state.pp_size() > 1
         self.ddp = None
         self.amp_dtype = amp_dtype
+        if self.pipeline:  # this pipeline rank's model chunks (parallel/pipeline.py)
+            from parallel.model import ParallelHybridLM
+            from parallel.pipeline import ModelChunks, chunk_placements
+
+            reference = HybridLM(cfg.model, derived, parallel=False).state_dict()  # single-process init
+            self.chunks = [ParallelHybridLM(cfg.model, derived, layers=layers, pre_process=pre, post_process=post,
+                                            reference_state=reference).to(device)
+                           for layers, pre, post in chunk_placements(derived)]
+            del reference
+            self.model = self.chunks[0] if len(self.chunks) == 1 else ModelChunks(self.chunks)
+        else:
+            self.model = HybridLM(cfg.model, derived, parallel=self.parallel).to(device)
+            self.chunks = [self.model]
         if not self.parallel:
             self.optimizer = build_optimizer(self.model, cfg.optim)
             return
@@ -42,14 +55,23 @@ class Engine:
         import logging
 
         logging.getLogger("megatron.core").setLevel(logging.WARNING)  # it lists every parameter at INFO
-        mcfg = self.model.mcfg
+        mcfg = self.chunks[0].mcfg
         if mcfg.bf16:
             for p in self.model.parameters():
                 p.data = p.data.to(torch.bfloat16)
             self.amp_dtype = None  # the parameters are bf16 already
+        # tied embeddings under pp: the stages' local gradients of the shared weight are summed before
+        # the dp reduction (finalize_grads), so that reduction is not overlapped with the backward there
+        self.tied_pipeline = self.pipeline and cfg.model.tie_embeddings
         ddp_cfg = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=True, use_distributed_optimizer=distributed_optimizer)
-        self.ddp = DistributedDataParallel(mcfg, ddp_cfg, self.model)
+            grad_reduce_in_fp32=True, overlap_grad_reduce=not self.tied_pipeline,
+            use_distributed_optimizer=distributed_optimizer)
+        self.ddp_chunks = [DistributedDataParallel(chunk.mcfg, ddp_cfg, chunk, disable_bucketing=i > 0)
+                           for i, chunk in enumerate(self.chunks)]
+        self.ddp = self.ddp_chunks[0]
+        if self.pipeline:  # the schedules switch gradient reduction off until each chunk's last micro-batch
+            mcfg.no_sync_func = ([d.no_sync for d in self.ddp_chunks] if len(self.ddp_chunks) > 1
+                                 else self.ddp.no_sync)
         # parameters are replicated over dp and cp: megatron reduces (and the distributed optimizer
         # shards) over parallel_state.get_data_parallel_group(with_context_parallel=True)
         replicas = state.dp_size() * state.cp_size()
@@ -61,15 +83,19 @@ class Engine:
                             adam_beta1=o.beta1, adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.grad_clip,
                             bf16=mcfg.bf16, params_dtype=torch.bfloat16 if mcfg.bf16 else torch.float32,
                             use_distributed_optimizer=distributed_optimizer),
-            [self.ddp]))
+            self.ddp_chunks))
 
     def zero_grad(self) -> None:
         if self.ddp is not None:
-            self.ddp.zero_grad_buffer()
+            for ddp in self.ddp_chunks:
+                ddp.zero_grad_buffer()
         self.optimizer.zero_grad(set_to_none=True) if self.ddp is None else self.optimizer.zero_grad()
 
     def forward_backward(self, batch: dict[str, torch.Tensor], scale: float, last: bool = True) -> torch.Tensor:
-        """Accumulate the gradient of one micro-batch (scaled); returns its cross-entropy (detached)."""
+        """Accumulate the gradient of one micro-batch (scaled); returns its cross-entropy (detached).
+        Not with pipeline parallelism: see forward_backward_microbatches."""
+        if self.pipeline:
+            raise RuntimeError("with parallel.pp > 1 use Engine.forward_backward_microbatches (all micro-batches of a step)")
         amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
                else contextlib.nullcontext())
         sync = self.ddp.no_sync() if (self.ddp is not None and not last) else contextlib.nullcontext()
@@ -80,11 +106,33 @@ class Engine:
             (loss * scale).backward()
         return ce
 
+    def forward_backward_microbatches(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Accumulate the gradient of one optimizer step's micro-batches of this dp rank, each scaled
+        by 1/len(batches) (the mean, as a loop of forward_backward(batch, 1/len) does); returns the mean
+        cross-entropy over them (detached, on every rank). With pp > 1 they go through megatron-core's
+        pipeline schedule (1F1B, interleaved with virtual_pp)."""
+        if not self.pipeline:
+            ce = torch.zeros((), device=self.device)
+            for i, batch in enumerate(batches):
+                ce += self.forward_backward(batch, 1.0 / len(batches), last=i == len(batches) - 1)
+            return ce / len(batches)
+        from parallel.pipeline import run_schedule
+
+        if self.amp_dtype is not None:
+            raise RuntimeError("pipeline parallelism runs bf16 parameters (CUDA) or float32, not autocast")
+        return run_schedule(self.ddp_chunks, self.chunks, batches, self.cfg.data.seq_len,
+                            self.cfg.trainer.z_loss_coeff)
+
     def finalize_grads(self) -> None:
         if self.ddp is not None:
             from parallel.grads import finalize_grads
 
-            finalize_grads(self.ddp, self.model)
+            if self.tied_pipeline:
+                from parallel.pipeline import sum_tied_embedding_grads
+
+                sum_tied_embedding_grads(self.chunks)
+            for ddp, chunk in zip(self.ddp_chunks, self.chunks):
+                finalize_grads(ddp, chunk)
 
     def step(self, lr: float) -> torch.Tensor:
         """finalize gradients, clip, update, zero; returns the gradient norm before clipping."""
@@ -105,13 +153,21 @@ class Engine:
         return grad_norm
 
     def update_expert_bias(self) -> list[torch.Tensor]:
-        """Per MoE layer, the load (routed slots per expert over the global batch, dropped or not)
-        since the last call; applies the sigmoid router's bias update."""
-        return [layer.update_expert_bias() for layer in self.model.moe_layers()]
+        """Per MoE layer (in layer order, all pipeline stages), the load (routed slots per expert over
+        the global batch, dropped or not) since the last call; applies the sigmoid router's bias update."""
+        return self._per_moe_layer(lambda layer: layer.update_expert_bias())
 
     def take_dropped_tokens(self) -> list[torch.Tensor]:
         """Per MoE layer, slots dropped over capacity per expert (global batch) since the last call."""
-        return [layer.take_dropped_tokens() for layer in self.model.moe_layers()]
+        return self._per_moe_layer(lambda layer: layer.take_dropped_tokens())
+
+    def _per_moe_layer(self, fn) -> list[torch.Tensor]:
+        if not self.pipeline:
+            return [fn(layer) for layer in self.model.moe_layers()]
+        # each pipeline stage has its own layers; the values of all stages, in layer order, on every rank
+        from parallel.pipeline import moe_loads_by_layer
+
+        return moe_loads_by_layer(self.chunks, [[fn(layer) for layer in chunk.moe_layers()] for chunk in self.chunks])
 
 
 class CheckpointableOptimizer:

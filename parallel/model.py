@@ -62,24 +62,52 @@ class _HeadWeight(nn.Module):
 
 
 class ParallelHybridLM(HybridLM):
-    def __init__(self, cfg: ModelConfig, derived: Derived, *, parallel: bool | None = None):
+    """The whole model, or (pipeline parallelism, parallel/pipeline.py) one model chunk: `layers` the
+    global indices of its layers (kept as their names: `layers.7`), `pre_process` whether it holds the
+    embedding, `post_process` the final norm, head and loss. `reference_state`: the single-process
+    model's state dict to cut the weights from (built here from the current RNG state when None)."""
+
+    def __init__(self, cfg: ModelConfig, derived: Derived, *, parallel: bool | None = None,
+                 layers: range | None = None, pre_process: bool = True, post_process: bool = True,
+                 reference_state: dict[str, torch.Tensor] | None = None):
         nn.Module.__init__(self)
         from megatron.core.tensor_parallel import VocabParallelEmbedding
 
         self.cfg = cfg
-        reference = HybridLM(cfg, derived, parallel=False)  # the single-process init, same seed
+        if reference_state is None:  # the single-process init, same seed
+            reference_state = HybridLM(cfg, derived, parallel=False).state_dict()
         self.mcfg = mcfg = megatron_config(state.config(), num_layers=len(derived.layer_kinds))
         self.sequence_parallel = bool(mcfg.sequence_parallel)
+        self.pre_process, self.post_process = pre_process, post_process
         tp = state.tp_size()
-        self.embeddings = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, init_method=nn.init.zeros_,
-                                                 reduce_scatter_embeddings=self.sequence_parallel, config=mcfg)
-        set_spec(self.embeddings.weight, 0, split_part("", cfg.vocab_size))
-        self.layers = nn.ModuleList(ParallelResidualBlock(k, cfg, derived, mcfg) for k in derived.layer_kinds)
-        self.norm_f = _norm(cfg.d_model, cfg.norm_eps, self.sequence_parallel)
-        self.lm_head = None if cfg.tie_embeddings else _HeadWeight(cfg.vocab_size // tp, cfg.d_model)
-        if self.lm_head is not None:
-            set_spec(self.lm_head.weight, 0, split_part("", cfg.vocab_size))
-        self.load_full_state_dict(reference.state_dict())
+        if pre_process:
+            self.embeddings = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, init_method=nn.init.zeros_,
+                                                     reduce_scatter_embeddings=self.sequence_parallel, config=mcfg)
+            set_spec(self.embeddings.weight, 0, split_part("", cfg.vocab_size))
+        elif post_process and cfg.tie_embeddings:
+            # pipeline, tied embeddings: the last stage's head is a copy of the first stage's embedding,
+            # kept equal by summing the two gradients over megatron's embedding group (Engine.finalize_grads)
+            self.embeddings = _HeadWeight(cfg.vocab_size // tp, cfg.d_model)
+            set_spec(self.embeddings.weight, 0, split_part("", cfg.vocab_size))
+            self.embeddings.weight.shared = True  # megatron's grad norm counts the first stage's copy only
+            self.embeddings.weight._hp_pp_replica = 1  # checkpoints save the first stage's copy
+        if layers is None:
+            self.layers = nn.ModuleList(ParallelResidualBlock(k, cfg, derived, mcfg) for k in derived.layer_kinds)
+        else:  # a pipeline chunk: global layer names, so checkpoint keys do not depend on pp
+            self.layers = nn.ModuleDict(
+                {str(i): ParallelResidualBlock(derived.layer_kinds[i], cfg, derived, mcfg) for i in layers})
+            from megatron.core.enums import ModelType
+
+            self.config = mcfg  # megatron's schedules read `config` and `model_type` from every chunk
+            self.model_type = ModelType.encoder_or_decoder
+            self.input_tensor = None
+            self.aux_scale = 1.0
+        if post_process:
+            self.norm_f = _norm(cfg.d_model, cfg.norm_eps, self.sequence_parallel)
+            self.lm_head = None if cfg.tie_embeddings else _HeadWeight(cfg.vocab_size // tp, cfg.d_model)
+            if self.lm_head is not None:
+                set_spec(self.lm_head.weight, 0, split_part("", cfg.vocab_size))
+        self.load_full_state_dict(reference_state)
 
     @torch.no_grad()
     def load_full_state_dict(self, full: dict[str, torch.Tensor]) -> None:
@@ -97,26 +125,70 @@ class ParallelHybridLM(HybridLM):
     def reset_parameters(self) -> None:  # weights come from the single-process build
         pass
 
-    def hidden_states(self, tokens: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (batch, seqlen) whole; seq_idx (batch, seqlen) whole -> (seqlen/cp[/tp], batch, d)."""
+    def _blocks(self):
+        return self.layers.values() if isinstance(self.layers, nn.ModuleDict) else iter(self.layers)
+
+    # pipeline chunks (parallel/pipeline.py)
+    def set_input_tensor(self, input_tensor) -> None:
+        """megatron's schedules hand the previous stage's output here (a list of one tensor, or None)."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0] if input_tensor else None
+        self.input_tensor = input_tensor
+
+    def stage_forward(self, tokens: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
+        """This chunk's part of the forward: (seqlen/cp[/tp], batch, d) hidden states to the next stage,
+        or, on the last stage, the (seqlen/cp, batch, vocab/tp) vocab-parallel logits."""
+        from parallel.pipeline import attach_aux
+
+        hidden = self._embed(tokens) if self.pre_process else self.input_tensor
+        for layer in self._blocks():
+            hidden = layer(hidden, seq_idx)
+        if self.post_process:
+            return self._logits(self.norm_f(hidden))
+        return attach_aux(hidden, self.aux_loss(), self.aux_scale)
+
+    def local_num_parameters(self) -> dict[str, int]:
+        """This chunk's parameters (global counts over tp); a tied head copy counts on the first stage."""
+        counts = HybridLM.num_parameters(self)
+        if not self.pre_process and hasattr(self, "embeddings"):
+            copy = self.cfg.vocab_size * self.cfg.d_model
+            counts = {k: v - copy for k, v in counts.items()}
+        return counts
+
+    def num_parameters(self) -> dict[str, int]:
+        """Whole-model counts (the same at any tp and pp)."""
+        if isinstance(self.layers, nn.ModuleDict):
+            from parallel.pipeline import global_num_parameters
+
+            return global_num_parameters([self])
+        return HybridLM.num_parameters(self)
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         tokens = context.local_shard(tokens, dim=1)
         hidden = self.embeddings(tokens)  # (batch, seqlen/cp, d) or, under SP, (seqlen/cp/tp, batch, d)
         if not self.sequence_parallel:
             hidden = hidden.transpose(0, 1).contiguous()
-        for layer in self.layers:
-            hidden = layer(hidden, seq_idx)
-        return self.norm_f(hidden)
+        return hidden
 
-    def vocab_parallel_logits(self, tokens: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """(seqlen/cp, batch, vocab/tp) logits of this rank's vocabulary slice (and sequence shard)."""
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         from megatron.core import tensor_parallel as mtp
 
-        hidden = self.hidden_states(tokens, seq_idx)
         if self.sequence_parallel:
             hidden = mtp.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
         elif state.tp_size() > 1:
             hidden = mtp.copy_to_tensor_model_parallel_region(hidden)
         return nn.functional.linear(hidden, self.output_weight())
+
+    def hidden_states(self, tokens: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (batch, seqlen) whole; seq_idx (batch, seqlen) whole -> (seqlen/cp[/tp], batch, d)."""
+        hidden = self._embed(tokens)
+        for layer in self._blocks():
+            hidden = layer(hidden, seq_idx)
+        return self.norm_f(hidden)
+
+    def vocab_parallel_logits(self, tokens: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """(seqlen/cp, batch, vocab/tp) logits of this rank's vocabulary slice (and sequence shard)."""
+        return self._logits(self.hidden_states(tokens, seq_idx))
 
     def forward(self, tokens: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         return self.vocab_parallel_logits(tokens, seq_idx).transpose(0, 1)
@@ -126,10 +198,14 @@ class ParallelHybridLM(HybridLM):
         means divide this shard's sums by the whole sequence's label count, and the loss to optimise
         is cp x that share (megatron DDP averages gradients over dp x cp); the returned cross-entropy
         is summed over cp, i.e. the replica's."""
+        return self.loss_from_logits(self.vocab_parallel_logits(tokens, seq_idx), labels, z_loss_coeff)
+
+    def loss_from_logits(self, logits: torch.Tensor, labels: torch.Tensor, z_loss_coeff: float = 0.0):
+        """loss() from the (seqlen/cp, batch, vocab/tp) vocab-parallel logits and the whole labels."""
         from megatron.core import tensor_parallel as mtp
 
         cp = state.cp_size()
-        logits = self.vocab_parallel_logits(tokens, seq_idx).float()
+        logits = logits.float()
         count = (labels != IGNORE_INDEX).sum().clamp(min=1).float()  # whole sequences (labels arrive whole)
         labels = context.local_shard(labels, dim=1).transpose(0, 1).contiguous()
         mask = (labels != IGNORE_INDEX).float()

@@ -48,9 +48,10 @@ def initialize(cfg: Config, derived: Derived | None = None) -> Derived:
     checked = check_sizes(cfg, world_size)
     if derived is not None and derived.world_size != world_size:
         raise ConfigError(f"world size {world_size} differs from the one validated ({derived.world_size})")
-    from parallel import cpu_compat
+    from parallel import cpu_compat, cpu_compat_pp
 
     cpu_compat.install()
+    cpu_compat_pp.install()
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
@@ -133,6 +134,29 @@ def cp_group():
     from megatron.core import parallel_state as ps
 
     return ps.get_context_parallel_group()
+
+
+def pp_size() -> int:
+    """Pipeline-parallel size (1 without groups)."""
+    if not _groups_ready():
+        return 1
+    from megatron.core import parallel_state as ps
+
+    return ps.get_pipeline_model_parallel_world_size()
+
+
+def pp_rank() -> int:
+    if not _groups_ready():
+        return 0
+    from megatron.core import parallel_state as ps
+
+    return ps.get_pipeline_model_parallel_rank()
+
+
+def pp_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_pipeline_model_parallel_group()
 
 
 def dp_cp_rank() -> int:

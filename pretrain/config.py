@@ -389,13 +389,19 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
         _need(moe.d_ff > 0 and moe.d_ff % p.tp == 0, "model.moe.d_ff", moe.d_ff,
               f"must be > 0 and divisible by parallel.tp={p.tp}")
 
+    _need(p.virtual_pp is None or p.virtual_pp >= 1, "parallel.virtual_pp", p.virtual_pp, "must be >= 1 (or unset)")
+    _need(p.virtual_pp in (None, 1) or p.pp > 1, "parallel.virtual_pp", p.virtual_pp, "needs parallel.pp > 1")
     if p.pp > 1:
+        stages = p.pp * (p.virtual_pp or 1)
+        what = f"parallel.pp={p.pp}" + (f" x parallel.virtual_pp={p.virtual_pp}" if p.virtual_pp else "")
         if len(segments) > 1:
-            _need(len(segments) % p.pp == 0, "model.pattern", m.pattern,
-                  f"has {len(segments)} '|'-separated stages, not a multiple of parallel.pp={p.pp}")
+            _need(len(segments) % stages == 0, "model.pattern", m.pattern,
+                  f"has {len(segments)} '|'-separated stages, not a multiple of {what}={stages}")
         else:
-            _need(len(kinds) % p.pp == 0, "model.pattern", m.pattern,
-                  f"{len(kinds)} layers cannot be split evenly into parallel.pp={p.pp} stages; add '|' boundaries")
+            _need(len(kinds) % stages == 0, "model.pattern", m.pattern,
+                  f"{len(kinds)} layers cannot be split evenly into {what}={stages} stages; add '|' boundaries")
+        _need(cfg.trainer.eval_interval == 0, "trainer.eval_interval", cfg.trainer.eval_interval,
+              f"evaluation is not supported with parallel.pp={p.pp} yet (set 0)")
 
     _need(d.seq_len > 0, "data.seq_len", d.seq_len, "must be > 0")
     _need(d.seq_len % (p.cp * (p.tp if p.sequence_parallel else 1)) == 0, "data.seq_len", d.seq_len,
@@ -404,6 +410,11 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
     per_step = d.micro_batch_size * dp
     _need(d.global_batch_size > 0 and d.global_batch_size % per_step == 0, "data.global_batch_size",
           d.global_batch_size, f"must be a multiple of data.micro_batch_size x dp = {d.micro_batch_size} x {dp}")
+    if p.pp > 1 and (p.virtual_pp or 1) > 1:  # megatron's interleaved schedule runs micro-batches in groups of pp
+        accum = d.global_batch_size // per_step
+        _need(accum % p.pp == 0, "data.global_batch_size", d.global_batch_size,
+              f"gives {accum} micro-batches per step; the interleaved schedule (parallel.virtual_pp="
+              f"{p.virtual_pp}) needs a multiple of parallel.pp={p.pp}")
     _check_streams(d.path, d.streams, "data")
     if d.validation.path or d.validation.streams:
         _check_streams(d.validation.path, d.validation.streams, "data.validation")

@@ -120,13 +120,17 @@ class Trainer:
         cfg = self.cfg
         lr = lr_at(self.step, self.derived.total_steps, cfg.optim)
         accum = self.derived.grad_accum_steps
-        ce_sum = torch.zeros((), device=self.device)
-        for i in range(accum):
-            ce_sum += self.forward_backward(self.next_batch(), 1.0 / accum, last=i == accum - 1)
-        grad_norm = self.engine.step(lr)  # dp/tp gradient sync, clipping over all groups, update
+        if self.engine.pipeline:  # all micro-batches of the step through the pipeline schedule (parallel.pp > 1)
+            loss = self.engine.forward_backward_microbatches([self.next_batch() for _ in range(accum)])
+        else:
+            ce_sum = torch.zeros((), device=self.device)
+            for i in range(accum):
+                ce_sum += self.forward_backward(self.next_batch(), 1.0 / accum, last=i == accum - 1)
+        grad_norm = self.engine.step(lr)  # dp/tp/pp gradient sync, clipping over all groups, update
         moe_load = self.engine.update_expert_bias()
         moe_dropped = self.engine.take_dropped_tokens()
-        loss = ce_sum / accum
+        if not self.engine.pipeline:
+            loss = ce_sum / accum
         if self.engine.parallel and self.derived.dp > 1:  # log the global batch's loss
             from parallel import state as parallel_state
 
