@@ -71,9 +71,13 @@ def _chunk_pass(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
             label = labels[start:end]
             labelled = label != IGNORE_INDEX
             target = torch.where(labelled, label, 0)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            target_logit = logits.gather(1, target[:, None]).squeeze(1)  # (n,)
+            row_max = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+            exp = logits.sub_(row_max).exp_()  # in place: exp(logits - max), no second (n, vocab) buffer
+            sum_exp = exp.sum(dim=-1)  # (n,)
+            lse = sum_exp.log() + row_max.squeeze(1)  # logsumexp
             weight_r = labelled.to(acc)
-            ce_sum += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * weight_r).sum()
+            ce_sum += ((lse - target_logit) * weight_r).sum()
             if z_loss_coeff > 0:
                 z_sum += (lse.square() * weight_r).sum()
             if not (want_d_hidden or want_d_weight):
@@ -81,10 +85,10 @@ def _chunk_pass(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
             # d loss / d logits, built in place: softmax x (1 + 2 coeff lse) / C, minus 1/C at the label
             row_scale = weight_r / count  # (n,): 0 for unlabelled rows
             probs_scale = row_scale * (1 + 2 * z_loss_coeff * lse) if z_loss_coeff > 0 else row_scale
-            grad = logits.sub_(lse[:, None]).exp_().mul_(probs_scale[:, None])
+            grad = exp.mul_((probs_scale / sum_exp)[:, None])
             grad.scatter_add_(1, target[:, None], -row_scale[:, None])
             grad = grad.to(dtype)  # (n, vocab) in the compute dtype, as the unchunked linear's backward sees it
-            del logits
+            del logits, exp  # the float32 buffer (when the compute dtype is narrower)
             if want_d_hidden:
                 d_hidden[start:end] = torch.mm(grad, w)
             if want_d_weight:
