@@ -11,6 +11,12 @@ SSD terms, over the device's bf16 dense peak), peak memory, and the split of a s
 forward+backward and optimizer (synchronised per phase in a separate pass), plus forward alone.
 The comparison in the same run is the same preset with `kernels.backend=torch` (the PyTorch
 reference kernels); a row that runs out of memory says OOM.
+
+The LM head + cross-entropy run in chunks of `trainer.loss_chunk_tokens` tokens (default null =
+4096 on CUDA; pretrain/chunked_loss.py), which computes the head's gradients inside the forward:
+the "fwd ms" column then includes them. To compare with materialised logits, or other chunks:
+    python bench/train.py configs/hybrid_460m.yaml:trainer.loss_chunk_tokens=0 \
+        configs/hybrid_460m.yaml:trainer.loss_chunk_tokens=8192 --backends triton
 """
 from __future__ import annotations
 

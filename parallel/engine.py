@@ -1,7 +1,8 @@
 """Model + optimizer + one training step, for both builds (used by pretrain.trainer and the tests).
 
 Single process (no process groups): HybridLM from pretrain/layers, torch AdamW, torch's clipping,
-bf16 autocast on CUDA. Parallel (parallel.state initialised, any world size > 1): the tensor /
+bf16 autocast on CUDA, the head + cross-entropy in chunks of trainer.loss_chunk_tokens tokens
+(pretrain/chunked_loss.py). Parallel (parallel.state initialised, any world size > 1): the tensor /
 sequence-parallel HybridLM wrapped in megatron-core DistributedDataParallel (contiguous grad
 buffers, gradient reduction overlapped with backward, `no_sync` for all but the last micro-batch)
 and megatron-core's distributed optimizer (ZeRO-1: fp32 main weights and Adam state sharded over
@@ -18,6 +19,7 @@ import contextlib
 import torch
 
 from parallel import state
+from pretrain.chunked_loss import resolve_chunk_tokens
 from pretrain.config import Config, Derived
 from pretrain.model import HybridLM
 from pretrain.optim import build_optimizer
@@ -47,6 +49,7 @@ class Engine:
             self.model = HybridLM(cfg.model, derived, parallel=self.parallel).to(device)
             self.chunks = [self.model]
         if not self.parallel:
+            self.model.loss_chunk_tokens = resolve_chunk_tokens(cfg.trainer.loss_chunk_tokens, device)
             self.optimizer = build_optimizer(self.model, cfg.optim)
             return
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig

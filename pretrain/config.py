@@ -153,6 +153,9 @@ class TrainerConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     device: str = "auto"  # auto | cpu | cuda
     z_loss_coeff: float = 0.0
+    # tokens per chunk of the fused LM head + cross-entropy (pretrain/chunked_loss.py; single-process
+    # build): the (tokens, vocab) logits are never materialised. 0 = off; null = auto (4096 on CUDA, off on CPU)
+    loss_chunk_tokens: Optional[int] = None
     eval_interval: int = 0  # > 0: evaluate on data.validation every this many steps (and at the end)
     eval_steps: int = 10  # micro-batches per dp rank in one evaluation
 
@@ -429,6 +432,8 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
     t = cfg.trainer
     _need(t.precision in ("auto", "bf16", "fp32"), "trainer.precision", t.precision, "must be auto, bf16 or fp32")
     _need(t.device in ("auto", "cpu", "cuda"), "trainer.device", t.device, "must be auto, cpu or cuda")
+    _need(t.loss_chunk_tokens is None or t.loss_chunk_tokens >= 0, "trainer.loss_chunk_tokens", t.loss_chunk_tokens,
+          "must be >= 0 (0 = off) or null (auto: on for CUDA only)")
     _need(t.log_interval > 0, "trainer.log_interval", t.log_interval, "must be > 0")
     _need(t.eval_interval >= 0, "trainer.eval_interval", t.eval_interval, "must be >= 0 (0 = no evaluation)")
     _need(t.eval_steps > 0, "trainer.eval_steps", t.eval_steps, "must be > 0")

@@ -10,8 +10,10 @@ IGNORE_INDEX = -100
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss_coeff: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (batch, seqlen, vocab), labels (batch, seqlen) -> (loss to optimise, cross-entropy for logging).
 
-    Cross-entropy is computed in float32; z-loss = coeff x mean(logsumexp(logits)^2) (PaLM)."""
-    logits = logits.float().flatten(0, 1)
+    Cross-entropy is computed in float32 (float64 logits stay float64); z-loss = coeff x mean over the
+    labelled tokens of logsumexp(logits)^2 (PaLM). pretrain/chunked_loss.py computes the same without
+    the whole logits."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1)
     labels = labels.flatten()
     ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
     if z_loss_coeff <= 0:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from pretrain.config import Derived, ModelConfig
+from pretrain.chunked_loss import chunked_lm_loss
 from pretrain.loss import IGNORE_INDEX, lm_loss
 from pretrain.layers.attention import Attention
 from pretrain.layers.mamba import Mamba2Mixer
@@ -62,7 +63,13 @@ def _parallel_groups_ready() -> bool:
 
 class HybridLM(nn.Module):
     """tokens (batch, seqlen) int64, seq_idx (batch, seqlen) int32 -> logits (batch, seqlen, vocab
-    [/tp: this rank's vocabulary slice in the parallel build])."""
+    [/tp: this rank's vocabulary slice in the parallel build]).
+
+    `loss_chunk_tokens` > 0 (set by the engine from trainer.loss_chunk_tokens): `loss` computes the
+    head and cross-entropy in chunks of that many tokens (pretrain/chunked_loss.py) instead of
+    materialising the logits; the parallel build keeps its own vocab-parallel loss."""
+
+    loss_chunk_tokens: int = 0
 
     def __new__(cls, cfg: ModelConfig, derived: Derived, *args, parallel: bool | None = None, **kwargs):
         if cls is HybridLM and (parallel if parallel is not None else _parallel_groups_ready()):
@@ -114,7 +121,11 @@ class HybridLM(nn.Module):
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor, seq_idx: torch.Tensor | None = None,
              z_loss_coeff: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss to optimise incl. the MoE aux loss, cross-entropy for logging) of one micro-batch."""
-        loss, ce = lm_loss(self(tokens, seq_idx), labels, z_loss_coeff)
+        if self.loss_chunk_tokens > 0:
+            loss, ce = chunked_lm_loss(self.hidden_states(tokens, seq_idx), self.output_weight(), labels,
+                                       z_loss_coeff, self.loss_chunk_tokens)
+        else:
+            loss, ce = lm_loss(self(tokens, seq_idx), labels, z_loss_coeff)
         aux = self.aux_loss()
         return (loss if aux is None else loss + aux), ce
 

@@ -51,6 +51,7 @@ def test_overrides_merge_in_order(tmp_path):
     ("model.moe.top_k=9", "model.moe.top_k"),
     ("optim.schedule=linear", "optim.schedule"),
     ("kernels.backend=cuda", "kernels.backend"),
+    ("trainer.loss_chunk_tokens=-1", "trainer.loss_chunk_tokens"),
 ])
 def test_impossible_values_are_named(override, key):
     cfg = load_config([DEMO], [override])
