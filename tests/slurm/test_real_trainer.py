@@ -64,10 +64,6 @@ def scontrol_job(job: str) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
 
 
-@pytest.mark.skipif(os.environ.get("HP_SLURM_REAL_TRAINER") != "1",
-                    reason="opt-in (HP_SLURM_REAL_TRAINER=1) until the trainer's 2-node runs finish: on 2 nodes x 1"
-                           " process the tiny run hangs after 10 of 100 steps (one rank leaves the loop, the other waits"
-                           " in finish_grad_sync), and a resumed run differs from the 2nd step after the resume")
 def test_preempted_run_resumes_and_equals_uninterrupted_run(slurm_cluster, job_dir):
     pytest.importorskip("pretrain.checkpoint", reason="the trainer's checkpointing is not there yet")
     data = prepare_data(job_dir)
