@@ -9,15 +9,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
-# the tiny hybrid of tests/pretrain/tiny_models.py (Mamba-2, attention, MLP, MoE with a biased router),
-# with the byte tokenizer's vocabulary
-TINY_MODEL = [
-    "model.d_model=32", "model.vocab_size=264", "model.pattern=M*-E",
-    "model.mamba.num_heads=4", "model.mamba.head_dim=8", "model.mamba.num_groups=2", "model.mamba.d_state=8",
-    "model.mamba.chunk_size=8", "model.attention.num_heads=4", "model.attention.num_kv_heads=2",
-    "model.mlp.d_ff=48", "model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.d_ff=24",
-    "model.moe.bias_update_rate=0.01",
-]
+sys.path.insert(0, str(REPO / "scripts"))
+from crash_harness import TINY_MODEL  # noqa: E402  (the tiny hybrid with a biased router, byte vocabulary)
 
 
 def write_text_corpus(root: Path, num_docs: int = 300, seed: int = 0) -> Path:
@@ -106,3 +99,15 @@ def wait_all(procs: list, timeout: float = 600) -> list[int]:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def model_tensors(ckpt: Path) -> dict:
+    """Every tensor of a dist_checkpointing checkpoint (model and optimizer), by key."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = ckpt.parent / f".{ckpt.name}.pt"
+    dcp_to_torch_save(str(ckpt), str(out))
+    state = torch.load(out, map_location="cpu", weights_only=False)
+    out.unlink()
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}

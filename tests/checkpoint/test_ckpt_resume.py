@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ckpt_helpers import prepare_dataset, read_losses, tiny_overrides  # noqa: E402
+from ckpt_helpers import model_tensors, prepare_dataset, read_losses, tiny_overrides  # noqa: E402
 
 from pretrain import checkpoint_files as files  # noqa: E402
 from pretrain.signals import REQUEUE_EXIT_CODE, reset_process_flag  # noqa: E402
@@ -41,17 +41,6 @@ def train(tmp: Path, name: str, *extra: str, steps: int = STEPS, signal_at: int 
     finally:
         if monkeypatch is not None:
             monkeypatch.undo()
-
-
-def model_tensors(ckpt: Path) -> dict:
-    import torch
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = ckpt.parent / f".{ckpt.name}.pt"
-    dcp_to_torch_save(str(ckpt), str(out))
-    state = torch.load(out, map_location="cpu", weights_only=False)
-    out.unlink()
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ckpt_helpers import launch_ranks, prepare_dataset, read_losses, tiny_overrides, wait_all  # noqa: E402
+from ckpt_helpers import (launch_ranks, model_tensors, prepare_dataset, read_losses, tiny_overrides,  # noqa: E402
+                          wait_all)
 
 from pretrain import checkpoint_files as files  # noqa: E402
 from pretrain.signals import REQUEUE_EXIT_CODE  # noqa: E402
@@ -36,17 +37,6 @@ def reference(tmp_path_factory):
     codes = wait_all(launch_ranks(2, args(tmp, data, "ref"), tmp / "tmpdir", tmp / "logs", "ref"))
     assert codes == [0, 0], (tmp / "logs" / "ref_rank0.log").read_text()[-3000:]
     return tmp, data
-
-
-def model_tensors(ckpt: Path) -> dict:
-    import torch
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = ckpt.parent / f".{ckpt.name}.pt"
-    dcp_to_torch_save(str(ckpt), str(out))
-    state = torch.load(out, map_location="cpu", weights_only=False)
-    out.unlink()
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def last_logged_step(metrics: Path) -> int:
