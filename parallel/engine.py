@@ -189,6 +189,9 @@ class CheckpointableOptimizer:
 
     def __init__(self, optimizer):
         self.__dict__["optimizer"] = optimizer
+        for opt in self._chained():
+            if _is_empty(opt):
+                opt.state_dict = self._empty_state_dict_fn(opt)
 
     def __getattr__(self, name):
         return getattr(self.optimizer, name)
@@ -196,9 +199,34 @@ class CheckpointableOptimizer:
     def __setattr__(self, name, value):
         setattr(self.optimizer, name, value)
 
+    def _chained(self) -> list:
+        return list(getattr(self.optimizer, "chained_optimizers", [self.optimizer]))
+
     def _inner_torch_optimizers(self):
-        chained = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
-        return [opt.optimizer for opt in chained if getattr(opt, "optimizer", None) is not None]
+        return [opt.optimizer for opt in self._chained() if getattr(opt, "optimizer", None) is not None]
+
+    def _chain_step(self) -> float:
+        """The Adam step count of this rank's chain (0 before the first step)."""
+        for opt in self._inner_torch_optimizers():
+            for st in opt.state.values():
+                if torch.is_tensor(st.get("step")) or isinstance(st.get("step"), (int, float)):
+                    return float(st["step"])
+        return 0.0
+
+    def _empty_state_dict_fn(self, opt):
+        """state_dict for a chained optimizer without parameters on this rank (the expert optimizer of a
+        pipeline stage without MoE layers): megatron's own asserts that its Adam state holds exactly one
+        step value, and an empty state holds none. Same layout as megatron's, with the chain's step."""
+        def state_dict():
+            inner = opt.optimizer.state_dict()
+            groups = [{**{k: v for k, v in g.items() if k != "params"}, "step": self._chain_step()}
+                      for g in inner["param_groups"]]
+            sd = {"optimizer": {**{k: v for k, v in inner.items() if k not in ("state", "param_groups")},
+                                "param_groups": groups}}
+            if opt.grad_scaler:
+                sd["grad_scaler"] = opt.grad_scaler.state_dict()
+            return sd
+        return state_dict
 
     @torch.no_grad()
     def _ensure_state(self) -> None:
@@ -238,7 +266,7 @@ class CheckpointableOptimizer:
                     st["step"] = st["step"].clone()
 
     def _load_state_dict(self, state_dict) -> None:
-        chained = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        chained = self._chained()
         entries = [state_dict] if len(chained) == 1 else (
             [state_dict[k] for k in sorted(state_dict)] if isinstance(state_dict, dict) else [])
         if len(entries) != len(chained) or not all(
@@ -246,9 +274,10 @@ class CheckpointableOptimizer:
                 for sd in entries):
             self.optimizer.load_state_dict(state_dict)
             return
+        step = _saved_step(entries)
         for dist_opt, sd in zip(chained, entries):
             common = {k: v for k, v in sd.items() if k not in ("param_state", "param_state_sharding_type")}
-            dist_opt.load_state_dict(common)
+            dist_opt.load_state_dict(_with_own_param_groups(dist_opt, common, step))
         steps = {}
         for opt in self._inner_torch_optimizers():
             for p, st in opt.state.items():
@@ -260,3 +289,34 @@ class CheckpointableOptimizer:
         finally:
             for (_, p), (opt, step) in steps.items():
                 opt.state[p]["step"] = step
+
+
+def _is_empty(opt) -> bool:
+    inner = getattr(opt, "optimizer", None)
+    return inner is not None and not any(len(g["params"]) for g in inner.param_groups)
+
+
+def _saved_step(entries: list[dict]) -> float:
+    """The one Adam step count in a checkpoint's optimizer param groups (every chained optimizer
+    steps together); an error naming the values when they disagree."""
+    steps = {float(g["step"]) for sd in entries for g in sd["optimizer"]["param_groups"] if g.get("step") is not None}
+    if len(steps) != 1:
+        raise ValueError(f"the checkpoint's optimizer param groups hold step counts {sorted(steps)}; expected one")
+    return steps.pop()
+
+
+def _with_own_param_groups(dist_opt, common: dict, step: float) -> dict:
+    """The common (non-tensor) optimizer state with one param group per group of this rank, in its
+    order: the saved group with the same megatron identifiers (lr/wd multipliers, expert or not) where
+    there is one, else this rank's own hyper-parameters, and the checkpoint's step everywhere. The
+    common state is written by rank 0 alone, so under pipeline parallelism it holds rank 0's groups:
+    another stage may have a group that stage 0 lacks (no 1-D parameters; no experts)."""
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+    def ident(group):
+        return tuple(group.get(k, group.get(f"pre_{k}")) for k in param_group_identifier_keys)
+
+    saved = {ident(g): g for g in common["optimizer"]["param_groups"]}
+    groups = [{**saved.get(ident(g), {k: v for k, v in g.items() if k != "params"}), "step": step}
+              for g in dist_opt.optimizer.param_groups]
+    return {**common, "optimizer": {**common["optimizer"], "param_groups": groups}}

@@ -167,6 +167,21 @@ class Checkpointer:
             "versions": state.code_versions(),
         }
 
+    def _sharded_state_on_every_rank(self, trainer) -> dict:
+        """This rank's sharded state, once every rank has built its own (collective): a rank that fails
+        here would otherwise leave the others waiting in the save's collectives for ever."""
+        try:
+            sharded, error = self._sharded_state(trainer), None
+        except Exception as err:  # noqa: BLE001 - every rank learns of it below
+            sharded, error = None, err
+        failures = [f for f in _all_gather(None if error is None else f"rank {self.rank}: {type(error).__name__}: {error}")
+                    if f is not None]
+        if error is not None:
+            raise error
+        if failures:
+            raise CheckpointError("collecting the state to save failed on " + "; ".join(failures))
+        return sharded
+
     # ------------------------------------------------------------------------------------------- saving
     def save(self, trainer, *, blocking: bool, reason: str = "interval") -> bool:
         """Save the trainer's state at its current step (collective). Returns False if the save failed
@@ -186,7 +201,8 @@ class Checkpointer:
         self.last_saved_step = step
         self.last_save_time = started
         try:
-            request = dist_checkpointing.save(self._sharded_state(trainer), str(tmp_dir), async_sharded_save=True)
+            sharded = self._sharded_state_on_every_rank(trainer)
+            request = dist_checkpointing.save(sharded, str(tmp_dir), async_sharded_save=True)
             request.add_finalize_fn(lambda: self._publish(step, tmp_dir, started, reason))
             if blocking or not self.ccfg.async_save:
                 request.execute_sync()
