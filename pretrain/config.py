@@ -128,6 +128,10 @@ class DataConfig:
     global_batch_size: int = 4
     num_workers: int = 0
     shuffle: bool = True
+    # mosaicml-streaming's canonical node count, which fixes the sample order: null = its default
+    # (the node count of the first run; a resume keeps the saved value). Pin it (e.g. 8) for the same
+    # order on any node count from the start; it must divide, or be a multiple of, the node count.
+    num_canonical_nodes: Optional[int] = None
     validation: ValidationDataConfig = field(default_factory=ValidationDataConfig)
 
 
@@ -410,6 +414,8 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
     _need(d.seq_len % (p.cp * (p.tp if p.sequence_parallel else 1)) == 0, "data.seq_len", d.seq_len,
           "must be divisible by cp (x tp with sequence parallelism)")
     _need(d.micro_batch_size > 0, "data.micro_batch_size", d.micro_batch_size, "must be > 0")
+    _need(d.num_canonical_nodes is None or d.num_canonical_nodes > 0, "data.num_canonical_nodes",
+          d.num_canonical_nodes, "must be null or > 0")
     per_step = d.micro_batch_size * dp
     _need(d.global_batch_size > 0 and d.global_batch_size % per_step == 0, "data.global_batch_size",
           d.global_batch_size, f"must be a multiple of data.micro_batch_size x dp = {d.micro_batch_size} x {dp}")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 import kernels.backend
-from pretrain.config import Config, Derived, stream_dicts, to_yaml
+from pretrain.config import Config, ConfigError, Derived, stream_dicts, to_yaml
 from pretrain.evaluate import Evaluator
 from pretrain.distributed import DistInfo
 from pretrain.flops import count_parameters, device_peak_tflops, train_flops_per_token
@@ -45,6 +45,8 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
 def build_data(cfg: Config, dist_info: DistInfo, derived: Derived):
     from data.dataset import build_train_loader
 
+    _check_canonical_nodes(cfg.data.num_canonical_nodes, dist_info.world_size)
+
     if cfg.data.demo_corpus:
         from data.demo import ensure_demo_data
 
@@ -56,8 +58,17 @@ def build_data(cfg: Config, dist_info: DistInfo, derived: Derived):
         cfg.data.path or None, streams=stream_dicts(cfg.data.path, cfg.data.streams), seq_len=cfg.data.seq_len, micro_batch_size=cfg.data.micro_batch_size,
         seed=cfg.run.seed, shuffle=cfg.data.shuffle, num_workers=cfg.data.num_workers,
         dp_rank=_dp_rank(dist_info, derived), dp_size=derived.dp,
-        vocab_size=cfg.model.vocab_size,
+        vocab_size=cfg.model.vocab_size, num_canonical_nodes=cfg.data.num_canonical_nodes,
     )
+
+
+def _check_canonical_nodes(canonical: int | None, world_size: int) -> None:
+    """streaming partitions samples over canonical nodes, then over the physical ones (world size /
+    LOCAL_WORLD_SIZE): one count must divide the other (else streaming fails at the first batch)."""
+    nodes = max(1, world_size // int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    if canonical is not None and canonical % nodes and nodes % canonical:
+        raise ConfigError(f"data.num_canonical_nodes={canonical}: must divide, or be a multiple of, the "
+                          f"number of nodes of this run ({nodes})")
 
 
 def _dp_rank(dist_info: DistInfo, derived: Derived) -> int:

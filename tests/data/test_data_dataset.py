@@ -174,3 +174,32 @@ def test_clean_stale_shm_after_kill(prepared, private_tmpdir):
     assert os.path.exists(f"/dev/shm/{live}_locals")  # the live run's blocks are kept
     assert len(list(live_loader)) == NUM_SAMPLES // 4  # and it still works
     assert clean_stale_streaming_shm(private_tmpdir) == []
+
+
+def test_config_pins_num_canonical_nodes_and_refuses_a_count_that_does_not_fit_the_nodes(prepared, monkeypatch):
+    """data.num_canonical_nodes reaches streaming (which keeps it in the loader state, so a resume on
+    another node count keeps the order); a value that neither divides nor is a multiple of this run's
+    node count (WORLD_SIZE / LOCAL_WORLD_SIZE) is refused before any data is read."""
+    from pretrain.config import ConfigError, load_config, validate
+    from pretrain.distributed import DistInfo
+    from pretrain.trainer import build_data
+
+    cfg = load_config(["configs/demo.yaml"], [f"data.path={prepared}", "data.demo_corpus=false",
+                                              f"data.seq_len={SEQ_LEN}", "data.num_canonical_nodes=2"])
+    first = build_data(cfg, DistInfo(0, 1, 0, torch.device("cpu")), validate(cfg, 1))
+    batches = infinite_batches(first)
+    next(batches)
+    assert first.dataset.num_canonical_nodes == 2 and first.state_dict()["num_canonical_nodes"] == 2
+    default = build_data(load_config(["configs/demo.yaml"], [f"data.path={prepared}", "data.demo_corpus=false",
+                                                               f"data.seq_len={SEQ_LEN}"]),
+                         DistInfo(0, 1, 0, torch.device("cpu")), validate(cfg, 1))
+    next(infinite_batches(default))
+    assert default.dataset.num_canonical_nodes == 1  # streaming's default for its py1e shuffle: the node count
+
+    cfg = load_config(["configs/demo.yaml"], [f"data.path={prepared}", "data.num_canonical_nodes=3",
+                                              "data.global_batch_size=16"])
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # 2 ranks, one per node: 2 nodes
+    with pytest.raises(ConfigError, match=r"data.num_canonical_nodes=3: .*number of nodes of this run \(2\)"):
+        build_data(cfg, DistInfo(0, 2, 0, torch.device("cpu")), validate(cfg, 2))
+    with pytest.raises(ConfigError, match=r"data.num_canonical_nodes=0: must be null or > 0"):
+        validate(load_config(["configs/demo.yaml"], ["data.num_canonical_nodes=0"]), 1)
