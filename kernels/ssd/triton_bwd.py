@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import INTERPRET, autotune, next_pow2
+from kernels._triton_utils import INTERPRET, autotune_per_chunk, next_pow2
 from kernels.ssd.triton_fwd import _softplus
 
 
@@ -388,19 +388,19 @@ def _cfgs(space):
 # Autotuned variants for CUDA (a few configs each; results cached on disk by Triton). Tile sizes
 # that decide which partial-sum rows a program writes (BLOCK_J of dx, the dCB/dBC tiles) stay
 # fixed, so every config writes the same elements and autotuning reruns are harmless.
-_chunk_dx_tuned = autotune(_cfgs([
+_chunk_dx_tuned = autotune_per_chunk(_chunk_dx_kernel, _cfgs([
     (dict(BLOCK_I=64, BLOCK_N=64), 4, 2), (dict(BLOCK_I=64, BLOCK_N=64), 4, 3),
     (dict(BLOCK_I=32, BLOCK_N=64), 4, 2), (dict(BLOCK_I=64, BLOCK_N=128), 8, 2),
     (dict(BLOCK_I=64, BLOCK_N=64), 8, 3),
-]), key=["chunk_size", "hdim", "dstate", "HAS_SEQ", "SPLIT"])(_chunk_dx_kernel)
-_chunk_dcb_tuned = autotune(_cfgs([
+]), key=["chunk_size", "hdim", "dstate", "HAS_SEQ", "SPLIT"], chunk_params=("BLOCK_I",))
+_chunk_dcb_tuned = autotune_per_chunk(_chunk_dcb_kernel, _cfgs([
     (dict(BLOCK_P=64), 4, 2), (dict(BLOCK_P=64), 4, 3), (dict(BLOCK_P=64), 8, 2), (dict(BLOCK_P=32), 4, 3),
-]), key=["chunk_size", "hdim", "HAS_SEQ"])(_chunk_dcb_kernel)
-_chunk_dbc_tuned = autotune(_cfgs([
+]), key=["chunk_size", "hdim", "HAS_SEQ"], chunk_params=())
+_chunk_dbc_tuned = autotune_per_chunk(_chunk_dbc_kernel, _cfgs([
     (dict(BLOCK_R=64, BLOCK_K=64, BLOCK_P=64), 4, 2), (dict(BLOCK_R=64, BLOCK_K=64, BLOCK_P=64), 4, 3),
     (dict(BLOCK_R=64, BLOCK_K=32, BLOCK_P=64), 4, 2), (dict(BLOCK_R=128, BLOCK_K=64, BLOCK_P=64), 8, 2),
     (dict(BLOCK_R=128, BLOCK_K=32, BLOCK_P=64), 8, 3),
-]), key=["chunk_size", "hdim", "dstate", "HAS_SEQ"])(_chunk_dbc_kernel)
+]), key=["chunk_size", "hdim", "dstate", "HAS_SEQ"], chunk_params=("BLOCK_R", "BLOCK_K"))
 
 
 def _blocks(chunk_size, hdim, dstate):
@@ -471,7 +471,7 @@ def chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec):
     if INTERPRET:
         _chunk_dx_kernel[grid](*args, **kw, BLOCK_I=bs["I"], BLOCK_N=bs["N"], num_warps=4)
     else:
-        _chunk_dx_tuned[grid](*args, **kw)
+        _chunk_dx_tuned(chunk_size)[grid](*args, **kw)
     if dD is not None:
         dD = dD.sum((0, 1))[:, :hdim]
         dD = dD if D.dim() == 2 else dD.sum(-1)
@@ -497,7 +497,7 @@ def chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, chunk_size, dot_prec):
     if INTERPRET:
         _chunk_dcb_kernel[grid](*args, **kw, BLOCK_P=bs["P"], num_warps=4)
     else:
-        _chunk_dcb_tuned[grid](*args, **kw)
+        _chunk_dcb_tuned(chunk_size)[grid](*args, **kw)
     return dcb, rows
 
 
@@ -524,7 +524,7 @@ def chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, chunk_size, dot_prec
         def grid(meta):
             return (triton.cdiv(chunk_size, meta["BLOCK_R"]) * nn, batch * nchunks, ngroups * nsplit)
 
-        _chunk_dbc_tuned[grid](*args, **kw)
+        _chunk_dbc_tuned(chunk_size)[grid](*args, **kw)
     if nsplit == 1:
         return dB[:, :, 0].to(B.dtype), dC[:, :, 0].to(C.dtype), offd
     return dB.sum(2).to(B.dtype), dC.sum(2).to(C.dtype), offd

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import INTERPRET, autotune, next_pow2
+from kernels._triton_utils import INTERPRET, autotune_per_chunk, next_pow2
 
 
 @triton.jit
@@ -308,16 +308,16 @@ def _cfgs(space):
 
 
 # CUDA: a few configs each, cached on disk by Triton (outputs are fully rewritten by any config)
-_chunk_scan_tuned = autotune(_cfgs([
+_chunk_scan_tuned = autotune_per_chunk(_chunk_scan_fwd_kernel, _cfgs([
     (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64), 4, 2), (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64), 4, 3),
     (dict(BLOCK_M=128, BLOCK_K=64, BLOCK_P=64), 8, 2), (dict(BLOCK_M=128, BLOCK_K=32, BLOCK_P=64), 4, 3),
     (dict(BLOCK_M=64, BLOCK_K=32, BLOCK_P=64), 4, 2), (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=32), 4, 2),
-]), key=["chunk_size", "hdim", "dstate", "HAS_SEQ", "HAS_Z"])(_chunk_scan_fwd_kernel)
-_chunk_outer_tuned = autotune(_cfgs([
+]), key=["chunk_size", "hdim", "dstate", "HAS_SEQ", "HAS_Z"], chunk_params=("BLOCK_M", "BLOCK_K"))
+_chunk_outer_tuned = autotune_per_chunk(_chunk_outer_kernel, _cfgs([
     (dict(BLOCK_P=64, BLOCK_N=64, BLOCK_K=64), 4, 2), (dict(BLOCK_P=64, BLOCK_N=128, BLOCK_K=64), 4, 3),
     (dict(BLOCK_P=64, BLOCK_N=128, BLOCK_K=32), 4, 3), (dict(BLOCK_P=64, BLOCK_N=128, BLOCK_K=64), 8, 2),
     (dict(BLOCK_P=64, BLOCK_N=64, BLOCK_K=32), 4, 3),
-]), key=["chunk_size", "hdim", "dstate", "MODE", "HAS_SEQ", "SPLIT"])(_chunk_outer_kernel)
+]), key=["chunk_size", "hdim", "dstate", "MODE", "HAS_SEQ", "SPLIT"], chunk_params=("BLOCK_K",))
 
 
 def _blocks(chunk_size, hdim, dstate):
@@ -381,7 +381,7 @@ def chunk_outer(a, b, dtp, cs, seq_idx, chunk_size, mode, dot_prec):
         def grid(meta):
             return (triton.cdiv(hdim, meta["BLOCK_P"]) * triton.cdiv(dstate, meta["BLOCK_N"]), batch * nchunks, nheads)
 
-        _chunk_outer_tuned[grid](*args, **kw)
+        _chunk_outer_tuned(chunk_size)[grid](*args, **kw)
     return out
 
 
@@ -434,5 +434,5 @@ def chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq_idx, chunk_size, store_ypre, d
             return (triton.cdiv(chunk_size, meta["BLOCK_M"]) * triton.cdiv(hdim, meta["BLOCK_P"]), batch * nchunks,
                     nheads)
 
-        _chunk_scan_tuned[grid](*args, **kw)
+        _chunk_scan_tuned(chunk_size)[grid](*args, **kw)
     return out, ypre

@@ -122,11 +122,15 @@ def test_ssd_low_precision_vs_fp32_reference(dtype):
     assert all(math.isfinite(e) and e < 1e-2 for e in errs.values()), fmt(errs)
 
 
-def test_ssd_fp32_vs_reference():
-    t, opt = ssd_inputs(1, 777, 4, 32, 2, 32, torch.float32, D_hp=True)
+@pytest.mark.parametrize("chunk, hdim, dstate", [(64, 32, 32), (16, 16, 16), (32, 16, 16), (32, 32, 16),
+                                                  (128, 64, 64), (256, 32, 32)])
+def test_ssd_fp32_vs_reference(chunk, hdim, dstate):
+    """Chunk sizes below the autotuned tile sizes (64-128 positions) included: a tile that ran past
+    its chunk gave wrong outputs and gradients for chunk_size 32 until the tiles were clamped."""
+    t, opt = ssd_inputs(1, 777, 4, hdim, 2, dstate, torch.float32, D_hp=True)
     poison()
-    y, fs, g, seeds = run_ssd(kernels.ssd_scan, t, opt, 64)
-    y0, fs0, g0, _ = run_ssd(ssd_ref, t, opt, 64, seeds=seeds)
+    y, fs, g, seeds = run_ssd(kernels.ssd_scan, t, opt, chunk)
+    y0, fs0, g0, _ = run_ssd(ssd_ref, t, opt, chunk, seeds=seeds)
     errs = {"y": rel(y, y0), "final": rel(fs, fs0), **{f"d{k}": rel(g[k], g0[k]) for k in g}}
     tol = {k: (1e-3 if k in ("dA", "ddt_bias", "dD") else 1e-4) for k in errs}
     assert all(errs[k] < tol[k] for k in errs), fmt(errs)
