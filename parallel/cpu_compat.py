@@ -26,6 +26,10 @@ This is the one module in the project that patches a library. `install()` is a n
   does not. The stand-ins gather rows padded to the longest piece and cut them out again, and
   reduce-scatter as an all-reduce of which each rank keeps its own piece; without split sizes
   they call megatron's own functions.
+- the pipeline schedules' token counter (megatron.core.pipeline_parallel.schedules), a hard-coded
+  `torch.zeros([], dtype=torch.int, device="cuda")`: that module sees the same factory-mapping
+  `torch`. (The p2p buffers use torch.cuda.current_device, above; `batch_p2p_sync` is off on the
+  CPU in parallel.common.megatron_config.)
 - `Tensor.type() == "torch.cuda.FloatTensor"` checks: DistributedOptimizer.__init__ sorts parameters
   by that string (its stand-in lets each parameter report the CUDA type name while it is built), and
   clip_grad_by_total_norm_fp32 asserts it (its stand-in is the same scaling without the assert).
@@ -54,6 +58,7 @@ PATCHED = (
     "megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu",
     "megatron.core.tensor_parallel.mappings._gather_along_first_dim",
     "megatron.core.tensor_parallel.mappings._reduce_scatter_along_first_dim",
+    "megatron.core.pipeline_parallel.schedules.torch",
 )
 
 _installed = False
@@ -265,6 +270,9 @@ def install() -> bool:
 
     mappings._gather_along_first_dim = _uneven_gather(mappings._gather_along_first_dim)
     mappings._reduce_scatter_along_first_dim = _uneven_reduce_scatter(mappings._reduce_scatter_along_first_dim)
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _CpuFactoriesTorch()
     _installed = True
     return True
 

@@ -48,10 +48,9 @@ def initialize(cfg: Config, derived: Derived | None = None) -> Derived:
     checked = check_sizes(cfg, world_size)
     if derived is not None and derived.world_size != world_size:
         raise ConfigError(f"world size {world_size} differs from the one validated ({derived.world_size})")
-    from parallel import cpu_compat, cpu_compat_pp
+    from parallel import cpu_compat
 
     cpu_compat.install()
-    cpu_compat_pp.install()
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 

@@ -3,26 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
 sys.path.insert(0, str(REPO / "scripts"))
-from crash_harness import TINY_MODEL  # noqa: E402  (the tiny hybrid with a biased router, byte vocabulary)
-
-
-def write_text_corpus(root: Path, num_docs: int = 300, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    words = ["alpha", "beta", "gamma", "delta", "mamba", "state", "space", "token", "expert", "router",
-             "attention", "layer", "norm", "scan", "chunk", "batch", "shard", "save", "resume", "step"]
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / "docs.jsonl", "w") as f:
-        for i in range(num_docs):
-            text = " ".join(rng.choice(words) for _ in range(rng.randint(3, 40)))
-            f.write(json.dumps({"text": f"doc {i}: {text}."}) + "\n")
-    return root
+from crash_harness import TINY_MODEL, write_corpus  # noqa: E402  (the tiny hybrid with a biased router, byte vocabulary)
 
 
 def prepare_dataset(tmp: Path, seq_len: int = 32) -> Path:
@@ -30,7 +17,7 @@ def prepare_dataset(tmp: Path, seq_len: int = 32) -> Path:
 
     out = tmp / "data"
     if not (out / "index.json").is_file():
-        prepare([str(write_text_corpus(tmp / "corpus"))], "bytes", out, seq_len, progress=False)
+        prepare([str(write_corpus(tmp / "corpus", num_docs=300))], "bytes", out, seq_len, progress=False)
     return out
 
 

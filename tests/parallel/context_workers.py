@@ -13,12 +13,11 @@ import torch
 import torch.distributed as dist
 
 from parallel import state
-from parallel.common import shard_full, spec_of
 from parallel.engine import Engine
 from pretrain.config import load_config, validate
 from pretrain.loss import IGNORE_INDEX
 from pretrain.schedule import lr_at
-from workers import BASE, _rel, _slice
+from workers import BASE, _slice, dp_loss_error, gradient_errors
 
 CP_BASE = BASE + ["data.seq_len=32"]
 
@@ -79,19 +78,13 @@ def run_cp_case(rank: int, world: int, overrides: list[str], steps: int) -> dict
     par.zero_grad()
     ce = par.forward_backward(_slice(batch, dpr, dp), 1.0).clone()
     par.finalize_grads()
-    dist.all_reduce(ce, group=state.dp_group())
-    loss_err = abs(float(ce) / dp - ce_ref) / abs(ce_ref)
+    loss_err = dp_loss_error(ce, ce_ref)
     torch.manual_seed(cfg.run.seed)
     ref64 = Engine(cfg, derived, cpu, parallel=False)
     ref64.model.double()
     for i in range(dp):
         ref64.forward_backward(_slice(batch, i, dp), 1.0 / dp)
-    ref_params, ref64_params = dict(ref.model.named_parameters()), dict(ref64.model.named_parameters())
-    grad_err, ref_err = {}, {}
-    for name, p in par.model.named_parameters():
-        expected = shard_full(ref_params[name].grad, spec_of(p))
-        grad_err[name] = _rel(p.main_grad.float(), expected)
-        ref_err[name] = _rel(expected.double(), shard_full(ref64_params[name].grad, spec_of(p)))
+    grad_err, ref_err = gradient_errors(par.model.named_parameters(), ref, ref64)
     del ref64
 
     # saved activations of one forward: this rank at cp (x tp) against the single process

@@ -14,11 +14,11 @@ import torch
 import torch.distributed as dist
 
 from parallel import state
-from parallel.common import shard_full, spec_of
+from parallel.common import spec_of
 from parallel.engine import Engine
 from pretrain.config import load_config, validate
 from pretrain.schedule import lr_at
-from workers import BASE, _rel, _tensors, make_batch
+from workers import BASE, _tensors, dp_loss_error, gradient_errors, make_batch
 
 
 def step_batches(step: int, cfg, dp: int, dp_rank: int, accum: int) -> tuple[list[dict], list[list[dict]]]:
@@ -58,19 +58,12 @@ def run_case(rank: int, world: int, overrides: list[str], steps: int) -> dict:
     par.zero_grad()
     ce = par.forward_backward_microbatches(mine).clone()
     par.finalize_grads()
-    dist.all_reduce(ce, group=state.dp_group())
-    loss_err = abs(float(ce) / dp - ce_ref) / abs(ce_ref)
+    loss_err = dp_loss_error(ce, ce_ref)
     torch.manual_seed(cfg.run.seed)
     ref64 = Engine(cfg, derived, cpu, parallel=False)
     ref64.model.double()
     _reference_step(ref64, [[{k: v for k, v in b.items()} for b in r] for r in per_rank])
-    ref_params, ref64_params = dict(ref.model.named_parameters()), dict(ref64.model.named_parameters())
-    grad_err, ref_err = {}, {}
-    for chunk in par.chunks:
-        for name, p in chunk.named_parameters():
-            expected = shard_full(ref_params[name].grad, spec_of(p))
-            grad_err[name] = _rel(p.main_grad.float(), expected)
-            ref_err[name] = _rel(expected.double(), shard_full(ref64_params[name].grad, spec_of(p)))
+    grad_err, ref_err = gradient_errors((np for chunk in par.chunks for np in chunk.named_parameters()), ref, ref64)
     del ref64, par
 
     # training: distributed optimizer + pipeline schedule against torch AdamW on one process
@@ -141,7 +134,9 @@ def save_pp_and_reload(rank: int, world: int, ckpt_dir: str, save_overrides: lis
 
 
 def two_rank_launch(rank: int, world: int, cases: list, ckpt_dir: str, reload_case) -> dict:
-    from parallel import cpu_compat_pp
+    from megatron.core.pipeline_parallel import schedules
+
+    from parallel.cpu_compat import _CpuFactoriesTorch
 
     return {"cases": run_cases(rank, world, cases), "reload": save_pp_and_reload(rank, world, ckpt_dir, *reload_case),
-            "cpu_compat_pp": list(cpu_compat_pp.PATCHED) if cpu_compat_pp.installed() else None}
+            "schedules_torch_stand_in": isinstance(schedules.torch, _CpuFactoriesTorch)}

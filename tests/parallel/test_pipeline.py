@@ -122,8 +122,9 @@ def test_pp2_checkpoint_reloads_at_pp1(two_ranks):
 
 
 @pytest.mark.slow
-def test_cpu_compat_pp_pins_the_list(two_ranks):
-    assert two_ranks[0]["cpu_compat_pp"] == ["megatron.core.pipeline_parallel.schedules.torch"]
+def test_the_schedules_ran_with_cpu_compat_s_stand_in(two_ranks):
+    """parallel.cpu_compat (the one module that patches a library) covers the schedules' CUDA-only call."""
+    assert two_ranks[0]["schedules_torch_stand_in"]
 
 
 def test_virtual_stage_layers():

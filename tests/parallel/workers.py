@@ -47,6 +47,25 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-12))
 
 
+def dp_loss_error(ce: torch.Tensor, ce_ref: float) -> float:
+    """Relative error of the dp mean of each rank's step loss `ce` against the reference's (collective over dp)."""
+    dist.all_reduce(ce, group=state.dp_group())
+    return abs(float(ce) / state.dp_size() - ce_ref) / abs(ce_ref)
+
+
+def gradient_errors(named_params, ref: Engine, ref64: Engine) -> tuple[dict, dict]:
+    """Per parameter of this rank (name, param with megatron's main_grad): the relative error of its
+    gradient against the float32 reference's (cut to this rank's piece), and float32's own accuracy
+    (the float32 reference against the float64 one)."""
+    ref_params, ref64_params = dict(ref.model.named_parameters()), dict(ref64.model.named_parameters())
+    grad_err, ref_err = {}, {}
+    for name, p in named_params:
+        expected = shard_full(ref_params[name].grad, spec_of(p))
+        grad_err[name] = _rel(p.main_grad.float(), expected)
+        ref_err[name] = _rel(expected.double(), shard_full(ref64_params[name].grad, spec_of(p)))
+    return grad_err, ref_err
+
+
 def starve_expert(eng, expert: int = 3) -> None:
     """A sigmoid router bias that keeps `expert` from ever being chosen (scores are in (0, 1))."""
     for layer in eng.model.moe_layers():
@@ -82,19 +101,13 @@ def run_case(rank: int, world: int, overrides: list[str], steps: int, prepare: s
     par.zero_grad()
     ce = par.forward_backward(_slice(batch, dpr, dp), 1.0).clone()
     par.finalize_grads()
-    dist.all_reduce(ce, group=state.dp_group())
-    loss_err = abs(float(ce) / dp - ce_ref) / abs(ce_ref)
+    loss_err = dp_loss_error(ce, ce_ref)
     # float32's own accuracy: the reference against a float64 run of the same model and data
     ref64 = _engine(cfg, derived, cpu, prepare, parallel=False)
     ref64.model.double()
     for i in range(dp):
         ref64.forward_backward(_slice(batch, i, dp), 1.0 / dp)
-    ref_params, ref64_params = dict(ref.model.named_parameters()), dict(ref64.model.named_parameters())
-    grad_err, ref_err = {}, {}
-    for name, p in par.model.named_parameters():
-        expected = shard_full(ref_params[name].grad, spec_of(p))
-        grad_err[name] = _rel(p.main_grad.float(), expected)
-        ref_err[name] = _rel(expected.double(), shard_full(ref64_params[name].grad, spec_of(p)))
+    grad_err, ref_err = gradient_errors(par.model.named_parameters(), ref, ref64)
     del ref64
     del par
 
