@@ -4,8 +4,8 @@ parameters and fp32 main weights, against the single-process engine in float32 o
 Multi-GPU machines are not lent here, so this is the only place the bf16 / fp32-main path runs on CUDA:
 - every model parameter is bf16, its main weight in the optimizer is fp32, and after each step the
   parameter is exactly the main weight rounded to bf16 (megatron copies main -> model);
-- 20 steps follow the float32 run within bf16 noise (loss within 2% relative: bf16 keeps 8 mantissa
-  bits, ~0.4% per rounding, and the curves drift apart slowly).
+- 20 steps follow the float32 run within bf16 noise: loss within 0.5% relative, about one bf16
+  rounding (8 mantissa bits: 2^-8 = 0.4%); measured on an H100: 2.7e-4 at most.
 """
 from __future__ import annotations
 
@@ -16,17 +16,15 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import workers  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-OVERRIDES = [
-    "data.path=unused", "model.d_model=256", "model.vocab_size=512", "model.pattern=M*-E",
-    "model.mamba.num_heads=8", "model.mamba.head_dim=32", "model.mamba.num_groups=1", "model.mamba.d_state=32",
-    "model.mamba.chunk_size=64", "model.attention.num_heads=4", "model.attention.num_kv_heads=2",
-    "model.mlp.d_ff=512", "model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.d_ff=256",
-    "data.seq_len=256", "data.micro_batch_size=4", "data.global_batch_size=4",
-    "optim.lr=1e-3", "optim.warmup_steps=2", "optim.grad_clip=1.0", "trainer.max_steps=20", "run.seed=3",
-]
+# the parallel tests' tiny hybrid (M, *, -, E), widened to the Triton kernels' minimum sizes
+OVERRIDES = workers.BASE + ["model.d_model=64", "model.mamba.head_dim=16", "model.mamba.d_state=16",
+                            "model.mamba.chunk_size=32", "model.vocab_size=512", "data.seq_len=128",
+                            "data.micro_batch_size=4", "data.global_batch_size=4", "run.seed=3"]
 STEPS = 20
 
 
@@ -85,7 +83,7 @@ def test_bf16_parameters_with_fp32_main_weights_follow_the_float32_run(tmp_path)
             for p, m in pairs:  # the parameter is its fp32 main weight rounded to bf16
                 assert torch.equal(p.detach().reshape(-1), m.to(torch.bfloat16)), "model != main weight in bf16"
         print("bf16 + fp32 main:", got, "\nfloat32:", want)
-        assert got == pytest.approx(want, rel=2e-2)
+        assert got == pytest.approx(want, rel=5e-3)
         assert got[-1] < got[0] - 0.5  # it learns
     finally:
         state.destroy()
