@@ -23,6 +23,7 @@ from pretrain.chunked_loss import resolve_chunk_tokens
 from pretrain.config import Config, Derived
 from pretrain.model import HybridLM
 from pretrain.optim import build_optimizer
+from pretrain.recompute import parse_policy
 
 
 class Engine:
@@ -48,6 +49,8 @@ class Engine:
         else:
             self.model = HybridLM(cfg.model, derived, parallel=self.parallel).to(device)
             self.chunks = [self.model]
+        for chunk in self.chunks:
+            chunk.recompute_kinds = parse_policy(cfg.trainer.recompute)
         if not self.parallel:
             self.model.loss_chunk_tokens = resolve_chunk_tokens(cfg.trainer.loss_chunk_tokens, device)
             self.optimizer = build_optimizer(self.model, cfg.optim)

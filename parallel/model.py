@@ -24,6 +24,7 @@ from parallel.moe import ParallelMoE
 from pretrain.config import Derived, ModelConfig
 from pretrain.loss import IGNORE_INDEX
 from pretrain.model import HybridLM
+from pretrain.recompute import run_block
 
 
 def build_parallel_mixer(kind: str, cfg: ModelConfig, derived: Derived, mcfg) -> nn.Module:
@@ -183,7 +184,7 @@ class ParallelHybridLM(HybridLM):
         """tokens (batch, seqlen) whole; seq_idx (batch, seqlen) whole -> (seqlen/cp[/tp], batch, d)."""
         hidden = self._embed(tokens)
         for layer in self._blocks():
-            hidden = layer(hidden, seq_idx)
+            hidden = run_block(layer, hidden, seq_idx, self.recompute_kinds)
         return self.norm_f(hidden)
 
     def vocab_parallel_logits(self, tokens: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:

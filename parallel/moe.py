@@ -30,7 +30,7 @@ from parallel.common import replicated_part, set_spec
 from parallel.experts import GroupedExperts
 from parallel.mlp import ParallelMLP
 from pretrain.config import MoEConfig
-from pretrain.layers.moe import TopKRouter, capacity_keep_mask
+from pretrain.layers.moe import TopKRouter, route_and_count
 
 
 class ParallelTopKRouter(TopKRouter):
@@ -82,12 +82,7 @@ class ParallelMoE(nn.Module):
     def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
-        indices, weights, self.aux_loss = self.gate(x)
-        keep = capacity_keep_mask(indices, weights, self.cfg.num_experts, self.cfg.capacity_factor)
-        with torch.no_grad():
-            self.tokens_per_expert += torch.bincount(indices.flatten(), minlength=self.cfg.num_experts).float()
-            if keep is not None:
-                self.dropped_per_expert += torch.bincount(indices[~keep], minlength=self.cfg.num_experts).float()
+        indices, weights, keep = route_and_count(self, x)
         if self.dispatcher is not None:
             out = self._forward_alltoall(x, indices, weights, keep)
         else:

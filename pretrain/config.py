@@ -160,6 +160,9 @@ class TrainerConfig:
     # tokens per chunk of the fused LM head + cross-entropy (pretrain/chunked_loss.py; single-process
     # build): the (tokens, vocab) logits are never materialised. 0 = off; null = auto (4096 on CUDA, off on CPU)
     loss_chunk_tokens: Optional[int] = None
+    # activation recomputation (pretrain/recompute.py): none | full | comma-separated block kinds
+    # (mamba, attention, mlp, moe) whose activations are recomputed in the backward pass
+    recompute: str = "none"
     eval_interval: int = 0  # > 0: evaluate on data.validation every this many steps (and at the end)
     eval_steps: int = 10  # micro-batches per dp rank in one evaluation
 
@@ -438,6 +441,12 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
     t = cfg.trainer
     _need(t.precision in ("auto", "bf16", "fp32"), "trainer.precision", t.precision, "must be auto, bf16 or fp32")
     _need(t.device in ("auto", "cpu", "cuda"), "trainer.device", t.device, "must be auto, cpu or cuda")
+    from pretrain.recompute import parse_policy
+
+    try:
+        parse_policy(t.recompute)
+    except ValueError as err:
+        raise ConfigError(f"trainer.recompute={t.recompute!r}: {err}") from None
     _need(t.loss_chunk_tokens is None or t.loss_chunk_tokens >= 0, "trainer.loss_chunk_tokens", t.loss_chunk_tokens,
           "must be >= 0 (0 = off) or null (auto: on for CUDA only)")
     _need(t.log_interval > 0, "trainer.log_interval", t.log_interval, "must be > 0")

@@ -26,6 +26,7 @@ from pretrain.layers.attention import Attention
 from pretrain.layers.mamba import Mamba2Mixer
 from pretrain.layers.mlp import MLP
 from pretrain.layers.moe import MoE
+from pretrain.recompute import run_block
 
 
 def build_mixer(kind: str, cfg: ModelConfig, derived: Derived) -> nn.Module:
@@ -67,9 +68,12 @@ class HybridLM(nn.Module):
 
     `loss_chunk_tokens` > 0 (set by the engine from trainer.loss_chunk_tokens): `loss` computes the
     head and cross-entropy in chunks of that many tokens (pretrain/chunked_loss.py) instead of
-    materialising the logits; the parallel build keeps its own vocab-parallel loss."""
+    materialising the logits; the parallel build keeps its own vocab-parallel loss. `recompute_kinds`
+    (set by the engine from trainer.recompute): blocks of these kinds recompute their activations in
+    the backward pass (pretrain/recompute.py; both builds)."""
 
     loss_chunk_tokens: int = 0
+    recompute_kinds: frozenset = frozenset()  # block kinds rerun in backward (trainer.recompute, pretrain/recompute.py)
 
     def __new__(cls, cfg: ModelConfig, derived: Derived, *args, parallel: bool | None = None, **kwargs):
         if cls is HybridLM and (parallel if parallel is not None else _parallel_groups_ready()):
@@ -112,7 +116,7 @@ class HybridLM(nn.Module):
     def hidden_states(self, tokens: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.embeddings(tokens)
         for layer in self.layers:
-            hidden = layer(hidden, seq_idx)
+            hidden = run_block(layer, hidden, seq_idx, self.recompute_kinds)
         return self.norm_f(hidden)
 
     def forward(self, tokens: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:

@@ -28,6 +28,7 @@ from torch import nn
 
 from pretrain.config import MoEConfig
 from pretrain.layers.mlp import MLP
+from pretrain.recompute import is_recomputing
 
 
 def capacity_keep_mask(indices: torch.Tensor, weights: torch.Tensor, num_experts: int,
@@ -77,6 +78,22 @@ class TopKRouter(nn.Module):
         return indices, weights * cfg.routed_scaling_factor, aux
 
 
+def route_and_count(moe: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Route the tokens x (tokens, d_model) of an MoE module (this one or parallel.moe's: `gate`, `cfg`,
+    `aux_loss`, `tokens_per_expert`, `dropped_per_expert`): sets its aux_loss, adds to its counts (not
+    when the forward is recomputed), and returns (indices, weights, keep), keep being the capacity
+    mask (None when dropless)."""
+    indices, weights, moe.aux_loss = moe.gate(x)
+    keep = capacity_keep_mask(indices, weights, moe.cfg.num_experts, moe.cfg.capacity_factor)
+    if is_recomputing():  # the forward is rerun for the backward pass (trainer.recompute): counted already
+        return indices, weights, keep
+    with torch.no_grad():
+        moe.tokens_per_expert += torch.bincount(indices.flatten(), minlength=moe.cfg.num_experts).float()
+        if keep is not None:
+            moe.dropped_per_expert += torch.bincount(indices[~keep], minlength=moe.cfg.num_experts).float()
+    return indices, weights, keep
+
+
 class MoE(nn.Module):
     """Input/output (batch, seqlen, d_model). After forward: `aux_loss` and the running `tokens_per_expert`."""
 
@@ -93,12 +110,7 @@ class MoE(nn.Module):
     def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
-        indices, weights, self.aux_loss = self.gate(x)
-        keep = capacity_keep_mask(indices, weights, self.cfg.num_experts, self.cfg.capacity_factor)
-        with torch.no_grad():
-            self.tokens_per_expert += torch.bincount(indices.flatten(), minlength=self.cfg.num_experts).float()
-            if keep is not None:
-                self.dropped_per_expert += torch.bincount(indices[~keep], minlength=self.cfg.num_experts).float()
+        indices, weights, keep = route_and_count(self, x)
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             routed = indices == e if keep is None else (indices == e) & keep

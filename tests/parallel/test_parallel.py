@@ -39,6 +39,8 @@ TWO_RANK_CASES = {
     "tp2_sp_replicated_groups_and_kv": (["parallel.tp=2", "parallel.sequence_parallel=true",
                                          "model.mamba.num_groups=1", "model.attention.num_kv_heads=1"], 5),
     "dp2": (["data.global_batch_size=4"], 20),
+    # every block recomputed in backward: the collectives of tp + sp and the MoE run again there
+    "tp2_sp_recompute_full": (["parallel.tp=2", "parallel.sequence_parallel=true", "trainer.recompute=full"], 5),
 }
 FOUR_RANK_CASES = {
     "tp2_dp2_sp": (["parallel.tp=2", "parallel.sequence_parallel=true", "data.global_batch_size=4"], 20),
@@ -125,6 +127,7 @@ def test_cpu_compat_pins_the_list(two_ranks):
         "megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu",
         "megatron.core.tensor_parallel.mappings._gather_along_first_dim",
         "megatron.core.tensor_parallel.mappings._reduce_scatter_along_first_dim",
+        "megatron.core.pipeline_parallel.schedules.torch",
     ]
 
 

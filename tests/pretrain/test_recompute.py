@@ -1,0 +1,71 @@
+"""trainer.recompute: blocks of the chosen kinds rerun their forward in the backward pass. The loss,
+every gradient and the MoE routing counts equal those of the run without recomputation (the same
+float32 ops on the CPU, so the same values up to summation order), less is saved for backward, and a
+bad policy is a config error naming it."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "parallel"))
+from tiny_models import tiny_model  # noqa: E402
+from context_workers import saved_activation_bytes  # noqa: E402
+
+from pretrain.config import ConfigError, load_config, validate  # noqa: E402
+from pretrain.recompute import parse_policy  # noqa: E402
+
+
+def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 64, (2, 33), generator=g)
+    seq_idx = torch.zeros(2, 32, dtype=torch.int32)
+    seq_idx[:, 20:] = 1  # two documents per row
+    return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "seq_idx": seq_idx}
+
+
+def _step(policy: str, router: str) -> tuple[float, dict, torch.Tensor, int]:
+    torch.manual_seed(0)
+    _, model = tiny_model(f"model.moe.router={router}", "model.pattern=M*-E*E")
+    model.recompute_kinds = parse_policy(policy)
+    batch = _batch()
+    saved = saved_activation_bytes(model, batch)
+    model.zero_grad()
+    for layer in model.moe_layers():
+        layer.tokens_per_expert.zero_()
+    loss, _ = model.loss(batch["tokens"], batch["labels"], batch["seq_idx"])
+    loss.backward()
+    counts = torch.stack([layer.tokens_per_expert.clone() for layer in model.moe_layers()])
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}, counts, saved
+
+
+@pytest.mark.parametrize("router", ["sigmoid_bias", "softmax_aux"])
+@pytest.mark.parametrize("policy", ["full", "mamba,moe", "attention,mlp"])
+def test_recomputation_gives_the_same_loss_gradients_and_routing_counts(policy, router):
+    loss0, grads0, counts0, saved0 = _step("none", router)
+    loss, grads, counts, saved = _step(policy, router)
+    assert loss == pytest.approx(loss0, rel=1e-6)
+    assert grads.keys() == grads0.keys()
+    for name in grads0:
+        torch.testing.assert_close(grads[name], grads0[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert torch.equal(counts, counts0)  # routed once per forward, not again when recomputed
+    assert counts.sum() == 2 * 32 * 2 * 2  # 2 MoE layers x tokens x top_k
+    assert saved < saved0  # what autograd keeps outside the recomputed blocks
+
+
+def test_full_recomputation_keeps_a_fraction_of_the_activations():
+    _, _, _, saved0 = _step("none", "sigmoid_bias")
+    _, _, _, saved = _step("full", "sigmoid_bias")
+    assert saved < saved0 / 4, (saved, saved0)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("mamba,ssm", r"trainer.recompute='mamba,ssm': unknown block kind\(s\) \['ssm'\]"),
+    (",", r"trainer.recompute=',': unknown block kind"),
+])
+def test_bad_policy_is_a_config_error(value, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(load_config(["configs/demo.yaml"], [f"trainer.recompute={value}"]))
