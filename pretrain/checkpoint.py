@@ -83,6 +83,25 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _kill_writer_children(async_caller) -> None:
+    """Kill the worker processes a background writer forked (megatron's file system writer starts its
+    own): its caller's abort kills only the writer, which would leave them running, stuck like it."""
+    import psutil
+
+    process = getattr(async_caller, "process", None)
+    if process is None or process.pid is None:
+        return
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for child in children:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def _install_cpu_compat() -> None:
     """megatron's save path calls torch.cuda.synchronize/current_device; parallel.cpu_compat stands in on CPU."""
     if torch.cuda.is_available():
@@ -298,6 +317,7 @@ class Checkpointer:
             expired = _broadcast(self.rank == 0 and limit > 0 and time.monotonic() - pending.started > limit)
             if expired:
                 for call in list(self.queue.async_calls):
+                    _kill_writer_children(call.async_caller)
                     call.async_caller.close(abort=True)
                 self.queue.async_calls.clear()
                 self._failed(pending.step, pending.tmp_dir, TimeoutError(

@@ -153,6 +153,43 @@ def test_failed_async_save_is_reported_and_harmless(tmp_path, monkeypatch, capsy
     assert not [p for p in os.listdir(root) if p.startswith(".tmp-")]
 
 
+def test_hung_async_writer_is_killed_after_the_timeout_and_reported(tmp_path, monkeypatch, capsys):
+    """A background writer that never finishes (a stuck file system) is killed after
+    checkpoint.async_timeout_minutes, reported as a failed save; training goes on, the next save works."""
+    import time
+
+    import psutil
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    original_write_item = filesystem_async._write_item
+
+    @functools.wraps(original_write_item)  # megatron inspects its signature
+    def write_item(*args, **kwargs):
+        if "step_00000004" in str(args) + str(kwargs):
+            time.sleep(3600)  # the writer process hangs
+        return original_write_item(*args, **kwargs)
+
+    monkeypatch.setattr(filesystem_async, "_write_item", write_item)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    started = time.monotonic()
+    # 0.25 min: a healthy save of this model takes about a second, also on a loaded 2-core machine
+    assert train(tmp_path, "run", "checkpoint.interval=2", "checkpoint.async_timeout_minutes=0.25", steps=6) == 0
+    assert time.monotonic() - started < 300
+    out = capsys.readouterr().out
+    assert "checkpoint step 4 FAILED (TimeoutError" in out and "async_timeout_minutes=0.25" in out
+    assert out.count("FAILED") == 1, out
+    # no writer process is left behind, the hung one's workers included
+    deadline = time.monotonic() + 10
+    while (left := [p for p in psutil.Process().children(recursive=True)
+                    if p.pid not in before and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]):
+        assert time.monotonic() < deadline, [p.cmdline() for p in left]
+        time.sleep(0.2)
+    root = tmp_path / "runs" / "run" / "checkpoints"
+    assert [c.step for c in files.list_checkpoints(root)] == [2, 6]
+    assert all(files.verify_checkpoint(c.path) == [] for c in files.list_checkpoints(root))
+    assert files.step_of(files.read_latest(root)) == 6
+
+
 def test_time_interval_and_retention(tmp_path):
     assert train(tmp_path, "run", "checkpoint.interval=0", "checkpoint.interval_minutes=1e-9",
                  "checkpoint.keep_last=2", "checkpoint.keep_every=3", steps=7) == 0
