@@ -40,9 +40,21 @@ from pretrain.distributed import DistInfo  # noqa: E402
 from pretrain.trainer import Trainer  # noqa: E402
 
 
+def split_overrides(text: str) -> list[str]:
+    """"a=1,b=x,y" -> ["a=1", "b=x,y"]: overrides are separated by commas, and a piece without "=" continues
+    the previous value (comma-separated values such as trainer.recompute=mamba,moe)."""
+    out: list[str] = []
+    for piece in (p for p in text.split(",") if p):
+        if "=" not in piece and out:
+            out[-1] += "," + piece
+        else:
+            out.append(piece)
+    return out
+
+
 def build_trainer(spec: str, backend: str, steps: int, workdir: Path) -> Trainer:
     path, _, extra = spec.partition(":")
-    overrides = [o for o in extra.split(",") if o]
+    overrides = split_overrides(extra)
     cfg = load_config([path], overrides)
     data_dir = workdir / f"data_{cfg.data.seq_len}_{cfg.model.vocab_size}"
     if not data_dir.exists():
