@@ -126,6 +126,17 @@ class Life:
         for p in self.procs:
             p.wait()
 
+    def reap(self) -> None:
+        """Kill what is left of each rank's process group once its rank has ended: a rank killed alone
+        leaves its children (a background checkpoint writer, multiprocessing helpers) running, and the
+        next life must not share the machine with them (nor may they outlive the harness)."""
+        for p in self.procs:
+            if p.poll() is not None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
     def wait(self, timeout: float) -> list[int]:
         deadline = time.time() + timeout
         for p in self.procs:
@@ -201,6 +212,7 @@ def run(args) -> dict:  # noqa: C901 - one linear story
         log(f"reference: {args.steps} steps on {args.nproc} rank(s)")
         life = Life(workdir, overrides(workdir, data, ref_name, args), args.nproc, "reference")
         codes = life.wait(args.life_timeout)
+        life.reap()
         clean_stale_streaming_shm(workdir / "tmp")
         if codes != [0] * args.nproc:
             raise SystemExit(f"reference run failed with {codes}; see {life.logs[0]}")
@@ -287,6 +299,7 @@ def run(args) -> dict:  # noqa: C901 - one linear story
                     break
             time.sleep(0.02)
         codes = life.poll()
+        life.reap()
         clean_stale_streaming_shm(workdir / "tmp")
         if not resume_checked and life.logs[0].exists():
             text = life.text(0)

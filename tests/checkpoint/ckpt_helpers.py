@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def launch_ranks(nproc: int, args: list[str], tmpdir: Path, log_dir: Path, tag: 
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HP_DIST_TIMEOUT_MIN="5")
         with open(log_dir / f"{tag}_rank{rank}.log", "w") as out:
             procs.append(subprocess.Popen([PYTHON, "-m", "pretrain.train", *args], cwd=REPO, env=env, stdout=out,
-                                          stderr=subprocess.STDOUT))
+                                          stderr=subprocess.STDOUT, start_new_session=True))
     return procs
 
 
@@ -82,10 +83,12 @@ def wait_all(procs: list, timeout: float = 600) -> list[int]:
     try:
         return [p.wait(timeout=max(1.0, deadline - time.time())) for p in procs]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        for p in procs:  # each rank is its own process group: nothing it started outlives the test
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
 
 
 def model_tensors(ckpt: Path) -> dict:
