@@ -129,6 +129,20 @@ class Engine:
         return run_schedule(self.ddp_chunks, self.chunks, batches, self.cfg.data.seq_len,
                             self.cfg.trainer.z_loss_coeff)
 
+    @torch.no_grad()
+    def eval_cross_entropy(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The cross-entropy of one micro-batch without gradients (evaluation), on every rank; with
+        pp > 1 through the pipeline schedule, forward only."""
+        if not self.pipeline:
+            amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
+                   else contextlib.nullcontext())
+            with amp:
+                return self.model.loss(batch["tokens"], batch["labels"], batch["seq_idx"])[1]
+        from parallel.pipeline import run_schedule
+
+        return run_schedule(self.ddp_chunks, self.chunks, [batch], self.cfg.data.seq_len,
+                            self.cfg.trainer.z_loss_coeff, forward_only=True)
+
     def finalize_grads(self) -> None:
         if self.ddp is not None:
             from parallel.grads import finalize_grads

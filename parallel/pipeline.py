@@ -163,11 +163,11 @@ def sum_tied_embedding_grads(chunks: list[nn.Module]) -> None:
 
 
 def run_schedule(ddp_chunks: list, chunks: list[nn.Module], batches: list[dict[str, torch.Tensor]],
-                 seq_len: int, z_loss_coeff: float) -> torch.Tensor:
+                 seq_len: int, z_loss_coeff: float, forward_only: bool = False) -> torch.Tensor:
     """Forward and backward of all `batches` (one optimizer step's micro-batches of this dp rank)
     through megatron-core's pipeline schedule; gradients accumulate in the DDP buffers, each
     micro-batch's loss scaled by 1/len(batches). Returns the mean cross-entropy over the
-    micro-batches (detached) on every pipeline rank."""
+    micro-batches (detached) on every pipeline rank. forward_only: no backward (evaluation)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     num_microbatches = len(batches)
@@ -193,7 +193,7 @@ def run_schedule(ddp_chunks: list, chunks: list[nn.Module], batches: list[dict[s
     losses = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iterators if len(chunks) > 1 else iterators[0],
         model=ddp_chunks if len(chunks) > 1 else ddp_chunks[0], num_microbatches=num_microbatches,
-        seq_length=seq_len, micro_batch_size=batches[0]["tokens"].shape[0], forward_only=False)
+        seq_length=seq_len, micro_batch_size=batches[0]["tokens"].shape[0], forward_only=forward_only)
     ce = torch.zeros((), dtype=torch.float32)
     if losses:  # the last stage: one dict per micro-batch
         ce = torch.stack([d["ce"].float() for d in losses]).mean()

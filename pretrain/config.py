@@ -416,8 +416,6 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
         else:
             _need(len(kinds) % stages == 0, "model.pattern", m.pattern,
                   f"{len(kinds)} layers cannot be split evenly into {what}={stages} stages; add '|' boundaries")
-        _need(cfg.trainer.eval_interval == 0, "trainer.eval_interval", cfg.trainer.eval_interval,
-              f"evaluation is not supported with parallel.pp={p.pp} yet (set 0)")
 
     _need(d.seq_len > 0, "data.seq_len", d.seq_len, "must be > 0")
     _need(d.seq_len % (p.cp * (p.tp if p.sequence_parallel else 1)) == 0, "data.seq_len", d.seq_len,

@@ -13,7 +13,6 @@ the expert-bias update are restored afterwards, and the training loader is not u
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -40,17 +39,17 @@ def build_eval_loader(cfg: Config, dist_info: DistInfo, derived: Derived, dp_ran
 
 
 @torch.no_grad()
-def evaluate(model, loader, num_batches: int, device: torch.device, amp_dtype: torch.dtype | None = None,
-             dp_group=None) -> dict:
+def evaluate(model, loader, num_batches: int, device: torch.device, cross_entropy, dp_group=None) -> dict:
     """{eval/loss, eval/perplexity, eval/tokens} over up to num_batches micro-batches per rank.
 
-    `model` has .loss(tokens, labels, seq_idx) -> (loss, ce) (HybridLM); dp_group: sum over these ranks."""
+    `cross_entropy(batch) -> ce` of one micro-batch (Engine.eval_cross_entropy: also through the
+    pipeline schedule); `model` is put in eval mode and its MoE counters restored afterwards;
+    dp_group: sum over these ranks."""
     moe = [m for m in getattr(model, "moe_layers", lambda: [])()]
     saved_load = [m.tokens_per_expert.clone() for m in moe]
     saved_aux = [getattr(m, "aux_loss", None) for m in moe]
     was_training = model.training
     model.eval()
-    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     ce_sum = torch.zeros((), dtype=torch.float64, device=device)
     tokens = torch.zeros((), dtype=torch.float64, device=device)
     try:
@@ -60,8 +59,7 @@ def evaluate(model, loader, num_batches: int, device: torch.device, amp_dtype: t
             if batch is None:
                 break
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with amp:
-                _, ce = model.loss(batch["tokens"], batch["labels"], batch["seq_idx"])
+            ce = cross_entropy(batch)
             n = batch["labels"].numel()
             ce_sum += ce.double() * n
             tokens += n
@@ -103,7 +101,8 @@ class Evaluator:
             from parallel import state as parallel_state
 
             dp_group = parallel_state.dp_group()
-        record = evaluate(trainer.model, self.loader, self.num_batches, trainer.device, trainer.amp_dtype, dp_group)
+        record = evaluate(trainer.model, self.loader, self.num_batches, trainer.device,
+                          trainer.engine.eval_cross_entropy, dp_group)
         trainer.metrics.write(trainer.step, record)
         if self.is_main:
             log.info("eval step %d/%d | loss %.4f | perplexity %.2f | %d tokens", trainer.step, self.total,

@@ -173,8 +173,20 @@ def _train_demo(run_dir, steps: int, name: str = "pp2", pp: int = 2, extra: tupl
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / name / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(records[0]["step"], steps + 1))
-    return [r["loss"] for r in records]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == list(range(train[0]["step"], steps + 1))
+    return [r["loss"] for r in train]
+
+
+def _eval_losses(run_dir, name: str) -> dict[int, float]:
+    import json
+
+    records = [json.loads(line) for line in (run_dir / name / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["eval/loss"] for r in records if "eval/loss" in r}
+
+
+# evaluation every 3 steps on 2 micro-batches of the demo data itself (forward-only schedule at pp=2)
+EVAL = ("trainer.eval_interval=3", "trainer.eval_steps=2", "data.validation.path=.cache/demo_data/bytes_256")
 
 
 @pytest.mark.slow
@@ -182,16 +194,20 @@ def test_trainer_pp2_follows_the_single_process_demo_and_resumes_at_pp2_and_pp1(
     """3 steps at pp=2 through the real trainer (the checkpoint is saved at pp=2; the first stage has
     no MoE layer, so its expert optimizer is empty), then two resumed runs to step 6 from that
     checkpoint: at pp=2 and in one process (pp=1, model and Adam state resharded). All logged losses
-    equal the single-process demo's golden losses; both continuations agree with each other."""
+    equal the single-process demo's golden losses; both continuations agree with each other, and so
+    do their evaluations (forward-only pipeline schedule at pp=2) at step 6."""
     import json
     import platform
 
-    assert len(_train_demo(tmp_path, 3)) == 3
+    assert len(_train_demo(tmp_path, 3, extra=EVAL)) == 3
     ckpt = tmp_path / "pp2" / "checkpoints" / "step_00000003"
-    losses = _train_demo(tmp_path, 6)  # resumes from step 3 (checkpoint.resume=auto); metrics.jsonl: steps 1-6
-    at_pp1 = _train_demo(tmp_path, 6, name="pp1", pp=1, extra=(f"checkpoint.resume={ckpt}",))
+    losses = _train_demo(tmp_path, 6, extra=EVAL)  # resumes from step 3 (resume=auto); metrics.jsonl: steps 1-6
+    at_pp1 = _train_demo(tmp_path, 6, name="pp1", pp=1, extra=(f"checkpoint.resume={ckpt}", *EVAL))
     print("pp2 trainer losses:", losses, "resumed at pp1:", at_pp1)
     assert at_pp1 == pytest.approx(losses[3:], rel=1e-5)  # float32: stage-wise vs whole-model summation order
+    evals_pp2, evals_pp1 = _eval_losses(tmp_path, "pp2"), _eval_losses(tmp_path, "pp1")
+    assert sorted(evals_pp2) == [3, 6] and sorted(evals_pp1) == [6]
+    assert evals_pp2[6] == pytest.approx(evals_pp1[6], rel=1e-5)
     golden_path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "pretrain", "golden_demo_losses.json")
     golden = json.loads(open(golden_path).read())
     if golden["environment"] != {"python": platform.python_version(), "torch": torch.__version__.split("+")[0]}:
