@@ -18,10 +18,11 @@ token of the next document, as in Megatron-LM without eod masking).
 Ranks: mosaicml-streaming reads RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE from the environment
 (torchrun and slurm/train.sbatch set them; a plain `python` run is rank 0 of 1). Pass the data-parallel
 coordinates explicitly: the ranks that share a dp_rank (tensor/context/pipeline parallel peers) get
-identical batches through streaming's `replication = WORLD_SIZE // dp_size`, which requires that they are
-consecutive global ranks, i.e. dp_rank == RANK // (WORLD_SIZE // dp_size): megatron-core's default order
-"tp-cp-ep-dp-pp" satisfies it while pp == 1; with pp > 1 use an order with dp last ("tp-cp-ep-pp-dp") or
-load on one stage and send. A layout that breaks this fails here with a clear message.
+identical batches. Streaming's own `replication` assumes the ranks of one replica are consecutive
+(dp_rank == RANK // replication), which megatron-core's pipeline-last order "tp-cp-ep-dp-pp" breaks when
+pp > 1; PackedDataset therefore places this rank at `dp_rank` among the replicas itself (streaming's
+partition of samples over replicas is unchanged, only which replica this rank is), so any rank layout
+works and the coordination (shared memory, local leaders) stays per physical node.
 
 Shared memory: every StreamingDataset registers /dev/shm/NNNNNN_* blocks (freed at normal exit) and
 $TMPDIR/NNNNNN_*_filelock files. A SIGKILLed run leaks both; build_train_loader notes in TMPDIR which
@@ -49,6 +50,7 @@ import torch
 from streaming import StreamingDataLoader, StreamingDataset
 from streaming.base import distributed as sdist
 from streaming.base.constant import SHM_TO_CLEAN
+from streaming.base.world import World
 
 from data.streams import StreamSpec, check_stream, stream_specs, to_streaming
 
@@ -76,11 +78,6 @@ def _replication(dp_rank: int | None, dp_size: int | None) -> int | None:
         raise ValueError(f"impossible data-parallel coordinates dp_rank={dp_rank}, dp_size={dp_size} "
                          f"for WORLD_SIZE={world}")
     replication = world // dp_size
-    if rank // replication != dp_rank:
-        raise ValueError(
-            f"rank layout not supported by the data loader: RANK={rank} has dp_rank={dp_rank}, but the "
-            f"{replication} ranks of one data-parallel replica must be consecutive (expected dp_rank="
-            f"{rank // replication}); order the process groups with dp outermost")
     return replication if replication > 1 else None
 
 
@@ -95,11 +92,27 @@ def sample_to_example(tokens: np.ndarray, doc_starts: np.ndarray) -> dict[str, t
 
 class PackedDataset(StreamingDataset):
     """StreamingDataset over data.prepare output (one or several streams) whose items are
-    {tokens, labels, seq_idx} tensors."""
+    {tokens, labels, seq_idx} tensors. With `replication`, `dp_rank` says which replica this rank
+    belongs to (any rank layout; see the module docstring)."""
 
-    def __init__(self, specs: list[StreamSpec], *, seq_len: int, **kwargs: Any):
+    def __init__(self, specs: list[StreamSpec], *, seq_len: int, dp_rank: int | None = None, **kwargs: Any):
         self.seq_len = seq_len
         super().__init__(streams=to_streaming(specs), **kwargs)
+        if kwargs.get("replication") is not None:
+            self._place_replica(dp_rank)
+
+    def _place_replica(self, dp_rank: int) -> None:
+        """Streaming (0.13) keeps "who we are for iterating" in `_parallel_rank_world`, built as
+        world.replicate(replication), i.e. replica RANK // replication; keep its sizes and put this
+        rank at replica `dp_rank` instead."""
+        replicated = getattr(self, "_parallel_rank_world", None)
+        if not isinstance(replicated, World):
+            raise RuntimeError("mosaicml-streaming no longer has StreamingDataset._parallel_rank_world: "
+                               "data.dataset.PackedDataset._place_replica must follow its new API")
+        self._parallel_rank_world = World(
+            num_nodes=replicated.num_nodes, ranks_per_node=replicated.ranks_per_node,
+            workers_per_rank=replicated.workers_per_rank,
+            worker=dp_rank * replicated.workers_per_rank + replicated.worker_of_rank)
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         sample = super().__getitem__(idx)
@@ -144,7 +157,7 @@ def build_train_loader(
         clean_stale_streaming_shm()
     dataset = PackedDataset(
         specs, seq_len=seq_len, batch_size=micro_batch_size, shuffle=shuffle, shuffle_seed=seed,
-        replication=replication, num_canonical_nodes=num_canonical_nodes,
+        replication=replication, num_canonical_nodes=num_canonical_nodes, dp_rank=dp_rank,
     )
     _record_owner(dataset)
     return StreamingDataLoader(

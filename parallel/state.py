@@ -4,9 +4,10 @@
     ...
     destroy()
 
-Rank order is "tp-cp-ep-pp-dp" (tp innermost, dp outermost): the ranks of one data-parallel replica
-are consecutive, which is what data.dataset's streaming `replication` needs (dp_rank = rank //
-(world_size // dp)). Sizes are checked by pretrain.config.validate before any group is created, so a
+Rank order is megatron-core's pipeline-last "tp-cp-ep-dp-pp" (tp innermost, so tensor-parallel peers
+share a node; pp outermost, which megatron needs to build expert groups under pp for any ep). The ranks
+of one data-parallel replica are then not consecutive when pp > 1: the data loader is given
+dp_rank() explicitly (data.dataset places each rank at its replica). Sizes are checked by pretrain.config.validate before any group is created, so a
 bad size fails with a message that names the key and the value.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.distributed as dist
 
 from pretrain.config import Config, ConfigError, Derived, validate
 
-ORDER = "tp-cp-ep-pp-dp"
+ORDER = "tp-cp-ep-dp-pp"
 _config: Config | None = None
 
 

@@ -321,12 +321,6 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
     dp = world_size // model_parallel
     _need((dp * p.cp) % p.ep == 0, "parallel.ep", p.ep,
           f"must divide dp*cp={dp * p.cp} (world size {world_size} / tp*pp*cp={model_parallel})")
-    # megatron-core builds the expert groups under pp only with pipeline-last rank order unless the
-    # expert and dense dp sizes agree (ep == cp); our order keeps each dp replica's ranks consecutive
-    # for the data loader (parallel/state.py), so other ep x pp layouts are not supported yet
-    _need(p.pp == 1 or p.ep == p.cp, "parallel", f"pp={p.pp} ep={p.ep} cp={p.cp}",
-          "with pp > 1, ep must equal cp: otherwise megatron-core needs its pipeline-last rank order, "
-          "which the data loader does not support yet (each data-parallel replica's ranks must be consecutive)")
     # experts split over tp and ep: megatron's dispatcher all-gathers sequence shards over tp
     _need(p.ep == 1 or p.tp == 1 or p.sequence_parallel, "parallel.sequence_parallel", p.sequence_parallel,
           f"must be true when parallel.ep={p.ep} and parallel.tp={p.tp} are both > 1")

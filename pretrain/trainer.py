@@ -72,8 +72,8 @@ def _check_canonical_nodes(canonical: int | None, world_size: int) -> None:
 
 
 def _dp_rank(dist_info: DistInfo, derived: Derived) -> int:
-    """This rank's data-parallel index: from the process groups when they exist (rank order
-    tp-cp-ep-pp-dp keeps each replica's ranks consecutive, as the loader's `replication` needs)."""
+    """This rank's data-parallel index: from the process groups when they exist (any rank order:
+    the loader places the rank at this replica); else pure data parallelism over consecutive ranks."""
     from parallel import state as parallel_state
 
     if parallel_state.is_initialized():

@@ -74,30 +74,46 @@ def test_shuffle_seed(prepared):
     assert a == b and a != c and sorted(a) == sorted(c)
 
 
-def test_ranks_split_and_replicate(prepared, private_tmpdir, tmp_path):
-    """2 gloo ranks: as 2 dp ranks they read disjoint halves; as one dp replica (dp_size=1, e.g. tp=2)
-    they read identical batches."""
-    world = 2
+def _read_on_ranks(world, prepared, private_tmpdir, tmp_path) -> list[dict]:
     worker = Path(__file__).with_name("rank_worker.py")
     env = {**os.environ, "TMPDIR": str(private_tmpdir), "PYTHONPATH": str(Path(__file__).parents[2])}
     procs = [subprocess.Popen([sys.executable, str(worker), str(r), str(world), str(tmp_path / "init"),
                                str(prepared), str(SEQ_LEN), str(tmp_path / f"rank{r}.json")], env=env)
              for r in range(world)]
     assert [p.wait(timeout=600) for p in procs] == [0] * world
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def test_ranks_split_and_replicate(prepared, private_tmpdir, tmp_path):
+    """2 gloo ranks: as 2 dp ranks they read disjoint halves; as one dp replica (dp_size=1, e.g. tp=2)
+    they read identical batches."""
+    results = _read_on_ranks(2, prepared, private_tmpdir, tmp_path)
     dp = [{tuple(x) for x in r["dp"]} for r in results]
-    assert all(len(s) == NUM_SAMPLES // world for s in dp) and len(set.union(*dp)) == NUM_SAMPLES
+    assert all(len(s) == NUM_SAMPLES // 2 for s in dp) and len(set.union(*dp)) == NUM_SAMPLES
     rep = [r["replicated"] for r in results]
     assert rep[0] == rep[1] and len(rep[0]) == NUM_SAMPLES == len({tuple(x) for x in rep[0]})
 
 
-def test_rank_layout_error(prepared, monkeypatch):
+@pytest.mark.slow
+def test_replicas_of_non_consecutive_ranks(prepared, private_tmpdir, tmp_path):
+    """4 gloo ranks in megatron's pipeline-last layout (pp=2 x dp=2: replica 0 is ranks 0 and 2, replica 1
+    ranks 1 and 3): the ranks of a replica read identical batches, the two replicas disjoint halves."""
+    results = _read_on_ranks(4, prepared, private_tmpdir, tmp_path)
+    pp_last = [r["pp_last"] for r in results]
+    assert pp_last[0] == pp_last[2] and pp_last[1] == pp_last[3]
+    halves = [{tuple(x) for x in pp_last[r]} for r in (0, 1)]
+    assert len(halves[0]) == len(halves[1]) == NUM_SAMPLES // 2 and not halves[0] & halves[1]
+    replicated = [r["replicated"] for r in results]
+    assert all(rep == replicated[0] for rep in replicated) and len(replicated[0]) == NUM_SAMPLES
+
+
+def test_impossible_dp_coordinates_are_errors(prepared, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "1")
-    with pytest.raises(ValueError, match="RANK=1 has dp_rank=1.*consecutive"):
-        loader(prepared, dp_rank=1, dp_size=2)  # ranks 0 and 1 form replica 0 with dp outermost
     with pytest.raises(ValueError, match="dp_size=3"):
         loader(prepared, dp_rank=0, dp_size=3)
+    with pytest.raises(ValueError, match="dp_rank=2, dp_size=2"):
+        loader(prepared, dp_rank=2, dp_size=2)
 
 
 @pytest.mark.parametrize("resume_workers", [0, 2])

@@ -44,7 +44,7 @@ CASES = {
     "ep2_empty_expert": (EP2, STEPS, "starve_expert_3"),
 }
 TP2_EP2 = ["parallel.tp=2", "parallel.ep=2", "parallel.sequence_parallel=true", "data.global_batch_size=4"]
-FOUR_RANK_CASES = {  # tp-cp-ep-pp-dp: tp groups (0,1) (2,3); ep groups (0,2) (1,3); dp = 2
+FOUR_RANK_CASES = {  # tp-cp-ep-dp-pp: tp groups (0,1) (2,3); ep groups (0,2) (1,3); dp = 2
     "tp2_ep2_sp_sigmoid_shared": (TP2_EP2, STEPS),
     "tp2_ep2_sp_softmax_aux_swiglu": (TP2_EP2 + ["model.moe.router=softmax_aux", "model.moe.activation=swiglu",
                                                  "model.moe.num_shared_experts=0"], 5),
