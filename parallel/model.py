@@ -223,9 +223,10 @@ class ParallelHybridLM(HybridLM):
         ce = (per_token * mask).sum() / count
         loss = ce if z_loss is None else ce + z_loss
         ce = ce.detach()
+        aux = self.aux_loss()  # the whole micro-batch's balancing loss on every cp rank (ParallelTopKRouter)
+        loss = loss if aux is None else loss + aux
         if cp > 1:
             loss = loss * cp
             ce = ce.clone()
             torch.distributed.all_reduce(ce, group=state.cp_group())
-        aux = self.aux_loss()  # under cp: this shard's own balancing statistics (parallel/README.md)
-        return (loss if aux is None else loss + aux), ce
+        return loss, ce

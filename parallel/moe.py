@@ -4,8 +4,8 @@ Same routing rules, math and parameter names as the single-process reference
 pretrain.layers.moe.MoE (`gate.weight`, `gate.expert_bias`, `experts.{j}.*` with the global expert
 index j, `shared_experts.*`). The router is replicated; every rank routes its own tokens (T =
 (seqlen[/tp], batch) flattened), with the reference's capacity rule when a capacity factor is set.
-Under sequence parallelism the router's gradient is partial over sequence shards (summed over tp)
-and the aux loss uses tp-global statistics.
+Under sequence parallelism the router's gradient is partial over sequence shards (summed over tp);
+the aux loss uses the statistics of the whole micro-batch under sequence and context parallelism.
 
 ep = 1 (every rank holds a d_ff/tp slice of every expert): under SP all-gather tokens, routes and
 gate weights over tp; the experts run grouped on the routed slots sorted by expert; one all-reduce
@@ -34,7 +34,12 @@ from pretrain.layers.moe import TopKRouter, route_and_count
 
 
 class ParallelTopKRouter(TopKRouter):
-    """The reference router; its aux loss statistics are summed over sequence shards under SP."""
+    """The reference router. When a replica's tokens are sharded (over tp under sequence parallelism,
+    over cp), the softmax_aux balancing loss uses the whole micro-batch's statistics, as the single
+    process does: expert counts and token counts are summed over the shards, and the probability sums
+    too (forward all-reduce, backward identity, so each shard's gradient flows through its own
+    tokens). Every shard then holds the whole aux loss; the model weights it by cp, as its
+    cross-entropy, because megatron DDP averages gradients over cp (parallel.model.loss_from_logits)."""
 
     def __init__(self, d_model: int, cfg: MoEConfig, sequence_parallel: bool):
         super().__init__(d_model, cfg)
@@ -42,9 +47,19 @@ class ParallelTopKRouter(TopKRouter):
         set_spec(self.weight, 0, replicated_part("", cfg.num_experts), sequence_parallel=sequence_parallel)
         set_spec(self.expert_bias, 0, replicated_part("", cfg.num_experts))
 
+    def _token_shard_group(self):
+        """The group over which this replica's tokens are split, or None when this rank has them all."""
+        from megatron.core import parallel_state as ps
+
+        sp, cp = self.sequence_parallel and state.tp_size() > 1, state.cp_size() > 1
+        if sp and cp:
+            return ps.get_tensor_and_context_parallel_group()
+        return state.tp_group() if sp else state.cp_group() if cp else None
+
     def forward(self, x: torch.Tensor):
         cfg = self.cfg
-        if cfg.router == "sigmoid_bias" or not self.sequence_parallel:
+        group = None if cfg.router == "sigmoid_bias" else self._token_shard_group()
+        if group is None:
             return super().forward(x)
         from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
 
@@ -53,9 +68,9 @@ class ParallelTopKRouter(TopKRouter):
         weights, indices = torch.topk(probs, cfg.top_k, dim=-1)
         counts = F.one_hot(indices, cfg.num_experts).sum(dim=(0, 1)).to(dtype)
         stats = torch.cat([counts, torch.tensor([float(x.shape[0])], dtype=dtype, device=x.device)])
-        torch.distributed.all_reduce(stats, group=state.tp_group())
+        torch.distributed.all_reduce(stats, group=group)
         counts, num_tokens = stats[:-1], stats[-1]
-        prob_sum = reduce_from_tensor_model_parallel_region(probs.sum(dim=0))
+        prob_sum = reduce_from_tensor_model_parallel_region(probs.sum(dim=0), group=group)
         routed_share = counts / (num_tokens * cfg.top_k)
         aux = cfg.aux_loss_coeff * cfg.num_experts * (routed_share * prob_sum / num_tokens).sum()
         if cfg.norm_topk_prob and cfg.top_k > 1:

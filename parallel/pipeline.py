@@ -172,8 +172,8 @@ def run_schedule(ddp_chunks: list, chunks: list[nn.Module], batches: list[dict[s
 
     num_microbatches = len(batches)
     cp = state.cp_size()
-    for chunk in chunks:
-        chunk.aux_scale = 1.0 / num_microbatches
+    for chunk in chunks:  # a stage's aux loss, weighted as the loss is (cp: see loss_from_logits)
+        chunk.aux_scale = cp / num_microbatches
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)

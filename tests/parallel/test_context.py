@@ -2,8 +2,8 @@
 
 Two launches: 2 ranks run cp=2 (pattern M*-E: Mamba-2, attention, MLP, MoE) and cp=2 with one
 Mamba group and one kv head (B/C and k/v repeated over cp), RoPE and z-loss; 4 ranks run tp2 x cp2
-with sequence parallelism and cp2 x dp2. Every batch packs documents across the cp (and SP) shard
-boundaries and ignores a few labels. For each case: loss and every gradient after one step equal the
+with sequence parallelism (with the sigmoid and the softmax router) and cp2 x dp2 (softmax). Every
+batch packs documents across the cp (and SP) shard boundaries and ignores a few labels. For each case: loss and every gradient after one step equal the
 single-process run (relative 1e-5 in float32, or within 3x the single-process float32 error against
 float64 where float32 itself is less accurate), a 10-step loss curve through the engine (megatron
 DDP + distributed optimizer) equals the single-process AdamW curve, and the MoE loads (which drive
@@ -36,7 +36,10 @@ TWO_RANK_CASES = {
 }
 FOUR_RANK_CASES = {
     "tp2_cp2_sp": (["parallel.tp=2", "parallel.cp=2", "parallel.sequence_parallel=true"], 10),
-    "cp2_dp2": (["parallel.cp=2", "data.global_batch_size=4"], 5),
+    # the softmax router's aux loss from the whole micro-batch's statistics (over tp x cp, over cp)
+    "tp2_cp2_sp_softmax_aux": (["parallel.tp=2", "parallel.cp=2", "parallel.sequence_parallel=true",
+                                "model.moe.router=softmax_aux"], 4),
+    "cp2_dp2_softmax_aux": (["parallel.cp=2", "data.global_batch_size=4", "model.moe.router=softmax_aux"], 5),
 }
 # saved activations of one forward at a longer sequence (micro-batch 1)
 MEMORY_SEQ_LEN = 256

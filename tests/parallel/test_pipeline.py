@@ -3,7 +3,7 @@
 Two launches (a launch costs 10-25 s of imports per rank): 2 ranks run pp=2 with 1F1B (4 micro-batches
 per step), pp=2 split at `|` into uneven stages with the softmax router's aux loss on the first
 stage and z-loss, pp=2 x virtual_pp=2 (4 chunks, interleaved schedule), and a pp2 -> pp1 checkpoint
-reload; 4 ranks run pp2 x dp2 x ep2, tp2 x pp2 with sequence parallelism and pp2 x cp2 x ep2; 8 ranks run
+reload; 4 ranks run pp2 x dp2 x ep2, tp2 x pp2 with sequence parallelism and pp2 x cp2 x ep2 (softmax router); 8 ranks run
 the issue's example tp2 x pp2 x ep2 (x dp2). Every batch is packed (two
 documents per row, seq_idx). For each: the global batch's loss and every gradient after one step
 equal the single-process run (relative 1e-5 in float32, or within 3x float32's own error against
@@ -50,8 +50,9 @@ FOUR_RANK_CASES = {
     "tp2_pp2_sp": (["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true",
                     "data.global_batch_size=6"], 6),
     # each stage's layers see sequence shards (the loss's cp factor meets the pipeline's loss scaling);
-    # experts over the 2 cp ranks
-    "pp2_cp2_ep2": (["parallel.pp=2", "parallel.cp=2", "parallel.ep=2", "data.global_batch_size=4"], 6),
+    # experts over the 2 cp ranks; an MoE layer on each stage, the softmax router's aux loss over cp
+    "pp2_cp2_ep2_softmax_aux": (["parallel.pp=2", "parallel.cp=2", "parallel.ep=2", "model.pattern=ME|*-E",
+                                 "model.moe.router=softmax_aux", "data.global_batch_size=4"], 6),
 }
 EIGHT_RANK_CASES = {
     "tp2_pp2_ep2_sp": (["parallel.tp=2", "parallel.pp=2", "parallel.ep=2", "parallel.sequence_parallel=true",
