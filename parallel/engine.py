@@ -7,7 +7,7 @@ sequence-parallel HybridLM wrapped in megatron-core DistributedDataParallel (con
 buffers, gradient reduction overlapped with backward, `no_sync` for all but the last micro-batch)
 and megatron-core's distributed optimizer (ZeRO-1: fp32 main weights and Adam state sharded over
 dp; gradients reduce-scattered, parameters all-gathered after the step); gradient clipping over all
-groups by megatron (norm over dp shards, tp duplicates counted once). Context parallelism needs
+groups (megatron's norm over dp shards, with every tp replica counted once: parallel.grads). Context parallelism needs
 nothing here: megatron DDP and the distributed optimizer reduce and shard over its dp x cp group
 (parameters are replicated over cp) and parallel/model.py scales the loss for it. On CUDA the parameters are
 bf16 with fp32 main weights in the optimizer.
@@ -19,6 +19,7 @@ import contextlib
 import torch
 
 from parallel import state
+from parallel.grads import clipped_norm_step
 from pretrain.chunked_loss import resolve_chunk_tokens
 from pretrain.config import Config, Derived
 from pretrain.model import HybridLM
@@ -167,8 +168,9 @@ class Engine:
             self.optimizer.step()
         else:
             self.finalize_grads()
-            ok, grad_norm, _ = self.optimizer.step()
-            grad_norm = torch.tensor(float(grad_norm if grad_norm is not None else 0.0))
+            _, grad_norm = clipped_norm_step(self.optimizer.optimizer, list(self.model.parameters()),
+                                             self.cfg.optim.grad_clip)
+            grad_norm = torch.tensor(grad_norm)
         self.zero_grad()
         return grad_norm
 

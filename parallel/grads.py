@@ -1,4 +1,5 @@
-"""Gradient synchronisation beyond data parallelism, after megatron DDP's finish_grad_sync.
+"""Gradient synchronisation beyond data parallelism, after megatron DDP's finish_grad_sync, and the
+global gradient norm with clipping.
 
 - Parameters replicated over tp whose inputs differ per rank under sequence parallelism (norm
   weights, the MoE router, row-parallel biases): gradients summed over tp.
@@ -7,8 +8,15 @@
   ranks that hold that piece (via one tp all-reduce of a buffer with a slot per piece).
 Works on `main_grad` (megatron DDP) or `grad`; with the distributed optimizer only this rank's dp
 shard of each gradient is meaningful and stays correct (the sums are elementwise).
+
+Gradient norm: megatron-core counts a tensor-parallel parameter on every tp rank, so a part
+replicated over fewer than tp ranks (B/C, k/v above) would count once per replica.
+`clipped_norm_step` runs megatron's optimizer step with the norm less those extra copies (the
+elements this rank holds as a non-main replica, `Part.replica > 0`), and clips with it.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -48,3 +56,72 @@ def finalize_grads(ddp_model, model: nn.Module) -> None:
     """dp reduction (megatron DDP; overlapped with backward when enabled), then the tp sums."""
     ddp_model.finish_grad_sync()
     sync_tp_grads(model)
+
+
+def _replica_mask(p: nn.Parameter) -> torch.Tensor | None:
+    """Bool mask of the elements of `p` that this rank holds as a non-main replica of a part that is
+    cut over tp elsewhere in the tensor (None when there are none). Parameters with no tp-cut part are
+    skipped: megatron counts those on tp rank 0 only already."""
+    if not getattr(p, "tensor_model_parallel", False):
+        return None
+    spec = spec_of(p)
+    if not any(part.replica > 0 for part in spec.parts):
+        return None
+    mask = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
+    for part, piece in local_parts(mask, spec):
+        if part.replica > 0:
+            piece.fill_(True)
+    return mask
+
+
+def _owned_range(leaf, p: nn.Parameter) -> tuple[int, int] | None:
+    """The flat element range of `p` whose gradient the optimizer `leaf` norms on this rank: the dp
+    shard with megatron's distributed optimizer, the whole tensor otherwise; None if not its param."""
+    gbuf_map = getattr(leaf, "model_param_gbuf_map", None)
+    if gbuf_map is None:
+        params = {id(q) for g in leaf.optimizer.param_groups for q in g["params"]} if leaf.optimizer else set()
+        return (0, p.numel()) if id(p) in params or id(getattr(p, "main_param", p)) in params else None
+    if p not in gbuf_map:
+        return None
+    owned = leaf._get_model_param_range_map(p)["param"]  # megatron-core 0.16.1 (pinned)
+    return owned.start, owned.end
+
+
+def _duplicate_grad_sq(leaf, params: list[nn.Parameter]) -> torch.Tensor:
+    """Sum of squares, over the ranks `leaf` reduces its norm over, of the gradient elements it counted
+    more than once (the non-main replicas of partially replicated parts)."""
+    total = torch.zeros((), dtype=torch.float32)
+    for p in params:
+        mask = _replica_mask(p)
+        owned = _owned_range(leaf, p) if mask is not None else None
+        if owned is None:
+            continue
+        lo, hi = owned
+        grad = _grad(p).reshape(-1)[lo:hi].float()
+        total = total.to(grad.device) + grad[mask.reshape(-1)[lo:hi]].square().sum()
+    group = leaf.get_grad_stats_parallel_group()  # None: the world, as in megatron's get_grad_norm_fp32
+    device = torch.device("cpu") if dist.get_backend(group) == "gloo" else torch.device("cuda", torch.cuda.current_device())
+    total = total.to(device)
+    dist.all_reduce(total, group=group)
+    return total
+
+
+def clipped_norm_step(optimizer, params: list[nn.Parameter], max_norm: float) -> tuple[bool, float]:
+    """megatron's optimizer step (a ChainedOptimizer or one optimizer) with the corrected global
+    gradient norm: prepare the main gradients, norm, clip to `max_norm` (0: no clipping), update.
+    Returns (updated, norm before clipping); (False, nan) when megatron found inf/nan gradients."""
+    from megatron.core.optimizer import optimizer as megatron_optimizer  # its clip (the CPU stand-in on CPU)
+
+    if optimizer.prepare_grads():
+        return False, math.nan
+    leaves = list(getattr(optimizer, "chained_optimizers", [optimizer]))
+    norm_sq = float(optimizer.get_grad_norm()) ** 2
+    norm_sq -= sum(float(_duplicate_grad_sq(leaf, params)) for leaf in leaves
+                   if not getattr(leaf, "is_stub_optimizer", False))
+    norm = math.sqrt(max(norm_sq, 0.0))
+    if max_norm > 0:
+        for leaf in leaves:
+            leaf_params = leaf.get_parameters()
+            if leaf_params and not getattr(leaf, "is_stub_optimizer", False):
+                megatron_optimizer.clip_grad_by_total_norm_fp32(leaf_params, max_norm=max_norm, total_norm=norm)
+    return optimizer.step_with_ready_grads(), norm

@@ -83,6 +83,20 @@ def _engine(cfg, derived, cpu, prepare: str | None, **kwargs) -> Engine:
     return eng
 
 
+def norm_of_ones(engine: Engine) -> float:
+    """The engine's global gradient norm (clipped_norm_step, as in a training step) when every local
+    gradient element is 1: the square root of the number of elements of the whole model exactly when
+    each element counts once, whatever is split or replicated over tp, dp, cp, ep or pp."""
+    from parallel.grads import clipped_norm_step
+
+    engine.zero_grad()
+    for p in engine.model.parameters():
+        p.main_grad.fill_(1.0)
+    _, norm = clipped_norm_step(engine.optimizer.optimizer, list(engine.model.parameters()), 0.0)
+    engine.zero_grad()
+    return norm
+
+
 def run_case(rank: int, world: int, overrides: list[str], steps: int, prepare: str | None = None) -> dict:
     """prepare: a name in PREPARE applied to both models after they are built (same change to both)."""
     cfg = load_config([], BASE + list(overrides))
@@ -131,12 +145,14 @@ def run_case(rank: int, world: int, overrides: list[str], steps: int, prepare: s
         loads_ref.append([x.tolist() for x in ref.update_expert_bias()])
         dropped_ref.append([x.tolist() for x in ref.take_dropped_tokens()])
     counts = par.model.num_parameters()
+    ones_norm = norm_of_ones(par)
     state.destroy()
     return {"loss_err": loss_err, "grad_err": grad_err, "ref_fp32_err": ref_err, "curve": curve, "curve_ref": curve_ref,
             "num_parameters": counts, "ref_num_parameters": ref.model.num_parameters(),
             "grad_norm": norms, "grad_norm_ref": norms_ref, "moe_load": loads, "moe_load_ref": loads_ref,
             "moe_dropped": dropped, "moe_dropped_ref": dropped_ref,
-            "routed_slots_per_step": mb * dp * seq_len * cfg.model.moe.top_k}
+            "routed_slots_per_step": mb * dp * seq_len * cfg.model.moe.top_k,
+            "ones_norm": ones_norm, "ref_elements": sum(p.numel() for p in ref.model.parameters())}
 
 
 def run_cases(rank: int, world: int, cases: list[tuple]) -> list[dict]:
