@@ -17,7 +17,7 @@ from parallel.engine import Engine
 from pretrain.config import load_config, validate
 from pretrain.loss import IGNORE_INDEX
 from pretrain.schedule import lr_at
-from workers import BASE, _slice, dp_loss_error, gradient_errors
+from workers import BASE, _slice, dp_loss_error, gradient_errors, norm_of_ones
 
 CP_BASE = BASE + ["data.seq_len=32"]
 
@@ -109,9 +109,11 @@ def run_cp_case(rank: int, world: int, overrides: list[str], steps: int) -> dict
         curve_ref.append(sum(float(ref.forward_backward(_slice(batch, i, dp), 1.0 / dp)) for i in range(dp)) / dp)
         ref.step(lr)
         loads_ref.append([load.tolist() for load in ref.update_expert_bias()])
+    ones_norm = norm_of_ones(par)
     state.destroy()
     return {"layout": layout, "loss_err": loss_err, "grad_err": grad_err, "ref_fp32_err": ref_err,
-            "curve": curve, "curve_ref": curve_ref, "moe_load": loads, "moe_load_ref": loads_ref, "memory": memory}
+            "curve": curve, "curve_ref": curve_ref, "moe_load": loads, "moe_load_ref": loads_ref, "memory": memory,
+            "ones_norm": ones_norm, "ref_elements": sum(p.numel() for p in ref.model.parameters())}
 
 
 def run_cp_cases(rank: int, world: int, cases: list[tuple[list[str], int]]) -> list[dict]:

@@ -18,7 +18,7 @@ from parallel.common import spec_of
 from parallel.engine import Engine
 from pretrain.config import load_config, validate
 from pretrain.schedule import lr_at
-from workers import BASE, _tensors, dp_loss_error, gradient_errors, make_batch
+from workers import BASE, _tensors, dp_loss_error, gradient_errors, make_batch, norm_of_ones
 
 
 def step_batches(step: int, cfg, dp: int, dp_rank: int, accum: int) -> tuple[list[dict], list[list[dict]]]:
@@ -88,7 +88,8 @@ def run_case(rank: int, world: int, overrides: list[str], steps: int) -> dict:
               "moe_load_ref": loads_ref, "num_parameters": par.model.num_parameters(),
               "ref_num_parameters": ref.model.num_parameters(), "layers": layer_names,
               "pp_rank": state.pp_rank(), "chunks": len(par.chunks),
-              "ref_names": sorted(name for name, _ in ref.model.named_parameters())}
+              "ref_names": sorted(name for name, _ in ref.model.named_parameters()),
+              "ones_norm": norm_of_ones(par), "ref_elements": sum(p.numel() for p in ref.model.parameters())}
     state.destroy()
     return result
 

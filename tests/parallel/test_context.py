@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import context_workers  # noqa: E402
+import workers  # noqa: E402
 from pretrain.config import ConfigError, load_config, validate  # noqa: E402
 from tests.distributed.spawn import run_ranks  # noqa: E402
 
@@ -65,6 +66,7 @@ def _check_case(name: str, per_rank: list[dict]) -> None:
             limit = max(GRAD_RTOL, 3 * result["ref_fp32_err"][param])
             assert err < limit, (name, rank, param, err, result["ref_fp32_err"][param])
         np.testing.assert_allclose(result["curve"], result["curve_ref"], rtol=CURVE_RTOL, err_msg=name)
+        workers.check_ones_norm(name, result)  # parameters replicated over dp x cp count once
         # routing is exact for the first steps: the load summed over cp, tp and dp is the whole batch's
         for step in range(3):
             assert result["moe_load"][step] == result["moe_load_ref"][step], (name, rank, step)

@@ -81,6 +81,7 @@ def _check(name: str, per_rank: list[dict]) -> None:
         np.testing.assert_allclose(result["grad_norm"][0], result["grad_norm_ref"][0], rtol=GRAD_RTOL, err_msg=name)
         np.testing.assert_allclose(result["grad_norm"], result["grad_norm_ref"], rtol=CURVE_RTOL, err_msg=name)
         assert result["num_parameters"] == result["ref_num_parameters"], name
+        workers.check_ones_norm(name, result)  # experts over ep, expert dp and tp
 
 
 @pytest.mark.slow

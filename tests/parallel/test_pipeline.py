@@ -91,6 +91,8 @@ def _check_case(name: str, overrides: list[str], per_rank: list[dict]) -> None:
         np.testing.assert_allclose(result["curve"], result["curve_ref"], rtol=CURVE_RTOL, err_msg=name)
         np.testing.assert_allclose(result["grad_norm"][0], result["grad_norm_ref"][0], rtol=GRAD_RTOL, err_msg=name)
         np.testing.assert_allclose(result["grad_norm"], result["grad_norm_ref"], rtol=NORM_RTOL, err_msg=name)
+        # every element once in the norm: split over stages, tied embeddings, experts over ep
+        workers.check_ones_norm(name, result)
         assert result["moe_load"][0] == result["moe_load_ref"][0], name
         for loads in result["moe_load"]:
             assert len(loads) == len(result["moe_load_ref"][0]) and all(sum(layer) == routed for layer in loads), name

@@ -97,6 +97,13 @@ def norm_of_ones(engine: Engine) -> float:
     return norm
 
 
+def check_ones_norm(name: str, result: dict) -> None:
+    """A case's norm_of_ones against the single-process model's element count (see norm_of_ones)."""
+    counted = result["ones_norm"] ** 2
+    assert abs(counted / result["ref_elements"] - 1) < 1e-6, (name, "elements counted in the grad norm", counted,
+                                                             "model elements", result["ref_elements"])
+
+
 def run_case(rank: int, world: int, overrides: list[str], steps: int, prepare: str | None = None) -> dict:
     """prepare: a name in PREPARE applied to both models after they are built (same change to both)."""
     cfg = load_config([], BASE + list(overrides))
