@@ -9,8 +9,8 @@ i-th local expert -> (tokens, d_model), this rank's partial sum over its d_ff sl
 expert runs on every call, also on zero tokens, so every expert weight is in the autograd graph
 (megatron's DDP with overlapped reduction waits for a gradient of every parameter; an expert that
 got no tokens gets a zero gradient instead of hanging or failing the bucket).
-Backends: torch._grouped_mm (CUDA, bf16: one kernel per projection for all experts) or a loop of
-plain matmuls (everything else; empty experts are empty matmuls).
+Backends: pretrain.layers.grouped_mlp (torch._grouped_mm on CUDA in bf16, a loop of plain matmuls
+elsewhere; empty experts are empty matmuls).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from torch import nn
 
 from parallel import state
 from parallel.common import LocalLinear, set_spec, split_part
+from pretrain.layers.grouped_mlp import grouped_mlp
 
 
 class ExpertSlice(nn.Module):
@@ -46,12 +47,6 @@ class ExpertSlice(nn.Module):
         return self.down_proj(h)
 
 
-def grouped_mm_available(x: torch.Tensor) -> bool:
-    """torch's grouped GEMM: CUDA bf16 only (its CPU entry point wants 16-byte aligned strides and is
-    not a supported path); everything else takes the matmul loop."""
-    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-
-
 class GroupedExperts(nn.ModuleDict):
     def __init__(self, d_model: int, d_ff: int, activation: str, expert_ids: range):
         super().__init__({str(j): ExpertSlice(d_model, d_ff, activation) for j in expert_ids})
@@ -71,22 +66,4 @@ class GroupedExperts(nn.ModuleDict):
         return [super(GroupedExperts, self).__getitem__(str(j)) for j in self.expert_ids]
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        experts = self.local()
-        if len(counts) != len(experts) or sum(counts) != x.shape[0]:
-            raise ValueError(f"counts {counts} do not split {x.shape[0]} tokens over {len(experts)} experts")
-        if grouped_mm_available(x) and x.shape[0] > 0:
-            return self._grouped_mm(x, counts, experts)
-        return torch.cat([expert(piece) for expert, piece in zip(experts, x.split(counts))])
-
-    def _grouped_mm(self, x: torch.Tensor, counts: list[int], experts: list[ExpertSlice]) -> torch.Tensor:
-        offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
-
-        def project(name: str, inp: torch.Tensor) -> torch.Tensor:
-            w = torch.stack([getattr(e, name).weight for e in experts])  # (experts, out, in)
-            return torch._grouped_mm(inp, w.transpose(1, 2), offs=offs)
-
-        if self.activation == "swiglu":
-            h = F.silu(project("gate_proj", x)) * project("up_proj", x)
-        else:
-            h = torch.square(F.relu(project("up_proj", x)))
-        return project("down_proj", h)
+        return grouped_mlp(x, counts, self.local(), self.activation)

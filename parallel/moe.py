@@ -30,7 +30,7 @@ from parallel.common import replicated_part, set_spec
 from parallel.experts import GroupedExperts
 from parallel.mlp import ParallelMLP
 from pretrain.config import MoEConfig
-from pretrain.layers.moe import TopKRouter, route_and_count
+from pretrain.layers.moe import TopKRouter, route_and_count, router_logits
 
 
 class ParallelTopKRouter(TopKRouter):
@@ -63,8 +63,8 @@ class ParallelTopKRouter(TopKRouter):
             return super().forward(x)
         from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
 
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        probs = torch.softmax(F.linear(x.to(dtype), self.weight.to(dtype)), dim=-1)
+        probs = torch.softmax(router_logits(x, self.weight), dim=-1)
+        dtype = probs.dtype
         weights, indices = torch.topk(probs, cfg.top_k, dim=-1)
         counts = F.one_hot(indices, cfg.num_experts).sum(dim=(0, 1)).to(dtype)
         stats = torch.cat([counts, torch.tensor([float(x.shape[0])], dtype=dtype, device=x.device)])

@@ -21,7 +21,7 @@ from torch import nn
 
 from pretrain.config import Derived, ModelConfig
 from pretrain.chunked_loss import chunked_lm_loss
-from pretrain.loss import IGNORE_INDEX, lm_loss
+from pretrain.loss import lm_loss
 from pretrain.layers.attention import Attention
 from pretrain.layers.mamba import Mamba2Mixer
 from pretrain.layers.mlp import MLP

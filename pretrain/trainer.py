@@ -5,7 +5,6 @@ One optimizer step consumes `data.global_batch_size` samples: `grad_accum_steps`
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
@@ -18,10 +17,8 @@ import kernels.backend
 from pretrain.config import Config, ConfigError, Derived, stream_dicts, to_yaml
 from pretrain.evaluate import Evaluator
 from pretrain.distributed import DistInfo
-from pretrain.flops import count_parameters, device_peak_tflops, train_flops_per_token
-from pretrain.loss import lm_loss
+from pretrain.flops import device_peak_tflops, train_flops_per_token
 from pretrain.metrics import MetricsWriter, memory_gb, progress_line
-from pretrain.model import HybridLM
 from parallel.engine import Engine
 from pretrain.schedule import lr_at
 from data.dataset import infinite_batches

@@ -15,8 +15,11 @@ tokens one forward sees), those with the largest gate weights; the other slots a
 add nothing to the output) and counted in `dropped_per_expert`. The load (`tokens_per_expert`)
 counts routed slots, dropped or not.
 
-Every expert runs on every forward, also on zero tokens, so every expert weight is in the
-autograd graph (a zero gradient): megatron's DDP waits for a gradient of every parameter.
+Dispatch: the routed slots are sorted by expert and the experts run as one grouped computation
+(pretrain/layers/grouped_mlp.py: torch's grouped GEMM on CUDA in bf16, no host synchronisation;
+a loop elsewhere); each token's output is the gate-weighted sum over its k slots. Every expert runs
+on every forward, also on zero tokens, so every expert weight is in the autograd graph (a zero
+gradient): megatron's DDP waits for a gradient of every parameter.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.config import MoEConfig
+from pretrain.layers.grouped_mlp import grouped_mlp
 from pretrain.layers.mlp import MLP
 from pretrain.recompute import is_recomputing
 
@@ -49,6 +53,14 @@ def capacity_keep_mask(indices: torch.Tensor, weights: torch.Tensor, num_experts
     return kept.gather(1, indices)
 
 
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (tokens, d_model) @ weight.T in at least float32, also under autocast (which would run the
+    linear in bf16 and let near-ties flip the routing)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return F.linear(x.to(dtype), weight.to(dtype))
+
+
 class TopKRouter(nn.Module):
     """x (tokens, d_model) -> (indices (tokens, k) int64, weights (tokens, k) float32, aux loss scalar)."""
 
@@ -61,8 +73,7 @@ class TopKRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.cfg
-        dtype = torch.promote_types(x.dtype, torch.float32)  # route in at least float32, also under autocast
-        logits = F.linear(x.to(dtype), self.weight.to(dtype))
+        logits = router_logits(x, self.weight)
         if cfg.router == "sigmoid_bias":
             scores = torch.sigmoid(logits)
             _, indices = torch.topk(scores + self.expert_bias, cfg.top_k, dim=-1)
@@ -111,12 +122,14 @@ class MoE(nn.Module):
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
         indices, weights, keep = route_and_count(self, x)
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            routed = indices == e if keep is None else (indices == e) & keep
-            token_ids, slot = torch.where(routed)  # may be empty: the expert still joins the graph
-            y = expert(x[token_ids]) * weights[token_ids, slot, None].to(x.dtype)
-            out.index_add_(0, token_ids, y)
+        num_tokens, top_k = indices.shape
+        # routed slots (token, k) sorted by expert; the experts run grouped (pretrain/layers/grouped_mlp.py)
+        order = torch.argsort(indices.reshape(-1), stable=True)
+        counts = torch.bincount(indices.reshape(-1), minlength=self.cfg.num_experts)
+        y = grouped_mlp(x[order // top_k], counts, list(self.experts), self.cfg.activation)
+        slots = torch.empty_like(y).index_copy(0, order, y).view(num_tokens, top_k, -1)
+        gate = weights if keep is None else weights * keep  # slots dropped over capacity add nothing
+        out = (slots.to(x.dtype) * gate.to(x.dtype)[..., None]).sum(dim=1)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out.view(shape)

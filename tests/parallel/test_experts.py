@@ -1,5 +1,6 @@
 """parallel.experts.GroupedExperts without process groups: the matmul loop against per-expert MLPs,
-an expert with zero tokens still in the autograd graph, and (GPU) torch's grouped GEMM against the loop."""
+an expert with zero tokens still in the autograd graph, and (GPU) torch's grouped GEMM against the loop,
+also inside the single-process MoE under bf16 autocast (pretrain/layers/grouped_mlp.py)."""
 from __future__ import annotations
 
 import os
@@ -10,7 +11,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from parallel.experts import GroupedExperts, grouped_mm_available  # noqa: E402
+from parallel.experts import GroupedExperts  # noqa: E402
+from pretrain.layers.grouped_mlp import grouped_mm_dtype  # noqa: E402
 
 D_MODEL, D_FF = 32, 64
 
@@ -63,7 +65,7 @@ def test_grouped_mm_matches_the_loop(activation):
     experts = _experts(activation).cuda().to(torch.bfloat16)
     counts = [96, 0, 160, 32]
     x = torch.randn(sum(counts), D_MODEL, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    assert grouped_mm_available(x)
+    assert grouped_mm_dtype(x, experts.local()) == torch.bfloat16
     y = experts(x, counts)
     grads = torch.autograd.grad(y.float().square().sum(), [x, *experts.parameters()])
     # reference: the loop in float32 on the same bf16 values
@@ -77,3 +79,32 @@ def test_grouped_mm_matches_the_loop(activation):
         assert (g.float() - g32).norm() <= 2e-2 * g32.norm() + 1e-6
     assert all(torch.count_nonzero(g) == 0 for g, (n, _) in zip(grads[1:], experts.named_parameters())
                if n.startswith("1."))  # expert 1 got no tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_single_process_moe_grouped_under_autocast_matches_float32(capacity_factor):
+    """The single-process MoE (fp32 weights, bf16 autocast: the trainer's one-GPU path) takes the
+    grouped GEMM; its output and gradients match the same module in float32 (the matmul loop) to bf16
+    accuracy, with and without slots dropped over capacity."""
+    from pretrain.config import MoEConfig
+    from pretrain.layers.moe import MoE
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=8, top_k=2, d_ff=128, activation="swiglu", router="softmax_aux",
+                    capacity_factor=capacity_factor)
+    moe = MoE(64, cfg, shared_d_ff=0).cuda()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(4, 256, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert grouped_mm_dtype(x, list(moe.experts)) == torch.bfloat16
+        y = moe(x)
+    grads = torch.autograd.grad(y.float().square().sum(), list(moe.parameters()))
+    assert grouped_mm_dtype(x, list(moe.experts)) is None  # float32 outside autocast: the loop
+    y32 = moe(x)
+    grads32 = torch.autograd.grad(y32.square().sum(), list(moe.parameters()))
+    assert (y.float() - y32).norm() / y32.norm() < 2e-2
+    for g, g32 in zip(grads, grads32):
+        assert (g.float() - g32).norm() <= 2e-2 * g32.norm() + 1e-6
