@@ -5,12 +5,16 @@
 
 Each row builds the real `pretrain.trainer.Trainer` (engine, optimizer, streaming loader) on a
 synthetic packed dataset of the preset's vocabulary and sequence length, runs `--warmup` steps,
-then times `--steps` steps with CUDA events. Columns: tokens/s, TFLOP/s per GPU and MFU (the
+then times `--steps` steps with CUDA events. Every row runs in a fresh process (nothing of an
+earlier row stays in its memory figures). Columns: tokens/s, TFLOP/s per GPU and MFU (the
 trainer's own formula, pretrain/flops.py: 3 x forward FLOPs of every matmul incl. the attention and
 SSD terms, over the device's bf16 dense peak), peak memory, and the split of a step into data,
 forward+backward and optimizer (synchronised per phase in a separate pass), plus forward alone.
 The comparison in the same run is the same preset with `kernels.backend=torch` (the PyTorch
 reference kernels); a row that runs out of memory says OOM.
+
+`--profile N` also runs N steps under torch.profiler per row and prints the GPU kernels with the
+most time and the launches per step (where the remaining time goes).
 
 The LM head + cross-entropy run in chunks of `trainer.loss_chunk_tokens` tokens (default null =
 4096 on CUDA; pretrain/chunked_loss.py), which computes the head's gradients inside the forward:
@@ -22,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -107,17 +113,41 @@ def phase_split(trainer: Trainer, steps: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in phases.items()}
 
 
+def print_profile(trainer: Trainer, steps: int, top: int = 25) -> None:
+    """torch.profiler over `steps` training steps: the GPU kernels with the most total time, and
+    the share of the step that no kernel covers (host-bound gaps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            trainer.train_step()
+        torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    busy_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / steps
+    print(f"\nprofile: {wall_ms:.0f} ms per step (profiled), GPU kernels {busy_ms:.0f} ms, "
+          f"{len(kernels)} kernel kinds, {sum(e.count for e in kernels) // steps} launches per step")
+    print("| kernel | ms/step | calls/step |\n|---|---|---|")
+    for e in kernels[:top]:
+        print(f"| {e.key[:90]} | {e.self_device_time_total / 1e3 / steps:.2f} | {e.count // steps} |")
+
+
 def run_row(spec: str, backend: str, args, workdir: Path) -> dict:
     row = {"config": spec.split(":")[0].split("/")[-1].removesuffix(".yaml"), "backend": backend,
            "overrides": spec.partition(":")[2]}
     trainer = None
     try:
         torch.cuda.reset_peak_memory_stats()
-        trainer = build_trainer(spec, backend, args.warmup + args.steps + args.split_steps, workdir)
+        trainer = build_trainer(spec, backend, args.warmup + args.steps + args.split_steps + args.profile, workdir)
         for _ in range(args.warmup):
             trainer.train_step()
         step_s = timed_steps(trainer, args.steps)
         split = phase_split(trainer, args.split_steps)
+        if args.profile:
+            print_profile(trainer, args.profile)
         tokens = trainer.derived.tokens_per_step
         tflops = trainer.flops_per_token * tokens / step_s / 1e12
         row.update(
@@ -154,6 +184,26 @@ def print_table(rows: list[dict]) -> None:
               f"{r['data_ms']:.1f} | {r['forward_ms']:.0f} | {r['fwd+bwd_ms']:.0f} | {r['optimizer_ms']:.0f} |")
 
 
+def row_in_fresh_process(spec: str, backend: str, args, workdir: Path) -> dict:
+    """One row in its own Python process, so that no memory, cache or allocator state of an earlier
+    row (measured: ~15 GB left by a jamba_like row) shows in this row's peak memory or speed."""
+    cmd = [sys.executable, __file__, spec, "--backends", backend, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--split-steps", str(args.split_steps), "--profile", str(args.profile),
+           "--one-row", str(workdir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = proc.stdout.splitlines()
+    print("\n".join(line for line in lines if not line.startswith(ROW_PREFIX)), flush=True)
+    rows = [json.loads(line[len(ROW_PREFIX):]) for line in lines if line.startswith(ROW_PREFIX)]
+    if proc.returncode != 0 or not rows:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:80]
+        return {"config": spec.split(":")[0].split("/")[-1].removesuffix(".yaml"), "backend": backend,
+                "overrides": spec.partition(":")[2], "error": f"exit {proc.returncode}: {tail}"}
+    return rows[0]
+
+
+ROW_PREFIX = "ROW "
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("specs", nargs="+", help="config.yaml[:key=value,key=value]")
@@ -161,16 +211,23 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--split-steps", type=int, default=3)
     parser.add_argument("--backends", default="triton,torch")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="also profile STEPS steps per row and print the top GPU kernels")
+    parser.add_argument("--one-row", metavar="WORKDIR", help=argparse.SUPPRESS)  # internal: one row, as JSON
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/train.py needs a CUDA GPU")
     logging.basicConfig(level=logging.WARNING)
+    if args.one_row:
+        row = run_row(args.specs[0], args.backends, args, Path(args.one_row))
+        print(ROW_PREFIX + json.dumps(row), flush=True)
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ.setdefault("TMPDIR", tmp)
+        os.environ.setdefault("TMPDIR", tmp)  # the rows' processes inherit it
         for spec in args.specs:
             for backend in args.backends.split(","):
-                rows.append(run_row(spec, backend, args, Path(tmp)))
+                rows.append(row_in_fresh_process(spec, backend, args, Path(tmp)))
                 print(rows[-1], flush=True)
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}; MFU against the bf16 dense peak\n")
     print_table(rows)

@@ -48,7 +48,8 @@ def grouped_mlp(x: torch.Tensor, counts: torch.Tensor | list[int], experts: list
     x = x.to(dtype)
 
     def project(name: str, inp: torch.Tensor) -> torch.Tensor:
-        w = torch.stack([getattr(e, name).weight.to(dtype) for e in experts])  # (experts, out, in)
+        # stacked first, then cast once: two kernels (and autograd nodes) per projection, not 2 x experts
+        w = torch.stack([getattr(e, name).weight for e in experts]).to(dtype)  # (experts, out, in)
         return torch._grouped_mm(inp, w.transpose(1, 2), offs=offs)
 
     if activation == "swiglu":
