@@ -163,6 +163,10 @@ class TrainerConfig:
     # activation recomputation (pretrain/recompute.py): none | full | comma-separated block kinds
     # (mamba, attention, mlp, moe) whose activations are recomputed in the backward pass
     recompute: str = "none"
+    # auto: the single-process build (pretrain/layers, torch AdamW, bf16 autocast over fp32 weights) in
+    # one process, the megatron engine (parallel/engine.py) with several; megatron: that engine in one
+    # process too (a 1-rank process group; on CUDA bf16 parameters with fp32 main weights)
+    engine: str = "auto"
     eval_interval: int = 0  # > 0: evaluate on data.validation every this many steps (and at the end)
     eval_steps: int = 10  # micro-batches per dp rank in one evaluation
 
@@ -439,6 +443,7 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
     t = cfg.trainer
     _need(t.precision in ("auto", "bf16", "fp32"), "trainer.precision", t.precision, "must be auto, bf16 or fp32")
     _need(t.device in ("auto", "cpu", "cuda"), "trainer.device", t.device, "must be auto, cpu or cuda")
+    _need(t.engine in ("auto", "megatron"), "trainer.engine", t.engine, "must be auto or megatron")
     from pretrain.recompute import parse_policy
 
     try:

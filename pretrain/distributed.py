@@ -73,6 +73,14 @@ def init_distributed(requested_device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+def init_single_rank_group(device: torch.device) -> None:
+    """A process group of this one process (trainer.engine=megatron without a launcher): megatron-core's
+    engine needs groups even at world size 1."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1)
+
+
 def shutdown_distributed(clean: bool = True) -> None:
     """clean=False (an error on this rank): skip the final barrier, the other ranks may never reach it."""
     from parallel.state import destroy

@@ -16,7 +16,7 @@ import torch
 import kernels.backend
 from pretrain.config import Config, ConfigError, Derived, stream_dicts, to_yaml
 from pretrain.evaluate import Evaluator
-from pretrain.distributed import DistInfo
+from pretrain.distributed import DistInfo, init_single_rank_group
 from pretrain.flops import device_peak_tflops, train_flops_per_token
 from pretrain.metrics import MetricsWriter, memory_gb, progress_line
 from parallel.engine import Engine
@@ -92,9 +92,11 @@ class Trainer:
             with open(os.path.join(derived.run_dir, "config.yaml"), "w") as f:
                 f.write(to_yaml(cfg))
 
-        if dist_info.world_size > 1:  # tp/pp/ep/cp/dp groups; sizes were validated for this world size
+        if dist_info.world_size > 1 or cfg.trainer.engine == "megatron":
+            # tp/pp/ep/cp/dp groups (sizes were validated for this world size)
             from parallel import state as parallel_state
 
+            init_single_rank_group(self.device)  # only when no launcher made a group
             parallel_state.initialize(cfg, derived)
         # single process: pretrain/layers + torch AdamW; parallel: megatron DDP + distributed optimizer
         self.engine = Engine(cfg, derived, self.device, self.amp_dtype)

@@ -22,10 +22,10 @@ GOLDEN = Path(__file__).with_name("golden_demo_losses.json")
 STEPS = 20
 
 
-def run_demo(run_dir: Path, steps: int = STEPS) -> list[float]:
+def run_demo(run_dir: Path, steps: int = STEPS, extra: tuple[str, ...] = ()) -> list[float]:
     env = {**os.environ, "TMPDIR": str(run_dir)}
     cmd = [sys.executable, "-m", "pretrain.train", "--config", "configs/demo.yaml", f"trainer.max_steps={steps}",
-           "trainer.log_interval=1", f"run.dir={run_dir}", "run.name=golden", "checkpoint.interval=0"]
+           "trainer.log_interval=1", f"run.dir={run_dir}", "run.name=golden", "checkpoint.interval=0", *extra]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "golden" / "metrics.jsonl").read_text().splitlines()]
@@ -48,6 +48,17 @@ def test_demo_golden_losses(tmp_path):
     # float32 on CPU with a fixed thread count is deterministic; the tolerance only absorbs the
     # summation-order differences of other BLAS builds (~1e-6 relative per step, compounding)
     assert losses == pytest.approx(golden["losses"], rel=2e-4, abs=2e-4)
+
+
+@pytest.mark.slow
+def test_megatron_engine_in_one_process_follows_the_golden_losses(tmp_path):
+    """trainer.engine=megatron without a launcher: a 1-rank process group, megatron DDP and its
+    distributed optimizer (float32 on CPU) train the demo like the single-process build."""
+    losses = run_demo(tmp_path, steps=5, extra=("trainer.engine=megatron", "checkpoint.async_save=false"))
+    golden = json.loads(GOLDEN.read_text())
+    if golden["environment"] != environment():
+        pytest.skip(f"golden losses were recorded with {golden['environment']}, this is {environment()}")
+    assert losses == pytest.approx(golden["losses"][:5], rel=2e-4, abs=2e-4)
 
 
 if __name__ == "__main__" and "--regenerate" in sys.argv:
