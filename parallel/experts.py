@@ -65,5 +65,5 @@ class GroupedExperts(nn.ModuleDict):
     def local(self) -> list[ExpertSlice]:
         return [super(GroupedExperts, self).__getitem__(str(j)) for j in self.expert_ids]
 
-    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts: torch.Tensor | list[int]) -> torch.Tensor:
         return grouped_mlp(x, counts, self.local(), self.activation)

@@ -30,7 +30,7 @@ from parallel.common import replicated_part, set_spec
 from parallel.experts import GroupedExperts
 from parallel.mlp import ParallelMLP
 from pretrain.config import MoEConfig
-from pretrain.layers.moe import TopKRouter, route_and_count, router_logits
+from pretrain.layers.moe import TopKRouter, combine_slots, route_and_count, router_logits, sort_slots_by_expert
 
 
 class ParallelTopKRouter(TopKRouter):
@@ -121,19 +121,11 @@ class ParallelMoE(nn.Module):
                                                                 tensor_parallel_output_grad=False).bool()
         elif tp > 1:
             x = mtp.copy_to_tensor_model_parallel_region(x)
-        k = indices.shape[1]
-        slot_expert = indices.flatten()
-        slots = torch.arange(slot_expert.numel(), device=x.device)
-        if keep is not None:
-            slots = slots[keep.flatten()]
-        slots = slots[torch.argsort(slot_expert[slots], stable=True)]  # routed slots sorted by expert
-        counts = torch.bincount(slot_expert[slots], minlength=self.cfg.num_experts).tolist()
-        token_ids = slots // k
-        y = self.experts(x[token_ids], counts)
+        order, counts = sort_slots_by_expert(indices, self.cfg.num_experts)
+        y = self.experts(x[order // indices.shape[1]], counts)
         if tp > 1:
             y = mtp.reduce_from_tensor_model_parallel_region(y)
-        y = y * weights.flatten()[slots, None].to(y.dtype)
-        out = torch.zeros_like(x).index_add(0, token_ids, y)
+        out = combine_slots(y, order, weights, keep, x.dtype)
         if self.sequence_parallel:
             out = mtp.scatter_to_sequence_parallel_region(out)
         return out

@@ -105,6 +105,23 @@ def route_and_count(moe: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torc
     return indices, weights, keep
 
 
+def sort_slots_by_expert(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """indices (tokens, k) -> (order, counts): the routed slots (flat, token-major) sorted by expert
+    (stable), and the slots of each expert (num_experts,). Slot s belongs to token s // k."""
+    flat = indices.reshape(-1)
+    return torch.argsort(flat, stable=True), torch.bincount(flat, minlength=num_experts)
+
+
+def combine_slots(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """y (slots, d) in expert order -> (tokens, d): each token's gate-weighted sum over its k slots, in
+    `dtype`. Slots dropped over capacity (keep False) add nothing. No atomics: deterministic."""
+    num_tokens, top_k = weights.shape
+    slots = torch.empty_like(y).index_copy(0, order, y).view(num_tokens, top_k, -1)
+    gate = weights if keep is None else weights * keep
+    return (slots.to(dtype) * gate.to(dtype)[..., None]).sum(dim=1)
+
+
 class MoE(nn.Module):
     """Input/output (batch, seqlen, d_model). After forward: `aux_loss` and the running `tokens_per_expert`."""
 
@@ -122,14 +139,9 @@ class MoE(nn.Module):
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
         indices, weights, keep = route_and_count(self, x)
-        num_tokens, top_k = indices.shape
-        # routed slots (token, k) sorted by expert; the experts run grouped (pretrain/layers/grouped_mlp.py)
-        order = torch.argsort(indices.reshape(-1), stable=True)
-        counts = torch.bincount(indices.reshape(-1), minlength=self.cfg.num_experts)
-        y = grouped_mlp(x[order // top_k], counts, list(self.experts), self.cfg.activation)
-        slots = torch.empty_like(y).index_copy(0, order, y).view(num_tokens, top_k, -1)
-        gate = weights if keep is None else weights * keep  # slots dropped over capacity add nothing
-        out = (slots.to(x.dtype) * gate.to(x.dtype)[..., None]).sum(dim=1)
+        order, counts = sort_slots_by_expert(indices, self.cfg.num_experts)
+        y = grouped_mlp(x[order // indices.shape[1]], counts, list(self.experts), self.cfg.activation)
+        out = combine_slots(y, order, weights, keep, x.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out.view(shape)
