@@ -54,6 +54,9 @@ class Engine:
             chunk.recompute_kinds = parse_policy(cfg.trainer.recompute)
         if not self.parallel:
             self.model.loss_chunk_tokens = resolve_chunk_tokens(cfg.trainer.loss_chunk_tokens, device)
+            if cfg.trainer.compile:
+                for block in self.model.layers:
+                    block.compile()
             self.optimizer = build_optimizer(self.model, cfg.optim)
             return
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig

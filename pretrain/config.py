@@ -167,6 +167,8 @@ class TrainerConfig:
     # one process, the megatron engine (parallel/engine.py) with several; megatron: that engine in one
     # process too (a 1-rank process group; on CUDA bf16 parameters with fp32 main weights)
     engine: str = "auto"
+    # torch.compile each residual block of the single-process build (the Triton kernels stay opaque)
+    compile: bool = False
     eval_interval: int = 0  # > 0: evaluate on data.validation every this many steps (and at the end)
     eval_steps: int = 10  # micro-batches per dp rank in one evaluation
 

@@ -50,7 +50,8 @@ def grouped_mlp(x: torch.Tensor, counts: torch.Tensor | list[int], experts: list
     def project(name: str, inp: torch.Tensor) -> torch.Tensor:
         # stacked first, then cast once: two kernels (and autograd nodes) per projection, not 2 x experts
         w = torch.stack([getattr(e, name).weight for e in experts]).to(dtype)  # (experts, out, in)
-        return torch._grouped_mm(inp, w.transpose(1, 2), offs=offs)
+        # autocast may hand back float32 between projections (torch.square is a float32 op under it)
+        return torch._grouped_mm(inp.to(dtype), w.transpose(1, 2), offs=offs)
 
     if activation == "swiglu":
         h = F.silu(project("gate_proj", x)) * project("up_proj", x)

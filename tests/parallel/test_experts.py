@@ -84,15 +84,17 @@ def test_grouped_mm_matches_the_loop(activation):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("capacity_factor", [None, 1.0])
-def test_single_process_moe_grouped_under_autocast_matches_float32(capacity_factor):
+@pytest.mark.parametrize("activation", ["swiglu", "relu2"])
+def test_single_process_moe_grouped_under_autocast_matches_float32(capacity_factor, activation):
     """The single-process MoE (fp32 weights, bf16 autocast: the trainer's one-GPU path) takes the
     grouped GEMM; its output and gradients match the same module in float32 (the matmul loop) to bf16
-    accuracy, with and without slots dropped over capacity."""
+    accuracy, with and without slots dropped over capacity. relu2: autocast runs torch.square in float32,
+    so the down projection gets a float32 input (a bug found by tests/pretrain/test_compile.py on GPU)."""
     from pretrain.config import MoEConfig
     from pretrain.layers.moe import MoE
 
     torch.manual_seed(0)
-    cfg = MoEConfig(num_experts=8, top_k=2, d_ff=128, activation="swiglu", router="softmax_aux",
+    cfg = MoEConfig(num_experts=8, top_k=2, d_ff=128, activation=activation, router="softmax_aux",
                     capacity_factor=capacity_factor)
     moe = MoE(64, cfg, shared_d_ff=0).cuda()
     for p in moe.parameters():
