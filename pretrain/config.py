@@ -446,6 +446,8 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
     _need(t.precision in ("auto", "bf16", "fp32"), "trainer.precision", t.precision, "must be auto, bf16 or fp32")
     _need(t.device in ("auto", "cpu", "cuda"), "trainer.device", t.device, "must be auto, cpu or cuda")
     _need(t.engine in ("auto", "megatron"), "trainer.engine", t.engine, "must be auto or megatron")
+    _need(not t.compile or (world_size == 1 and t.engine == "auto"), "trainer.compile", t.compile,
+          "applies to the single-process build only (one process, trainer.engine=auto)")
     from pretrain.recompute import parse_policy
 
     try:

@@ -59,6 +59,14 @@ def test_impossible_values_are_named(override, key):
         validate(cfg)
 
 
+def test_compile_outside_the_single_process_build_is_refused():
+    with pytest.raises(ConfigError, match=r"trainer\.compile=True: applies to the single-process build"):
+        validate(load_config([DEMO], ["trainer.compile=true", "trainer.engine=megatron"]))
+    with pytest.raises(ConfigError, match=r"trainer\.compile"):
+        validate(load_config([DEMO], ["trainer.compile=true", "data.micro_batch_size=4"]), world_size=2)
+    validate(load_config([DEMO], ["trainer.compile=true"]))
+
+
 def test_tp_not_dividing_heads_is_named():
     cfg = load_config(["configs/hybrid_460m.yaml"], ["parallel.tp=3"])
     with pytest.raises(ConfigError, match=r"num_heads=16.*parallel\.tp=3|parallel\.tp=3"):
