@@ -15,12 +15,12 @@ elsewhere; empty experts are empty matmuls).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from parallel import state
 from parallel.common import LocalLinear, set_spec, split_part
 from pretrain.layers.grouped_mlp import grouped_mlp
+from pretrain.layers.mlp import mlp_forward
 
 
 class ExpertSlice(nn.Module):
@@ -40,11 +40,7 @@ class ExpertSlice(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (tokens, d_model) -> this rank's partial sum of the expert output (tokens, d_model)."""
-        if self.gate_proj is not None:
-            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
-        else:
-            h = torch.square(F.relu(self.up_proj(x)))
-        return self.down_proj(h)
+        return mlp_forward(x, self.up_proj, self.gate_proj, self.down_proj)
 
 
 class GroupedExperts(nn.ModuleDict):

@@ -74,13 +74,13 @@ def _replica_mask(p: nn.Parameter) -> torch.Tensor | None:
     return mask
 
 
-def _owned_range(leaf, p: nn.Parameter) -> tuple[int, int] | None:
+def _owned_range(leaf, p: nn.Parameter, plain_ids: set[int]) -> tuple[int, int] | None:
     """The flat element range of `p` whose gradient the optimizer `leaf` norms on this rank: the dp
-    shard with megatron's distributed optimizer, the whole tensor otherwise; None if not its param."""
+    shard with megatron's distributed optimizer, the whole tensor otherwise (plain_ids: the ids of
+    a non-distributed leaf's parameters); None if not its param."""
     gbuf_map = getattr(leaf, "model_param_gbuf_map", None)
     if gbuf_map is None:
-        params = {id(q) for g in leaf.optimizer.param_groups for q in g["params"]} if leaf.optimizer else set()
-        return (0, p.numel()) if id(p) in params or id(getattr(p, "main_param", p)) in params else None
+        return (0, p.numel()) if id(p) in plain_ids or id(getattr(p, "main_param", p)) in plain_ids else None
     if p not in gbuf_map:
         return None
     owned = leaf._get_model_param_range_map(p)["param"]  # megatron-core 0.16.1 (pinned)
@@ -91,9 +91,11 @@ def _duplicate_grad_sq(leaf, params: list[nn.Parameter]) -> torch.Tensor:
     """Sum of squares, over the ranks `leaf` reduces its norm over, of the gradient elements it counted
     more than once (the non-main replicas of partially replicated parts)."""
     total = torch.zeros((), dtype=torch.float32)
-    for p in params:
-        mask = _replica_mask(p)
-        owned = _owned_range(leaf, p) if mask is not None else None
+    masked = [(p, mask) for p in params if (mask := _replica_mask(p)) is not None]
+    plain_ids = ({id(q) for g in leaf.optimizer.param_groups for q in g["params"]}
+                 if masked and getattr(leaf, "model_param_gbuf_map", None) is None and leaf.optimizer else set())
+    for p, mask in masked:
+        owned = _owned_range(leaf, p, plain_ids)
         if owned is None:
             continue
         lo, hi = owned

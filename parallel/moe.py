@@ -22,7 +22,6 @@ Both: the (tensor-parallel) shared expert is added on the local tokens.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from parallel import state
@@ -30,7 +29,7 @@ from parallel.common import replicated_part, set_spec
 from parallel.experts import GroupedExperts
 from parallel.mlp import ParallelMLP
 from pretrain.config import MoEConfig
-from pretrain.layers.moe import TopKRouter, combine_slots, route_and_count, router_logits, sort_slots_by_expert
+from pretrain.layers.moe import TopKRouter, combine_slots, route_and_count, sort_slots_by_expert
 
 
 class ParallelTopKRouter(TopKRouter):
@@ -56,26 +55,15 @@ class ParallelTopKRouter(TopKRouter):
             return ps.get_tensor_and_context_parallel_group()
         return state.tp_group() if sp else state.cp_group() if cp else None
 
-    def forward(self, x: torch.Tensor):
-        cfg = self.cfg
-        group = None if cfg.router == "sigmoid_bias" else self._token_shard_group()
+    def whole_batch_stats(self, counts: torch.Tensor, prob_sum: torch.Tensor, num_tokens: torch.Tensor):
+        group = self._token_shard_group()
         if group is None:
-            return super().forward(x)
+            return counts, prob_sum, num_tokens
         from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
 
-        probs = torch.softmax(router_logits(x, self.weight), dim=-1)
-        dtype = probs.dtype
-        weights, indices = torch.topk(probs, cfg.top_k, dim=-1)
-        counts = F.one_hot(indices, cfg.num_experts).sum(dim=(0, 1)).to(dtype)
-        stats = torch.cat([counts, torch.tensor([float(x.shape[0])], dtype=dtype, device=x.device)])
+        stats = torch.cat([counts, num_tokens.reshape(1)])
         torch.distributed.all_reduce(stats, group=group)
-        counts, num_tokens = stats[:-1], stats[-1]
-        prob_sum = reduce_from_tensor_model_parallel_region(probs.sum(dim=0), group=group)
-        routed_share = counts / (num_tokens * cfg.top_k)
-        aux = cfg.aux_loss_coeff * cfg.num_experts * (routed_share * prob_sum / num_tokens).sum()
-        if cfg.norm_topk_prob and cfg.top_k > 1:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return indices, weights * cfg.routed_scaling_factor, aux
+        return stats[:-1], reduce_from_tensor_model_parallel_region(prob_sum, group=group), stats[-1]
 
 
 class ParallelMoE(nn.Module):

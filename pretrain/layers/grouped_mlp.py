@@ -15,8 +15,9 @@ weight joins the autograd graph.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from pretrain.layers.mlp import mlp_forward
 
 
 def grouped_mm_dtype(x: torch.Tensor, experts: list[nn.Module] | None = None) -> torch.dtype | None:
@@ -45,16 +46,12 @@ def grouped_mlp(x: torch.Tensor, counts: torch.Tensor | list[int], experts: list
             raise ValueError(f"counts {sizes} do not split {x.shape[0]} tokens over {len(experts)} experts")
         return torch.cat([expert(piece) for expert, piece in zip(experts, x.split(sizes))])
     offs = torch.as_tensor(counts, device=x.device).cumsum(0).to(torch.int32)
-    x = x.to(dtype)
 
-    def project(name: str, inp: torch.Tensor) -> torch.Tensor:
+    def projection(name: str):
         # stacked first, then cast once: two kernels (and autograd nodes) per projection, not 2 x experts
-        w = torch.stack([getattr(e, name).weight for e in experts]).to(dtype)  # (experts, out, in)
-        # autocast may hand back float32 between projections (torch.square is a float32 op under it)
-        return torch._grouped_mm(inp.to(dtype), w.transpose(1, 2), offs=offs)
+        w = torch.stack([getattr(e, name).weight for e in experts]).to(dtype).transpose(1, 2)  # (experts, in, out)
+        # the input is cast too: autocast may hand back float32 (torch.square is a float32 op under it)
+        return lambda inp: torch._grouped_mm(inp.to(dtype), w, offs=offs)
 
-    if activation == "swiglu":
-        h = F.silu(project("gate_proj", x)) * project("up_proj", x)
-    else:
-        h = torch.square(F.relu(project("up_proj", x)))
-    return project("down_proj", h)
+    gate = projection("gate_proj") if activation == "swiglu" else None
+    return mlp_forward(x, projection("up_proj"), gate, projection("down_proj"))

@@ -19,8 +19,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        if self.gate_proj is not None:
-            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
-        else:
-            h = torch.square(F.relu(self.up_proj(x)))
-        return self.down_proj(h)
+        return mlp_forward(x, self.up_proj, self.gate_proj, self.down_proj)
+
+
+def mlp_forward(x: torch.Tensor, up, gate, down) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) with a gate (swiglu), down(relu(up(x))^2) without (relu2); up, gate
+    and down are callables (linears, tensor-parallel slices, grouped projections), gate may be None."""
+    h = F.silu(gate(x)) * up(x) if gate is not None else torch.square(F.relu(up(x)))
+    return down(h)

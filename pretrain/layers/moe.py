@@ -82,11 +82,20 @@ class TopKRouter(nn.Module):
         else:
             probs = torch.softmax(logits, dim=-1)
             weights, indices = torch.topk(probs, cfg.top_k, dim=-1)
-            routed_share = F.one_hot(indices, cfg.num_experts).sum(dim=(0, 1)).float() / indices.numel()
-            aux = cfg.aux_loss_coeff * cfg.num_experts * (routed_share * probs.mean(dim=0)).sum()
+            counts = F.one_hot(indices, cfg.num_experts).sum(dim=(0, 1)).to(probs.dtype)
+            num_tokens = torch.tensor(float(x.shape[0]), dtype=probs.dtype, device=x.device)
+            counts, prob_sum, num_tokens = self.whole_batch_stats(counts, probs.sum(dim=0), num_tokens)
+            routed_share = counts / (num_tokens * cfg.top_k)
+            aux = cfg.aux_loss_coeff * cfg.num_experts * (routed_share * prob_sum / num_tokens).sum()
         if cfg.norm_topk_prob and cfg.top_k > 1:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return indices, weights * cfg.routed_scaling_factor, aux
+
+
+    def whole_batch_stats(self, counts: torch.Tensor, prob_sum: torch.Tensor, num_tokens: torch.Tensor):
+        """(routed slots per expert, probability sums per expert, tokens) of the whole micro-batch for the
+        balancing loss; here this rank's tokens are the whole micro-batch (parallel.moe overrides)."""
+        return counts, prob_sum, num_tokens
 
 
 def route_and_count(moe: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
