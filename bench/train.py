@@ -113,7 +113,7 @@ def phase_split(trainer: Trainer, steps: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in phases.items()}
 
 
-def print_profile(trainer: Trainer, steps: int, top: int = 25) -> None:
+def print_profile(trainer: Trainer, steps: int, top: int = 40) -> None:
     """torch.profiler over `steps` training steps: the GPU kernels with the most total time, and
     the share of the step that no kernel covers (host-bound gaps)."""
     from torch.profiler import ProfilerActivity, profile
