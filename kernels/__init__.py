@@ -1,20 +1,24 @@
-"""Triton kernels for the Mamba-2 mixer, each beside a pure-PyTorch reference.
+"""Triton kernels for the Mamba-2 mixer and the LM loss, each beside a pure-PyTorch reference.
 
 Public ops (dispatch on kernels.backend):
   ssd_scan                 kernels/ssd      chunked SSD (Mamba-2 scan), forward and backward
   causal_conv1d            kernels/conv1d   causal depthwise conv1d (+ SiLU, seq_idx)
   causal_conv1d_update     kernels/conv1d   one decoding step of the above
   rmsnorm_gated            kernels/rmsnorm_gated  grouped RMSNorm with SiLU gate
+  cross_entropy_rows       kernels/cross_entropy  row-wise softmax cross-entropy, logit gradient in place
+                                                  (the LM head's loss, pretrain/chunked_loss.py)
 """
 
 from kernels.backend import get_backend, get_deterministic, set_backend, set_deterministic, use_triton
 from kernels.conv1d.op import causal_conv1d, causal_conv1d_update
+from kernels.cross_entropy.op import cross_entropy_rows
 from kernels.rmsnorm_gated.op import rmsnorm_gated
 from kernels.ssd.op import ssd_scan
 
 __all__ = [
     "causal_conv1d",
     "causal_conv1d_update",
+    "cross_entropy_rows",
     "get_backend",
     "get_deterministic",
     "rmsnorm_gated",

@@ -7,7 +7,9 @@ logits = hidden_chunk @ W^T in the compute dtype (autocast's when autocast is on
 nn.functional.linear would use; else the inputs'), upcast to at least float32, logsumexp,
 cross-entropy and z-loss sums, and at once the gradient of the micro-batch loss w.r.t. the
 chunk's logits, which is multiplied into d hidden (the chunk's rows) and accumulated into d W
-(float32, or float64 for float64 inputs). Backward only scales the stored gradients by the
+(float32, or float64 for float64 inputs). The per-row softmax, loss terms and logit gradient are
+kernels.cross_entropy's `cross_entropy_rows` (a Triton kernel on CUDA: one read pass, one
+read-and-write pass over the compute-dtype logits; the PyTorch reference elsewhere). Backward only scales the stored gradients by the
 incoming gradient, so the head costs the same three matmuls as the unchunked path and the extra
 memory is O(chunk x vocab) for the chunk plus d hidden (tokens, d_model) and d W (vocab, d_model).
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from kernels.cross_entropy.op import cross_entropy_rows
 from pretrain.loss import IGNORE_INDEX
 
 AUTO_CHUNK_TOKENS = 4096  # trainer.loss_chunk_tokens=null on CUDA: 4096 x 50304 x 6 bytes ~ 1.2 GB per chunk
@@ -67,28 +70,19 @@ def _chunk_pass(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
         for start in range(0, num_tokens, chunk_tokens):
             end = min(start + chunk_tokens, num_tokens)
             h = h_all[start:end]  # (n, d_model)
-            logits = torch.mm(h, w.t()).to(acc)  # (n, vocab); the compute-dtype product is freed here
+            logits = torch.mm(h, w.t())  # (n, vocab) in the compute dtype
             label = labels[start:end]
             labelled = label != IGNORE_INDEX
-            target = torch.where(labelled, label, 0)
-            target_logit = logits.gather(1, target[:, None]).squeeze(1)  # (n,)
-            row_max = logits.amax(dim=-1, keepdim=True)  # (n, 1)
-            exp = logits.sub_(row_max).exp_()  # in place: exp(logits - max), no second (n, vocab) buffer
-            sum_exp = exp.sum(dim=-1)  # (n,)
-            lse = sum_exp.log() + row_max.squeeze(1)  # logsumexp
             weight_r = labelled.to(acc)
+            # lse, the label's logit, and d loss / d logits in place of the logits (kernels/cross_entropy)
+            lse, target_logit = cross_entropy_rows(logits, torch.where(labelled, label, 0), weight_r / count,
+                                                   z_loss_coeff, want_grad=want_d_hidden or want_d_weight)
             ce_sum += ((lse - target_logit) * weight_r).sum()
             if z_loss_coeff > 0:
                 z_sum += (lse.square() * weight_r).sum()
             if not (want_d_hidden or want_d_weight):
                 continue
-            # d loss / d logits, built in place: softmax x (1 + 2 coeff lse) / C, minus 1/C at the label
-            row_scale = weight_r / count  # (n,): 0 for unlabelled rows
-            probs_scale = row_scale * (1 + 2 * z_loss_coeff * lse) if z_loss_coeff > 0 else row_scale
-            grad = exp.mul_((probs_scale / sum_exp)[:, None])
-            grad.scatter_add_(1, target[:, None], -row_scale[:, None])
-            grad = grad.to(dtype)  # (n, vocab) in the compute dtype, as the unchunked linear's backward sees it
-            del logits, exp  # the float32 buffer (when the compute dtype is narrower)
+            grad = logits  # (n, vocab) in the compute dtype, as the unchunked linear's backward sees it
             if want_d_hidden:
                 d_hidden[start:end] = torch.mm(grad, w)
             if want_d_weight:

@@ -119,14 +119,19 @@ def test_frozen_weight_gets_no_gradient():
     torch.testing.assert_close(grad_hidden, torch.autograd.grad(want, hidden)[0], rtol=1e-10, atol=1e-12)
 
 
-def test_bf16_autocast_multiplies_in_bf16():
-    """Under autocast the logits are a bf16 matmul, as nn.functional.linear's: the loss matches the
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                             reason="needs CUDA")])])
+def test_bf16_autocast_multiplies_in_bf16(device):
+    """On CUDA the per-chunk softmax and logit gradient are the Triton kernel (kernels/cross_entropy).
+    Under autocast the logits are a bf16 matmul, as nn.functional.linear's: the loss matches the
     autocast reference to float32 rounding (float32 logits would differ by ~1e-3). Gradients come
     back in the parameters' float32 and agree to bf16 accuracy: both multiply bf16-rounded d logits,
     but the reference rounds (scale x d logits) and this rounds d logits then scales in float32, and d
     weight sums one bf16 product per chunk in float32 where the reference rounds the whole sum once."""
-    hidden, weight, labels = make_inputs(4, 32, torch.float32, seed=3, ignore_fraction=0.1)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    hidden, weight, labels = (t.detach().to(device).requires_grad_(t.requires_grad)
+                              for t in make_inputs(4, 32, torch.float32, seed=3, ignore_fraction=0.1))
+    with torch.autocast(device, dtype=torch.bfloat16):
         got = loss_and_grads(chunked(48), hidden, weight, labels, 1e-3)
         want = loss_and_grads(reference, hidden, weight, labels, 1e-3)
     fp32 = loss_and_grads(reference, hidden, weight, labels, 1e-3)

@@ -1,0 +1,1 @@
+"""cross_entropy op package: reference.py (spec), op.py (dispatching entry point), Triton kernel."""
