@@ -2,10 +2,20 @@
 
 Owns `causal_conv1d` for the Triton path (a tensor-only autograd.Function) and its kernels.
 Shapes as in kernels.conv1d.reference: x (batch, seqlen, dim), weight (dim, width) width 2..4,
-bias (dim,), seq_idx (batch, seqlen). Grid: (position blocks, channel blocks, batch).
-The backward recomputes the pre-activation (no extra activation memory) and writes per-program
-partial sums of dweight/dbias reduced by torch in a fixed order: no atomics, deterministic.
-All offsets are 64-bit.
+bias (dim,), seq_idx (batch, seqlen). All offsets are 64-bit; x and dout may have any strides.
+
+Forward: grid (position blocks, channel blocks, batch), one (BLOCK_L, BLOCK_D) tile each.
+
+Backward: one kernel, grid (segments of SEG positions, channel blocks, batch). A program streams
+through its segment one position (a BLOCK_D row of channels) at a time, four rows loaded per
+iteration, keeping the last WIDTH-1 rows of x, dpre and seq_idx in registers, so that each x and
+dout element is loaded once and every shift is a register rename:
+  dpre[t] = dout[t] * silu'(pre[t]), pre recomputed from x[t-WIDTH+1 .. t] (no extra activation
+  memory), then, WIDTH-1 rows behind, for v = t - (WIDTH-1):
+  dx[v] = sum_s w[:, W-1-s] dpre[v+s],  dweight[:, W-1-s] += x[v] dpre[v+s],  dbias += dpre[v]
+(pairs (v, v+s) in one document only). A segment also reads the WIDTH-1 rows of x before it and
+recomputes dpre for the WIDTH-1 rows after it (its halo). dweight/dbias partials are written per
+(batch row, segment) and reduced by torch in a fixed order: no atomics, deterministic.
 """
 
 from __future__ import annotations
@@ -14,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import INTERPRET
+from kernels._triton_utils import INTERPRET, autotune
 
 
 @triton.jit
@@ -67,67 +77,187 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
+def _row(row_ptr, t, s_l, seqlen, dmask):
+    """float32 row t (this program's channels) of a (seqlen, channels) slice; zeros outside 0..seqlen-1."""
+    return tl.load(row_ptr + t * s_l, mask=dmask & (t >= 0) & (t < seqlen), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _seq_at(seq_ptr, t, s_seq_l, seqlen, HAS_SEQ: tl.constexpr):
+    """seq_idx at position t clamped into 0..seqlen-1 (a scalar; 0 without seq_idx)."""
+    if HAS_SEQ:
+        q = tl.load(seq_ptr + tl.minimum(tl.maximum(t, 0), seqlen - 1) * s_seq_l).to(tl.int64)
+    else:
+        q = tl.zeros((), dtype=tl.int64)
+    return q
+
+
+@triton.jit
 def _conv_bwd_kernel(
-    x_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr, seqlen, dim, nblk_l,
+    x_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr, seqlen, dim, nseg,
     s_x_b, s_x_l, s_x_d, s_w_d, s_w_k, s_seq_b, s_seq_l, s_g_b, s_g_l, s_g_d, s_dx_b, s_dx_l, s_dx_d,
-    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr, SEG: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    pid_l = tl.program_id(0).to(tl.int64)
+    """Positions [SEG*pid_s, +SEG) x one channel block x one batch row. The tuples xh, dh, qh hold x,
+    dpre and seq_idx of rows t, t-1, .., t-3 (entries past WIDTH-1 unused); w[s] = weight[:, W-1-s]
+    is the tap of shift s. No helper calls inside the loop: the interpreter pays per call."""
+    LAG: tl.constexpr = WIDTH - 1
+    pid_s = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
     pid_b = tl.program_id(2).to(tl.int64)
-    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs_d < dim
-    tvalid = t < seqlen
-    if HAS_SEQ:
-        seq_t = tl.load(seq_ptr + pid_b * s_seq_b + tl.minimum(t, seqlen - 1) * s_seq_l)
-    dx = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
-    part = (pid_b * nblk_l + pid_l) * WIDTH
-    for s in tl.static_range(WIDTH):
-        # output position u = t + s reads x[t] through weight column W-1-s
-        u = t + s
-        ok = u < seqlen
-        if HAS_SEQ:
-            seq_u = tl.load(seq_ptr + pid_b * s_seq_b + tl.minimum(u, seqlen - 1) * s_seq_l)
-            ok = ok & (seq_u == seq_t)
-        g = tl.load(dout_ptr + pid_b * s_g_b + u[:, None] * s_g_l + offs_d[None, :] * s_g_d,
-                    mask=ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        if SILU:
-            pre = _pre_act(x_ptr, w_ptr, bias_ptr, seq_ptr, pid_b, u, offs_d, dmask, seqlen, dim,
-                           s_x_b, s_x_l, s_x_d, s_w_d, s_w_k, s_seq_b, s_seq_l,
-                           WIDTH, HAS_BIAS, HAS_SEQ, BLOCK_L, BLOCK_D)
-            sg = tl.sigmoid(pre)
-            g = g * sg * (1.0 + pre * (1.0 - sg))
-        w = tl.load(w_ptr + offs_d * s_w_d + (WIDTH - 1 - s) * s_w_k, mask=dmask, other=0.0).to(tl.float32)
-        dx += g * w[None, :]
-        if s == 0:
-            g0 = g
-    # dweight[:, W-1-s] = sum_t dpre[t] x[t - s]   (same document); dbias = sum_t dpre[t]
-    for s in tl.static_range(WIDTH):
-        ts = t - s
-        ok = tvalid & (ts >= 0)
-        if HAS_SEQ:
-            seq_s = tl.load(seq_ptr + pid_b * s_seq_b + tl.maximum(ts, 0) * s_seq_l)
-            ok = ok & (seq_s == seq_t)
-        xs = tl.load(x_ptr + pid_b * s_x_b + ts[:, None] * s_x_l + offs_d[None, :] * s_x_d,
-                     mask=ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        tl.store(dw_ptr + (part + (WIDTH - 1 - s)) * dim + offs_d, tl.sum(g0 * xs, axis=0), mask=dmask)
+    seg0 = pid_s * SEG
+    seg_end = tl.minimum(seg0 + SEG, seqlen)
+    x_row = x_ptr + pid_b * s_x_b + offs_d * s_x_d  # + t * s_x_l: row t
+    g_row = dout_ptr + pid_b * s_g_b + offs_d * s_g_d
+    dx_row = dx_ptr + pid_b * s_dx_b + offs_d * s_dx_d
+    q_ptr = seq_ptr + pid_b * s_seq_b
+
+    zero = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    w0 = tl.load(w_ptr + offs_d * s_w_d + (WIDTH - 1) * s_w_k, mask=dmask, other=0.0).to(tl.float32)
+    w1 = tl.load(w_ptr + offs_d * s_w_d + (WIDTH - 2) * s_w_k, mask=dmask, other=0.0).to(tl.float32)
+    w2 = zero
+    w3 = zero
+    if WIDTH > 2:
+        w2 = tl.load(w_ptr + offs_d * s_w_d + (WIDTH - 3) * s_w_k, mask=dmask, other=0.0).to(tl.float32)
+    if WIDTH > 3:
+        w3 = tl.load(w_ptr + offs_d * s_w_d, mask=dmask, other=0.0).to(tl.float32)
+    w = (w0, w1, w2, w3)
+    bias = zero
     if HAS_BIAS:
-        tl.store(db_ptr + (pid_b * nblk_l + pid_l) * dim + offs_d, tl.sum(g0, axis=0), mask=dmask)
-    tl.store(dx_ptr + pid_b * s_dx_b + t[:, None] * s_dx_l + offs_d[None, :] * s_dx_d, dx.to(dx_ptr.dtype.element_ty),
-             mask=tvalid[:, None] & dmask[None, :])
+        bias = tl.load(bias_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)
+
+    # history before the segment (entries 0, 1, 2 = rows seg0-1, -2, -3; shifted by one as each row
+    # arrives): x and seq_idx of the WIDTH-1 previous rows, the pre-activation's halo (zeros before
+    # position 0); dpre there is never used (those rows' dx belong to the previous segment)
+    q3 = _seq_at(q_ptr, seg0 - 3, s_seq_l, seqlen, HAS_SEQ)
+    xh = (_row(x_row, seg0 - 1, s_x_l, seqlen, dmask), _row(x_row, seg0 - 2, s_x_l, seqlen, dmask),
+          _row(x_row, seg0 - 3, s_x_l, seqlen, dmask), zero)
+    qh = (_seq_at(q_ptr, seg0 - 1, s_seq_l, seqlen, HAS_SEQ), _seq_at(q_ptr, seg0 - 2, s_seq_l, seqlen, HAS_SEQ),
+          q3, q3)
+    dh = (zero, zero, zero, zero)
+    dw = (zero, zero, zero, zero)  # dw[s]: dweight[:, W-1-s] partial
+    db = zero
+
+    # rows t = seg0 .. seg_end + LAG - 1 (dx runs LAG rows behind), four per iteration
+    for j in range(0, tl.cdiv(seg_end - seg0 + LAG, 4)):
+        tb = seg0 + j * 4
+        # the four rows' loads first (memory-level parallelism), then the rows in order
+        xs4 = (tl.load(x_row + tb * s_x_l, mask=dmask & (tb < seqlen), other=0.0),
+               tl.load(x_row + (tb + 1) * s_x_l, mask=dmask & (tb + 1 < seqlen), other=0.0),
+               tl.load(x_row + (tb + 2) * s_x_l, mask=dmask & (tb + 2 < seqlen), other=0.0),
+               tl.load(x_row + (tb + 3) * s_x_l, mask=dmask & (tb + 3 < seqlen), other=0.0))
+        gs4 = (tl.load(g_row + tb * s_g_l, mask=dmask & (tb < seqlen), other=0.0),
+               tl.load(g_row + (tb + 1) * s_g_l, mask=dmask & (tb + 1 < seqlen), other=0.0),
+               tl.load(g_row + (tb + 2) * s_g_l, mask=dmask & (tb + 2 < seqlen), other=0.0),
+               tl.load(g_row + (tb + 3) * s_g_l, mask=dmask & (tb + 3 < seqlen), other=0.0))
+        if HAS_SEQ:
+            qs4 = (tl.load(q_ptr + tl.minimum(tb, seqlen - 1) * s_seq_l).to(tl.int64),
+                   tl.load(q_ptr + tl.minimum(tb + 1, seqlen - 1) * s_seq_l).to(tl.int64),
+                   tl.load(q_ptr + tl.minimum(tb + 2, seqlen - 1) * s_seq_l).to(tl.int64),
+                   tl.load(q_ptr + tl.minimum(tb + 3, seqlen - 1) * s_seq_l).to(tl.int64))
+        for i in tl.static_range(4):
+            xh = (xs4[i].to(tl.float32), xh[0], xh[1], xh[2])
+            if HAS_SEQ:
+                qh = (qs4[i], qh[0], qh[1], qh[2])
+            g = gs4[i].to(tl.float32)
+            if SILU:
+                # pre[t] = bias + sum_s w[s] x[t-s] (same document; rows before 0 are zero). seq_idx
+                # is a scalar per row: the rare rows whose window crosses a document boundary take a
+                # (uniform) branch that masks the other documents' rows
+                cross = False
+                if HAS_SEQ:
+                    for s in tl.static_range(1, WIDTH):
+                        cross = cross | (qh[s] != qh[0])
+                if cross:
+                    pre = xh[0] * w[0] + bias
+                    for s in tl.static_range(1, WIDTH):
+                        pre += tl.where(qh[s] == qh[0], xh[s], 0.0) * w[s]
+                else:
+                    pre = xh[0] * w[0] + bias
+                    for s in tl.static_range(1, WIDTH):
+                        pre += xh[s] * w[s]
+                sg = tl.sigmoid(pre)
+                dh = (g * sg * (1.0 + pre * (1.0 - sg)), dh[0], dh[1], dh[2])
+            else:
+                dh = (g, dh[0], dh[1], dh[2])
+            # row v = t - LAG, if in this segment: dx[v] = sum_s w[s] dpre[v+s] (same document), and its
+            # dweight/dbias terms (dh[LAG - s] = dpre[v+s])
+            v = tb + i - LAG
+            if (v >= seg0) & (v < seg_end):
+                xv = xh[LAG]
+                dx = dh[LAG] * w[0]
+                dw = (dw[0] + xv * dh[LAG], dw[1], dw[2], dw[3])
+                db += dh[LAG]
+                cross = False
+                if HAS_SEQ:
+                    for s in tl.static_range(1, WIDTH):
+                        cross = cross | (qh[LAG - s] != qh[LAG])
+                if cross:
+                    for s in tl.static_range(1, WIDTH):
+                        ds = tl.where(qh[LAG - s] == qh[LAG], dh[LAG - s], 0.0)
+                        dx += ds * w[s]
+                        if s == 1:
+                            dw = (dw[0], dw[1] + xv * ds, dw[2], dw[3])
+                        elif s == 2:
+                            dw = (dw[0], dw[1], dw[2] + xv * ds, dw[3])
+                        else:
+                            dw = (dw[0], dw[1], dw[2], dw[3] + xv * ds)
+                else:
+                    for s in tl.static_range(1, WIDTH):
+                        dx += dh[LAG - s] * w[s]
+                        if s == 1:
+                            dw = (dw[0], dw[1] + xv * dh[LAG - s], dw[2], dw[3])
+                        elif s == 2:
+                            dw = (dw[0], dw[1], dw[2] + xv * dh[LAG - s], dw[3])
+                        else:
+                            dw = (dw[0], dw[1], dw[2], dw[3] + xv * dh[LAG - s])
+                tl.store(dx_row + v * s_dx_l, dx.to(dx_ptr.dtype.element_ty), mask=dmask)
+
+    dw_row = dw_ptr + (pid_b * nseg + pid_s) * WIDTH * dim + offs_d
+    for s in tl.static_range(WIDTH):
+        tl.store(dw_row + (WIDTH - 1 - s) * dim, dw[s], mask=dmask)
+    if HAS_BIAS:
+        tl.store(db_ptr + (pid_b * nseg + pid_s) * dim + offs_d, db, mask=dmask)
 
 
-def _blocks(seqlen, dim, backward=False):
-    """(BLOCK_L, BLOCK_D). The backward keeps ~8 tiles live (recomputed pre-activations, gradients):
-    smaller tiles there avoid register spills (GPU run 3: 64x128 tiles made the backward 17x slower
-    than the forward)."""
+# CUDA: a few configs, cached on disk by Triton (every output is fully rewritten by any config). The
+# channels per thread, BLOCK_D / (32 num_warps), set the registers (sm_90, width 4, SiLU, seq_idx,
+# bias: 2 -> ~63, 4 -> ~116, 8 -> ~220, none spill); more per thread is more ILP, fewer resident warps.
+# Interpreter: 64 channels.
+_conv_bwd_tuned = autotune(
+    [triton.Config({"BLOCK_D": 128}, num_warps=1, num_stages=1),
+     triton.Config({"BLOCK_D": 256}, num_warps=2, num_stages=1),
+     triton.Config({"BLOCK_D": 512}, num_warps=4, num_stages=1),
+     triton.Config({"BLOCK_D": 256}, num_warps=1, num_stages=1),
+     triton.Config({"BLOCK_D": 64}, num_warps=1, num_stages=1)],
+    key=["dim", "SEG", "WIDTH", "HAS_BIAS", "HAS_SEQ", "SILU"],
+    interpret_config=triton.Config({"BLOCK_D": 64}, num_warps=1, num_stages=1),
+)(_conv_bwd_kernel)
+
+
+def _blocks(seqlen, dim):
+    """Forward (BLOCK_L, BLOCK_D); the interpreter uses whole-tensor tiles."""
     if INTERPRET:
         return triton.next_power_of_2(max(seqlen, 2)), triton.next_power_of_2(max(dim, 2))
-    if backward:
-        return 32, min(64, triton.next_power_of_2(dim))
     return 64, min(64, triton.next_power_of_2(dim))
+
+
+def _seg_len(batch, seqlen, dim):
+    """Positions per backward program: the largest power of two in 32..1024 that still gives >= 8192
+    programs at 128 channels (~4 waves of the ~17 resident one-warp programs per SM of an H100: the
+    programs are equally long, so the tail wave is a small part). Longer segments mean fewer
+    dweight/dbias partials (W*4 bytes per segment and channel) and halo rows (WIDTH-1 recomputed
+    dpre rows per segment). Interpreter: 16 (several segments in the tests)."""
+    if INTERPRET:
+        return 16
+    rows = batch * triton.cdiv(dim, 128)
+    seg = 32
+    while seg < 1024 and rows * triton.cdiv(seqlen, 2 * seg) >= 8192:
+        seg *= 2
+    return seg
 
 
 class _CausalConv1d(torch.autograd.Function):
@@ -153,18 +283,17 @@ class _CausalConv1d(torch.autograd.Function):
         x, weight, bias, seq_idx = ctx.saved_tensors
         batch, seqlen, dim = x.shape
         width = weight.shape[1]
-        BL, BD = _blocks(seqlen, dim, backward=True)
-        nblk = triton.cdiv(seqlen, BL)
+        seg = _seg_len(batch, seqlen, dim)
+        nseg = triton.cdiv(seqlen, seg)
         dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-        dw = torch.empty(batch * nblk, width, dim, device=x.device, dtype=torch.float32)
-        db = torch.empty(batch * nblk, dim, device=x.device, dtype=torch.float32) if bias is not None else dw
+        dw = torch.empty(batch * nseg, width, dim, device=x.device, dtype=torch.float32)
+        db = torch.empty(batch * nseg, dim, device=x.device, dtype=torch.float32) if bias is not None else dw
         seq = seq_idx if seq_idx is not None else x
-        _conv_bwd_kernel[(nblk, triton.cdiv(dim, BD), batch)](
-            x, weight, bias if bias is not None else weight, seq, dout, dx, dw, db, seqlen, dim, nblk,
+        _conv_bwd_tuned[lambda meta: (nseg, triton.cdiv(dim, meta["BLOCK_D"]), batch)](
+            x, weight, bias if bias is not None else weight, seq, dout, dx, dw, db, seqlen, dim, nseg,
             *x.stride(), *weight.stride(), *(seq_idx.stride() if seq_idx is not None else (0, 0)),
             *dout.stride(), *dx.stride(),
-            WIDTH=width, HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, SILU=ctx.silu,
-            BLOCK_L=BL, BLOCK_D=BD, num_warps=4,
+            WIDTH=width, HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, SILU=ctx.silu, SEG=seg,
         )
         dweight = dw.sum(0).t().to(weight.dtype)
         dbias = db.sum(0).to(bias.dtype) if bias is not None else None

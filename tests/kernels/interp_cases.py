@@ -52,19 +52,27 @@ def run_ssd(name, shape, chunk, **kw):
     return name, res
 
 
-def run_conv(name, width, act):
-    x = torch.randn(2, 37, 24, requires_grad=True)
-    w = torch.randn(24, width, requires_grad=True)
-    b = torch.randn(24, requires_grad=True)
-    seq = torch.zeros(2, 37, dtype=torch.int32)
-    for row, cuts in ((0, (5, 6, 20)), (1, (31,))):
-        for c in cuts:
-            seq[row, c:] += 1
+def run_conv(name, width, act, batch=2, seqlen=37, dim=24, cuts=((5, 6, 20), (31,)), bias=True, strided=False):
+    """cuts[row]: positions where a new document starts (None: no seq_idx). strided: x is a
+    (batch, dim, seqlen) tensor transposed and the output gradient a (seqlen, batch, dim) one."""
+    if strided:
+        x = torch.randn(batch, dim, seqlen).transpose(1, 2).requires_grad_(True)
+    else:
+        x = torch.randn(batch, seqlen, dim, requires_grad=True)
+    w = torch.randn(dim, width, requires_grad=True)
+    b = torch.randn(dim, requires_grad=True) if bias else None
+    leaves = [x, w] + ([b] if bias else [])
+    seq = None
+    if cuts is not None:
+        seq = torch.zeros(batch, seqlen, dtype=torch.int32)
+        for row, row_cuts in enumerate(cuts):
+            for c in row_cuts:
+                seq[row, c:] += 1
     y = kernels.causal_conv1d(x, w, b, seq_idx=seq, activation=act)
-    gy = torch.randn_like(y)
-    g = torch.autograd.grad((y * gy).sum(), [x, w, b])
+    gy = torch.randn(seqlen, batch, dim).transpose(0, 1) if strided else torch.randn_like(y)
+    g = torch.autograd.grad(y, leaves, grad_outputs=gy)
     y0 = conv_ref(x, w, b, seq_idx=seq, activation=act)
-    g0 = torch.autograd.grad((y0 * gy).sum(), [x, w, b])
+    g0 = torch.autograd.grad(y0, leaves, grad_outputs=gy)
     res = {"y": rel(y, y0)}
     res.update({k: rel(a, c) for k, a, c in zip(("dx", "dweight", "dbias"), g, g0)})
     return name, res
@@ -106,6 +114,15 @@ def main():
     for width in (2, 3, 4):
         out.update([run_conv(f"conv_w{width}_silu", width, "silu")])
     out.update([run_conv("conv_w4_none", 4, None)])
+    # backward in the interpreter: segments of 16 positions, streamed 4 rows at a time, channel
+    # blocks of 64. 50 positions = 4 segments, the last partial; 72 channels = 2 blocks, the last
+    # partial; documents start inside a segment (3, 13, 37), on a segment (16, 32, 48) and one
+    # position before one (31, 47: the halo reads the same document); batch row 1 has none
+    long_cuts = ((3, 13, 16, 31, 32, 37, 47, 48), ())
+    out.update([run_conv("conv_w4_silu_long", 4, "silu", 2, 50, 72, long_cuts, strided=True)])
+    out.update([run_conv("conv_w3_silu_long_nobias", 3, "silu", 2, 50, 40, long_cuts, bias=False)])
+    out.update([run_conv("conv_w2_none_long_nobias", 2, None, 2, 50, 40, long_cuts, bias=False, strided=True)])
+    out.update([run_conv("conv_w4_silu_noseq", 4, "silu", 3, 45, 40, None)])
     for gs, before, wz in ((8, False, True), (24, True, True), (16, False, False)):
         out.update([run_rms(f"rms_g{gs}_{'before' if before else 'after'}_{'z' if wz else 'noz'}", gs, before, wz)])
     print("JSON:" + json.dumps(out))

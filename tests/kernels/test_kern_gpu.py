@@ -6,7 +6,7 @@ reference's gradient is rounded at the same point as the op's: see ref_at),
 float32 against the reference (< 1e-4, IEEE dots), seqlen 131072, offsets past 2^31 elements,
 no NaN in bf16 backward over many random draws, outputs fully written (the caching allocator's
 memory is filled with NaN before every call, so an unwritten element shows up as NaN), and a
-bitwise-deterministic backward.
+bitwise-deterministic backward (SSD, conv1d).
 """
 
 import math
@@ -202,6 +202,66 @@ def test_conv1d_bf16_vs_reference(width):
     g0 = torch.autograd.grad((y0 * gy).sum(), leaves0)
     assert rel(y, y0) < 1e-2
     assert all(rel(a, c) < 1e-2 for a, c in zip(g, g0))
+
+
+def _conv_grads(x, w, b, seq, act, gy):
+    leaves = [v.clone().requires_grad_(True) for v in (x, w, b) if v is not None]
+    y = kernels.causal_conv1d(leaves[0], leaves[1], leaves[2] if b is not None else None, seq_idx=seq, activation=act)
+    return y, torch.autograd.grad(y, leaves, grad_outputs=gy)
+
+
+@pytest.mark.parametrize("width,act,with_bias,with_seq,strided", [
+    (4, "silu", True, True, True), (4, None, False, True, False), (3, "silu", False, False, True),
+    (2, None, True, False, False)])
+def test_conv1d_fp32_backward_paths(width, act, with_bias, with_seq, strided):
+    """Every backward path (SiLU or not, bias or not, seq_idx or not), x and the output gradient
+    strided, 200 channels (a partial channel block), several position segments."""
+    batch, seqlen, dim = 3, 1203, 200
+    x = torch.randn(batch, dim, seqlen, device="cuda").transpose(1, 2) if strided else torch.randn(
+        batch, seqlen, dim, device="cuda")
+    w = torch.randn(dim, width, device="cuda") * 0.5
+    b = torch.randn(dim, device="cuda") if with_bias else None
+    seq = seq_idx_random(batch, seqlen, ndocs=8) if with_seq else None
+    gy = torch.randn(seqlen, batch, dim, device="cuda").transpose(0, 1) if strided else torch.randn(
+        batch, seqlen, dim, device="cuda")
+    poison()
+    y, g = _conv_grads(x, w, b, seq, act, gy)
+    leaves0 = [v.clone().requires_grad_(True) for v in (x, w, b) if v is not None]
+    y0 = conv_ref(leaves0[0], leaves0[1], leaves0[2] if with_bias else None, seq_idx=seq, activation=act)
+    g0 = torch.autograd.grad(y0, leaves0, grad_outputs=gy)
+    errs = {"y": rel(y, y0), **{k: rel(a, c) for k, a, c in zip(("dx", "dweight", "dbias"), g, g0)}}
+    assert all(e < 1e-4 for e in errs.values()), fmt(errs)
+
+
+def test_conv1d_backward_deterministic():
+    x = torch.randn(4, 4099, 1152, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(1152, 4, device="cuda") * 0.5
+    b = torch.randn(1152, device="cuda")
+    seq = seq_idx_random(4, 4099)
+    gy = torch.randn_like(x)
+    _, g1 = _conv_grads(x, w, b, seq, "silu", gy)
+    _, g2 = _conv_grads(x, w, b, seq, "silu", gy)
+    assert all(torch.equal(a, c) for a, c in zip(g1, g2))
+
+
+def test_conv1d_offsets_past_2_31_elements():
+    """x of more than 2^31 elements; a document starts at p0, so positions from p0 on (outputs and
+    dx) match the reference run on that slice alone."""
+    batch, seqlen, dim = 1, 2**31 // 4096 + 1000, 4096
+    x = torch.randn(batch, seqlen, dim, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(dim, 4, device="cuda") * 0.5
+    b = torch.randn(dim, device="cuda")
+    p0 = seqlen - 3000
+    seq = torch.zeros(batch, seqlen, dtype=torch.int32, device="cuda")
+    seq[:, p0:] = 1
+    seq[:, p0 + 1234:] = 2
+    gy = torch.randn_like(x)
+    y, g = _conv_grads(x, w, b, seq, "silu", gy)
+    xs = x[:, p0:].float().requires_grad_(True)
+    y0 = conv_ref(xs, w, b, seq_idx=seq[:, p0:], activation="silu")
+    (dx0,) = torch.autograd.grad(y0, [xs], grad_outputs=gy[:, p0:].float())
+    errs = {"y": rel(y[:, p0:], y0), "dx": rel(g[0][:, p0:], dx0)}
+    assert all(e < 1e-2 for e in errs.values()), fmt(errs)
 
 
 @pytest.mark.parametrize("before", [False, True])

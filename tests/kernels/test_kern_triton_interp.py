@@ -52,9 +52,12 @@ def test_ssd_every_gradient_covered(results):
     assert {"dx", "ddt", "dA", "dB", "dC", "dD", "dz", "ddt_bias", "dinitial_states"} <= seen
 
 
-@pytest.mark.parametrize("case", ["conv_w2_silu", "conv_w3_silu", "conv_w4_silu", "conv_w4_none"])
+@pytest.mark.parametrize("case", ["conv_w2_silu", "conv_w3_silu", "conv_w4_silu", "conv_w4_none", "conv_w4_silu_long",
+                                  "conv_w3_silu_long_nobias", "conv_w2_none_long_nobias", "conv_w4_silu_noseq"])
 def test_conv1d_triton_matches_reference(results, case):
-    _check(results[case])
+    res = results[case]
+    assert {"y", "dx", "dweight"} <= set(res)
+    _check(res)
 
 
 @pytest.mark.parametrize("case", ["rms_g8_after_z", "rms_g24_before_z", "rms_g16_after_noz"])
