@@ -34,10 +34,11 @@ def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, row_scale: to
     check_args(logits, target, row_scale)
     acc = accumulation_dtype(logits)
     work = logits.to(acc)  # the same tensor when logits is already float32/float64
+    if work is logits and not want_grad:
+        work = work.clone()  # the caller's logits stay as they are
     target_logit = work.gather(1, target[:, None]).squeeze(1)  # (n,)
     row_max = work.amax(dim=-1, keepdim=True)  # (n, 1)
-    exp = work.sub(row_max) if work is logits and not want_grad else work.sub_(row_max)
-    exp = exp.exp_()  # exp(logits - max), in the float32 buffer
+    exp = work.sub_(row_max).exp_()  # exp(logits - max), in place in the float32 buffer
     sum_exp = exp.sum(dim=-1)  # (n,)
     lse = sum_exp.log() + row_max.squeeze(1)
     if want_grad:
