@@ -59,8 +59,10 @@ def side_env(path: str) -> dict[str, str]:
 
 
 def _check(path: str) -> tuple[bool, str]:
+    # not from the repository root: `python -c` puts the working directory first on sys.path, and our
+    # top-level `kernels` package would shadow Hugging Face's `kernels`, which transformers >= 5.2x imports
     proc = subprocess.run([sys.executable, "-c", CHECK], env=side_env(path), capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, cwd=tempfile.gettempdir())
     if proc.returncode != 0:
         return False, (proc.stderr.strip().splitlines() or ["?"])[-1]
     version = proc.stdout.strip().splitlines()[-1]
