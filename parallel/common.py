@@ -116,10 +116,8 @@ def megatron_config(cfg, *, num_layers: int):
     on_cuda = torch.cuda.is_available()
     tp = state.tp_size()
     bf16 = on_cuda and cfg.trainer.precision in ("auto", "bf16")
-    moe = cfg.model.moe
     # megatron needs the MoE sizes to accept ep > 1; its all-to-all dispatcher reads them (parallel/moe.py)
-    experts = dict(num_moe_experts=moe.num_experts, moe_router_topk=moe.top_k, moe_token_dispatcher_type="alltoall",
-                   moe_expert_capacity_factor=moe.capacity_factor) if cfg.parallel.ep > 1 else {}
+    experts = megatron_moe_fields(cfg.model.moe) if cfg.parallel.ep > 1 else {}
     pipeline = {}
     if cfg.parallel.pp > 1:
         # p2p buffers in the parameters' dtype. On the CPU (gloo) no batched p2p: gloo matches a batch's
@@ -138,6 +136,23 @@ def megatron_config(cfg, *, num_layers: int):
         params_dtype=torch.float32, bf16=bf16, gradient_accumulation_fusion=False,
         add_bias_linear=False, **experts, **pipeline,
     )
+
+
+def megatron_moe_fields(moe) -> dict:
+    """Our MoEConfig in megatron-core's TransformerConfig terms (its TopKRouter and token dispatcher)."""
+    k, softmax = moe.top_k, moe.router == "softmax_aux"
+    return dict(
+        num_moe_experts=moe.num_experts, moe_ffn_hidden_size=moe.d_ff, moe_router_topk=k,
+        moe_token_dispatcher_type="alltoall", moe_expert_capacity_factor=moe.capacity_factor,
+        moe_router_score_function="softmax" if softmax else "sigmoid",
+        moe_router_load_balancing_type="aux_loss" if softmax else "none",
+        moe_aux_loss_coeff=moe.aux_loss_coeff if softmax else 0.0,
+        moe_router_enable_expert_bias=not softmax, moe_router_bias_update_rate=moe.bias_update_rate,
+        # softmax over all experts before the top k: un-normalised gate weights (and always at k = 1,
+        # where a softmax over the one chosen logit would be 1 with no gradient); after it: normalised
+        moe_router_pre_softmax=softmax and (not moe.norm_topk_prob or k == 1),
+        moe_router_topk_scaling_factor=moe.routed_scaling_factor if moe.routed_scaling_factor != 1.0 else None,
+        moe_router_dtype="fp32")
 
 
 class _AllReduceBoth(torch.autograd.Function):

@@ -109,6 +109,10 @@ class Engine:
         amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
                else contextlib.nullcontext())
         sync = self.ddp.no_sync() if (self.ddp is not None and not last) else contextlib.nullcontext()
+        if self.parallel:  # megatron's router sends the aux-loss gradient itself, weighted as the loss
+            from parallel.moe import set_aux_loss_scale
+
+            set_aux_loss_scale(scale * state.cp_size(), self.device)
         with sync:
             with amp:
                 loss, ce = self.model.loss(batch["tokens"], batch["labels"], batch["seq_idx"],

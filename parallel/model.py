@@ -102,7 +102,6 @@ class ParallelHybridLM(HybridLM):
             self.config = mcfg  # megatron's schedules read `config` and `model_type` from every chunk
             self.model_type = ModelType.encoder_or_decoder
             self.input_tensor = None
-            self.aux_scale = 1.0
         if post_process:
             self.norm_f = _norm(cfg.d_model, cfg.norm_eps, self.sequence_parallel)
             self.lm_head = None if cfg.tie_embeddings else _HeadWeight(cfg.vocab_size // tp, cfg.d_model)
@@ -139,14 +138,10 @@ class ParallelHybridLM(HybridLM):
     def stage_forward(self, tokens: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
         """This chunk's part of the forward: (seqlen/cp[/tp], batch, d) hidden states to the next stage,
         or, on the last stage, the (seqlen/cp, batch, vocab/tp) vocab-parallel logits."""
-        from parallel.pipeline import attach_aux
-
         hidden = self._embed(tokens) if self.pre_process else self.input_tensor
         for layer in self._blocks():
             hidden = layer(hidden, seq_idx)
-        if self.post_process:
-            return self._logits(self.norm_f(hidden))
-        return attach_aux(hidden, self.aux_loss(), self.aux_scale)
+        return self._logits(self.norm_f(hidden)) if self.post_process else hidden
 
     def local_num_parameters(self) -> dict[str, int]:
         """This chunk's parameters (global counts over tp); a tied head copy counts on the first stage."""
@@ -198,7 +193,8 @@ class ParallelHybridLM(HybridLM):
         """(loss to optimise, cross-entropy of the whole micro-batch for logging). Under cp the token
         means divide this shard's sums by the whole sequence's label count, and the loss to optimise
         is cp x that share (megatron DDP averages gradients over dp x cp); the returned cross-entropy
-        is summed over cp, i.e. the replica's."""
+        is summed over cp, i.e. the replica's. MoE balancing losses are not in it: megatron's router
+        sends their gradient into the backward pass itself (parallel.moe.set_aux_loss_scale)."""
         return self.loss_from_logits(self.vocab_parallel_logits(tokens, seq_idx), labels, z_loss_coeff)
 
     def loss_from_logits(self, logits: torch.Tensor, labels: torch.Tensor, z_loss_coeff: float = 0.0):
@@ -223,8 +219,6 @@ class ParallelHybridLM(HybridLM):
         ce = (per_token * mask).sum() / count
         loss = ce if z_loss is None else ce + z_loss
         ce = ce.detach()
-        aux = self.aux_loss()  # the whole micro-batch's balancing loss on every cp rank (ParallelTopKRouter)
-        loss = loss if aux is None else loss + aux
         if cp > 1:
             loss = loss * cp
             ce = ce.clone()

@@ -14,8 +14,8 @@ data iterator (seq_idx for the mixers; tokens on the first stage, labels on the 
 
 One optimizer step's micro-batches go through `megatron.core.pipeline_parallel.get_forward_backward_func()`
 (1F1B; interleaved 1F1B with virtual_pp). The loss is the mean over micro-batches of each micro-batch's
-token mean, as at pp=1. MoE aux losses (softmax_aux router) of layers before the last stage enter the
-backward through `_AttachAux` on the stage's output, scaled by 1/num_microbatches like the loss.
+token mean, as at pp=1. MoE aux losses (softmax_aux router) on every stage enter the backward through
+megatron's MoEAuxLossAutoScaler, scaled like the loss (cp / num_microbatches; parallel.moe).
 
 Tied embeddings: the last stage holds a copy of the embedding as its head (same name, marked
 `shared` for megatron's grad norm and as a pp replica in checkpoints); before the dp reduction the
@@ -65,27 +65,6 @@ def chunk_placements(derived) -> list[tuple[range, bool, bool]]:
         v = j * pp + state.pp_rank()
         out.append((ranges[v], v == 0, v == pp * vpp - 1))
     return out
-
-
-class _AttachAux(torch.autograd.Function):
-    """Identity on the hidden states whose backward also sends gradient `scale` into `aux` (a scalar
-    loss computed inside the stage), so a stage's MoE aux loss is optimised without reaching the loss."""
-
-    @staticmethod
-    def forward(ctx, hidden, aux, scale: float):
-        ctx.scale = scale
-        ctx.aux_shape = aux.shape
-        return hidden.view_as(hidden)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, torch.full(ctx.aux_shape, ctx.scale, dtype=torch.float32, device=grad.device), None
-
-
-def attach_aux(hidden: torch.Tensor, aux: torch.Tensor | None, scale: float) -> torch.Tensor:
-    if aux is None or not torch.is_grad_enabled():
-        return hidden
-    return _AttachAux.apply(hidden, aux, scale)
 
 
 class ModelChunks(nn.Module):
@@ -170,10 +149,13 @@ def run_schedule(ddp_chunks: list, chunks: list[nn.Module], batches: list[dict[s
     micro-batches (detached) on every pipeline rank. forward_only: no backward (evaluation)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from parallel.moe import set_aux_loss_scale
+
     num_microbatches = len(batches)
     cp = state.cp_size()
-    for chunk in chunks:  # a stage's aux loss, weighted as the loss is (cp: see loss_from_logits)
-        chunk.aux_scale = cp / num_microbatches
+    # MoE aux losses weighted as the loss is (cp: see loss_from_logits); megatron's schedules set the
+    # same scale themselves only when their config names the experts (ep > 1)
+    set_aux_loss_scale(cp / num_microbatches, batches[0]["tokens"].device)
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)

@@ -399,6 +399,10 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
               f"must be in [1, model.moe.num_experts={moe.num_experts}]")
         _need(moe.num_experts % p.ep == 0, "model.moe.num_experts", moe.num_experts,
               f"must be divisible by parallel.ep={p.ep}")
+        # megatron-core's TopKRouter (the multi-GPU build) always normalises sigmoid scores over the top k
+        _need(moe.norm_topk_prob or moe.router != "sigmoid_bias" or moe.top_k == 1, "model.moe.norm_topk_prob",
+              moe.norm_topk_prob, "must be true with model.moe.router=sigmoid_bias and top_k > 1 "
+              "(megatron-core's TopKRouter normalises sigmoid gate weights over the chosen experts)")
         _need(moe.capacity_factor is None or moe.capacity_factor > 0, "model.moe.capacity_factor",
               moe.capacity_factor, "must be > 0 (or null for dropless routing)")
         _need(moe.num_shared_experts in (0, 1), "model.moe.num_shared_experts", moe.num_shared_experts, "must be 0 or 1")

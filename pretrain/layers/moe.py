@@ -83,26 +83,18 @@ class TopKRouter(nn.Module):
             probs = torch.softmax(logits, dim=-1)
             weights, indices = torch.topk(probs, cfg.top_k, dim=-1)
             counts = F.one_hot(indices, cfg.num_experts).sum(dim=(0, 1)).to(probs.dtype)
-            num_tokens = torch.tensor(float(x.shape[0]), dtype=probs.dtype, device=x.device)
-            counts, prob_sum, num_tokens = self.whole_batch_stats(counts, probs.sum(dim=0), num_tokens)
+            num_tokens = x.shape[0]
             routed_share = counts / (num_tokens * cfg.top_k)
-            aux = cfg.aux_loss_coeff * cfg.num_experts * (routed_share * prob_sum / num_tokens).sum()
+            aux = cfg.aux_loss_coeff * cfg.num_experts * (routed_share * probs.sum(dim=0) / num_tokens).sum()
         if cfg.norm_topk_prob and cfg.top_k > 1:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return indices, weights * cfg.routed_scaling_factor, aux
 
 
-    def whole_batch_stats(self, counts: torch.Tensor, prob_sum: torch.Tensor, num_tokens: torch.Tensor):
-        """(routed slots per expert, probability sums per expert, tokens) of the whole micro-batch for the
-        balancing loss; here this rank's tokens are the whole micro-batch (parallel.moe overrides)."""
-        return counts, prob_sum, num_tokens
-
-
-def route_and_count(moe: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Route the tokens x (tokens, d_model) of an MoE module (this one or parallel.moe's: `gate`, `cfg`,
-    `aux_loss`, `tokens_per_expert`, `dropped_per_expert`): sets its aux_loss, adds to its counts (not
-    when the forward is recomputed), and returns (indices, weights, keep), keep being the capacity
-    mask (None when dropless)."""
+def route_and_count(moe: "MoE", x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Route the tokens x (tokens, d_model): sets the MoE's aux_loss, adds to its counts (not when the
+    forward is recomputed), and returns (indices, weights, keep), keep being the capacity mask (None
+    when dropless)."""
     indices, weights, moe.aux_loss = moe.gate(x)
     keep = capacity_keep_mask(indices, weights, moe.cfg.num_experts, moe.cfg.capacity_factor)
     if is_recomputing():  # the forward is rerun for the backward pass (trainer.recompute): counted already

@@ -6,8 +6,11 @@ One 2-rank launch (imports cost 10-25 s per rank):
 - ep2 (experts 0-1 on rank 0, 2-3 on rank 1, megatron-core's all-to-all dispatcher) with the sigmoid
   router + expert bias and a shared expert; the softmax router + aux loss with SwiGLU experts; a
   capacity factor that drops slots; the starved expert again, now across the all-to-all;
+- megatron's TopKRouter configured from ours: softmax before the top k (un-normalised gate weights;
+  always at top_k 1), routed_scaling_factor, sigmoid at top_k 1;
 - an ep2 -> ep1 checkpoint reload (expert weights keyed by global expert index).
 One 4-rank launch: tp2 x ep2 with sequence parallelism, both routers.
+The parallel build routes with megatron-core's TopKRouter, the reference with its own router.
 For each parity case: loss and every gradient after one step equal the single-process run (relative
 1e-5, float32), 20 steps of training (distributed optimizer with expert-dp groups, clipping at 1.0)
 give the same loss curve and gradient norms (2e-4; the first step's norm 1e-5), the per-expert load equals the reference's and sums to
@@ -42,6 +45,11 @@ CASES = {
     "ep2_softmax_aux_swiglu_shared": (EP2 + ["model.moe.router=softmax_aux", "model.moe.activation=swiglu"], STEPS),
     "ep2_capacity_factor": (EP2 + ["model.moe.capacity_factor=1.0", "model.moe.num_shared_experts=0"], STEPS),
     "ep2_empty_expert": (EP2, STEPS, "starve_expert_3"),
+    # megatron's TopKRouter settings from ours: softmax before the top k (un-normalised, and always at k=1), scaling
+    "dp2_softmax_unnormalised_scaled": (DP2 + ["model.moe.router=softmax_aux", "model.moe.norm_topk_prob=false",
+                                                "model.moe.routed_scaling_factor=2.5"], 5),
+    "ep2_softmax_top1": (EP2 + ["model.moe.router=softmax_aux", "model.moe.top_k=1"], 5),
+    "ep2_sigmoid_top1_scaled": (EP2 + ["model.moe.top_k=1", "model.moe.routed_scaling_factor=2.5"], 5),
 }
 TP2_EP2 = ["parallel.tp=2", "parallel.ep=2", "parallel.sequence_parallel=true", "data.global_batch_size=4"]
 FOUR_RANK_CASES = {  # tp-cp-ep-dp-pp: tp groups (0,1) (2,3); ep groups (0,2) (1,3); dp = 2
@@ -81,6 +89,7 @@ def _check(name: str, per_rank: list[dict]) -> None:
         np.testing.assert_allclose(result["grad_norm"][0], result["grad_norm_ref"][0], rtol=GRAD_RTOL, err_msg=name)
         np.testing.assert_allclose(result["grad_norm"], result["grad_norm_ref"], rtol=CURVE_RTOL, err_msg=name)
         assert result["num_parameters"] == result["ref_num_parameters"], name
+        assert result["megatron_routers"], name  # the parallel build routes with megatron-core's TopKRouter
         workers.check_ones_norm(name, result)  # experts over ep, expert dp and tp
 
 

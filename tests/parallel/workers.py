@@ -152,6 +152,7 @@ def run_case(rank: int, world: int, overrides: list[str], steps: int, prepare: s
         loads_ref.append([x.tolist() for x in ref.update_expert_bias()])
         dropped_ref.append([x.tolist() for x in ref.take_dropped_tokens()])
     counts = par.model.num_parameters()
+    megatron_routers = _routes_with_megatron(par)
     ones_norm = norm_of_ones(par)
     state.destroy()
     return {"loss_err": loss_err, "grad_err": grad_err, "ref_fp32_err": ref_err, "curve": curve, "curve_ref": curve_ref,
@@ -159,7 +160,16 @@ def run_case(rank: int, world: int, overrides: list[str], steps: int, prepare: s
             "grad_norm": norms, "grad_norm_ref": norms_ref, "moe_load": loads, "moe_load_ref": loads_ref,
             "moe_dropped": dropped, "moe_dropped_ref": dropped_ref,
             "routed_slots_per_step": mb * dp * seq_len * cfg.model.moe.top_k,
-            "ones_norm": ones_norm, "ref_elements": sum(p.numel() for p in ref.model.parameters())}
+            "ones_norm": ones_norm, "ref_elements": sum(p.numel() for p in ref.model.parameters()),
+            "megatron_routers": megatron_routers}
+
+
+def _routes_with_megatron(eng: Engine) -> bool:
+    """Every MoE layer of the parallel build routes with megatron-core's TopKRouter."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    layers = eng.model.moe_layers()
+    return bool(layers) and all(isinstance(layer.gate, TopKRouter) for layer in layers)
 
 
 def run_cases(rank: int, world: int, cases: list[tuple]) -> list[dict]:

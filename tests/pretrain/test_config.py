@@ -52,6 +52,7 @@ def test_overrides_merge_in_order(tmp_path):
     ("optim.schedule=linear", "optim.schedule"),
     ("kernels.backend=cuda", "kernels.backend"),
     ("trainer.loss_chunk_tokens=-1", "trainer.loss_chunk_tokens"),
+    ("model.moe.norm_topk_prob=false", "model.moe.norm_topk_prob"),  # demo: sigmoid router, top_k 2
 ])
 def test_impossible_values_are_named(override, key):
     cfg = load_config([DEMO], [override])
