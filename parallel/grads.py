@@ -24,6 +24,7 @@ from torch import nn
 
 from parallel import state
 from parallel.common import local_parts, spec_of
+from pretrain.distributed import collective_device
 
 
 def _grad(p: nn.Parameter):
@@ -102,8 +103,7 @@ def _duplicate_grad_sq(leaf, params: list[nn.Parameter]) -> torch.Tensor:
         grad = _grad(p).reshape(-1)[lo:hi].float()
         total = total.to(grad.device) + grad[mask.reshape(-1)[lo:hi]].square().sum()
     group = leaf.get_grad_stats_parallel_group()  # None: the world, as in megatron's get_grad_norm_fp32
-    device = torch.device("cpu") if dist.get_backend(group) == "gloo" else torch.device("cuda", torch.cuda.current_device())
-    total = total.to(device)
+    total = total.to(collective_device(group))
     dist.all_reduce(total, group=group)
     return total
 

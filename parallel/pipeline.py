@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel import state
+from pretrain.distributed import collective_device
 
 
 def virtual_stage_layers(stage_layer_counts: tuple[int, ...], num_virtual_stages: int) -> list[range]:
@@ -108,9 +109,10 @@ def global_num_parameters(chunks: list[nn.Module]) -> dict[str, int]:
         counts = chunk.local_num_parameters()
         local[0] += counts["total"]
         local[1] += counts["active"]
-    t = torch.tensor(local, dtype=torch.int64)
-    if state.pp_size() > 1:
-        dist.all_reduce(t, group=state.pp_group())
+    if state.pp_size() == 1:
+        return {"total": local[0], "active": local[1]}
+    t = torch.tensor(local, dtype=torch.int64, device=collective_device(state.pp_group()))
+    dist.all_reduce(t, group=state.pp_group())
     return {"total": int(t[0]), "active": int(t[1])}
 
 
@@ -176,8 +178,8 @@ def run_schedule(ddp_chunks: list, chunks: list[nn.Module], batches: list[dict[s
         forward_step_func=forward_step, data_iterator=iterators if len(chunks) > 1 else iterators[0],
         model=ddp_chunks if len(chunks) > 1 else ddp_chunks[0], num_microbatches=num_microbatches,
         seq_length=seq_len, micro_batch_size=batches[0]["tokens"].shape[0], forward_only=forward_only)
-    ce = torch.zeros((), dtype=torch.float32)
+    ce = torch.zeros((), dtype=torch.float32, device=collective_device(state.pp_group()))
     if losses:  # the last stage: one dict per micro-batch
-        ce = torch.stack([d["ce"].float() for d in losses]).mean()
+        ce = torch.stack([d["ce"].float() for d in losses]).mean().to(ce.device)
     dist.all_reduce(ce, group=state.pp_group())  # only the last stage contributes
     return ce

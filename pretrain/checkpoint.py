@@ -37,6 +37,7 @@ from pretrain import checkpoint_files as files
 from pretrain import checkpoint_state as state
 from pretrain.checkpoint_files import CheckpointError
 from pretrain.config import as_dict, from_yaml_text, to_yaml
+from pretrain.distributed import collective_device
 from pretrain.signals import REQUEUE_EXIT_CODE, install_process_flag
 
 log = logging.getLogger("pretrain")
@@ -338,7 +339,8 @@ class Checkpointer:
         time_due = (self.ccfg.interval_minutes > 0 and self.rank == 0
                     and time.monotonic() - self.last_save_time >= 60 * self.ccfg.interval_minutes)
         flags = torch.tensor([int(self.flag.is_set), int(time_due)], dtype=torch.int64)
-        if self.world > 1:
+        if self.world > 1:  # on NCCL a CUDA tensor: reading it waits for this step's GPU work (once a step)
+            flags = flags.to(collective_device())
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         signalled, time_due = bool(flags[0]), bool(flags[1])
         if signalled:

@@ -81,6 +81,15 @@ def init_single_rank_group(device: torch.device) -> None:
                                 rank=0, world_size=1)
 
 
+def collective_device(group=None) -> torch.device:
+    """Where a tensor must live for a collective over `group` (None: the default group): the current
+    CUDA device for NCCL (which rejects CPU tensors: "No backend type associated with device type
+    cpu"), the CPU for gloo."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def shutdown_distributed(clean: bool = True) -> None:
     """clean=False (an error on this rank): skip the final barrier, the other ranks may never reach it."""
     from parallel.state import destroy
