@@ -85,7 +85,8 @@ def collective_device(group=None) -> torch.device:
     """Where a tensor must live for a collective over `group` (None: the default group): the current
     CUDA device for NCCL (which rejects CPU tensors: "No backend type associated with device type
     cpu"), the CPU for gloo."""
-    if dist.get_backend(group) == "nccl":
+    backend = str(dist.get_backend(group))
+    if "nccl" in backend and "cpu:gloo" not in backend:  # "nccl", not a mixed "cpu:gloo,cuda:nccl"
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
