@@ -91,8 +91,10 @@ def set_aux_loss_scale(scale: float, device: torch.device) -> None:
     pass: the weight the micro-batch's loss gets (1/micro-batches, x cp, see parallel.model.loss_from_logits)."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    # shape (1,), as megatron's schedules set it (set_loss_scale copies into the first tensor it got)
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor([float(scale)], device=device))
+    # shape (1,), as megatron's schedules set it (set_loss_scale copies into the first tensor it got);
+    # torch.full fills on the device (torch.tensor([scale], device=...) would copy from the host and,
+    # from pageable memory, wait for the GPU's queued work)
+    MoEAuxLossAutoScaler.set_loss_scale(torch.full((1,), float(scale), device=device))
 
 
 class ParallelMoE(nn.Module):
@@ -195,7 +197,7 @@ class ParallelMoE(nn.Module):
         from megatron.core.transformer.moe.moe_utils import get_updated_expert_bias
 
         load = self._global(self.tokens_per_expert)
-        if self.cfg.router == "sigmoid_bias" and load.sum() > 0:
+        if self.cfg.router == "sigmoid_bias":  # no load anywhere: sign(0) moves nothing
             # megatron sums this rank's count over tp x dp x cp itself (x tp without sequence
             # parallelism, which the sign of (mean - load) does not see)
             self.gate.expert_bias.copy_(get_updated_expert_bias(
