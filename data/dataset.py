@@ -28,7 +28,11 @@ Shared memory: every StreamingDataset registers /dev/shm/NNNNNN_* blocks (freed 
 $TMPDIR/NNNNNN_*_filelock files. A SIGKILLed run leaks both; build_train_loader notes in TMPDIR which
 process owns which blocks and first removes those of dead processes (`clean_stale_streaming_shm`), so a
 requeued job starts clean. Keep TMPDIR the same across requeues of a job (e.g. /tmp, or one derived from
-the job id).
+the job id). Blocks of a prefix whose locals block is gone (a run killed while it freed its blocks, or
+leaked by any earlier run) are removed too (`unlink_orphan_streaming_shm`): streaming picks a new
+prefix as the highest first-free number over the block kinds, so one such stray block (say
+000000_resume) made it choose a prefix whose locals block a live dataset holds: FileExistsError
+'/000001_locals' in every later run on the host that builds a second dataset beside a live one.
 
 Call build_train_loader on every rank (streaming runs a barrier on the default process group) and
 after torch.distributed is initialised: with WORLD_SIZE > 1 and no process group, streaming would
@@ -231,6 +235,30 @@ def _mapped_shm_blocks() -> set[tuple[str, int]]:
     return blocks
 
 
+def unlink_orphan_streaming_shm() -> list[str]:
+    """Unlink this user's streaming blocks (/dev/shm/NNNNNN_<kind>) whose prefix has no locals block;
+    return their names. A live dataset's locals block exists from before its other blocks are made
+    until it frees them, so such a block belongs to no live registration (nobody attaches to it by
+    name again; a process that still maps it keeps its mapping)."""
+    if not _SHM_DIR.is_dir():
+        return []
+    names = [n for n in os.listdir(_SHM_DIR) if _SHM_NAME.match(n)]
+    with_locals = {n[:6] for n in names if n.endswith("_locals")}
+    removed = []
+    for name in names:
+        # checked again just before the unlink: a listing can miss a locals block made during it
+        if name[:6] in with_locals or (_SHM_DIR / f"{name[:6]}_locals").exists():
+            continue
+        try:
+            if os.stat(_SHM_DIR / name).st_uid != os.getuid():
+                continue  # another user's: not ours to judge
+            _posixshmem.shm_unlink("/" + name)
+            removed.append(name)
+        except OSError:  # gone meanwhile (another rank cleaning), or not permitted
+            continue
+    return removed
+
+
 def clean_stale_streaming_shm(tmpdir: str | os.PathLike | None = None) -> list[str]:
     """Unlink streaming shared memory of dead processes that used `tmpdir`; return the prefixes cleaned.
 
@@ -241,8 +269,10 @@ def clean_stale_streaming_shm(tmpdir: str | os.PathLike | None = None) -> list[s
     never hands out a prefix whose locals block exists, so the other blocks are that run's too) and no
     process maps any of its blocks (checked in /proc). So live runs, also of other jobs and other TMPDIRs,
     are never touched, unlike streaming's clean_stale_shared_memory(). Does nothing without /proc.
-    Called by build_train_loader; safe from several ranks at once.
+    Called by build_train_loader; safe from several ranks at once. Orphan blocks (no locals block)
+    are unlinked first (unlink_orphan_streaming_shm).
     """
+    unlink_orphan_streaming_shm()
     tmpdir = Path(tmpdir or tempfile.gettempdir())
     if not Path("/proc/self/maps").exists() or not _SHM_DIR.is_dir() or not tmpdir.is_dir():
         return []

@@ -192,6 +192,31 @@ def test_clean_stale_shm_after_kill(prepared, private_tmpdir):
     assert clean_stale_streaming_shm(private_tmpdir) == []
 
 
+def test_a_stray_block_does_not_make_a_second_dataset_collide(prepared):
+    """A streaming block left without its prefix's locals block (a run killed while it freed its
+    blocks; seen as /dev/shm/000000_resume after test sessions) made streaming pick, for a dataset
+    built beside a live one, the live one's prefix: FileExistsError '/NNNNNN_locals'. build_train_loader
+    removes such orphans first."""
+    from multiprocessing import resource_tracker
+    from multiprocessing.shared_memory import SharedMemory
+
+    taken = {name[:6] for name in os.listdir("/dev/shm")}
+    stray = f"{next(p for p in range(10**6) if f'{p:06}' not in taken):06}_resume"
+    block = SharedMemory(stray, create=True, size=4096)
+    resource_tracker.unregister(block._name, "shared_memory")  # leaked: nobody unlinks it at exit
+    block.close()
+    try:
+        first = loader(prepared)
+        assert not os.path.exists(f"/dev/shm/{stray}")
+        next(iter(first))
+        second = loader(prepared)  # beside the live first dataset
+        assert second.dataset._shm_prefix_int != first.dataset._shm_prefix_int
+        assert len(list(second)) == len(list(first)) == NUM_SAMPLES // 4
+    finally:
+        if os.path.exists(f"/dev/shm/{stray}"):
+            os.unlink(f"/dev/shm/{stray}")
+
+
 def test_config_pins_num_canonical_nodes_and_refuses_a_count_that_does_not_fit_the_nodes(prepared, monkeypatch):
     """data.num_canonical_nodes reaches streaming (which keeps it in the loader state, so a resume on
     another node count keeps the order); a value that neither divides nor is a multiple of this run's
