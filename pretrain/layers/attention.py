@@ -1,9 +1,15 @@
-"""Causal grouped-query self-attention on torch SDPA, with document masking for packed sequences.
+"""Causal grouped-query self-attention with document masking for packed sequences.
 
 RoPE is optional (off by default, as in Jamba and Nemotron-H). With seq_idx, a position attends
-only to earlier positions of its own document.
+only to earlier positions of its own document. On CUDA in bf16/fp16, packed documents go through
+FlashAttention's variable-length kernel (`torch.nn.attention.varlen`), which skips every block
+across documents; elsewhere (CPU, float32, a torch without it) SDPA with a dense (batch, 1, s, s)
+mask, the reference the GPU tests hold the varlen path to.
 """
 from __future__ import annotations
+
+import functools
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +40,70 @@ def document_causal_mask(seq_idx: torch.Tensor) -> torch.Tensor:
     return (same_doc & causal)[:, None]
 
 
+def document_cu_seqlens(seq_idx: torch.Tensor) -> torch.Tensor:
+    """seq_idx (batch, seqlen) -> int32 (num_documents + 1,): the start offsets of every document of
+    the flattened (batch * seqlen) tokens, then batch * seqlen. A new document starts at each row's
+    first position and wherever seq_idx changes. One host sync (the number of documents)."""
+    batch, seqlen = seq_idx.shape
+    starts = torch.ones_like(seq_idx, dtype=torch.bool)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    offsets = starts.flatten().nonzero().flatten()
+    end = torch.full((1,), batch * seqlen, dtype=offsets.dtype, device=offsets.device)
+    return torch.cat([offsets, end]).to(torch.int32)
+
+
+@functools.cache
+def _varlen_kwargs() -> dict | None:
+    """How this torch's varlen_attn asks for causal + GQA, or None where it has none (the call
+    changed between torch 2.10 and 2.12: is_causal -> window_size, enable_gqa added)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        kwargs = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        kwargs = {"is_causal": True}
+    else:
+        return None
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = True
+    return kwargs
+
+
+def uses_varlen(q: torch.Tensor) -> bool:
+    """Whether packed documents take the FlashAttention varlen kernel for this query."""
+    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 256
+            and _varlen_kwargs() is not None)
+
+
+def varlen_causal_attention(q, k, v, seq_idx: torch.Tensor) -> torch.Tensor:
+    """q (batch, heads, seqlen, hd), k/v (batch, kv_heads, seqlen, hd), seq_idx (batch, seqlen) ->
+    (batch, heads, seqlen, hd): every document of every row attends causally to itself only."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    batch, heads, seqlen, head_dim = q.shape
+    cu = document_cu_seqlens(seq_idx)
+    if cu.numel() == batch + 1:  # one document per row: whole-row causal flash is faster
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != heads)
+    kwargs = dict(_varlen_kwargs())
+    if not kwargs.pop("enable_gqa", False) and k.shape[1] != heads:
+        k = k.repeat_interleave(heads // k.shape[1], dim=1)
+        v = v.repeat_interleave(heads // v.shape[1], dim=1)
+
+    def tokens_major(t):  # (batch, h, s, hd) -> (batch * s, h, hd); a view where t came from (b, s, h, hd)
+        return t.transpose(1, 2).reshape(batch * seqlen, t.shape[1], head_dim)
+
+    out = varlen_attn(tokens_major(q), tokens_major(k), tokens_major(v), cu, cu, seqlen, seqlen, **kwargs)
+    return out.view(batch, seqlen, heads, head_dim).transpose(1, 2)
+
+
 def causal_attention(q, k, v, seq_idx: torch.Tensor | None) -> torch.Tensor:
     """q (batch, heads, seqlen, hd), k/v (batch, kv_heads, seqlen, hd) -> (batch, heads, seqlen, hd)."""
     gqa = q.shape[1] != k.shape[1]
+    if seq_idx is not None and uses_varlen(q):
+        return varlen_causal_attention(q, k, v, seq_idx)
     if seq_idx is None or bool((seq_idx[:, -1] == seq_idx[:, 0]).all()):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(seq_idx), enable_gqa=gqa)
