@@ -8,12 +8,12 @@ and `use_triton(*tensors)`, the one predicate every op.py dispatches on.
   pure-PyTorch reference runs, so a CPU host without the interpreter just works.
 - "torch": always the pure-PyTorch reference (the spec).
 
-Kernels never import torch.distributed; this module imports only os/torch.
+Kernels never import torch.distributed; this module imports os, torch, and triton once (whether it
+imports at all decides if the Triton kernels can run).
 """
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -57,14 +57,20 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=1)
-def triton_importable() -> bool:
+def _import_triton() -> bool:
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
     except Exception:  # pragma: no cover - depends on the install
         return False
     return True
+
+
+_TRITON_IMPORTABLE = _import_triton()  # once at import: torch.compile then reads a constant
+
+
+def triton_importable() -> bool:
+    return _TRITON_IMPORTABLE
 
 
 def use_triton(*tensors) -> bool:

@@ -8,7 +8,6 @@ mask, the reference the GPU tests hold the varlen path to.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
@@ -52,10 +51,10 @@ def document_cu_seqlens(seq_idx: torch.Tensor) -> torch.Tensor:
     return torch.cat([offsets, end]).to(torch.int32)
 
 
-@functools.cache
-def _varlen_kwargs() -> dict | None:
+def _detect_varlen_kwargs() -> dict | None:
     """How this torch's varlen_attn asks for causal + GQA, or None where it has none (the call
-    changed between torch 2.10 and 2.12: is_causal -> window_size, enable_gqa added)."""
+    changed between torch 2.10 and 2.12: is_causal -> window_size, enable_gqa added). Run once at
+    import, outside any torch.compile trace."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -72,10 +71,13 @@ def _varlen_kwargs() -> dict | None:
     return kwargs
 
 
+_VARLEN_KWARGS = _detect_varlen_kwargs()
+
+
 def uses_varlen(q: torch.Tensor) -> bool:
     """Whether packed documents take the FlashAttention varlen kernel for this query."""
     return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 256
-            and _varlen_kwargs() is not None)
+            and _VARLEN_KWARGS is not None)
 
 
 def varlen_causal_attention(q, k, v, seq_idx: torch.Tensor) -> torch.Tensor:
@@ -87,7 +89,7 @@ def varlen_causal_attention(q, k, v, seq_idx: torch.Tensor) -> torch.Tensor:
     cu = document_cu_seqlens(seq_idx)
     if cu.numel() == batch + 1:  # one document per row: whole-row causal flash is faster
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != heads)
-    kwargs = dict(_varlen_kwargs())
+    kwargs = dict(_VARLEN_KWARGS)
     if not kwargs.pop("enable_gqa", False) and k.shape[1] != heads:
         k = k.repeat_interleave(heads // k.shape[1], dim=1)
         v = v.repeat_interleave(heads // v.shape[1], dim=1)
