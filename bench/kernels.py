@@ -1,6 +1,6 @@
 """Kernel benchmark: one command on the GPU machine prints one table.
 
-    PYTHONPATH=$PWD python bench/kernels.py [--quick] [--no-ref]
+    PYTHONPATH=$PWD python bench/kernels.py [--no-ref] [--breakdown] [--claim] [--chunk-sweep]
 
 For each SSD shape of issue 3's target table (bf16, chunk 256, D and dt_bias, no z): forward and
 forward+backward median time (triton.testing.do_bench, CUDA events, median), achieved TFLOP/s
@@ -37,6 +37,10 @@ TARGETS = [  # (batch, seqlen, nheads, headdim, ngroups, dstate, target fwd+bwd 
     (1, 16384, 64, 64, 1, 128, 2.04, 0.30),
     (2, 8192, 128, 64, 8, 128, 1.92, 0.62),
 ]
+CHUNK_SWEEP = [  # (preset, (batch, seqlen, nheads, headdim, ngroups, dstate)): one mixer at its micro batch
+    ("hybrid_460m", (8, 4096, 32, 64, 1, 128)),
+    ("hybrid_1b3", (4, 4096, 64, 64, 1, 128)),
+]
 
 
 def bench(fn, grad_to_none=None):
@@ -66,7 +70,7 @@ def ssd_bytes(batch, seqlen, h, p, g, n, elt=2, bwd=False):
     return fwd if not bwd else fwd + elt * (3 * t * h * p + t * h + 4 * t * g * n)
 
 
-def ssd_case(batch, seqlen, h, p, g, n, with_ref):
+def ssd_case(batch, seqlen, h, p, g, n, with_ref, chunk=256):
     dev, dt_ = "cuda", torch.bfloat16
     x = torch.randn(batch, seqlen, h, p, device=dev, dtype=dt_, requires_grad=True)
     dt = (torch.randn(batch, seqlen, h, device=dev) - 1).to(dt_).requires_grad_(True)
@@ -82,10 +86,10 @@ def ssd_case(batch, seqlen, h, p, g, n, with_ref):
     for name, fn in impls:
         def fwd():
             with torch.no_grad():
-                return fn(x, dt, A, B, C, chunk_size=256, D=D, dt_bias=bias)
+                return fn(x, dt, A, B, C, chunk_size=chunk, D=D, dt_bias=bias)
 
         def fwdbwd():
-            y = fn(x, dt, A, B, C, chunk_size=256, D=D, dt_bias=bias)
+            y = fn(x, dt, A, B, C, chunk_size=chunk, D=D, dt_bias=bias)
             y.backward(gy)
 
         try:
@@ -158,6 +162,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-ref", action="store_true", help="skip the PyTorch reference timings")
     ap.add_argument("--breakdown", action="store_true", help="also time each SSD kernel launch")
+    ap.add_argument("--claim", action="store_true",
+                    help="also SSD fwd+bwd vs causal SDPA at 2K-16K tokens per sequence, same tokens per batch")
+    ap.add_argument("--chunk-sweep", action="store_true",
+                    help="also time the SSD of the presets' mixers (one layer, training micro batch) at chunk 64-256")
     args = ap.parse_args()
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
@@ -206,6 +214,21 @@ def main():
         tfb = bench(lambda: fn(yr, zr, wr, group_size=h * p // g).backward(gr), grad_to_none=[yr, zr, wr])
         lines.append(f"{f'rmsnorm_gated ({b}, {L}, {h * p})':34s} {name:10s} {tf:8.3f} {'':>6} {'':>6} "
                      f"{by / tf / 1e6:6.0f} {tfb:8.3f} {'':>6} {'':>6} {7 / 3 * by / tfb / 1e6:6.0f}")
+    if args.claim:
+        lines.append("Mamba-2's claim, SSD (64x64, G1, N128, chunk 256) vs causal SDPA (32x128), 16384 tokens per batch:")
+        for L in (2048, 4096, 8192, 16384):
+            b = 16384 // L
+            ssd_f, ssd_fb = ssd_case(b, L, 64, 64, 1, 128, with_ref=False)["triton"]
+            sdpa_f, sdpa_fb = sdpa_case(b, L)
+            lines.append(f"  seqlen {L:5d} x batch {b}: SSD f+b {ssd_fb:.3f} ms, SDPA f+b {sdpa_fb:.3f} ms "
+                         f"({sdpa_fb / ssd_fb:.2f}x); fwd {ssd_f:.3f} vs {sdpa_f:.3f} ms")
+    if args.chunk_sweep:
+        for name, shape in CHUNK_SWEEP:
+            for q in (64, 128, 256):
+                tf, tfb = ssd_case(*shape, with_ref=False, chunk=q)["triton"]
+                fl = ssd_flops(*shape, q)
+                lines.append(f"{f'{name} {shape} chunk {q}':34s} {'triton':10s} {tf:8.3f} {'':>6} "
+                             f"{fl / tf / 1e9:6.1f} {'':>6} {tfb:8.3f} {'':>6} {3 * fl / tfb / 1e9:6.1f}")
     if args.breakdown:
         for shape in TARGETS:
             parts = breakdown(*shape[:6])
