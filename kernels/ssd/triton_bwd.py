@@ -391,7 +391,9 @@ def _cfgs(space):
 _chunk_dx_tuned = autotune_per_chunk(_chunk_dx_kernel, _cfgs([
     (dict(BLOCK_I=64, BLOCK_N=64), 4, 2), (dict(BLOCK_I=64, BLOCK_N=64), 4, 3),
     (dict(BLOCK_I=32, BLOCK_N=64), 4, 2), (dict(BLOCK_I=64, BLOCK_N=128), 8, 2),
-    (dict(BLOCK_I=64, BLOCK_N=64), 8, 3),
+    (dict(BLOCK_I=64, BLOCK_N=64), 8, 3), (dict(BLOCK_I=128, BLOCK_N=64), 8, 2),
+    (dict(BLOCK_I=128, BLOCK_N=128), 8, 2), (dict(BLOCK_I=64, BLOCK_N=128), 4, 3),
+    (dict(BLOCK_I=32, BLOCK_N=32), 4, 3), (dict(BLOCK_I=64, BLOCK_N=32), 4, 4),
 ]), key=["chunk_size", "hdim", "dstate", "HAS_SEQ", "SPLIT"], chunk_params=("BLOCK_I",))
 _chunk_dcb_tuned = autotune_per_chunk(_chunk_dcb_kernel, _cfgs([
     (dict(BLOCK_P=64), 4, 2), (dict(BLOCK_P=64), 4, 3), (dict(BLOCK_P=64), 8, 2), (dict(BLOCK_P=32), 4, 3),
@@ -407,7 +409,7 @@ def _blocks(chunk_size, hdim, dstate):
     if INTERPRET:
         q = min(chunk_size, 16)  # several tiles per chunk when Q > 16 (tile loops exercised on CPU)
         return dict(J=q, I=q, P=next_pow2(hdim), N=next_pow2(dstate), R=q, K=q, warps=4, stages=1)
-    return dict(J=min(64, chunk_size), I=min(64, chunk_size), P=next_pow2(hdim), N=min(64, next_pow2(dstate)),
+    return dict(J=min(128, chunk_size), I=min(64, chunk_size), P=next_pow2(hdim), N=min(64, next_pow2(dstate)),
                 R=min(64, chunk_size), K=min(64, chunk_size), warps=4, stages=2)
 
 
