@@ -3,8 +3,10 @@
 Owns the rules every kernel folder follows:
 - under TRITON_INTERPRET=1 (CPU) a single config is used (autotuning cannot run there);
 - on CUDA, `autotune(configs, key)` wraps triton.autotune with a small config list and
-  `cache_results=True` (Triton's on-disk autotune cache: the benchmark runs once per machine and
-  shape key, not on every process of a job) where the installed Triton supports it;
+  `cache_results=True` (Triton's on-disk autotune cache under TRITON_CACHE_DIR: the benchmark runs
+  once per cache directory and shape key, not on every run of a job) where the installed Triton
+  supports it; with `kernels.deterministic` the first config of each list is used instead (fixed
+  bits across nodes and runs, no benchmarking at start-up);
 - no torch.cuda calls are made unless the tensors are on CUDA.
 """
 
@@ -16,6 +18,8 @@ import os
 import torch
 import triton
 
+from kernels.backend import get_deterministic
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # KERNELS_AUTOTUNE=0: use each kernel's first config on CUDA too (quick test runs, no tuning)
 AUTOTUNE = os.environ.get("KERNELS_AUTOTUNE", "1") != "0"
@@ -23,13 +27,33 @@ AUTOTUNE = os.environ.get("KERNELS_AUTOTUNE", "1") != "0"
 _AUTOTUNE_HAS_CACHE = "cache_results" in inspect.signature(triton.autotune).parameters
 
 
+class _Launcher:
+    """`launcher[grid](*args)` like a triton.autotune'd kernel, choosing per call between the tuned
+    variant and the fixed one (the first config): `kernels.set_deterministic(True)` takes the fixed
+    one, so the launch configs, and with them the summation order inside each program, do not depend
+    on a timing race (the same bits on every node and every run), and nothing is benchmarked."""
+
+    def __init__(self, tuned, fixed):
+        self.tuned, self.fixed = tuned, fixed
+
+    def __getitem__(self, grid):
+        return (self.fixed if get_deterministic() else self.tuned)[grid]
+
+
 def autotune(configs, key, interpret_config=None, **kw):
-    """triton.autotune on GPU; under the interpreter a single config (the first, or `interpret_config`)."""
-    if INTERPRET or not AUTOTUNE:
-        return triton.autotune(configs=[interpret_config or configs[0]], key=key, **kw)
-    if _AUTOTUNE_HAS_CACHE:
-        kw.setdefault("cache_results", True)
-    return triton.autotune(configs=configs, key=key, **kw)
+    """Decorator: triton.autotune over `configs` on GPU (cached on disk where Triton supports it),
+    or the first config alone when kernels.deterministic is set; under the interpreter or with
+    KERNELS_AUTOTUNE=0 always a single config (the first, or `interpret_config` in the interpreter)."""
+
+    def wrap(kernel):
+        first = (interpret_config or configs[0]) if INTERPRET else configs[0]
+        fixed = triton.autotune(configs=[first], key=key, **kw)(kernel)
+        if INTERPRET or not AUTOTUNE or len(configs) == 1:
+            return _Launcher(fixed, fixed)
+        tune_kw = dict(kw, cache_results=True) if _AUTOTUNE_HAS_CACHE else kw
+        return _Launcher(triton.autotune(configs=configs, key=key, **tune_kw)(kernel), fixed)
+
+    return wrap
 
 
 def autotune_per_chunk(kernel, configs, key, chunk_params):

@@ -37,12 +37,15 @@ def get_backend() -> str:
 
 
 def set_deterministic(flag: bool) -> None:
-    """Ask for bitwise reproducible backward passes.
+    """Ask for bitwise reproducible kernels, run to run and node to node (`kernels.deterministic`).
 
-    Every Triton backward in kernels/ is deterministic by construction today (no atomics: each
-    output element has one writer, and partial sums over heads, positions or row blocks are
-    reduced by torch in a fixed order; tests/kernels/test_kern_gpu.py checks it), so the flag
-    changes nothing yet. A future faster kernel that uses atomics must honour it.
+    Every Triton backward in kernels/ is deterministic for a given launch config by construction
+    (no atomics: each output element has one writer, and partial sums over heads, positions or
+    row blocks are reduced by torch in a fixed order; tests/kernels/test_kern_gpu.py checks it).
+    What the flag changes: the autotuned kernels take their first config instead of the one a
+    timing benchmark picks (kernels/_triton_utils.autotune), because tile sizes set the summation
+    order and the benchmark's pick can differ between nodes and runs. A future kernel that uses
+    atomics must honour it too.
     """
     global _deterministic
     _deterministic = bool(flag)

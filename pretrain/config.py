@@ -200,6 +200,8 @@ class CheckpointConfig:
 @dataclass
 class KernelsConfig:
     backend: str = "triton"  # triton | torch (triton falls back to torch where it cannot run)
+    # true: fixed launch configs instead of autotuning (same bits on every node and run, no tuning
+    # at start-up; kernels/backend.set_deterministic). torch's own ops are not affected.
     deterministic: bool = False
 
 

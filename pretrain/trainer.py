@@ -78,12 +78,18 @@ def _dp_rank(dist_info: DistInfo, derived: Derived) -> int:
     return dist_info.rank // (derived.world_size // derived.dp)
 
 
+def configure_kernels(cfg: Config) -> None:
+    """Apply `kernels.*` to this process: the backend and the deterministic launch configs."""
+    kernels.backend.set_backend(cfg.kernels.backend)
+    kernels.backend.set_deterministic(cfg.kernels.deterministic)
+
+
 class Trainer:
     def __init__(self, cfg: Config, derived: Derived, dist_info: DistInfo):
         self.cfg, self.derived, self.dist = cfg, derived, dist_info
         self.device = dist_info.device
         self.amp_dtype = autocast_dtype(cfg, self.device)
-        kernels.backend.set_backend(cfg.kernels.backend)
+        configure_kernels(cfg)
         seed_everything(cfg.run.seed)
         os.makedirs(derived.run_dir, exist_ok=True)
         if dist_info.is_main:

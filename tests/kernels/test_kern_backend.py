@@ -62,8 +62,69 @@ def _check_reference_dispatch():
                                rref(y, y, torch.ones(8), group_size=4))
 
 
-def test_deterministic_flag():
-    backend.set_deterministic(True)
-    assert backend.get_deterministic()
-    backend.set_deterministic(False)
-    assert not backend.get_deterministic()
+def test_deterministic_switches_autotuned_kernels_to_their_first_config(monkeypatch):
+    """On CUDA an autotuned launcher holds the tuned kernel (every config) and a fixed one (the
+    first config); kernels.deterministic picks the fixed one at each launch."""
+    import triton
+    import triton.language as tl
+
+    from kernels import _triton_utils
+
+    @triton.jit
+    def _kernel(x_ptr, n, BLOCK: tl.constexpr):
+        tl.store(x_ptr + tl.arange(0, BLOCK), 0.0)
+
+    monkeypatch.setattr(_triton_utils, "INTERPRET", False)
+    monkeypatch.setattr(_triton_utils, "AUTOTUNE", True)
+    configs = [triton.Config({"BLOCK": b}, num_warps=4) for b in (64, 128, 256)]
+    launcher = _triton_utils.autotune(configs, key=["n"])(_kernel)
+    assert [c.kwargs["BLOCK"] for c in launcher.tuned.configs] == [64, 128, 256]
+    assert [c.kwargs["BLOCK"] for c in launcher.fixed.configs] == [64]
+    per_chunk = _triton_utils.autotune_per_chunk(_kernel, configs, key=["n"], chunk_params=("BLOCK",))(128)
+    assert [c.kwargs["BLOCK"] for c in per_chunk.tuned.configs] == [64, 128]  # 256 clamped to the chunk
+    assert [c.kwargs["BLOCK"] for c in per_chunk.fixed.configs] == [64]
+
+    pick = _triton_utils._Launcher(tuned={"grid": "tuned"}, fixed={"grid": "fixed"})
+    try:
+        backend.set_deterministic(True)
+        assert backend.get_deterministic() and pick["grid"] == "fixed"
+        backend.set_deterministic(False)
+        assert pick["grid"] == "tuned"
+    finally:
+        backend.set_deterministic(False)
+
+
+def test_interpreter_and_autotune_off_use_one_config(monkeypatch):
+    import triton
+    import triton.language as tl
+
+    from kernels import _triton_utils
+
+    @triton.jit
+    def _kernel(x_ptr, n, BLOCK: tl.constexpr):
+        tl.store(x_ptr + tl.arange(0, BLOCK), 0.0)
+
+    configs = [triton.Config({"BLOCK": b}, num_warps=4) for b in (64, 128)]
+    monkeypatch.setattr(_triton_utils, "INTERPRET", False)
+    monkeypatch.setattr(_triton_utils, "AUTOTUNE", False)
+    launcher = _triton_utils.autotune(configs, key=["n"])(_kernel)
+    assert launcher.tuned is launcher.fixed and len(launcher.fixed.configs) == 1
+    monkeypatch.setattr(_triton_utils, "INTERPRET", True)
+    monkeypatch.setattr(_triton_utils, "AUTOTUNE", True)
+    launcher = _triton_utils.autotune(configs, key=["n"], interpret_config=configs[1])(_kernel)
+    assert launcher.tuned is launcher.fixed and launcher.fixed.configs[0].kwargs["BLOCK"] == 128
+
+
+def test_trainer_applies_the_kernels_config():
+    from pretrain.config import load_config
+    from pretrain.trainer import configure_kernels
+
+    old = backend.get_backend()
+    try:
+        configure_kernels(load_config(["configs/demo.yaml"], ["kernels.backend=torch", "kernels.deterministic=true"]))
+        assert backend.get_backend() == "torch" and backend.get_deterministic()
+        configure_kernels(load_config(["configs/demo.yaml"], []))
+        assert backend.get_backend() == "triton" and not backend.get_deterministic()
+    finally:
+        backend.set_backend(old)
+        backend.set_deterministic(False)
