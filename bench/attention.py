@@ -21,10 +21,13 @@ import sys
 
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import triton  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
 
+from data.dataset import sample_to_example  # noqa: E402
+from data.synthetic import random_doc_starts  # noqa: E402
 from pretrain.layers.attention import causal_attention, document_causal_mask, uses_varlen  # noqa: E402
 
 SHAPES = [  # (name, batch, seqlen, heads, kv_heads, head_dim)
@@ -38,16 +41,12 @@ def bench(fn):
     return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median")
 
 
-def packed_seq_idx(batch, seqlen, mean_doc_len, gen):
-    """Random document starts (Poisson count, uniform positions), as data/synthetic.py draws them."""
-    rows = []
-    for _ in range(batch):
-        num = int(torch.poisson(torch.tensor(seqlen / mean_doc_len), generator=gen))
-        starts = torch.zeros(seqlen, dtype=torch.int32)
-        if num:
-            starts[torch.randint(1, seqlen, (num,), generator=gen)] = 1
-        rows.append(starts.cumsum(0).to(torch.int32))
-    return torch.stack(rows)
+def packed_seq_idx(batch, seqlen, mean_doc_len, rng):
+    """seq_idx of `batch` rows drawn like bench/train.py's synthetic data, through the loader's own
+    conversion (data/synthetic.py, data/dataset.py)."""
+    dummy = np.zeros(seqlen + 1, dtype=np.int64)
+    return torch.stack([sample_to_example(dummy, random_doc_starts(rng, seqlen, mean_doc_len))["seq_idx"]
+                        for _ in range(batch)])
 
 
 def useful_flops(seq_idx, heads, head_dim):
@@ -55,8 +54,8 @@ def useful_flops(seq_idx, heads, head_dim):
     return float(4 * (lengths * (lengths + 1) / 2).sum() * heads * head_dim)
 
 
-def run_case(batch, seqlen, heads, kv_heads, head_dim, gen):
-    seq_idx = packed_seq_idx(batch, seqlen, 2048, gen).cuda()
+def run_case(batch, seqlen, heads, kv_heads, head_dim, rng):
+    seq_idx = packed_seq_idx(batch, seqlen, 2048, rng).cuda()
     q = torch.randn(batch, heads, seqlen, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(batch, kv_heads, seqlen, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn_like(k, requires_grad=True)
@@ -85,12 +84,12 @@ def main():
         sys.exit("bench/attention.py needs a CUDA GPU")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, varlen kernel used: "
           f"{uses_varlen(torch.empty(1, device='cuda', dtype=torch.bfloat16))}")
-    gen = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
     print("| preset attention | docs | mask f / f+b ms | varlen f / f+b ms | causal (no docs) f / f+b ms "
           "| varlen TFLOP/s f / f+b | f+b speedup vs mask | varlen vs mask rel err |")
     print("|---|---|---|---|---|---|---|---|")
     for name, batch, seqlen, heads, kv_heads, head_dim in SHAPES:
-        times, flops, docs, err = run_case(batch, seqlen, heads, kv_heads, head_dim, gen)
+        times, flops, docs, err = run_case(batch, seqlen, heads, kv_heads, head_dim, rng)
         cell = {n: f"{t[0]:.3f} / {t[1]:.3f}" for n, t in times.items()}
         vf, vb = times["varlen"]
         print(f"| {name} {batch}x{seqlen}, {heads}q/{kv_heads}kv x {head_dim} | {docs} | {cell['mask']} | "
