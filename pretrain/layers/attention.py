@@ -51,10 +51,10 @@ def document_cu_seqlens(seq_idx: torch.Tensor) -> torch.Tensor:
     return torch.cat([offsets, end]).to(torch.int32)
 
 
-def _detect_varlen_kwargs() -> dict | None:
-    """How this torch's varlen_attn asks for causal + GQA, or None where it has none (the call
-    changed between torch 2.10 and 2.12: is_causal -> window_size, enable_gqa added). Run once at
-    import, outside any torch.compile trace."""
+def _detect_varlen() -> tuple | None:
+    """(varlen_attn, the kwargs that ask it for causal + GQA), or None where this torch has none
+    (the call changed between torch 2.10 and 2.12: is_causal -> window_size, enable_gqa added).
+    Run once at import, outside any torch.compile trace."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -68,31 +68,27 @@ def _detect_varlen_kwargs() -> dict | None:
         return None
     if "enable_gqa" in params:
         kwargs["enable_gqa"] = True
-    return kwargs
+    return varlen_attn, kwargs
 
 
-_VARLEN_KWARGS = _detect_varlen_kwargs()
+_VARLEN = _detect_varlen()
 
 
 def uses_varlen(q: torch.Tensor) -> bool:
     """Whether packed documents take the FlashAttention varlen kernel for this query."""
     return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 256
-            and _VARLEN_KWARGS is not None)
+            and _VARLEN is not None)
 
 
 def varlen_causal_attention(q, k, v, seq_idx: torch.Tensor) -> torch.Tensor:
     """q (batch, heads, seqlen, hd), k/v (batch, kv_heads, seqlen, hd), seq_idx (batch, seqlen) ->
     (batch, heads, seqlen, hd): every document of every row attends causally to itself only."""
-    from torch.nn.attention.varlen import varlen_attn
-
+    varlen_attn, kwargs = _VARLEN
     batch, heads, seqlen, head_dim = q.shape
-    cu = document_cu_seqlens(seq_idx)
-    if cu.numel() == batch + 1:  # one document per row: whole-row causal flash is faster
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != heads)
-    kwargs = dict(_VARLEN_KWARGS)
-    if not kwargs.pop("enable_gqa", False) and k.shape[1] != heads:
+    if not kwargs.get("enable_gqa") and k.shape[1] != heads:
         k = k.repeat_interleave(heads // k.shape[1], dim=1)
         v = v.repeat_interleave(heads // v.shape[1], dim=1)
+    cu = document_cu_seqlens(seq_idx)
 
     def tokens_major(t):  # (batch, h, s, hd) -> (batch * s, h, hd); a view where t came from (b, s, h, hd)
         return t.transpose(1, 2).reshape(batch * seqlen, t.shape[1], head_dim)
@@ -104,10 +100,11 @@ def varlen_causal_attention(q, k, v, seq_idx: torch.Tensor) -> torch.Tensor:
 def causal_attention(q, k, v, seq_idx: torch.Tensor | None) -> torch.Tensor:
     """q (batch, heads, seqlen, hd), k/v (batch, kv_heads, seqlen, hd) -> (batch, heads, seqlen, hd)."""
     gqa = q.shape[1] != k.shape[1]
-    if seq_idx is not None and uses_varlen(q):
-        return varlen_causal_attention(q, k, v, seq_idx)
+    # rows of one document each: whole-row causal flash (faster than varlen over the same rows)
     if seq_idx is None or bool((seq_idx[:, -1] == seq_idx[:, 0]).all()):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if uses_varlen(q):
+        return varlen_causal_attention(q, k, v, seq_idx)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(seq_idx), enable_gqa=gqa)
 
 
