@@ -186,6 +186,22 @@ def test_ssd_backward_deterministic():
     assert all(torch.equal(g1[k], g2[k]) for k in g1)
 
 
+def test_ssd_deterministic_flag_fixed_bits_close_to_tuned():
+    """kernels.deterministic: the autotuned kernels take their first config; two runs give the same
+    bits, and the result stays within bf16 error of the tuned configs' result."""
+    t, opt = ssd_inputs(2, 1500, 16, 64, 2, 128, torch.bfloat16)
+    y0, _, g0, seeds = run_ssd(kernels.ssd_scan, t, opt, 256)
+    kernels.set_deterministic(True)
+    try:
+        y1, _, g1, _ = run_ssd(kernels.ssd_scan, t, opt, 256, seeds=seeds)
+        y2, _, g2, _ = run_ssd(kernels.ssd_scan, t, opt, 256, seeds=seeds)
+    finally:
+        kernels.set_deterministic(False)
+    assert torch.equal(y1, y2) and all(torch.equal(g1[k], g2[k]) for k in g1)
+    errs = {"y": rel(y1, y0), **{f"d{k}": rel(g1[k], g0[k]) for k in g1}}
+    assert all(math.isfinite(e) and e < 1e-2 for e in errs.values()), fmt(errs)
+
+
 @pytest.mark.parametrize("width", [2, 3, 4])
 def test_conv1d_bf16_vs_reference(width):
     x = torch.randn(2, 3001, 768, device="cuda", dtype=torch.bfloat16)
