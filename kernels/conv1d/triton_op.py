@@ -260,20 +260,27 @@ def _seg_len(batch, seqlen, dim):
     return seg
 
 
+def conv_forward(x, weight, bias, seq_idx, silu: bool) -> torch.Tensor:
+    """The forward kernel alone (no autograd): out (batch, seqlen, dim) in x's dtype. Deterministic:
+    the SSD scan reruns it in its backward to get back x, B and C bit for bit (kernels.ssd conv_source)."""
+    batch, seqlen, dim = x.shape
+    BL, BD = _blocks(seqlen, dim)
+    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    seq = seq_idx if seq_idx is not None else x
+    grid = (triton.cdiv(seqlen, BL), triton.cdiv(dim, BD), batch)
+    _conv_fwd_kernel[grid](
+        x, weight, bias if bias is not None else weight, seq, out, seqlen, dim,
+        *x.stride(), *weight.stride(), *(seq_idx.stride() if seq_idx is not None else (0, 0)), *out.stride(),
+        WIDTH=weight.shape[1], HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, SILU=silu,
+        BLOCK_L=BL, BLOCK_D=BD, num_warps=4,
+    )
+    return out
+
+
 class _CausalConv1d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, seq_idx, silu):
-        batch, seqlen, dim = x.shape
-        BL, BD = _blocks(seqlen, dim)
-        out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-        seq = seq_idx if seq_idx is not None else x
-        grid = (triton.cdiv(seqlen, BL), triton.cdiv(dim, BD), batch)
-        _conv_fwd_kernel[grid](
-            x, weight, bias if bias is not None else weight, seq, out, seqlen, dim,
-            *x.stride(), *weight.stride(), *(seq_idx.stride() if seq_idx is not None else (0, 0)), *out.stride(),
-            WIDTH=weight.shape[1], HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, SILU=silu,
-            BLOCK_L=BL, BLOCK_D=BD, num_warps=4,
-        )
+        out = conv_forward(x, weight, bias, seq_idx, silu)
         ctx.save_for_backward(x, weight, bias, seq_idx)
         ctx.silu = silu
         return out

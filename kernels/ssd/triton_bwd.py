@@ -504,7 +504,8 @@ def chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, chunk_size, dot_prec):
 
 
 def chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, chunk_size, dot_prec):
-    """-> dB, dC (input dtype) and per-head off-diagonal terms of dcs (batch, nheads, nchunks, nn, Q)."""
+    """-> dB, dC (input dtype) and per-head off-diagonal terms of dcs (batch, nheads, nchunks, nn, Q).
+    prev and dS may be float32 or the input dtype: the kernel rounds them to x's dtype for its dots."""
     batch, seqlen, nheads, hdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     nchunks = triton.cdiv(seqlen, chunk_size)

@@ -386,9 +386,8 @@ def chunk_outer(a, b, dtp, cs, seq_idx, chunk_size, mode, dot_prec):
 
 
 def state_pass(states, cs, seq_idx, initial_states, seqlen, chunk_size, lp_dtype=torch.float32):
-    """-> prev (state entering each chunk, float32), prev_lp (the same in lp_dtype: the chunk scan and
-    the dB/dC kernel round it to the input dtype for their dots anyway, so they read half the bytes),
-    final state."""
+    """-> prev (state entering each chunk, float32), prev_lp (the same in lp_dtype: the chunk scan
+    rounds it to the input dtype for its dots anyway, so it reads half the bytes), final state."""
     batch, nchunks, nheads, hdim, dstate = states.shape
     dim = hdim * dstate
     prev = torch.empty_like(states)

@@ -2,6 +2,7 @@
 
 Owns `ssd_scan` for the Triton path: argument checks that only the Triton path needs (chunk
 size a power of two >= 16), the forward (triton_fwd) and backward (triton_bwd) orchestration,
+what the backward keeps (x, B, C, or with `conv_source` the conv's input, rerun in the backward),
 and the SiLU gate backward (PyTorch elementwise; the rest of the backward tail, from d(cumsum dA)
 to ddt, dA and d dt_bias, is the fused triton_bwd.dt_bwd kernel).
 Shapes as in kernels.ssd.reference.
@@ -17,9 +18,20 @@ from kernels.ssd import triton_fwd as fwd
 from kernels.ssd.reference import _check_shapes
 
 
+def _xbc_from_conv(conv_x, conv_w, conv_b, seq_idx, silu, x_shape, bc_shape):
+    """Rerun the conv forward and return x, B, C as the same views of its output as the mixer's."""
+    from kernels.conv1d.triton_op import conv_forward
+
+    xbc = conv_forward(conv_x, conv_w, conv_b, seq_idx, silu)
+    d_inner, gn = x_shape[2] * x_shape[3], bc_shape[2] * bc_shape[3]
+    x, B, C = torch.split(xbc, [d_inner, gn, gn], dim=-1)
+    return x.reshape(x_shape), B.reshape(bc_shape), C.reshape(bc_shape)
+
+
 class _SSDScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states, chunk_size, dt_softplus, dt_limit):
+    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states, chunk_size, dt_softplus, dt_limit,
+                conv_x, conv_w, conv_b, conv_silu):
         batch, seqlen, nheads, hdim = x.shape
         prec = dot_precision(x.dtype)
         dtp, cs = fwd.dt_cumsum(dt, dt_bias, A, chunk_size, dt_softplus, dt_limit)
@@ -29,7 +41,15 @@ class _SSDScan(torch.autograd.Function):
         del states
         out, ypre = fwd.chunk_scan(cb, x, z, D, C, prev_lp, dtp, cs, seq_idx, chunk_size, z is not None, prec)
         ypre = ypre if z is not None else None  # only the gate's backward needs it
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre, cb, prev, prev_lp, final, dtp, cs)
+        # prev_lp is not kept: the dB/dC kernel rounds the float32 prev to the input dtype as it loads
+        # it (the same bits as prev_lp), which saves a (batch, nchunks, nheads, headdim, dstate) tensor
+        del prev_lp
+        ctx.conv = conv_x is not None
+        if ctx.conv:  # x, B, C are slices of the conv's output: keep its input, rerun it in backward
+            ctx.conv_silu, ctx.xbc_shapes = conv_silu, (x.shape, B.shape)
+            x = B = C = None
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre, cb, prev, final, dtp, cs,
+                              conv_x, conv_w, conv_b)
         ctx.chunk_size, ctx.dt_softplus, ctx.dt_limit = chunk_size, dt_softplus, dt_limit
         ctx.has_init = initial_states is not None
         ctx.set_materialize_grads(False)
@@ -37,7 +57,10 @@ class _SSDScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dfinal):
-        x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre, cb, prev, prev_lp, final, dtp, cs = ctx.saved_tensors
+        x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre, cb, prev, final, dtp, cs, conv_x, conv_w, conv_b = \
+            ctx.saved_tensors
+        if ctx.conv:
+            x, B, C = _xbc_from_conv(conv_x, conv_w, conv_b, seq_idx, ctx.conv_silu, *ctx.xbc_shapes)
         Q = ctx.chunk_size
         batch, seqlen, nheads, hdim = x.shape
         ngroups = B.shape[2]
@@ -58,7 +81,7 @@ class _SSDScan(torch.autograd.Function):
         del dprev
         dx, ddtp, dcs, dD = bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, Q, prec)
         dcb, dcs_rows = bwd.chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, Q, prec)
-        dB, dC, dcs_offd = bwd.chunk_dbc(x, dy, B, C, prev_lp, dS_lp, dcb, dtp, cs, seq_idx, Q, prec)
+        dB, dC, dcs_offd = bwd.chunk_dbc(x, dy, B, C, prev, dS_lp, dcb, dtp, cs, seq_idx, Q, prec)
         del dcb, dS, dS_lp
         ddt, dA, ddt_bias = bwd.dt_bwd(dcs, dcs_rows, dcs_offd, dcs_last, ddtp, dtp, dt, dt_bias, A,
                                        ctx.dt_softplus, ctx.dt_limit)
@@ -67,22 +90,26 @@ class _SSDScan(torch.autograd.Function):
         if dD is not None:
             dD = dD.to(D.dtype)
         dinit = dinit if ctx.has_init else None
-        return dx, ddt, dA, dB, dC, dD, dz, ddt_bias, None, dinit, None, None, None
+        return dx, ddt, dA, dB, dC, dD, dz, ddt_bias, None, dinit, None, None, None, None, None, None, None
 
 
 def ssd_scan(
     x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=True,
     dt_limit=(0.0, float("inf")), seq_idx=None, initial_states=None, return_final_states=False,
+    conv_source=None,
 ):
-    """Triton SSD scan; same contract as kernels.ssd.reference.ssd_scan (final states float32)."""
+    """Triton SSD scan; same contract as kernels.ssd.reference.ssd_scan (final states float32).
+    With conv_source, x, B and C are not kept for the backward: it reruns the conv instead."""
     _check_shapes(x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states)
+    conv = _check_conv_source(conv_source, x, B)
     Q = int(chunk_size)
     if Q < 16 or Q & (Q - 1):
         raise ValueError(f"the Triton SSD scan needs chunk_size a power of two >= 16, got {chunk_size}")
-    if B.dtype != x.dtype:
-        B = B.to(x.dtype)
-    if C.dtype != x.dtype:
-        C = C.to(x.dtype)
+    if B.dtype != x.dtype or C.dtype != x.dtype:
+        if conv_source is not None:
+            raise ValueError("conv_source: x, B and C must be slices of one conv output (one dtype), got "
+                             f"{x.dtype}, {B.dtype}, {C.dtype}")
+        B, C = B.to(x.dtype), C.to(x.dtype)
     A = A.contiguous()
     D = D.contiguous() if D is not None else None
     dt_bias = dt_bias.contiguous() if dt_bias is not None else None
@@ -90,9 +117,29 @@ def ssd_scan(
         initial_states = initial_states.float().contiguous()
     out, final = _SSDScan.apply(
         x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states, Q, bool(dt_softplus),
-        (float(dt_limit[0]), float(dt_limit[1])),
+        (float(dt_limit[0]), float(dt_limit[1])), *conv,
     )
     return (out, final) if return_final_states else out
+
+
+def _check_conv_source(conv_source, x, B):
+    """conv_source (conv_x, weight, bias, activation) -> the autograd arguments (conv_x, weight, bias,
+    silu), (None, None, None, False) without. Checks what can be checked, shapes and dtypes; that x,
+    B and C really are the conv's output is the caller's contract."""
+    if conv_source is None:
+        return None, None, None, False
+    conv_x, weight, bias, activation = conv_source
+    batch, seqlen, nheads, hdim = x.shape
+    width = nheads * hdim + 2 * B.shape[2] * B.shape[3]
+    if conv_x.shape != (batch, seqlen, width) or weight.dim() != 2 or weight.shape[0] != width:
+        raise ValueError(f"conv_source: conv input must be (batch, seqlen, d_inner + 2*ngroups*dstate)="
+                         f"{(batch, seqlen, width)} with a ({width}, width) weight, got {tuple(conv_x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if conv_x.dtype != x.dtype:
+        raise ValueError(f"conv_source: conv input dtype {conv_x.dtype} differs from x's {x.dtype}")
+    if activation not in (None, "silu"):
+        raise ValueError(f"conv_source: activation must be None or 'silu', got {activation!r}")
+    return conv_x, weight, bias, activation == "silu"
 
 
 __all__ = ["ssd_scan"]

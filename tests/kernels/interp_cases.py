@@ -52,6 +52,51 @@ def run_ssd(name, shape, chunk, **kw):
     return name, res
 
 
+def run_conv_ssd_source(name, batch=2, seqlen=45, nheads=4, hdim=8, ngroups=2, dstate=8, width=4, chunk=16):
+    """conv1d -> SSD as the Mamba mixer runs them, with and without conv_source: the output and every
+    gradient must be the same bits (the backward reruns the same conv kernel on the same input), and
+    with conv_source the conv's output must not be among the tensors kept for backward."""
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    d_inner, gn = nheads * hdim, ngroups * dstate
+    leaves = {
+        "xbc": torch.randn(batch, seqlen, d_inner + 2 * gn, generator=g),
+        "weight": torch.randn(d_inner + 2 * gn, width, generator=g) * 0.5,
+        "bias": torch.randn(d_inner + 2 * gn, generator=g) * 0.1,
+        "dt": torch.randn(batch, seqlen, nheads, generator=g) - 1,
+        "A": -torch.rand(nheads, generator=g) - 0.2,
+        "D": torch.randn(nheads, generator=g),
+        "dt_bias": torch.randn(nheads, generator=g) * 0.1,
+    }
+    leaves = {k: v.requires_grad_(True) for k, v in leaves.items()}
+    seq_idx = torch.zeros(batch, seqlen, dtype=torch.int32)
+    seq_idx[0, 13:] = 1
+    seq_idx[0, 30:] = 2
+    seed = torch.randn(batch, seqlen, nheads, hdim, generator=g)
+    runs = []
+    for use_source in (False, True):
+        kept = []
+
+        def pack(t):
+            kept.append(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            xbc = kernels.causal_conv1d(leaves["xbc"], leaves["weight"], leaves["bias"], seq_idx=seq_idx,
+                                        activation="silu")
+            x, B, C = torch.split(xbc, [d_inner, gn, gn], dim=-1)
+            source = (leaves["xbc"], leaves["weight"], leaves["bias"], "silu") if use_source else None
+            y = kernels.ssd_scan(x.reshape(batch, seqlen, nheads, hdim), leaves["dt"], leaves["A"],
+                                 B.reshape(batch, seqlen, ngroups, dstate), C.reshape(batch, seqlen, ngroups, dstate),
+                                 chunk_size=chunk, D=leaves["D"], dt_bias=leaves["dt_bias"], seq_idx=seq_idx,
+                                 conv_source=source)
+        grads = torch.autograd.grad((y * seed).sum(), list(leaves.values()))
+        runs.append((y, grads, float(xbc.untyped_storage().data_ptr() in kept)))
+    (y0, g0, kept0), (y1, g1, kept1) = runs
+    res = {"y": float((y1 - y0).abs().max()), "conv_output_kept_without": kept0, "conv_output_kept_with": kept1}
+    res.update({f"d{k}": float((a - b).abs().max()) for k, a, b in zip(leaves, g1, g0)})
+    return name, res
+
+
 def run_conv(name, width, act, batch=2, seqlen=37, dim=24, cuts=((5, 6, 20), (31,)), bias=True, strided=False):
     """cuts[row]: positions where a new document starts (None: no seq_idx). strided: x is a
     (batch, dim, seqlen) tensor transposed and the output gradient a (seqlen, batch, dim) one."""
@@ -111,6 +156,7 @@ def main():
     out = {}
     for name, (shape, chunk, kw) in SSD_CASES.items():
         out.update([run_ssd(name, shape, chunk, **kw)])
+    out.update([run_conv_ssd_source("ssd_conv_source")])
     for width in (2, 3, 4):
         out.update([run_conv(f"conv_w{width}_silu", width, "silu")])
     out.update([run_conv("conv_w4_none", 4, None)])

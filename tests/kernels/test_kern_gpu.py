@@ -202,6 +202,35 @@ def test_ssd_deterministic_flag_fixed_bits_close_to_tuned():
     assert all(math.isfinite(e) and e < 1e-2 for e in errs.values()), fmt(errs)
 
 
+def test_ssd_conv_source_same_bits_bf16():
+    """conv1d -> SSD with conv_source (the conv rerun in the SSD backward) against the same ops
+    keeping x, B, C: the same output and gradient bits."""
+    batch, seqlen, nheads, hdim, ngroups, dstate = 2, 1000, 8, 64, 2, 64
+    d_inner, gn = nheads * hdim, ngroups * dstate
+    dev, bf = "cuda", torch.bfloat16
+    leaves = [torch.randn(batch, seqlen, d_inner + 2 * gn, device=dev, dtype=bf),
+              torch.randn(d_inner + 2 * gn, 4, device=dev) * 0.5, torch.randn(d_inner + 2 * gn, device=dev) * 0.1,
+              torch.randn(batch, seqlen, nheads, device=dev, dtype=bf) - 1, -torch.rand(nheads, device=dev) - 0.2,
+              torch.randn(nheads, device=dev), torch.randn(nheads, device=dev) * 0.1]
+    leaves = [t.requires_grad_(True) for t in leaves]
+    seq_idx = seq_idx_random(batch, seqlen)
+    seed = torch.randn(batch, seqlen, nheads, hdim, device=dev, dtype=bf)
+    runs = []
+    for use_source in (False, True):
+        xbc_in, w, b, dt, A, D, dt_bias = leaves
+        xbc = kernels.causal_conv1d(xbc_in, w, b, seq_idx=seq_idx, activation="silu")
+        x, B, C = torch.split(xbc, [d_inner, gn, gn], dim=-1)
+        poison()
+        y = kernels.ssd_scan(x.reshape(batch, seqlen, nheads, hdim), dt, A, B.reshape(batch, seqlen, ngroups, dstate),
+                             C.reshape(batch, seqlen, ngroups, dstate), chunk_size=256, D=D, dt_bias=dt_bias,
+                             seq_idx=seq_idx, conv_source=(xbc_in, w, b, "silu") if use_source else None)
+        runs.append((y, torch.autograd.grad((y.float() * seed.float()).sum(), leaves)))
+    (y0, g0), (y1, g1) = runs
+    assert torch.equal(y0, y1)
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1))
+    assert all(torch.isfinite(g).all() for g in g1)
+
+
 @pytest.mark.parametrize("width", [2, 3, 4])
 def test_conv1d_bf16_vs_reference(width):
     x = torch.randn(2, 3001, 768, device="cuda", dtype=torch.bfloat16)

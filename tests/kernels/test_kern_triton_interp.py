@@ -52,6 +52,14 @@ def test_ssd_every_gradient_covered(results):
     assert {"dx", "ddt", "dA", "dB", "dC", "dD", "dz", "ddt_bias", "dinitial_states"} <= seen
 
 
+def test_ssd_conv_source_same_bits_without_keeping_the_conv_output(results):
+    res = dict(results["ssd_conv_source"])
+    assert res.pop("conv_output_kept_without") == 1.0  # the check can see the conv output when it is kept
+    assert res.pop("conv_output_kept_with") == 0.0
+    assert {"y", "dxbc", "dweight", "dbias", "ddt", "dA", "dD", "ddt_bias"} == set(res)
+    assert all(v == 0.0 for v in res.values()), res  # max |difference|: the same kernels on the same bits
+
+
 @pytest.mark.parametrize("case", ["conv_w2_silu", "conv_w3_silu", "conv_w4_silu", "conv_w4_none", "conv_w4_silu_long",
                                   "conv_w3_silu_long_nobias", "conv_w2_none_long_nobias", "conv_w4_silu_noseq"])
 def test_conv1d_triton_matches_reference(results, case):
