@@ -9,7 +9,8 @@ then times `--steps` steps with CUDA events. Every row runs in a fresh process (
 earlier row stays in its memory figures). Columns: tokens/s, TFLOP/s per GPU and MFU (the
 trainer's own formula, pretrain/flops.py: 3 x forward FLOPs of every matmul incl. the attention and
 SSD terms, over the device's bf16 dense peak), peak memory, and the split of a step into data,
-forward+backward and optimizer (synchronised per phase in a separate pass), plus forward alone.
+forward+backward and optimizer (synchronised per phase in a separate pass), plus forward alone,
+and the memory one forward keeps per residual block (saved activations + output, by block kind).
 The comparison in the same run is the same preset with `kernels.backend=torch` (the PyTorch
 reference kernels); a row that runs out of memory says OOM.
 
@@ -113,6 +114,30 @@ def phase_split(trainer: Trainer, steps: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in phases.items()}
 
 
+def block_activation_mb(trainer: Trainer) -> dict[str, float]:
+    """Memory kept by one forward pass (graph alive) per residual block, mean MB by block kind: the
+    allocator's bytes after a block's forward minus before it (its saved activations plus its
+    (batch, seqlen, d_model) output), read on the host at enqueue time, no sync needed."""
+    engine = trainer.engine
+    layers = getattr(engine.model, "layers", [])
+    sizes: dict[str, list[float]] = {}
+    before: list[int] = []
+    hooks = []
+    for layer in layers:
+        hooks.append(layer.register_forward_pre_hook(lambda m, a: before.append(torch.cuda.memory_allocated())))
+        hooks.append(layer.register_forward_hook(lambda m, a, o: sizes.setdefault(m.kind, []).append(
+            (torch.cuda.memory_allocated() - before.pop()) / 2**20)))
+    try:
+        batch = trainer.next_batch()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = engine.model.loss(batch["tokens"], batch["labels"], batch["seq_idx"], 0.0)
+        del loss
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {kind: statistics.mean(v) for kind, v in sizes.items()}
+
+
 def print_profile(trainer: Trainer, steps: int, top: int = 40) -> None:
     """torch.profiler over `steps` training steps: the GPU kernels with the most total time, and
     the share of the step that no kernel covers (host-bound gaps)."""
@@ -146,6 +171,7 @@ def run_row(spec: str, backend: str, args, workdir: Path) -> dict:
             trainer.train_step()
         step_s = timed_steps(trainer, args.steps)
         split = phase_split(trainer, args.split_steps)
+        act_mb = block_activation_mb(trainer)
         if args.profile:
             print_profile(trainer, args.profile)
         tokens = trainer.derived.tokens_per_step
@@ -157,6 +183,7 @@ def run_row(spec: str, backend: str, args, workdir: Path) -> dict:
             mfu=tflops / trainer.peak_tflops if trainer.peak_tflops else float("nan"),
             mem_gb=torch.cuda.max_memory_allocated() / 2**30, step_ms=step_s * 1e3,
             **{f"{k}_ms": v * 1e3 for k, v in split.items()},
+            act_mb=act_mb,
         )
     except torch.OutOfMemoryError:
         row["error"] = "OOM"
@@ -171,7 +198,7 @@ def run_row(spec: str, backend: str, args, workdir: Path) -> dict:
 
 def print_table(rows: list[dict]) -> None:
     head = ["config", "backend", "batch", "params(tot/act)", "tok/s", "TFLOP/s", "MFU", "peak GB", "step ms",
-            "data ms", "fwd ms", "fwd+bwd ms", "optim ms"]
+            "data ms", "fwd ms", "fwd+bwd ms", "optim ms", "kept MB per block"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
@@ -181,7 +208,8 @@ def print_table(rows: list[dict]) -> None:
             continue
         print(f"| {name} | {r['backend']} | {r['batch']} | {r['params']} | {r['tok_s'] / 1e3:.1f}K | "
               f"{r['tflops']:.1f} | {100 * r['mfu']:.1f}% | {r['mem_gb']:.1f} | {r['step_ms']:.0f} | "
-              f"{r['data_ms']:.1f} | {r['forward_ms']:.0f} | {r['fwd+bwd_ms']:.0f} | {r['optimizer_ms']:.0f} |")
+              f"{r['data_ms']:.1f} | {r['forward_ms']:.0f} | {r['fwd+bwd_ms']:.0f} | {r['optimizer_ms']:.0f} | "
+              + ", ".join(f"{k} {v:.0f}" for k, v in sorted(r.get("act_mb", {}).items())) + " |")
 
 
 def row_in_fresh_process(spec: str, backend: str, args, workdir: Path) -> dict:
