@@ -24,7 +24,7 @@ from pretrain.chunked_loss import resolve_chunk_tokens
 from pretrain.config import Config, Derived
 from pretrain.model import HybridLM
 from pretrain.optim import build_optimizer
-from pretrain.recompute import parse_policy
+from pretrain.recompute import apply_policy, parse_policy
 
 
 class Engine:
@@ -51,7 +51,7 @@ class Engine:
             self.model = HybridLM(cfg.model, derived, parallel=self.parallel).to(device)
             self.chunks = [self.model]
         for chunk in self.chunks:
-            chunk.recompute_kinds = parse_policy(cfg.trainer.recompute)
+            apply_policy(chunk, parse_policy(cfg.trainer.recompute))
         if not self.parallel:
             self.model.loss_chunk_tokens = resolve_chunk_tokens(cfg.trainer.loss_chunk_tokens, device)
             if cfg.trainer.compile:

@@ -6,6 +6,15 @@ mlp, moe): selective recomputation, e.g. "mamba,moe". Both model builds (pretrai
 parallel/model.py) run their blocks through `run_block`, with torch.utils.checkpoint (non-reentrant:
 tensors saved anywhere inside the block, the MoE aux loss included, are recomputed on use).
 
+The list may also name parts, which recompute one cheap elementwise result instead of a whole block
+(single-process build; `apply_policy` sets them on the layers):
+- mlp_act: act(gate, up) of every dense MLP and expert, recomputed for the down projection's
+  backward (pretrain/layers/mlp.py): one (tokens, d_ff) tensor less per MLP;
+- mamba_norm: the Mamba mixer's gated RMSNorm output, recomputed for out_proj's backward
+  (pretrain/layers/mamba.py): one (tokens, d_inner) tensor less per mixer;
+- mamba_conv: the mixer's conv1d output (x, B, C), rerun from the conv's input in the SSD scan's
+  backward (Triton path): one (tokens, d_inner + 2 ngroups dstate) tensor less per mixer.
+
 Side effects of a block's forward must happen once: `is_recomputing()` is true while a block's
 forward is rerun in the backward pass, and the MoE routing counters (pretrain/layers/moe.py) are
 only updated outside it.
@@ -18,23 +27,46 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 KINDS = ("mamba", "attention", "mlp", "moe")
+PARTS = ("mlp_act", "mamba_norm", "mamba_conv")
 
 _recomputing = 0
 
 
 def parse_policy(policy: str) -> frozenset[str]:
-    """"none" | "full" | "kind[,kind...]" -> the block kinds to recompute; ValueError naming what is wrong."""
+    """"none" | "full" | "kind[,kind...]" -> the block kinds and parts to recompute; ValueError naming
+    what is wrong."""
     text = policy.strip().lower()
     if text in ("", "none"):
         return frozenset()
     if text == "full":
         return frozenset(KINDS)
     kinds = [k.strip() for k in text.split(",") if k.strip()]
-    unknown = [k for k in kinds if k not in KINDS]
+    unknown = [k for k in kinds if k not in KINDS + PARTS]
     if unknown or not kinds:
         raise ValueError(f"unknown block kind(s) {unknown or [policy]}: use none, full or a comma-separated "
-                         f"subset of {', '.join(KINDS)}")
+                         f"subset of {', '.join(KINDS + PARTS)}")
     return frozenset(kinds)
+
+
+def apply_policy(model: torch.nn.Module, kinds: frozenset[str]) -> None:
+    """Set a parsed policy on a model: the block kinds for `run_block`, the parts on the layers."""
+    from pretrain.layers.mamba import Mamba2Mixer
+    from pretrain.layers.mlp import MLP
+
+    model.recompute_kinds = kinds
+    taken = set()
+    for module in model.modules():
+        if isinstance(module, MLP):
+            module.recompute_act = "mlp_act" in kinds
+            taken.add("mlp_act")
+        elif isinstance(module, Mamba2Mixer):
+            module.recompute_norm = "mamba_norm" in kinds
+            module.recompute_conv = "mamba_conv" in kinds
+            taken.update(("mamba_norm", "mamba_conv"))
+    unused = sorted(kinds.intersection(PARTS) - taken)
+    if unused:
+        raise ValueError(f"trainer.recompute names {', '.join(unused)}, but this model build has no layer it "
+                         "applies to (the parts act on the single-process build's MLP and Mamba layers)")
 
 
 def is_recomputing() -> bool:

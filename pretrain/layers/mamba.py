@@ -2,7 +2,9 @@
 
 Order: in_proj -> z, x, B, C, dt; causal depthwise conv1d (+bias) + SiLU over (x, B, C);
 dt = softplus(dt + dt_bias) clamped to dt_limit; A = -exp(A_log); SSD scan with D skip;
-grouped gated RMSNorm norm(y * silu(z)); out_proj.
+grouped gated RMSNorm norm(y * silu(z)); out_proj. With the `mamba_norm` recomputation
+(trainer.recompute) the normed tensor is not kept for out_proj's backward but recomputed there;
+with `mamba_conv` the SSD scan keeps the conv's input instead of its output (kernels.ssd conv_source).
 
 Parameter layout follows Nemotron-H so that exports need no reshuffling beyond the conv weight:
 in_proj packs [z (d_inner), x (d_inner), B (ngroups*dstate), C (ngroups*dstate), dt (nheads)].
@@ -29,6 +31,9 @@ def init_dt_bias(num_heads: int, dt_min: float, dt_max: float, dt_floor: float) 
 
 class Mamba2Mixer(nn.Module):
     """Input/output (batch, seqlen, d_model); seq_idx (batch, seqlen) int32 resets state per document."""
+
+    recompute_norm = False  # set by pretrain.recompute.apply_policy (trainer.recompute includes mamba_norm)
+    recompute_conv = False  # likewise for mamba_conv
 
     def __init__(self, d_model: int, cfg: MambaConfig, *, norm_eps: float):
         super().__init__()
@@ -60,6 +65,7 @@ class Mamba2Mixer(nn.Module):
         batch, seqlen, _ = hidden.shape
         zxbcdt = self.in_proj(hidden)
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        conv_source = (xBC, self.conv_weight, self.conv_bias, "silu") if self.recompute_conv else None
         xBC = causal_conv1d(xBC, self.conv_weight, self.conv_bias, seq_idx=seq_idx, activation="silu")
         x, B, C = torch.split(xBC, [self.d_inner, self.num_groups * self.d_state, self.num_groups * self.d_state], dim=-1)
         y = ssd_scan(
@@ -74,10 +80,48 @@ class Mamba2Mixer(nn.Module):
             dt_softplus=True,
             dt_limit=(self.cfg.dt_limit_min, self.cfg.dt_limit_max),
             seq_idx=seq_idx,
+            conv_source=conv_source,
         )
-        y = rmsnorm_gated(
-            y.reshape(batch, seqlen, self.d_inner), z, self.norm_weight,
-            group_size=self.d_inner // self.num_groups, eps=self.norm_eps,
-            norm_before_gate=self.cfg.norm_before_gate,
-        )
-        return self.out_proj(y)
+        y = y.reshape(batch, seqlen, self.d_inner)
+        norm = (self.d_inner // self.num_groups, self.norm_eps, self.cfg.norm_before_gate)
+        if self.recompute_norm and torch.is_grad_enabled():
+            return _GatedNormOutRecomputed.apply(y, z, self.norm_weight, self.out_proj.weight, self.out_proj.bias,
+                                                 *norm)
+        return self.out_proj(_gated_norm(y, z, self.norm_weight, *norm))
+
+
+def _gated_norm(y, z, weight, group_size, eps, norm_before_gate):
+    return rmsnorm_gated(y, z, weight, group_size=group_size, eps=eps, norm_before_gate=norm_before_gate)
+
+
+class _GatedNormOutRecomputed(torch.autograd.Function):
+    """out_proj(rmsnorm_gated(y, z)) that keeps y and z (which the norm's backward needs anyway) but
+    not the normed (batch, seqlen, d_inner) tensor: the backward reruns the norm's forward (the same
+    kernel, the same bits) and backprops through it. The out projection's gradients take the weight
+    cast to the gradient's dtype, as autocast's linear does."""
+
+    @staticmethod
+    def forward(ctx, y, z, norm_weight, weight, bias, group_size, eps, norm_before_gate):
+        ctx.save_for_backward(y, z, norm_weight, weight)
+        ctx.norm = (group_size, eps, norm_before_gate)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.autocast = (y.device.type, torch.is_autocast_enabled(y.device.type),
+                        torch.get_autocast_dtype(y.device.type))
+        normed = _gated_norm(y, z, norm_weight, *ctx.norm)
+        return nn.functional.linear(normed, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dout):
+        y, z, norm_weight, weight = ctx.saved_tensors
+        device, amp, amp_dtype = ctx.autocast
+        leaves = [t.detach().requires_grad_(t.requires_grad) for t in (y, z, norm_weight)]
+        with torch.enable_grad(), torch.autocast(device, dtype=amp_dtype, enabled=amp):
+            normed = _gated_norm(*leaves, *ctx.norm)
+        dout2 = dout.reshape(-1, dout.shape[-1])
+        dweight = (dout2.t() @ normed.detach().reshape(-1, normed.shape[-1]).to(dout.dtype)).to(weight.dtype)
+        dbias = dout2.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+        dnormed = (dout @ weight.to(dout.dtype)).to(normed.dtype)
+        wanted = [t for t in leaves if t.requires_grad]
+        grads = iter(torch.autograd.grad(normed, wanted, dnormed))
+        dy, dz, dnorm_weight = (next(grads) if t.requires_grad else None for t in leaves)
+        return dy, dz, dnorm_weight, dweight, dbias, None, None, None

@@ -16,7 +16,7 @@ from tiny_models import tiny_model  # noqa: E402
 from context_workers import saved_activation_bytes  # noqa: E402
 
 from pretrain.config import ConfigError, load_config, validate  # noqa: E402
-from pretrain.recompute import parse_policy  # noqa: E402
+from pretrain.recompute import apply_policy, parse_policy  # noqa: E402
 
 
 def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -27,10 +27,11 @@ def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
     return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "seq_idx": seq_idx}
 
 
-def _step(policy: str, router: str) -> tuple[float, dict, torch.Tensor, int]:
+def _step(policy: str, router: str, mlp: str = "swiglu") -> tuple[float, dict, torch.Tensor, int]:
     torch.manual_seed(0)
-    _, model = tiny_model(f"model.moe.router={router}", "model.pattern=M*-E*E")
-    model.recompute_kinds = parse_policy(policy)
+    _, model = tiny_model(f"model.moe.router={router}", "model.pattern=M*-E*E", f"model.mlp.activation={mlp}",
+                          f"model.moe.activation={mlp}")
+    apply_policy(model, parse_policy(policy))
     batch = _batch()
     saved = saved_activation_bytes(model, batch)
     model.zero_grad()
@@ -43,10 +44,12 @@ def _step(policy: str, router: str) -> tuple[float, dict, torch.Tensor, int]:
 
 
 @pytest.mark.parametrize("router", ["sigmoid_bias", "softmax_aux"])
-@pytest.mark.parametrize("policy", ["full", "mamba,moe", "attention,mlp"])
-def test_recomputation_gives_the_same_loss_gradients_and_routing_counts(policy, router):
-    loss0, grads0, counts0, saved0 = _step("none", router)
-    loss, grads, counts, saved = _step(policy, router)
+@pytest.mark.parametrize("policy, mlp", [("full", "swiglu"), ("mamba,moe", "swiglu"), ("attention,mlp", "swiglu"),
+                                         ("mlp_act,mamba_norm,mamba_conv", "swiglu"), ("mlp_act,mamba_norm", "relu2"),
+                                         ("attention,mlp_act", "swiglu")])
+def test_recomputation_gives_the_same_loss_gradients_and_routing_counts(policy, mlp, router):
+    loss0, grads0, counts0, saved0 = _step("none", router, mlp)
+    loss, grads, counts, saved = _step(policy, router, mlp)
     assert loss == pytest.approx(loss0, rel=1e-6)
     assert grads.keys() == grads0.keys()
     for name in grads0:
@@ -69,3 +72,29 @@ def test_full_recomputation_keeps_a_fraction_of_the_activations():
 def test_bad_policy_is_a_config_error(value, message):
     with pytest.raises(ConfigError, match=message):
         validate(load_config(["configs/demo.yaml"], [f"trainer.recompute={value}"]))
+
+
+@pytest.mark.parametrize("mlp", ["swiglu", "relu2"])
+def test_recomputed_parts_under_bf16_autocast_match_the_plain_model(mlp):
+    """The parts' hand-written backward under autocast: bf16 GEMMs and the weight gradients back in
+    the float32 parameters' dtype, within bf16 rounding of the plain model's (same autocast)."""
+    grads = []
+    for policy in ("none", "mlp_act,mamba_norm"):
+        torch.manual_seed(0)
+        _, model = tiny_model("model.pattern=M*-E", f"model.mlp.activation={mlp}")
+        apply_policy(model, parse_policy(policy))
+        batch = _batch()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = model.loss(batch["tokens"], batch["labels"], batch["seq_idx"])
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g0 in grads[0].items():
+        g = grads[1][name]
+        assert g.dtype == g0.dtype == torch.float32, name
+        assert (g - g0).norm() <= 2e-2 * g0.norm() + 1e-6, name  # bf16 rounding (8 bits), a few ops deep
+
+
+def test_a_part_without_layers_to_act_on_is_an_error():
+    _, model = tiny_model("model.pattern=M*M")  # no MLP, no MoE
+    with pytest.raises(ValueError, match="mlp_act, but this model build has no layer"):
+        apply_policy(model, parse_policy("mlp_act"))
