@@ -4,7 +4,8 @@ Same math and parameter names as pretrain.layers.mamba.Mamba2Mixer; per tp rank:
 - in_proj: column-parallel, its output the concatenation of the local pieces of z (heads), x
   (heads), B and C (groups; with ngroups < tp each rank holds the group of its heads, replicated),
   dt (heads): every component is split separately, never the packed block.
-- conv1d over the local x, B, C channels; A_log, D, dt_bias by head; SSD scan over local heads.
+- conv1d over the local x, B, C channels; A_log, D, dt_bias by head; SSD scan over local heads
+  (with trainer.recompute part mamba_conv, the scan keeps the conv's input, not its output).
 - grouped gated RMSNorm on local channels; when a norm group spans ranks (ngroups < tp) its
   sum of squares is reduced over tp.
 - out_proj: row-parallel (all-reduce, or reduce-scatter under sequence parallelism).
@@ -31,6 +32,8 @@ from pretrain.config import MambaConfig
 
 
 class ParallelMamba2Mixer(nn.Module):
+    recompute_conv = False  # trainer.recompute part mamba_conv (pretrain.recompute.apply_policy)
+
     def __init__(self, d_model: int, cfg: MambaConfig, *, norm_eps: float, mcfg):
         super().__init__()
         tp = state.tp_size()
@@ -84,6 +87,7 @@ class ParallelMamba2Mixer(nn.Module):
         zxbcdt = zxbcdt.transpose(0, 1).contiguous()
         batch, seqlen, _ = zxbcdt.shape
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        conv_source = (xBC, self.conv_weight, self.conv_bias, "silu") if self.recompute_conv else None
         xBC = causal_conv1d(xBC, self.conv_weight, self.conv_bias, seq_idx=seq_idx, activation="silu")
         bc = self.num_groups * self.d_state
         x, B, C = torch.split(xBC, [self.d_inner, bc, bc], dim=-1)
@@ -92,7 +96,7 @@ class ParallelMamba2Mixer(nn.Module):
             B.reshape(batch, seqlen, self.num_groups, self.d_state),
             C.reshape(batch, seqlen, self.num_groups, self.d_state),
             chunk_size=self.cfg.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
-            dt_limit=(self.cfg.dt_limit_min, self.cfg.dt_limit_max), seq_idx=seq_idx,
+            dt_limit=(self.cfg.dt_limit_min, self.cfg.dt_limit_max), seq_idx=seq_idx, conv_source=conv_source,
         ).reshape(batch, seqlen, self.d_inner)
         return self.gated_norm_out(y, z)
 
@@ -122,8 +126,9 @@ class ParallelMamba2Mixer(nn.Module):
         x_dim, bc_dim = self.cp_heads * self.head_dim, self.cp_groups * self.d_state
         xBC, dt = torch.split(recv, [x_dim + 2 * bc_dim, self.cp_heads], dim=-1)
         conv_bias = None if self.conv_bias is None else self.conv_bias.index_select(0, self.cp_conv_rows)
-        xBC = causal_conv1d(xBC.contiguous(), self.conv_weight.index_select(0, self.cp_conv_rows), conv_bias,
-                            seq_idx=seq_idx, activation="silu")
+        conv_in, conv_weight = xBC.contiguous(), self.conv_weight.index_select(0, self.cp_conv_rows)
+        conv_source = (conv_in, conv_weight, conv_bias, "silu") if self.recompute_conv else None
+        xBC = causal_conv1d(conv_in, conv_weight, conv_bias, seq_idx=seq_idx, activation="silu")
         x, B, C = torch.split(xBC, [x_dim, bc_dim, bc_dim], dim=-1)
         head0 = state.cp_rank() * self.cp_heads
         heads = slice(head0, head0 + self.cp_heads)
@@ -133,7 +138,7 @@ class ParallelMamba2Mixer(nn.Module):
             B.reshape(batch, seqlen, self.cp_groups, self.d_state),
             C.reshape(batch, seqlen, self.cp_groups, self.d_state),
             chunk_size=self.cfg.chunk_size, D=self.D[heads], dt_bias=self.dt_bias[heads], dt_softplus=True,
-            dt_limit=(self.cfg.dt_limit_min, self.cfg.dt_limit_max), seq_idx=seq_idx,
+            dt_limit=(self.cfg.dt_limit_min, self.cfg.dt_limit_max), seq_idx=seq_idx, conv_source=conv_source,
         )  # (batch, s, heads/cp, head_dim)
         y = context.heads_to_seq(y.transpose(0, 1).reshape(seqlen, batch, 1, x_dim))  # (s/cp, batch, cp, x_dim)
         y = y.reshape(s_local, batch, self.d_inner).transpose(0, 1).contiguous()

@@ -6,14 +6,15 @@ mlp, moe): selective recomputation, e.g. "mamba,moe". Both model builds (pretrai
 parallel/model.py) run their blocks through `run_block`, with torch.utils.checkpoint (non-reentrant:
 tensors saved anywhere inside the block, the MoE aux loss included, are recomputed on use).
 
-The list may also name parts, which recompute one cheap elementwise result instead of a whole block
-(single-process build; `apply_policy` sets them on the layers):
+The list may also name parts, which recompute one cheap result instead of a whole block
+(`apply_policy` sets them on the layers; mamba_conv in both builds, the others single-process):
 - mlp_act: act(gate, up) of every dense MLP and expert, recomputed for the down projection's
   backward (pretrain/layers/mlp.py): one (tokens, d_ff) tensor less per MLP;
 - mamba_norm: the Mamba mixer's gated RMSNorm output, recomputed for out_proj's backward
   (pretrain/layers/mamba.py): one (tokens, d_inner) tensor less per mixer;
 - mamba_conv: the mixer's conv1d output (x, B, C), rerun from the conv's input in the SSD scan's
-  backward (Triton path): one (tokens, d_inner + 2 ngroups dstate) tensor less per mixer.
+  backward (Triton path; parallel/mamba.py too): one (tokens, d_inner + 2 ngroups dstate) tensor
+  less per mixer.
 
 Side effects of a block's forward must happen once: `is_recomputing()` is true while a block's
 forward is rerun in the backward pass, and the MoE routing counters (pretrain/layers/moe.py) are
@@ -28,6 +29,8 @@ from torch.utils.checkpoint import checkpoint
 
 KINDS = ("mamba", "attention", "mlp", "moe")
 PARTS = ("mlp_act", "mamba_norm", "mamba_conv")
+# part -> the flag attribute that the layers implementing it declare (pretrain/layers, parallel/mamba.py)
+_PART_FLAGS = {"mlp_act": "recompute_act", "mamba_norm": "recompute_norm", "mamba_conv": "recompute_conv"}
 
 _recomputing = 0
 
@@ -50,23 +53,19 @@ def parse_policy(policy: str) -> frozenset[str]:
 
 def apply_policy(model: torch.nn.Module, kinds: frozenset[str]) -> None:
     """Set a parsed policy on a model: the block kinds for `run_block`, the parts on the layers."""
-    from pretrain.layers.mamba import Mamba2Mixer
-    from pretrain.layers.mlp import MLP
-
     model.recompute_kinds = kinds
     taken = set()
     for module in model.modules():
-        if isinstance(module, MLP):
-            module.recompute_act = "mlp_act" in kinds
-            taken.add("mlp_act")
-        elif isinstance(module, Mamba2Mixer):
-            module.recompute_norm = "mamba_norm" in kinds
-            module.recompute_conv = "mamba_conv" in kinds
-            taken.update(("mamba_norm", "mamba_conv"))
+        for part, flag in _PART_FLAGS.items():
+            if hasattr(type(module), flag):  # the layer classes that implement a part declare its flag
+                setattr(module, flag, part in kinds)
+                taken.add(part)
     unused = sorted(kinds.intersection(PARTS) - taken)
     if unused:
         raise ValueError(f"trainer.recompute names {', '.join(unused)}, but this model build has no layer it "
-                         "applies to (the parts act on the single-process build's MLP and Mamba layers)")
+                         "applies to (mlp_act and mamba_norm: the single-process build's MLP and Mamba layers; "
+                         "mamba_conv: both builds' Mamba layers)")
+
 
 
 def is_recomputing() -> bool:

@@ -43,6 +43,8 @@ TWO_RANK_CASES = {
     "dp2": (["data.global_batch_size=4"], 20),
     # every block recomputed in backward: the collectives of tp + sp and the MoE run again there
     "tp2_sp_recompute_full": (["parallel.tp=2", "parallel.sequence_parallel=true", "trainer.recompute=full"], 5),
+    # the mamba_conv part in the parallel mixer (a memory hint there: the CPU runs the reference scan)
+    "tp2_recompute_mamba_conv": (["parallel.tp=2", "trainer.recompute=mamba_conv,mlp"], 5),
 }
 FOUR_RANK_CASES = {
     "tp2_dp2_sp": (["parallel.tp=2", "parallel.sequence_parallel=true", "data.global_batch_size=4"], 20),
