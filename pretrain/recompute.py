@@ -67,6 +67,41 @@ def apply_policy(model: torch.nn.Module, kinds: frozenset[str]) -> None:
                          "mamba_conv: both builds' Mamba layers)")
 
 
+def linear_of_recomputed(fn, inputs: tuple, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(fn(*inputs), weight, bias), keeping `inputs` but not fn's output for the backward:
+    there fn reruns (under the forward's autocast state: the same ops, the same bits) and autograd
+    backprops through it. The parts mlp_act (fn = the MLP activation) and mamba_norm (fn = the gated
+    RMSNorm) use it; fn's inputs are what fn's own backward would keep anyway. None inputs pass."""
+    return _LinearOfRecomputed.apply(fn, weight, bias, *inputs)
+
+
+class _LinearOfRecomputed(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, weight, bias, *inputs):
+        ctx.fn = fn
+        ctx.save_for_backward(weight, *inputs)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        device = weight.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        return torch.nn.functional.linear(fn(*inputs), weight, bias)
+
+    @staticmethod
+    def backward(ctx, dout):
+        weight, *inputs = ctx.saved_tensors
+        device, amp, amp_dtype = ctx.autocast
+        leaves = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
+        with torch.enable_grad(), torch.autocast(device, dtype=amp_dtype, enabled=amp):
+            h = ctx.fn(*leaves)
+        # the linear's gradients as autocast's linear computes them: weight cast to the gradient's dtype
+        dout2 = dout.reshape(-1, dout.shape[-1])
+        dweight = (dout2.t() @ h.detach().reshape(-1, h.shape[-1]).to(dout.dtype)).to(weight.dtype)
+        dbias = dout2.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+        dh = (dout @ weight.to(dout.dtype)).to(h.dtype)
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(h, wanted, dh) if wanted else ())
+        dinputs = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
+        return None, dweight, dbias, *dinputs
+
 
 def is_recomputing() -> bool:
     """True while a checkpointed block's forward is being rerun for the backward pass."""

@@ -20,6 +20,7 @@ from kernels.conv1d.op import causal_conv1d
 from kernels.rmsnorm_gated.op import rmsnorm_gated
 from kernels.ssd.op import ssd_scan
 from pretrain.config import MambaConfig
+from pretrain.recompute import linear_of_recomputed
 
 
 def init_dt_bias(num_heads: int, dt_min: float, dt_max: float, dt_floor: float) -> torch.Tensor:
@@ -83,45 +84,11 @@ class Mamba2Mixer(nn.Module):
             conv_source=conv_source,
         )
         y = y.reshape(batch, seqlen, self.d_inner)
-        norm = (self.d_inner // self.num_groups, self.norm_eps, self.cfg.norm_before_gate)
         if self.recompute_norm and torch.is_grad_enabled():
-            return _GatedNormOutRecomputed.apply(y, z, self.norm_weight, self.out_proj.weight, self.out_proj.bias,
-                                                 *norm)
-        return self.out_proj(_gated_norm(y, z, self.norm_weight, *norm))
+            return linear_of_recomputed(self._gated_norm, (y, z, self.norm_weight), self.out_proj.weight,
+                                        self.out_proj.bias)
+        return self.out_proj(self._gated_norm(y, z, self.norm_weight))
 
-
-def _gated_norm(y, z, weight, group_size, eps, norm_before_gate):
-    return rmsnorm_gated(y, z, weight, group_size=group_size, eps=eps, norm_before_gate=norm_before_gate)
-
-
-class _GatedNormOutRecomputed(torch.autograd.Function):
-    """out_proj(rmsnorm_gated(y, z)) that keeps y and z (which the norm's backward needs anyway) but
-    not the normed (batch, seqlen, d_inner) tensor: the backward reruns the norm's forward (the same
-    kernel, the same bits) and backprops through it. The out projection's gradients take the weight
-    cast to the gradient's dtype, as autocast's linear does."""
-
-    @staticmethod
-    def forward(ctx, y, z, norm_weight, weight, bias, group_size, eps, norm_before_gate):
-        ctx.save_for_backward(y, z, norm_weight, weight)
-        ctx.norm = (group_size, eps, norm_before_gate)
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.autocast = (y.device.type, torch.is_autocast_enabled(y.device.type),
-                        torch.get_autocast_dtype(y.device.type))
-        normed = _gated_norm(y, z, norm_weight, *ctx.norm)
-        return nn.functional.linear(normed, weight, bias)
-
-    @staticmethod
-    def backward(ctx, dout):
-        y, z, norm_weight, weight = ctx.saved_tensors
-        device, amp, amp_dtype = ctx.autocast
-        leaves = [t.detach().requires_grad_(t.requires_grad) for t in (y, z, norm_weight)]
-        with torch.enable_grad(), torch.autocast(device, dtype=amp_dtype, enabled=amp):
-            normed = _gated_norm(*leaves, *ctx.norm)
-        dout2 = dout.reshape(-1, dout.shape[-1])
-        dweight = (dout2.t() @ normed.detach().reshape(-1, normed.shape[-1]).to(dout.dtype)).to(weight.dtype)
-        dbias = dout2.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
-        dnormed = (dout @ weight.to(dout.dtype)).to(normed.dtype)
-        wanted = [t for t in leaves if t.requires_grad]
-        grads = iter(torch.autograd.grad(normed, wanted, dnormed))
-        dy, dz, dnorm_weight = (next(grads) if t.requires_grad else None for t in leaves)
-        return dy, dz, dnorm_weight, dweight, dbias, None, None, None
+    def _gated_norm(self, y, z, weight):
+        return rmsnorm_gated(y, z, weight, group_size=self.d_inner // self.num_groups, eps=self.norm_eps,
+                             norm_before_gate=self.cfg.norm_before_gate)

@@ -1,12 +1,15 @@
 """Dense MLPs: squared-ReLU non-gated (Nemotron-H) and SwiGLU (Llama, Jamba), and the `mlp_act`
 recomputation (trainer.recompute): the activation product act(gate, up) is not kept for the down
 projection's backward but recomputed there from the gate and up outputs (which the activation's own
-backward keeps anyway), saving one (tokens, d_ff) tensor per MLP at the cost of one elementwise pass."""
+backward keeps anyway; pretrain.recompute.linear_of_recomputed), saving one (tokens, d_ff) tensor
+per MLP at the cost of one elementwise pass."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pretrain.recompute import linear_of_recomputed
 
 
 class MLP(nn.Module):
@@ -26,7 +29,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         if self.recompute_act and torch.is_grad_enabled():
             gate = self.gate_proj(x) if self.gate_proj is not None else None
-            return _ActDownRecomputed.apply(gate, self.up_proj(x), self.down_proj.weight, self.down_proj.bias)
+            return linear_of_recomputed(_act, (gate, self.up_proj(x)), self.down_proj.weight, self.down_proj.bias)
         return mlp_forward(x, self.up_proj, self.gate_proj, self.down_proj)
 
 
@@ -38,32 +41,3 @@ def mlp_forward(x: torch.Tensor, up, gate, down) -> torch.Tensor:
 
 def _act(gate_out: torch.Tensor | None, up_out: torch.Tensor) -> torch.Tensor:
     return F.silu(gate_out) * up_out if gate_out is not None else torch.square(F.relu(up_out))
-
-
-class _ActDownRecomputed(torch.autograd.Function):
-    """linear(act(gate_out, up_out), weight, bias) that saves gate_out and up_out (..., d_ff) only.
-    Backward: act recomputed in the forward's dtype (the same bits), the down projection's gradients
-    with the weight cast to the gradient's dtype (as autocast's linear does), the activation's
-    gradient in float32 rounded once."""
-
-    @staticmethod
-    def forward(ctx, gate_out, up_out, weight, bias):
-        ctx.save_for_backward(gate_out, up_out, weight)
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        return F.linear(_act(gate_out, up_out), weight, bias)
-
-    @staticmethod
-    def backward(ctx, dout):
-        gate_out, up_out, weight = ctx.saved_tensors
-        h = _act(gate_out, up_out)
-        dout2 = dout.reshape(-1, dout.shape[-1])
-        dweight = (dout2.t() @ h.reshape(-1, h.shape[-1]).to(dout.dtype)).to(weight.dtype)
-        dbias = dout2.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
-        dh = (dout @ weight.to(dout.dtype)).float()
-        u = up_out.float()
-        if gate_out is None:  # relu2: d/du relu(u)^2 = 2 relu(u)
-            return None, (dh * 2 * F.relu(u)).to(up_out.dtype), dweight, dbias
-        g = gate_out.float()
-        sig = torch.sigmoid(g)
-        dgate = dh * u * sig * (1 + g * (1 - sig))
-        return dgate.to(gate_out.dtype), (dh * g * sig).to(up_out.dtype), dweight, dbias
