@@ -112,7 +112,9 @@ def main(argv: list[str]) -> int:
         assert t.item() == world * (world + 1) / 2, "all_reduce gave a wrong sum"
         if crash_at and step == crash_at:
             print(f"[fake_trainer] rank {rank}: crashing at step {step} (fake.crash_at_step)", flush=True)
-            return 3
+            # as a crash does: no teardown. Returning instead let the interpreter's exit tear down a
+            # live gloo process group, which sometimes aborted (SIGABRT, status 134, not 3).
+            os._exit(3)
         if rank == 0:
             loss = 5.0 * math.exp(-step / 20.0) + 0.1
             with open(run_dir / "metrics.jsonl", "a") as f:
