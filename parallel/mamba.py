@@ -5,7 +5,8 @@ Same math and parameter names as pretrain.layers.mamba.Mamba2Mixer; per tp rank:
   (heads), B and C (groups; with ngroups < tp each rank holds the group of its heads, replicated),
   dt (heads): every component is split separately, never the packed block.
 - conv1d over the local x, B, C channels; A_log, D, dt_bias by head; SSD scan over local heads
-  (with trainer.recompute part mamba_conv, the scan keeps the conv's input, not its output).
+  (with trainer.recompute part mamba_conv, the scan keeps the conv's input, not its output; with
+  mamba_states it reruns its CB and chunk-state kernels in the backward instead of keeping them).
 - grouped gated RMSNorm on local channels; when a norm group spans ranks (ngroups < tp) its
   sum of squares is reduced over tp.
 - out_proj: row-parallel (all-reduce, or reduce-scatter under sequence parallelism).
@@ -33,6 +34,7 @@ from pretrain.config import MambaConfig
 
 class ParallelMamba2Mixer(nn.Module):
     recompute_conv = False  # trainer.recompute part mamba_conv (pretrain.recompute.apply_policy)
+    recompute_states = False  # likewise for mamba_states
 
     def __init__(self, d_model: int, cfg: MambaConfig, *, norm_eps: float, mcfg):
         super().__init__()
@@ -97,6 +99,7 @@ class ParallelMamba2Mixer(nn.Module):
             C.reshape(batch, seqlen, self.num_groups, self.d_state),
             chunk_size=self.cfg.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
             dt_limit=(self.cfg.dt_limit_min, self.cfg.dt_limit_max), seq_idx=seq_idx, conv_source=conv_source,
+            recompute_states=self.recompute_states,
         ).reshape(batch, seqlen, self.d_inner)
         return self.gated_norm_out(y, z)
 
@@ -139,6 +142,7 @@ class ParallelMamba2Mixer(nn.Module):
             C.reshape(batch, seqlen, self.cp_groups, self.d_state),
             chunk_size=self.cfg.chunk_size, D=self.D[heads], dt_bias=self.dt_bias[heads], dt_softplus=True,
             dt_limit=(self.cfg.dt_limit_min, self.cfg.dt_limit_max), seq_idx=seq_idx, conv_source=conv_source,
+            recompute_states=self.recompute_states,
         )  # (batch, s, heads/cp, head_dim)
         y = context.heads_to_seq(y.transpose(0, 1).reshape(seqlen, batch, 1, x_dim))  # (s/cp, batch, cp, x_dim)
         y = y.reshape(s_local, batch, self.d_inner).transpose(0, 1).contiguous()

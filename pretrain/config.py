@@ -162,7 +162,7 @@ class TrainerConfig:
     loss_chunk_tokens: Optional[int] = None
     # activation recomputation (pretrain/recompute.py): none | full | comma-separated block kinds
     # (mamba, attention, mlp, moe) whose activations are recomputed in the backward pass, and parts
-    # (mlp_act, mamba_norm, mamba_conv): one cheap result per layer recomputed instead of kept
+    # (mlp_act, mamba_norm, mamba_conv, mamba_states): cheap results per layer recomputed instead of kept
     recompute: str = "none"
     # auto: the single-process build (pretrain/layers, torch AdamW, bf16 autocast over fp32 weights) in
     # one process, the megatron engine (parallel/engine.py) with several; megatron: that engine in one

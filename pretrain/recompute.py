@@ -14,7 +14,10 @@ The list may also name parts, which recompute one cheap result instead of a whol
   (pretrain/layers/mamba.py): one (tokens, d_inner) tensor less per mixer;
 - mamba_conv: the mixer's conv1d output (x, B, C), rerun from the conv's input in the SSD scan's
   backward (Triton path; parallel/mamba.py too): one (tokens, d_inner + 2 ngroups dstate) tensor
-  less per mixer.
+  less per mixer;
+- mamba_states: the SSD scan's float32 chunk states and CB matrices, rerun by their forward kernels
+  in its backward (Triton path; both builds): (batch, seqlen/Q, nheads, headdim, dstate) float32
+  and (batch, seqlen/Q, ngroups, Q, Q) float32 less per mixer.
 
 Side effects of a block's forward must happen once: `is_recomputing()` is true while a block's
 forward is rerun in the backward pass, and the MoE routing counters (pretrain/layers/moe.py) are
@@ -28,9 +31,10 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 KINDS = ("mamba", "attention", "mlp", "moe")
-PARTS = ("mlp_act", "mamba_norm", "mamba_conv")
+PARTS = ("mlp_act", "mamba_norm", "mamba_conv", "mamba_states")
 # part -> the flag attribute that the layers implementing it declare (pretrain/layers, parallel/mamba.py)
-_PART_FLAGS = {"mlp_act": "recompute_act", "mamba_norm": "recompute_norm", "mamba_conv": "recompute_conv"}
+_PART_FLAGS = {"mlp_act": "recompute_act", "mamba_norm": "recompute_norm", "mamba_conv": "recompute_conv",
+               "mamba_states": "recompute_states"}
 
 _recomputing = 0
 
@@ -64,7 +68,7 @@ def apply_policy(model: torch.nn.Module, kinds: frozenset[str]) -> None:
     if unused:
         raise ValueError(f"trainer.recompute names {', '.join(unused)}, but this model build has no layer it "
                          "applies to (mlp_act and mamba_norm: the single-process build's MLP and Mamba layers; "
-                         "mamba_conv: both builds' Mamba layers)")
+                         "mamba_conv, mamba_states: both builds' Mamba layers)")
 
 
 def linear_of_recomputed(fn, inputs: tuple, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 Owns `ssd_scan` for the Triton path: argument checks that only the Triton path needs (chunk
 size a power of two >= 16), the forward (triton_fwd) and backward (triton_bwd) orchestration,
-what the backward keeps (x, B, C, or with `conv_source` the conv's input, rerun in the backward),
-and the SiLU gate backward (PyTorch elementwise; the rest of the backward tail, from d(cumsum dA)
+what the backward keeps (x, B, C, or with `conv_source` the conv's input, rerun in the backward;
+the CB matrices and chunk states, or with `recompute_states` neither: the backward reruns the
+forward kernels that made them, the same bits), and the SiLU gate backward (PyTorch elementwise; the rest of the backward tail, from d(cumsum dA)
 to ddt, dA and d dt_bias, is the fused triton_bwd.dt_bwd kernel).
 Shapes as in kernels.ssd.reference.
 """
@@ -31,7 +32,7 @@ def _xbc_from_conv(conv_x, conv_w, conv_b, seq_idx, silu, x_shape, bc_shape):
 class _SSDScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states, chunk_size, dt_softplus, dt_limit,
-                conv_x, conv_w, conv_b, conv_silu):
+                recompute_states, conv_x, conv_w, conv_b, conv_silu):
         batch, seqlen, nheads, hdim = x.shape
         prec = dot_precision(x.dtype)
         dtp, cs = fwd.dt_cumsum(dt, dt_bias, A, chunk_size, dt_softplus, dt_limit)
@@ -44,20 +45,25 @@ class _SSDScan(torch.autograd.Function):
         # prev_lp is not kept: the dB/dC kernel rounds the float32 prev to the input dtype as it loads
         # it (the same bits as prev_lp), which saves a (batch, nchunks, nheads, headdim, dstate) tensor
         del prev_lp
+        ctx.recompute_states = recompute_states
+        ctx.has_init = initial_states is not None
+        if recompute_states:  # rerun compute_cb, chunk_outer and state_pass in the backward instead
+            cb = prev = None
+        else:
+            initial_states = None  # only a rerun of state_pass needs it
         ctx.conv = conv_x is not None
         if ctx.conv:  # x, B, C are slices of the conv's output: keep its input, rerun it in backward
             ctx.conv_silu, ctx.xbc_shapes = conv_silu, (x.shape, B.shape)
             x = B = C = None
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre, cb, prev, final, dtp, cs,
-                              conv_x, conv_w, conv_b)
+                              initial_states, conv_x, conv_w, conv_b)
         ctx.chunk_size, ctx.dt_softplus, ctx.dt_limit = chunk_size, dt_softplus, dt_limit
-        ctx.has_init = initial_states is not None
         ctx.set_materialize_grads(False)
         return out, final
 
     @staticmethod
     def backward(ctx, dout, dfinal):
-        x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre, cb, prev, final, dtp, cs, conv_x, conv_w, conv_b = \
+        x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre, cb, prev, final, dtp, cs, init, conv_x, conv_w, conv_b = \
             ctx.saved_tensors
         if ctx.conv:
             x, B, C = _xbc_from_conv(conv_x, conv_w, conv_b, seq_idx, ctx.conv_silu, *ctx.xbc_shapes)
@@ -65,6 +71,11 @@ class _SSDScan(torch.autograd.Function):
         batch, seqlen, nheads, hdim = x.shape
         ngroups = B.shape[2]
         prec = dot_precision(x.dtype)
+        if ctx.recompute_states:  # the forward's kernels on the same inputs: the same bits
+            cb = fwd.compute_cb(C, B, Q, prec)
+            states = fwd.chunk_outer(x, B, dtp, cs, seq_idx, Q, 0, prec)
+            prev = fwd.state_pass(states, cs, seq_idx, init, seqlen, Q)[0]
+            del states
         if dout is None:
             dout = torch.zeros_like(x)
         dz = None
@@ -90,16 +101,17 @@ class _SSDScan(torch.autograd.Function):
         if dD is not None:
             dD = dD.to(D.dtype)
         dinit = dinit if ctx.has_init else None
-        return dx, ddt, dA, dB, dC, dD, dz, ddt_bias, None, dinit, None, None, None, None, None, None, None
+        return dx, ddt, dA, dB, dC, dD, dz, ddt_bias, None, dinit, None, None, None, None, None, None, None, None
 
 
 def ssd_scan(
     x, dt, A, B, C, *, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=True,
     dt_limit=(0.0, float("inf")), seq_idx=None, initial_states=None, return_final_states=False,
-    conv_source=None,
+    conv_source=None, recompute_states=False,
 ):
     """Triton SSD scan; same contract as kernels.ssd.reference.ssd_scan (final states float32).
-    With conv_source, x, B and C are not kept for the backward: it reruns the conv instead."""
+    With conv_source, x, B and C are not kept for the backward: it reruns the conv instead. With
+    recompute_states, neither are the CB matrices and the float32 chunk states: it reruns their kernels."""
     _check_shapes(x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states)
     conv = _check_conv_source(conv_source, x, B)
     Q = int(chunk_size)
@@ -117,7 +129,7 @@ def ssd_scan(
         initial_states = initial_states.float().contiguous()
     out, final = _SSDScan.apply(
         x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states, Q, bool(dt_softplus),
-        (float(dt_limit[0]), float(dt_limit[1])), *conv,
+        (float(dt_limit[0]), float(dt_limit[1])), bool(recompute_states), *conv,
     )
     return (out, final) if return_final_states else out
 

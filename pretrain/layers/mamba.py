@@ -4,7 +4,8 @@ Order: in_proj -> z, x, B, C, dt; causal depthwise conv1d (+bias) + SiLU over (x
 dt = softplus(dt + dt_bias) clamped to dt_limit; A = -exp(A_log); SSD scan with D skip;
 grouped gated RMSNorm norm(y * silu(z)); out_proj. With the `mamba_norm` recomputation
 (trainer.recompute) the normed tensor is not kept for out_proj's backward but recomputed there;
-with `mamba_conv` the SSD scan keeps the conv's input instead of its output (kernels.ssd conv_source).
+with `mamba_conv` the SSD scan keeps the conv's input instead of its output (kernels.ssd conv_source);
+with `mamba_states` it keeps neither its CB matrices nor its chunk states but reruns their kernels.
 
 Parameter layout follows Nemotron-H so that exports need no reshuffling beyond the conv weight:
 in_proj packs [z (d_inner), x (d_inner), B (ngroups*dstate), C (ngroups*dstate), dt (nheads)].
@@ -35,6 +36,7 @@ class Mamba2Mixer(nn.Module):
 
     recompute_norm = False  # set by pretrain.recompute.apply_policy (trainer.recompute includes mamba_norm)
     recompute_conv = False  # likewise for mamba_conv
+    recompute_states = False  # likewise for mamba_states
 
     def __init__(self, d_model: int, cfg: MambaConfig, *, norm_eps: float):
         super().__init__()
@@ -82,6 +84,7 @@ class Mamba2Mixer(nn.Module):
             dt_limit=(self.cfg.dt_limit_min, self.cfg.dt_limit_max),
             seq_idx=seq_idx,
             conv_source=conv_source,
+            recompute_states=self.recompute_states,
         )
         y = y.reshape(batch, seqlen, self.d_inner)
         if self.recompute_norm and torch.is_grad_enabled():

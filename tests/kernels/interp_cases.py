@@ -97,6 +97,36 @@ def run_conv_ssd_source(name, batch=2, seqlen=45, nheads=4, hdim=8, ngroups=2, d
     return name, res
 
 
+def run_ssd_recompute_states(name, batch=2, seqlen=45, nheads=4, hdim=5, ngroups=2, dstate=6, chunk=16):
+    """The SSD scan with and without recompute_states (seq_idx, initial states, z, final states):
+    the output and every gradient must be the same bits (the backward reruns the forward's kernels on
+    the same inputs), and with it neither the float32 chunk states nor the CB matrices are kept."""
+    t, opt = make_inputs(batch, seqlen, nheads, hdim, ngroups, dstate, dtype=torch.float32, grad=True)
+    leaves = {**t, **{k: v for k, v in opt.items() if k != "seq_idx"}}
+    nchunks = -(-seqlen // chunk)
+    states_shape, cb_shape = (batch, nchunks, nheads, hdim, dstate), (batch, nchunks, ngroups, chunk, chunk)
+    seeds = None
+    runs = []
+    for recompute in (False, True):
+        kept = set()
+
+        def pack(t):
+            kept.add(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y, fs = kernels.ssd_scan(**t, **opt, chunk_size=chunk, return_final_states=True,
+                                     recompute_states=recompute)
+        seeds = seeds or (torch.randn_like(y), torch.randn_like(fs))
+        grads = torch.autograd.grad((y * seeds[0]).sum() + (fs * seeds[1]).sum(), list(leaves.values()))
+        runs.append((y, fs, grads, float(states_shape in kept), float(cb_shape in kept)))
+    (y0, f0, g0, s0, c0), (y1, f1, g1, s1, c1) = runs
+    res = {"y": float((y1 - y0).abs().max().detach()), "final_states": float((f1 - f0).abs().max().detach()),
+           "states_kept_without": s0, "cb_kept_without": c0, "states_kept_with": s1, "cb_kept_with": c1}
+    res.update({f"d{k}": float((a - b).abs().max()) for k, a, b in zip(leaves, g1, g0)})
+    return name, res
+
+
 def run_conv(name, width, act, batch=2, seqlen=37, dim=24, cuts=((5, 6, 20), (31,)), bias=True, strided=False):
     """cuts[row]: positions where a new document starts (None: no seq_idx). strided: x is a
     (batch, dim, seqlen) tensor transposed and the output gradient a (seqlen, batch, dim) one."""
@@ -157,6 +187,7 @@ def main():
     for name, (shape, chunk, kw) in SSD_CASES.items():
         out.update([run_ssd(name, shape, chunk, **kw)])
     out.update([run_conv_ssd_source("ssd_conv_source")])
+    out.update([run_ssd_recompute_states("ssd_recompute_states")])
     for width in (2, 3, 4):
         out.update([run_conv(f"conv_w{width}_silu", width, "silu")])
     out.update([run_conv("conv_w4_none", 4, None)])

@@ -231,6 +231,19 @@ def test_ssd_conv_source_same_bits_bf16():
     assert all(torch.isfinite(g).all() for g in g1)
 
 
+def test_ssd_recompute_states_same_bits_bf16():
+    """recompute_states (CB and chunk states rerun in the backward) against keeping them: the same
+    output, final-state and gradient bits (seq_idx, initial states, z, several groups)."""
+    t, opt = ssd_inputs(2, 1500, 16, 64, 2, 128, torch.bfloat16)
+    poison()
+    y0, f0, g0, seeds = run_ssd(kernels.ssd_scan, t, opt, 256)
+    poison()
+    y1, f1, g1, _ = run_ssd(kernels.ssd_scan, t, opt, 256, seeds=seeds, recompute_states=True)
+    assert torch.equal(y0, y1) and torch.equal(f0, f1)
+    assert all(torch.equal(g0[k], g1[k]) for k in g0), [k for k in g0 if not torch.equal(g0[k], g1[k])]
+    assert all(torch.isfinite(g).all() for g in g1.values())
+
+
 @pytest.mark.parametrize("width", [2, 3, 4])
 def test_conv1d_bf16_vs_reference(width):
     x = torch.randn(2, 3001, 768, device="cuda", dtype=torch.bfloat16)

@@ -60,6 +60,15 @@ def test_ssd_conv_source_same_bits_without_keeping_the_conv_output(results):
     assert all(v == 0.0 for v in res.values()), res  # max |difference|: the same kernels on the same bits
 
 
+def test_ssd_recompute_states_same_bits_without_keeping_the_states(results):
+    res = dict(results["ssd_recompute_states"])
+    # the check can see the chunk states and CB matrices when they are kept
+    assert res.pop("states_kept_without") == 1.0 and res.pop("cb_kept_without") == 1.0
+    assert res.pop("states_kept_with") == 0.0 and res.pop("cb_kept_with") == 0.0
+    assert {"y", "final_states", "dx", "ddt", "dA", "dB", "dC", "dD", "dz", "ddt_bias", "dinitial_states"} == set(res)
+    assert all(v == 0.0 for v in res.values()), res  # max |difference|: the same kernels on the same bits
+
+
 @pytest.mark.parametrize("case", ["conv_w2_silu", "conv_w3_silu", "conv_w4_silu", "conv_w4_none", "conv_w4_silu_long",
                                   "conv_w3_silu_long_nobias", "conv_w2_none_long_nobias", "conv_w4_silu_noseq"])
 def test_conv1d_triton_matches_reference(results, case):

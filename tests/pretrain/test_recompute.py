@@ -45,7 +45,7 @@ def _step(policy: str, router: str, mlp: str = "swiglu") -> tuple[float, dict, t
 
 @pytest.mark.parametrize("router", ["sigmoid_bias", "softmax_aux"])
 @pytest.mark.parametrize("policy, mlp", [("full", "swiglu"), ("mamba,moe", "swiglu"), ("attention,mlp", "swiglu"),
-                                         ("mlp_act,mamba_norm,mamba_conv", "swiglu"), ("mlp_act,mamba_norm", "relu2"),
+                                         ("mlp_act,mamba_norm,mamba_conv,mamba_states", "swiglu"), ("mlp_act,mamba_norm", "relu2"),
                                          ("attention,mlp_act", "swiglu")])
 def test_recomputation_gives_the_same_loss_gradients_and_routing_counts(policy, mlp, router):
     loss0, grads0, counts0, saved0 = _step("none", router, mlp)
@@ -98,3 +98,25 @@ def test_a_part_without_layers_to_act_on_is_an_error():
     _, model = tiny_model("model.pattern=M*M")  # no MLP, no MoE
     with pytest.raises(ValueError, match="mlp_act, but this model build has no layer"):
         apply_policy(model, parse_policy("mlp_act"))
+
+
+def test_mamba_states_reaches_the_ssd_scan(monkeypatch):
+    """The part is a flag the mixer hands to kernels.ssd (whose own test checks the same bits with
+    less kept, tests/kernels/test_kern_triton_interp.py): every mixer passes it, only when asked."""
+    import pretrain.layers.mamba as mamba_layer
+
+    seen = []
+    real = mamba_layer.ssd_scan
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("recompute_states"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mamba_layer, "ssd_scan", spy)
+    for policy, expected in (("none", False), ("mamba_states", True)):
+        seen.clear()
+        _, model = tiny_model("model.pattern=M*M-")
+        apply_policy(model, parse_policy(policy))
+        batch = _batch()
+        model.loss(batch["tokens"], batch["labels"], batch["seq_idx"])
+        assert seen == [expected, expected], (policy, seen)
