@@ -14,6 +14,11 @@ and the memory one forward keeps per residual block (saved activations + output,
 The comparison in the same run is the same preset with `kernels.backend=torch` (the PyTorch
 reference kernels); a row that runs out of memory says OOM.
 
+A step is one micro-batch and one optimizer step by default. `--accum N` makes a step N
+micro-batches of gradient accumulation and one optimizer step, as the presets' global batches do
+on one GPU (hybrid_460m: 256 / 8 = 32); "step ms" is then the whole step, the data, fwd and fwd+bwd
+columns stay per micro-batch.
+
 `--profile N` also runs N steps under torch.profiler per row and prints the GPU kernels with the
 most time and the launches per step (where the remaining time goes).
 
@@ -59,7 +64,7 @@ def split_overrides(text: str) -> list[str]:
     return out
 
 
-def build_trainer(spec: str, backend: str, steps: int, workdir: Path) -> Trainer:
+def build_trainer(spec: str, backend: str, steps: int, workdir: Path, accum: int = 1) -> Trainer:
     path, _, extra = spec.partition(":")
     overrides = split_overrides(extra)
     cfg = load_config([path], overrides)
@@ -71,7 +76,7 @@ def build_trainer(spec: str, backend: str, steps: int, workdir: Path) -> Trainer
         f"data.path={data_dir}", "data.demo_corpus=false", f"kernels.backend={backend}",
         f"run.dir={workdir / 'runs'}", f"run.name=bench_{Path(path).stem}_{backend}",
         f"trainer.max_steps={steps}", "trainer.max_tokens=0", "checkpoint.interval=0",
-        f"data.global_batch_size={cfg.data.micro_batch_size}",
+        f"data.global_batch_size={cfg.data.micro_batch_size * accum}",
     ])
     derived = validate(cfg, 1)
     return Trainer(cfg, derived, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cuda")))
@@ -166,7 +171,8 @@ def run_row(spec: str, backend: str, args, workdir: Path) -> dict:
     trainer = None
     try:
         torch.cuda.reset_peak_memory_stats()
-        trainer = build_trainer(spec, backend, args.warmup + args.steps + args.split_steps + args.profile, workdir)
+        trainer = build_trainer(spec, backend, args.warmup + args.steps + args.split_steps + args.profile, workdir,
+                                args.accum)
         for _ in range(args.warmup):
             trainer.train_step()
         step_s = timed_steps(trainer, args.steps)
@@ -177,7 +183,8 @@ def run_row(spec: str, backend: str, args, workdir: Path) -> dict:
         tokens = trainer.derived.tokens_per_step
         tflops = trainer.flops_per_token * tokens / step_s / 1e12
         row.update(
-            batch=f"{trainer.cfg.data.micro_batch_size}x{trainer.cfg.data.seq_len}",
+            batch=f"{trainer.cfg.data.micro_batch_size}x{trainer.cfg.data.seq_len}"
+                  + (f" x{args.accum}" if args.accum > 1 else ""),
             params=f"{trainer.params['total'] / 1e6:.0f}M/{trainer.params['active'] / 1e6:.0f}M",
             tok_s=tokens / step_s, tflops=tflops,
             mfu=tflops / trainer.peak_tflops if trainer.peak_tflops else float("nan"),
@@ -217,6 +224,7 @@ def row_in_fresh_process(spec: str, backend: str, args, workdir: Path) -> dict:
     row (measured: ~15 GB left by a jamba_like row) shows in this row's peak memory or speed."""
     cmd = [sys.executable, __file__, spec, "--backends", backend, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--split-steps", str(args.split_steps), "--profile", str(args.profile),
+           "--accum", str(args.accum),
            "--one-row", str(workdir)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = proc.stdout.splitlines()
@@ -241,8 +249,12 @@ def main() -> None:
     parser.add_argument("--backends", default="triton,torch")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="also profile STEPS steps per row and print the top GPU kernels")
+    parser.add_argument("--accum", type=int, default=1, metavar="N",
+                        help="micro-batches per optimizer step (data.global_batch_size = micro x N; default 1)")
     parser.add_argument("--one-row", metavar="WORKDIR", help=argparse.SUPPRESS)  # internal: one row, as JSON
     args = parser.parse_args()
+    if args.accum < 1:
+        parser.error(f"--accum must be >= 1, got {args.accum}")
     if not torch.cuda.is_available():
         sys.exit("bench/train.py needs a CUDA GPU")
     logging.basicConfig(level=logging.WARNING)
