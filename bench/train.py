@@ -22,6 +22,9 @@ columns stay per micro-batch.
 `--profile N` also runs N steps under torch.profiler per row and prints the GPU kernels with the
 most time and the launches per step (where the remaining time goes).
 
+`--device cpu` runs the same rows on the CPU (float32, no memory figures): a smoke test of this
+script for CI (tests/pretrain/test_bench_train.py), not a measurement.
+
 The LM head + cross-entropy run in chunks of `trainer.loss_chunk_tokens` tokens (default null =
 4096 on CUDA; pretrain/chunked_loss.py), which computes the head's gradients inside the forward:
 the "fwd ms" column then includes them. To compare with materialised logits, or other chunks:
@@ -64,7 +67,7 @@ def split_overrides(text: str) -> list[str]:
     return out
 
 
-def build_trainer(spec: str, backend: str, steps: int, workdir: Path, accum: int = 1) -> Trainer:
+def build_trainer(spec: str, backend: str, steps: int, workdir: Path, accum: int, device: torch.device) -> Trainer:
     path, _, extra = spec.partition(":")
     overrides = split_overrides(extra)
     cfg = load_config([path], overrides)
@@ -79,11 +82,21 @@ def build_trainer(spec: str, backend: str, steps: int, workdir: Path, accum: int
         f"data.global_batch_size={cfg.data.micro_batch_size * accum}",
     ])
     derived = validate(cfg, 1)
-    return Trainer(cfg, derived, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cuda")))
+    return Trainer(cfg, derived, DistInfo(rank=0, world_size=1, local_rank=0, device=device))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def timed_steps(trainer: Trainer, steps: int) -> float:
-    """Seconds per step over `steps` unsynchronised steps (events at both ends)."""
+    """Seconds per step over `steps` unsynchronised steps (CUDA events at both ends)."""
+    if trainer.device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step()
+        return (time.perf_counter() - t0) / steps
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(steps):
@@ -96,22 +109,22 @@ def timed_steps(trainer: Trainer, steps: int) -> float:
 def phase_split(trainer: Trainer, steps: int) -> dict[str, float]:
     """Median seconds of each phase, synchronising between phases."""
     phases: dict[str, list[float]] = {"data": [], "fwd+bwd": [], "optimizer": [], "forward": []}
-    engine = trainer.engine
+    engine, dev = trainer.engine, trainer.device
     for _ in range(steps):
-        torch.cuda.synchronize()
+        synchronize(dev)
         t0 = time.perf_counter()
         batch = trainer.next_batch()
-        torch.cuda.synchronize()
+        synchronize(dev)
         t1 = time.perf_counter()
         engine.forward_backward(batch, 1.0)
-        torch.cuda.synchronize()
+        synchronize(dev)
         t2 = time.perf_counter()
         engine.step(trainer.cfg.optim.lr * 0.01)
-        torch.cuda.synchronize()
+        synchronize(dev)
         t3 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(dev.type, dtype=trainer.amp_dtype or torch.float32, enabled=trainer.amp_dtype is not None):
             loss, _ = engine.model.loss(batch["tokens"], batch["labels"], batch["seq_idx"], 0.0)
-        torch.cuda.synchronize()
+        synchronize(dev)
         t4 = time.perf_counter()
         del loss
         for key, value in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
@@ -124,6 +137,8 @@ def block_activation_mb(trainer: Trainer) -> dict[str, float]:
     allocator's bytes after a block's forward minus before it (its saved activations plus its
     (batch, seqlen, d_model) output), read on the host at enqueue time, no sync needed."""
     engine = trainer.engine
+    if trainer.device.type != "cuda":
+        return {}
     layers = getattr(engine.model, "layers", [])
     sizes: dict[str, list[float]] = {}
     before: list[int] = []
@@ -134,7 +149,7 @@ def block_activation_mb(trainer: Trainer) -> dict[str, float]:
             (torch.cuda.memory_allocated() - before.pop()) / 2**20)))
     try:
         batch = trainer.next_batch()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=trainer.amp_dtype or torch.float32, enabled=trainer.amp_dtype is not None):
             loss, _ = engine.model.loss(batch["tokens"], batch["labels"], batch["seq_idx"], 0.0)
         del loss
     finally:
@@ -169,10 +184,13 @@ def run_row(spec: str, backend: str, args, workdir: Path) -> dict:
     row = {"config": spec.split(":")[0].split("/")[-1].removesuffix(".yaml"), "backend": backend,
            "overrides": spec.partition(":")[2]}
     trainer = None
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
     try:
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         trainer = build_trainer(spec, backend, args.warmup + args.steps + args.split_steps + args.profile, workdir,
-                                args.accum)
+                                args.accum, device)
         for _ in range(args.warmup):
             trainer.train_step()
         step_s = timed_steps(trainer, args.steps)
@@ -188,7 +206,7 @@ def run_row(spec: str, backend: str, args, workdir: Path) -> dict:
             params=f"{trainer.params['total'] / 1e6:.0f}M/{trainer.params['active'] / 1e6:.0f}M",
             tok_s=tokens / step_s, tflops=tflops,
             mfu=tflops / trainer.peak_tflops if trainer.peak_tflops else float("nan"),
-            mem_gb=torch.cuda.max_memory_allocated() / 2**30, step_ms=step_s * 1e3,
+            mem_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"), step_ms=step_s * 1e3,
             **{f"{k}_ms": v * 1e3 for k, v in split.items()},
             act_mb=act_mb,
         )
@@ -199,7 +217,8 @@ def run_row(spec: str, backend: str, args, workdir: Path) -> dict:
     finally:
         del trainer
         gc.collect()
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
     return row
 
 
@@ -224,7 +243,7 @@ def row_in_fresh_process(spec: str, backend: str, args, workdir: Path) -> dict:
     row (measured: ~15 GB left by a jamba_like row) shows in this row's peak memory or speed."""
     cmd = [sys.executable, __file__, spec, "--backends", backend, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--split-steps", str(args.split_steps), "--profile", str(args.profile),
-           "--accum", str(args.accum),
+           "--accum", str(args.accum), "--device", args.device,
            "--one-row", str(workdir)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = proc.stdout.splitlines()
@@ -251,12 +270,14 @@ def main() -> None:
                         help="also profile STEPS steps per row and print the top GPU kernels")
     parser.add_argument("--accum", type=int, default=1, metavar="N",
                         help="micro-batches per optimizer step (data.global_batch_size = micro x N; default 1)")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                        help="cpu: a smoke test of this script (float32, no memory figures), not a measurement")
     parser.add_argument("--one-row", metavar="WORKDIR", help=argparse.SUPPRESS)  # internal: one row, as JSON
     args = parser.parse_args()
     if args.accum < 1:
         parser.error(f"--accum must be >= 1, got {args.accum}")
-    if not torch.cuda.is_available():
-        sys.exit("bench/train.py needs a CUDA GPU")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench/train.py needs a CUDA GPU (--device cpu runs it as a smoke test)")
     logging.basicConfig(level=logging.WARNING)
     if args.one_row:
         row = run_row(args.specs[0], args.backends, args, Path(args.one_row))
@@ -269,7 +290,8 @@ def main() -> None:
             for backend in args.backends.split(","):
                 rows.append(row_in_fresh_process(spec, backend, args, Path(tmp)))
                 print(rows[-1], flush=True)
-    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}; MFU against the bf16 dense peak\n")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (smoke test, not a measurement)"
+    print(f"\n{where}, torch {torch.__version__}; MFU against the bf16 dense peak\n")
     print_table(rows)
 
 

@@ -1,0 +1,62 @@
+"""bench/train.py on the CPU (`--device cpu`, a smoke test, not a measurement): the GPU sessions that
+run it are short, so a broken row or option must show here first. A row builds the real trainer,
+a step of `--accum N` consumes N micro-batches and makes one optimizer step, and the table prints."""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+from train import build_trainer, run_row  # noqa: E402
+
+SPEC = "configs/demo.yaml:data.micro_batch_size=2,data.seq_len=64,model.pattern=M*-E"
+
+
+def test_accum_step_takes_n_micro_batches_and_one_optimizer_step(tmp_path):
+    trainer = build_trainer(str(ROOT / SPEC), "torch", 4, tmp_path, 3, torch.device("cpu"))
+    assert trainer.derived.grad_accum_steps == 3
+    assert trainer.derived.tokens_per_step == 3 * 2 * 64
+    calls = {"batches": 0, "steps": 0}
+    next_batch, step = trainer.next_batch, trainer.engine.step
+
+    def counting_batch():
+        calls["batches"] += 1
+        return next_batch()
+
+    def counting_step(*a, **k):
+        calls["steps"] += 1
+        return step(*a, **k)
+
+    trainer.next_batch, trainer.engine.step = counting_batch, counting_step
+    trainer.train_step()
+    assert calls == {"batches": 3, "steps": 1}
+
+
+def test_one_row_in_process(tmp_path):
+    args = argparse.Namespace(steps=1, warmup=1, split_steps=1, profile=0, accum=2, device="cpu")
+    row = run_row(str(ROOT / SPEC), "torch", args, tmp_path)
+    assert "error" not in row, row
+    assert row["batch"] == "2x64 x2"
+    assert row["tok_s"] == pytest.approx(2 * 64 * 2 / (row["step_ms"] / 1e3), rel=1e-9)
+    assert row["step_ms"] > 0 and row["fwd+bwd_ms"] > 0 and row["optimizer_ms"] > 0
+
+
+def test_command_line_prints_the_table():
+    proc = subprocess.run([sys.executable, "bench/train.py", SPEC, "--device", "cpu", "--steps", "1", "--warmup", "0",
+                           "--split-steps", "1", "--accum", "2", "--backends", "torch"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| demo")]
+    assert len(rows) == 1 and "| torch | 2x64 x2 |" in rows[0], proc.stdout[-3000:]
+
+
+def test_bad_accum_is_refused():
+    proc = subprocess.run([sys.executable, "bench/train.py", SPEC, "--device", "cpu", "--accum", "0"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--accum must be >= 1, got 0" in proc.stderr
