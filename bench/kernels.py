@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 # run as a script, this file's folder comes first on sys.path and its name would shadow the package
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
@@ -44,6 +45,10 @@ CHUNK_SWEEP = [  # (preset, (batch, seqlen, nheads, headdim, ngroups, dstate)): 
 
 
 def bench(fn, grad_to_none=None):
+    if not torch.cuda.is_available():  # the CPU smoke test of `breakdown` (interpreter): one timed call
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
     return triton.testing.do_bench(fn, warmup=25, rep=200, grad_to_none=grad_to_none, return_mode="median")
 
 
@@ -118,12 +123,15 @@ def sdpa_case(batch, seqlen):
         return bench(fwd), bench(fwdbwd, grad_to_none=[q, k, v])
 
 
-def breakdown(batch, seqlen, h, p, g, n, q=256):
-    """Median time of each SSD kernel launch (forward and backward pieces) at one shape."""
+def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
+    """Median time of each SSD kernel launch (forward and backward pieces) at one shape, called as
+    kernels/ssd/triton_op.py calls them (tests/kernels/test_bench_kernels.py runs it on the CPU under
+    the interpreter, so that a change there cannot leave this behind unnoticed)."""
+    from kernels._triton_utils import dot_precision
     from kernels.ssd import triton_bwd as bwd
     from kernels.ssd import triton_fwd as fwd
 
-    dev, dt_ = "cuda", torch.bfloat16
+    prec = dot_precision(dt_)
     x = torch.randn(batch, seqlen, h, p, device=dev, dtype=dt_)
     dt = (torch.randn(batch, seqlen, h, device=dev) - 1).to(dt_)
     A = -torch.exp(torch.rand(h, device=dev) * 2 - 1)
@@ -134,25 +142,26 @@ def breakdown(batch, seqlen, h, p, g, n, q=256):
     dy = torch.randn_like(x)
     lim = (0.0, float("inf"))
     dtp, cs = fwd.dt_cumsum(dt, bias, A, q, True, lim)
-    cb = fwd.compute_cb(C, B, q, "tf32")
-    st = fwd.chunk_outer(x, B, dtp, cs, None, q, 0, "tf32")
+    cb = fwd.compute_cb(C, B, q, prec)
+    st = fwd.chunk_outer(x, B, dtp, cs, None, q, 0, prec)
     prev, prev_lp, final = fwd.state_pass(st, cs, None, None, seqlen, q, dt_)
-    dprev = fwd.chunk_outer(dy, C, dtp, cs, None, q, 1, "tf32")
+    dprev = fwd.chunk_outer(dy, C, dtp, cs, None, q, 1, prec)
     dS, dS_lp, dinit, last = bwd.state_pass_bwd(dprev, prev, final, None, cs, None, seqlen, q, dt_)
-    dx, ddtp, dcs, dD = bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, "tf32")
-    dcb, rows = bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, "tf32")
-    _, _, offd = bwd.chunk_dbc(x, dy, B, C, prev_lp, dS_lp, dcb, dtp, cs, None, q, "tf32")
+    dx, ddtp, dcs, dD = bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, prec)
+    dcb, rows = bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, prec)
+    # as the training backward calls it: the float32 prev, rounded by the kernel as it loads it
+    _, _, offd = bwd.chunk_dbc(x, dy, B, C, prev, dS_lp, dcb, dtp, cs, None, q, prec)
     parts = [
         ("fwd dt_cumsum", lambda: fwd.dt_cumsum(dt, bias, A, q, True, lim)),
-        ("fwd CB", lambda: fwd.compute_cb(C, B, q, "tf32")),
-        ("fwd chunk states", lambda: fwd.chunk_outer(x, B, dtp, cs, None, q, 0, "tf32")),
+        ("fwd CB", lambda: fwd.compute_cb(C, B, q, prec)),
+        ("fwd chunk states", lambda: fwd.chunk_outer(x, B, dtp, cs, None, q, 0, prec)),
         ("fwd state passing", lambda: fwd.state_pass(st, cs, None, None, seqlen, q, dt_)),
-        ("fwd chunk scan", lambda: fwd.chunk_scan(cb, x, None, D, C, prev_lp, dtp, cs, None, q, False, "tf32")),
-        ("bwd dprev", lambda: fwd.chunk_outer(dy, C, dtp, cs, None, q, 1, "tf32")),
+        ("fwd chunk scan", lambda: fwd.chunk_scan(cb, x, None, D, C, prev_lp, dtp, cs, None, q, False, prec)),
+        ("bwd dprev", lambda: fwd.chunk_outer(dy, C, dtp, cs, None, q, 1, prec)),
         ("bwd state passing", lambda: bwd.state_pass_bwd(dprev, prev, final, None, cs, None, seqlen, q, dt_)),
-        ("bwd dx/ddt", lambda: bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, "tf32")),
-        ("bwd dCB", lambda: bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, "tf32")),
-        ("bwd dB/dC", lambda: bwd.chunk_dbc(x, dy, B, C, prev_lp, dS_lp, dcb, dtp, cs, None, q, "tf32")),
+        ("bwd dx/ddt", lambda: bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, prec)),
+        ("bwd dCB", lambda: bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, prec)),
+        ("bwd dB/dC", lambda: bwd.chunk_dbc(x, dy, B, C, prev, dS_lp, dcb, dtp, cs, None, q, prec)),
         ("bwd dt tail", lambda: bwd.dt_bwd(dcs, rows, offd, last, ddtp, dtp, dt, bias, A, True, lim)),
     ]
     return [(name, bench(fn)) for name, fn in parts]
