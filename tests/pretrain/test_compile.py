@@ -2,7 +2,9 @@
 
 CPU: float32, the losses of a few optimizer steps equal the eager engine's to float32 rounding
 (inductor reorders sums). GPU (`-m gpu`): bf16 autocast with the Triton kernels inside the compiled
-blocks, within bf16 noise of eager. The first compile of the tiny model takes 10-100 s on CPU.
+blocks, within bf16 noise of eager. Both also with the recompute parts (trainer.recompute=mlp_act,...),
+whose autograd functions run outside the compiled graphs. The first compile of the tiny model takes
+10-100 s on CPU.
 """
 from __future__ import annotations
 
@@ -34,19 +36,25 @@ def _losses(compile_blocks: bool, device: torch.device, steps: int, extra: tuple
     return losses
 
 
+# the recompute parts change what is kept, not the math: compiled with them trains like eager without
+PARTS = ("trainer.recompute=mlp_act,mamba_norm,mamba_conv,mamba_states",)
+
+
 @pytest.mark.slow
-def test_compiled_blocks_train_like_eager_on_cpu():
+@pytest.mark.parametrize("parts", [(), PARTS], ids=["plain", "recompute_parts"])
+def test_compiled_blocks_train_like_eager_on_cpu(parts):
     torch._dynamo.reset()
-    eager, compiled = _losses(False, torch.device("cpu"), 4), _losses(True, torch.device("cpu"), 4)
+    eager, compiled = _losses(False, torch.device("cpu"), 4), _losses(True, torch.device("cpu"), 4, parts)
     assert compiled == pytest.approx(eager, rel=1e-5)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_compiled_blocks_train_like_eager_on_gpu_bf16():
+@pytest.mark.parametrize("parts", [(), PARTS], ids=["plain", "recompute_parts"])
+def test_compiled_blocks_train_like_eager_on_gpu_bf16(parts):
     torch._dynamo.reset()
     extra = ("model.d_model=64", "model.mamba.head_dim=16", "model.mamba.d_state=16", "model.mamba.chunk_size=16",
              "model.mlp.d_ff=128", "model.moe.d_ff=64", "data.seq_len=64")
     eager = _losses(False, torch.device("cuda"), 6, extra)
-    compiled = _losses(True, torch.device("cuda"), 6, extra)
+    compiled = _losses(True, torch.device("cuda"), 6, extra + parts)
     assert compiled == pytest.approx(eager, rel=2e-2)  # bf16: ~3 significant digits per op
