@@ -8,7 +8,9 @@ synthetic packed dataset of the preset's vocabulary and sequence length, runs `-
 then times `--steps` steps with CUDA events. Every row runs in a fresh process (nothing of an
 earlier row stays in its memory figures). Columns: tokens/s, TFLOP/s per GPU and MFU (the
 trainer's own formula, pretrain/flops.py: 3 x forward FLOPs of every matmul incl. the attention and
-SSD terms, over the device's bf16 dense peak), peak memory, and the split of a step into data,
+SSD terms, over the device's bf16 dense peak), peak memory, the memory resident between steps
+(parameters, optimizer state, kept gradient buffers: peak minus it is what a step adds), and the
+split of a step into data,
 forward+backward and optimizer (synchronised per phase in a separate pass), plus forward alone,
 and the memory one forward keeps per residual block (saved activations + output, by block kind).
 The comparison in the same run is the same preset with `kernels.backend=torch` (the PyTorch
@@ -195,6 +197,8 @@ def run_row(spec: str, backend: str, args, workdir: Path) -> dict:
             trainer.train_step()
         step_s = timed_steps(trainer, args.steps)
         split = phase_split(trainer, args.split_steps)
+        # between steps (no graph alive): parameters, optimizer state, gradient buffers the engine keeps
+        resident_gb = torch.cuda.memory_allocated() / 2**30 if cuda else float("nan")
         act_mb = block_activation_mb(trainer)
         if args.profile:
             print_profile(trainer, args.profile)
@@ -206,7 +210,8 @@ def run_row(spec: str, backend: str, args, workdir: Path) -> dict:
             params=f"{trainer.params['total'] / 1e6:.0f}M/{trainer.params['active'] / 1e6:.0f}M",
             tok_s=tokens / step_s, tflops=tflops,
             mfu=tflops / trainer.peak_tflops if trainer.peak_tflops else float("nan"),
-            mem_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"), step_ms=step_s * 1e3,
+            mem_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"), resident_gb=resident_gb,
+            step_ms=step_s * 1e3,
             **{f"{k}_ms": v * 1e3 for k, v in split.items()},
             act_mb=act_mb,
         )
@@ -223,7 +228,7 @@ def run_row(spec: str, backend: str, args, workdir: Path) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = ["config", "backend", "batch", "params(tot/act)", "tok/s", "TFLOP/s", "MFU", "peak GB", "step ms",
+    head = ["config", "backend", "batch", "params(tot/act)", "tok/s", "TFLOP/s", "MFU", "peak GB", "resident GB", "step ms",
             "data ms", "fwd ms", "fwd+bwd ms", "optim ms", "kept MB per block"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -233,7 +238,7 @@ def print_table(rows: list[dict]) -> None:
             print(f"| {name} | {r['backend']} | " + r["error"] + " |" * (len(head) - 2))
             continue
         print(f"| {name} | {r['backend']} | {r['batch']} | {r['params']} | {r['tok_s'] / 1e3:.1f}K | "
-              f"{r['tflops']:.1f} | {100 * r['mfu']:.1f}% | {r['mem_gb']:.1f} | {r['step_ms']:.0f} | "
+              f"{r['tflops']:.1f} | {100 * r['mfu']:.1f}% | {r['mem_gb']:.1f} | {r['resident_gb']:.1f} | {r['step_ms']:.0f} | "
               f"{r['data_ms']:.1f} | {r['forward_ms']:.0f} | {r['fwd+bwd_ms']:.0f} | {r['optimizer_ms']:.0f} | "
               + ", ".join(f"{k} {v:.0f}" for k, v in sorted(r.get("act_mb", {}).items())) + " |")
 
