@@ -50,8 +50,7 @@ class Engine:
         else:
             self.model = HybridLM(cfg.model, derived, parallel=self.parallel).to(device)
             self.chunks = [self.model]
-        for chunk in self.chunks:
-            apply_policy(chunk, parse_policy(cfg.trainer.recompute))
+        apply_policy(self.chunks, parse_policy(cfg.trainer.recompute))
         if not self.parallel:
             self.model.loss_chunk_tokens = resolve_chunk_tokens(cfg.trainer.loss_chunk_tokens, device)
             if cfg.trainer.compile:

@@ -7,7 +7,8 @@ parallel/model.py) run their blocks through `run_block`, with torch.utils.checkp
 tensors saved anywhere inside the block, the MoE aux loss included, are recomputed on use).
 
 The list may also name parts, which recompute one cheap result instead of a whole block
-(`apply_policy` sets them on the layers; mamba_conv in both builds, the others single-process):
+(`apply_policy` sets them on the layers; mamba_conv and mamba_states in both builds, the others
+single-process):
 - mlp_act: act(gate, up) of every dense MLP and expert, recomputed for the down projection's
   backward (pretrain/layers/mlp.py): one (tokens, d_ff) tensor less per MLP;
 - mamba_norm: the Mamba mixer's gated RMSNorm output, recomputed for out_proj's backward
@@ -55,15 +56,18 @@ def parse_policy(policy: str) -> frozenset[str]:
     return frozenset(kinds)
 
 
-def apply_policy(model: torch.nn.Module, kinds: frozenset[str]) -> None:
-    """Set a parsed policy on a model: the block kinds for `run_block`, the parts on the layers."""
-    model.recompute_kinds = kinds
+def apply_policy(model: torch.nn.Module | list[torch.nn.Module], kinds: frozenset[str]) -> None:
+    """Set a parsed policy on a model, or on all chunks of one (pipeline stages: a part must have a
+    layer in some chunk, not in each): the block kinds for `run_block`, the parts on the layers."""
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     taken = set()
-    for module in model.modules():
-        for part, flag in _PART_FLAGS.items():
-            if hasattr(type(module), flag):  # the layer classes that implement a part declare its flag
-                setattr(module, flag, part in kinds)
-                taken.add(part)
+    for chunk in chunks:
+        chunk.recompute_kinds = kinds
+        for module in chunk.modules():
+            for part, flag in _PART_FLAGS.items():
+                if hasattr(type(module), flag):  # the layer classes that implement a part declare its flag
+                    setattr(module, flag, part in kinds)
+                    taken.add(part)
     unused = sorted(kinds.intersection(PARTS) - taken)
     if unused:
         raise ValueError(f"trainer.recompute names {', '.join(unused)}, but this model build has no layer it "

@@ -120,3 +120,15 @@ def test_mamba_states_reaches_the_ssd_scan(monkeypatch):
         batch = _batch()
         model.loss(batch["tokens"], batch["labels"], batch["seq_idx"])
         assert seen == [expected, expected], (policy, seen)
+
+
+def test_parts_apply_across_pipeline_chunks():
+    """Pipeline stages are chunks of one model: a part needs a layer in some chunk, not in every one."""
+    _, with_mamba = tiny_model("model.pattern=M-")
+    _, without = tiny_model("model.pattern=*-")
+    apply_policy([with_mamba, without], parse_policy("mamba_states,mlp"))
+    mixers = [m for m in with_mamba.modules() if hasattr(type(m), "recompute_states")]
+    assert mixers and all(m.recompute_states for m in mixers)
+    assert with_mamba.recompute_kinds == without.recompute_kinds == frozenset({"mamba_states", "mlp"})
+    with pytest.raises(ValueError, match="names mamba_states, but this model build has no layer"):
+        apply_policy([without], parse_policy("mamba_states"))
