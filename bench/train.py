@@ -75,7 +75,7 @@ def build_trainer(spec: str, backend: str, steps: int, workdir: Path, accum: int
     cfg = load_config([path], overrides)
     data_dir = workdir / f"data_{cfg.data.seq_len}_{cfg.model.vocab_size}"
     if not data_dir.exists():
-        num = max(64, cfg.data.global_batch_size * (steps + 4))
+        num = max(64, max(cfg.data.global_batch_size, cfg.data.micro_batch_size * accum) * (steps + 4))
         write_synthetic(data_dir, seq_len=cfg.data.seq_len, vocab_size=cfg.model.vocab_size, num_samples=num)
     cfg = load_config([path], overrides + [
         f"data.path={data_dir}", "data.demo_corpus=false", f"kernels.backend={backend}",
