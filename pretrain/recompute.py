@@ -9,8 +9,10 @@ tensors saved anywhere inside the block, the MoE aux loss included, are recomput
 The list may also name parts, which recompute one cheap result instead of a whole block
 (`apply_policy` sets them on the layers; mamba_conv and mamba_states in both builds, the others
 single-process):
-- mlp_act: act(gate, up) of every dense MLP and expert, recomputed for the down projection's
-  backward (pretrain/layers/mlp.py): one (tokens, d_ff) tensor less per MLP;
+- mlp_act: act(gate, up) of every dense MLP, recomputed for the down projection's backward
+  (pretrain/layers/mlp.py): one (tokens, d_ff) tensor less per MLP. MoE experts only where they run
+  as a loop of MLP modules (CPU, float32); on CUDA's grouped-GEMM path (pretrain/layers/grouped_mlp.py)
+  the experts keep their product;
 - mamba_norm: the Mamba mixer's gated RMSNorm output, recomputed for out_proj's backward
   (pretrain/layers/mamba.py): one (tokens, d_inner) tensor less per mixer;
 - mamba_conv: the mixer's conv1d output (x, B, C), rerun from the conv's input in the SSD scan's
