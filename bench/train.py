@@ -73,9 +73,9 @@ def build_trainer(spec: str, backend: str, steps: int, workdir: Path, accum: int
     path, _, extra = spec.partition(":")
     overrides = split_overrides(extra)
     cfg = load_config([path], overrides)
-    data_dir = workdir / f"data_{cfg.data.seq_len}_{cfg.model.vocab_size}"
+    num = max(64, cfg.data.micro_batch_size * accum * (steps + 4))  # every sample a row reads, 4 steps spare
+    data_dir = workdir / f"data_{cfg.data.seq_len}_{cfg.model.vocab_size}_{num}"
     if not data_dir.exists():
-        num = max(64, max(cfg.data.global_batch_size, cfg.data.micro_batch_size * accum) * (steps + 4))
         write_synthetic(data_dir, seq_len=cfg.data.seq_len, vocab_size=cfg.model.vocab_size, num_samples=num)
     cfg = load_config([path], overrides + [
         f"data.path={data_dir}", "data.demo_corpus=false", f"kernels.backend={backend}",
@@ -93,16 +93,17 @@ def synchronize(device: torch.device) -> None:
 
 
 def timed_steps(trainer: Trainer, steps: int) -> float:
-    """Seconds per step over `steps` unsynchronised steps (CUDA events at both ends)."""
-    if trainer.device.type != "cuda":
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            trainer.train_step()
-        return (time.perf_counter() - t0) / steps
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    """Seconds per step over `steps` unsynchronised steps (CUDA events at both ends; the wall
+    clock on the CPU)."""
+    cuda = trainer.device.type == "cuda"
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
     for _ in range(steps):
         trainer.train_step()
+    if not cuda:
+        return (time.perf_counter() - t0) / steps
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / 1e3 / steps
@@ -124,7 +125,7 @@ def phase_split(trainer: Trainer, steps: int) -> dict[str, float]:
         engine.step(trainer.cfg.optim.lr * 0.01)
         synchronize(dev)
         t3 = time.perf_counter()
-        with torch.autocast(dev.type, dtype=trainer.amp_dtype or torch.float32, enabled=trainer.amp_dtype is not None):
+        with engine.autocast():
             loss, _ = engine.model.loss(batch["tokens"], batch["labels"], batch["seq_idx"], 0.0)
         synchronize(dev)
         t4 = time.perf_counter()
@@ -151,7 +152,7 @@ def block_activation_mb(trainer: Trainer) -> dict[str, float]:
             (torch.cuda.memory_allocated() - before.pop()) / 2**20)))
     try:
         batch = trainer.next_batch()
-        with torch.autocast("cuda", dtype=trainer.amp_dtype or torch.float32, enabled=trainer.amp_dtype is not None):
+        with engine.autocast():
             loss, _ = engine.model.loss(batch["tokens"], batch["labels"], batch["seq_idx"], 0.0)
         del loss
     finally:

@@ -100,20 +100,23 @@ class Engine:
                 ddp.zero_grad_buffer()
         self.optimizer.zero_grad(set_to_none=True) if self.ddp is None else self.optimizer.zero_grad()
 
+    def autocast(self):
+        """The forward's precision context: bf16 autocast where the engine runs it, else nothing."""
+        return (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
+                else contextlib.nullcontext())
+
     def forward_backward(self, batch: dict[str, torch.Tensor], scale: float, last: bool = True) -> torch.Tensor:
         """Accumulate the gradient of one micro-batch (scaled); returns its cross-entropy (detached).
         Not with pipeline parallelism: see forward_backward_microbatches."""
         if self.pipeline:
             raise RuntimeError("with parallel.pp > 1 use Engine.forward_backward_microbatches (all micro-batches of a step)")
-        amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
-               else contextlib.nullcontext())
         sync = self.ddp.no_sync() if (self.ddp is not None and not last) else contextlib.nullcontext()
         if self.parallel:  # megatron's router sends the aux-loss gradient itself, weighted as the loss
             from parallel.moe import set_aux_loss_scale
 
             set_aux_loss_scale(scale * state.cp_size(), self.device)
         with sync:
-            with amp:
+            with self.autocast():
                 loss, ce = self.model.loss(batch["tokens"], batch["labels"], batch["seq_idx"],
                                            self.cfg.trainer.z_loss_coeff)
             (loss * scale).backward()
@@ -141,9 +144,7 @@ class Engine:
         """The cross-entropy of one micro-batch without gradients (evaluation), on every rank; with
         pp > 1 through the pipeline schedule, forward only."""
         if not self.pipeline:
-            amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
-                   else contextlib.nullcontext())
-            with amp:
+            with self.autocast():
                 return self.model.loss(batch["tokens"], batch["labels"], batch["seq_idx"])[1]
         from parallel.pipeline import run_schedule
 

@@ -4,8 +4,9 @@ Owns `ssd_scan` for the Triton path: argument checks that only the Triton path n
 size a power of two >= 16), the forward (triton_fwd) and backward (triton_bwd) orchestration,
 what the backward keeps (x, B, C, or with `conv_source` the conv's input, rerun in the backward;
 the CB matrices and chunk states, or with `recompute_states` neither: the backward reruns the
-forward kernels that made them, the same bits), and the SiLU gate backward (PyTorch elementwise; the rest of the backward tail, from d(cumsum dA)
-to ddt, dA and d dt_bias, is the fused triton_bwd.dt_bwd kernel).
+forward kernels that made them, the same bits), and the SiLU gate backward (PyTorch elementwise;
+the rest of the backward tail, from d(cumsum dA) to ddt, dA and d dt_bias, is the fused
+triton_bwd.dt_bwd kernel).
 Shapes as in kernels.ssd.reference.
 """
 
