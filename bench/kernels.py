@@ -7,6 +7,9 @@ forward+backward median time (triton.testing.do_bench, CUDA events, median), ach
 and GB/s against the measured ceilings (a large bf16 matmul and a device-to-device copy), the
 PyTorch reference (kernels.ssd.reference) for comparison, and causal FlashAttention (torch SDPA,
 32 heads x 128) at the same batch x seqlen. Then conv1d and gated RMSNorm at mixer sizes.
+`--breakdown` adds each SSD kernel's time, and the time of every launch schedule the autotuner
+picks from for the gated-norm backward and the conv forward at the presets' mixer sizes (the
+first schedule is the fixed one: the A/B of each autotuned list in one run).
 
 FLOP model of the SSD (useful work, causal halves counted once):
   fwd = 2*T*H*P*N (chunk states) + 2*T*H*P*N (state read-out) + T*Q*H*P (intra-chunk, causal)
@@ -167,10 +170,47 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
     return [(name, bench(fn)) for name, fn in parts]
 
 
+def schedules(batch, seqlen, d_inner, conv_dim, dev="cuda", dt_=torch.bfloat16):
+    """Median time of each launch schedule the autotuner chooses from (the first: the fixed one) and
+    of its choice, for the gated-norm backward (one group of d_inner channels) and the conv forward
+    (width 4, bias, SiLU, no seq_idx), at one mixer's sizes. -> [(name, ms, bytes moved at best)]."""
+    from kernels.conv1d.triton_op import FWD_SCHEDULES, conv_forward
+    from kernels.rmsnorm_gated.triton_op import bwd_schedules, rmsnorm_gated_bwd
+
+    rows = batch * seqlen
+    y = torch.randn(rows, d_inner, device=dev, dtype=dt_)
+    z, go = torch.randn_like(y), torch.randn_like(y)
+    w = torch.ones(d_inner, device=dev)
+    v = y.float() * torch.nn.functional.silu(z.float())
+    rstd = torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-5).contiguous()
+    del v
+    nbytes = 5 * y.numel() * y.element_size()  # y, z, dout in; dy, dz out
+
+    def cfg(sch):
+        kw = ",".join(f"{k}={int(v)}" for k, v in sch.kwargs.items())
+        return f"{kw},w{sch.num_warps}"
+
+    out = []
+    for sch in [None] + bwd_schedules(triton.next_power_of_2(d_inner)):
+        ms = bench(lambda: rmsnorm_gated_bwd(y, z, w, rstd, go, d_inner, False, schedule=sch))
+        out.append((f"norm bwd {cfg(sch) if sch else 'tuned'}", ms, nbytes))
+    del y, z, go
+    x = torch.randn(batch, seqlen, conv_dim, device=dev, dtype=dt_)
+    wc = torch.randn(conv_dim, 4, device=dev)
+    bc = torch.randn(conv_dim, device=dev)
+    nbytes = 2 * x.numel() * x.element_size()
+    for sch in [None] + FWD_SCHEDULES:
+        ms = bench(lambda: conv_forward(x, wc, bc, None, True, schedule=sch))
+        out.append((f"conv fwd {cfg(sch) if sch else 'tuned'}", ms, nbytes))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-ref", action="store_true", help="skip the PyTorch reference timings")
-    ap.add_argument("--breakdown", action="store_true", help="also time each SSD kernel launch")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time each SSD kernel launch, and each launch schedule of the gated-norm "
+                         "backward and the conv forward at the presets' mixer sizes")
     ap.add_argument("--claim", action="store_true",
                     help="also SSD fwd+bwd vs causal SDPA at 2K-16K tokens per sequence, same tokens per batch")
     ap.add_argument("--chunk-sweep", action="store_true",
@@ -244,6 +284,9 @@ def main():
             total = sum(ms for _, ms in parts)
             lines.append(f"per-kernel, shape {shape[:6]}: " + ", ".join(f"{k} {ms:.3f}" for k, ms in parts)
                          + f"; sum {total:.3f} ms")
+        for name, (b, L, h, p, g, n) in CHUNK_SWEEP:
+            for kname, ms, nbytes in schedules(b, L, h * p, h * p + 2 * g * n):
+                lines.append(f"{f'{name} {kname}':50s} {ms:8.3f} ms {nbytes / ms / 1e6:6.0f} GB/s")
     print("\n".join(lines))
 
 

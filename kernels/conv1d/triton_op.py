@@ -4,7 +4,8 @@ Owns `causal_conv1d` for the Triton path (a tensor-only autograd.Function) and i
 Shapes as in kernels.conv1d.reference: x (batch, seqlen, dim), weight (dim, width) width 2..4,
 bias (dim,), seq_idx (batch, seqlen). All offsets are 64-bit; x and dout may have any strides.
 
-Forward: grid (position blocks, channel blocks, batch), one (BLOCK_L, BLOCK_D) tile each.
+Forward: grid (position blocks, channel blocks, batch), one (BLOCK_L, BLOCK_D) tile each; on CUDA
+the tile is autotuned over FWD_SCHEDULES (the output bits do not depend on it).
 
 Backward: one kernel, grid (segments of SEG positions, channel blocks, batch). A program streams
 through its segment one position (a BLOCK_D row of channels) at a time, four rows loaded per
@@ -239,10 +240,17 @@ _conv_bwd_tuned = autotune(
 
 
 def _blocks(seqlen, dim):
-    """Forward (BLOCK_L, BLOCK_D); the interpreter uses whole-tensor tiles."""
-    if INTERPRET:
-        return triton.next_power_of_2(max(seqlen, 2)), triton.next_power_of_2(max(dim, 2))
-    return 64, min(64, triton.next_power_of_2(dim))
+    """Forward (BLOCK_L, BLOCK_D) in the interpreter: whole-tensor tiles."""
+    return triton.next_power_of_2(max(seqlen, 2)), triton.next_power_of_2(max(dim, 2))
+
+
+# Forward on CUDA: (BLOCK_L, BLOCK_D) tiles; the first is the fixed one (kernels.deterministic; the
+# tile used before the list). Wider channel blocks read longer contiguous rows of the channel-last
+# input; every config computes each output element with the same operations in the same order, so
+# the output bits do not depend on the choice (the SSD's conv_source rerun relies on that).
+FWD_SCHEDULES = [triton.Config({"BLOCK_L": bl, "BLOCK_D": bd}, num_warps=w, num_stages=1)
+                 for bl, bd, w in ((64, 64, 4), (32, 128, 4), (64, 128, 8), (16, 256, 4), (32, 256, 8), (8, 512, 4))]
+_conv_fwd_tuned = autotune(FWD_SCHEDULES, key=["dim", "WIDTH", "HAS_BIAS", "HAS_SEQ", "SILU"])(_conv_fwd_kernel)
 
 
 def _seg_len(batch, seqlen, dim):
@@ -260,20 +268,27 @@ def _seg_len(batch, seqlen, dim):
     return seg
 
 
-def conv_forward(x, weight, bias, seq_idx, silu: bool) -> torch.Tensor:
-    """The forward kernel alone (no autograd): out (batch, seqlen, dim) in x's dtype. Deterministic:
-    the SSD scan reruns it in its backward to get back x, B and C bit for bit (kernels.ssd conv_source)."""
+def conv_forward(x, weight, bias, seq_idx, silu: bool, schedule=None) -> torch.Tensor:
+    """The forward kernel alone (no autograd): out (batch, seqlen, dim) in x's dtype. Deterministic,
+    whatever the tile: the SSD scan reruns it in its backward to get back x, B and C bit for bit
+    (kernels.ssd conv_source). `schedule`: one of FWD_SCHEDULES instead of the autotuned choice
+    (benchmarks and tests)."""
     batch, seqlen, dim = x.shape
-    BL, BD = _blocks(seqlen, dim)
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     seq = seq_idx if seq_idx is not None else x
-    grid = (triton.cdiv(seqlen, BL), triton.cdiv(dim, BD), batch)
-    _conv_fwd_kernel[grid](
-        x, weight, bias if bias is not None else weight, seq, out, seqlen, dim,
-        *x.stride(), *weight.stride(), *(seq_idx.stride() if seq_idx is not None else (0, 0)), *out.stride(),
-        WIDTH=weight.shape[1], HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, SILU=silu,
-        BLOCK_L=BL, BLOCK_D=BD, num_warps=4,
-    )
+    args = (x, weight, bias if bias is not None else weight, seq, out, seqlen, dim,
+            *x.stride(), *weight.stride(), *(seq_idx.stride() if seq_idx is not None else (0, 0)), *out.stride())
+    flags = dict(WIDTH=weight.shape[1], HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, SILU=silu)
+    if schedule is None and INTERPRET:
+        BL, BD = _blocks(seqlen, dim)
+        schedule = triton.Config({"BLOCK_L": BL, "BLOCK_D": BD}, num_warps=4, num_stages=1)
+    if schedule is None:
+        _conv_fwd_tuned[lambda meta: (triton.cdiv(seqlen, meta["BLOCK_L"]), triton.cdiv(dim, meta["BLOCK_D"]), batch)](
+            *args, **flags)
+    else:
+        grid = (triton.cdiv(seqlen, schedule.kwargs["BLOCK_L"]), triton.cdiv(dim, schedule.kwargs["BLOCK_D"]), batch)
+        _conv_fwd_kernel[grid](*args, **flags, **schedule.kwargs, num_warps=schedule.num_warps,
+                               num_stages=schedule.num_stages)
     return out
 
 

@@ -1,10 +1,12 @@
 """Triton grouped RMSNorm with SiLU gate, forward and backward (tensor-only autograd.Function).
 
-Owns `rmsnorm_gated` for the Triton path. Shapes as in kernels.rmsnorm_gated.reference: y, z
-(..., d), weight (d,), group_size divides d. Rows are flattened; grid (row blocks, groups); each
-program normalises BLOCK_R rows of one group. The forward saves only the per-row-group rstd
-(float32); in the backward a bounded number of programs per group each walk many rows and keep
-dweight in registers; their partials are reduced by torch in a fixed order (no atomics).
+Owns `rmsnorm_gated` for the Triton path and `rmsnorm_gated_bwd`. Shapes as in
+kernels.rmsnorm_gated.reference: y, z (..., d), weight (d,), group_size divides d. Rows are
+flattened; grid (row blocks, groups); each forward program normalises BLOCK_R rows of one group.
+The forward saves only the per-row-group rstd (float32); in the backward a bounded number of
+programs per group each walk many rows, BLOCK_R at a time, and keep dweight in registers; their
+partials are reduced by torch in a fixed order (no atomics). On CUDA the backward's schedule
+(rows per block, warps, next block's loads issued early) is autotuned over bwd_schedules.
 All offsets are 64-bit.
 """
 
@@ -14,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import INTERPRET
+from kernels._triton_utils import INTERPRET, autotune
 from kernels.rmsnorm_gated.reference import check_args
 
 
@@ -47,11 +49,29 @@ def _rms_fwd_kernel(
 
 
 @triton.jit
+def _rms_bwd_load(y_ptr, z_ptr, rstd_ptr, dout_ptr, rows, rmask, cols, cmask, pid_g, ngroups,
+                  s_y_r, s_z_r, s_g_r, HAS_Z: tl.constexpr):
+    """y, dout, z (y again without z) in their own dtypes and rstd for a block of rows of one group."""
+    mask = rmask[:, None] & cmask[None, :]
+    y = tl.load(y_ptr + rows[:, None] * s_y_r + cols[None, :], mask=mask, other=0.0)
+    g = tl.load(dout_ptr + rows[:, None] * s_g_r + cols[None, :], mask=mask, other=0.0)
+    z = y
+    if HAS_Z:
+        z = tl.load(z_ptr + rows[:, None] * s_z_r + cols[None, :], mask=mask, other=0.0)
+    rstd = tl.load(rstd_ptr + rows * ngroups + pid_g, mask=rmask, other=0.0)
+    return y, g, z, rstd
+
+
+@triton.jit
 def _rms_bwd_kernel(
     y_ptr, z_ptr, w_ptr, rstd_ptr, dout_ptr, dy_ptr, dz_ptr, dw_ptr, nrows, d, group_size, ngroups, rows_per_prog,
     s_y_r, s_z_r, s_g_r, s_dy_r, s_dz_r,
     HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
+    """Rows [rows_per_prog * pid_r, +rows_per_prog) of group pid_g, BLOCK_R rows at a time. PREFETCH
+    issues the next block's loads before this block's reduction and stores (the loop is otherwise a
+    chain of load -> row reduction -> store, one memory latency per block)."""
     pid_r = tl.program_id(0).to(tl.int64)
     pid_g = tl.program_id(1).to(tl.int64)
     cols = pid_g * group_size + tl.arange(0, BLOCK_G)
@@ -59,26 +79,39 @@ def _rms_bwd_kernel(
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_G,), dtype=tl.float32)
     row0 = pid_r * rows_per_prog
-    for r0 in range(0, rows_per_prog, BLOCK_R):
-        rows = row0 + r0 + tl.arange(0, BLOCK_R)
-        rmask = (rows < nrows) & (r0 + tl.arange(0, BLOCK_R) < rows_per_prog)
-        dw += _rms_bwd_rows(y_ptr, z_ptr, rstd_ptr, dout_ptr, dy_ptr, dz_ptr, rows, rmask, cols, cmask, w, pid_g,
-                            ngroups, group_size, s_y_r, s_z_r, s_g_r, s_dy_r, s_dz_r, HAS_Z, NORM_BEFORE_GATE)
+    row_end = tl.minimum(row0 + rows_per_prog, nrows)
+    if PREFETCH:
+        rows = row0 + tl.arange(0, BLOCK_R)
+        y, g, z, rstd = _rms_bwd_load(y_ptr, z_ptr, rstd_ptr, dout_ptr, rows, rows < row_end, cols, cmask, pid_g,
+                                      ngroups, s_y_r, s_z_r, s_g_r, HAS_Z)
+        for _ in range(0, rows_per_prog, BLOCK_R):
+            nxt = rows + BLOCK_R
+            yn, gn, zn, rstdn = _rms_bwd_load(y_ptr, z_ptr, rstd_ptr, dout_ptr, nxt, nxt < row_end, cols, cmask,
+                                              pid_g, ngroups, s_y_r, s_z_r, s_g_r, HAS_Z)
+            dw += _rms_bwd_rows(y, g, z, rstd, dy_ptr, dz_ptr, rows, rows < row_end, cols, cmask, w, group_size,
+                                s_dy_r, s_dz_r, HAS_Z, NORM_BEFORE_GATE)
+            y, g, z, rstd, rows = yn, gn, zn, rstdn, nxt
+    else:
+        for r0 in range(0, rows_per_prog, BLOCK_R):
+            rows = row0 + r0 + tl.arange(0, BLOCK_R)
+            rmask = rows < row_end
+            y, g, z, rstd = _rms_bwd_load(y_ptr, z_ptr, rstd_ptr, dout_ptr, rows, rmask, cols, cmask, pid_g,
+                                          ngroups, s_y_r, s_z_r, s_g_r, HAS_Z)
+            dw += _rms_bwd_rows(y, g, z, rstd, dy_ptr, dz_ptr, rows, rmask, cols, cmask, w, group_size,
+                                s_dy_r, s_dz_r, HAS_Z, NORM_BEFORE_GATE)
     tl.store(dw_ptr + pid_r * d + cols, dw, mask=cmask)
 
 
 @triton.jit
-def _rms_bwd_rows(y_ptr, z_ptr, rstd_ptr, dout_ptr, dy_ptr, dz_ptr, rows, rmask, cols, cmask, w, pid_g,
-                  ngroups, group_size, s_y_r, s_z_r, s_g_r, s_dy_r, s_dz_r,
+def _rms_bwd_rows(y, g, z, rstd, dy_ptr, dz_ptr, rows, rmask, cols, cmask, w, group_size, s_dy_r, s_dz_r,
                   HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr):
-    """dy (and dz) for a block of rows of one group; returns this block's dweight contribution."""
+    """Stores dy (and dz) for a block of loaded rows of one group; returns its dweight contribution."""
     mask = rmask[:, None] & cmask[None, :]
-    y = tl.load(y_ptr + rows[:, None] * s_y_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(dout_ptr + rows[:, None] * s_g_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.load(rstd_ptr + rows * ngroups + pid_g, mask=rmask, other=0.0)
+    y = y.to(tl.float32)
+    g = g.to(tl.float32)
     v = y
     if HAS_Z:
-        z = tl.load(z_ptr + rows[:, None] * s_z_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        z = z.to(tl.float32)
         sg = tl.sigmoid(z)
         gate = z * sg
         dgate = sg * (1.0 + z * (1.0 - sg))
@@ -113,14 +146,77 @@ def _rows(t, d):
     return t2
 
 
-def _warps(group_size):
-    return 4 if INTERPRET or group_size <= 1024 else 8
-
-
 def _block_r(nrows, group_size):
+    """Forward rows per program: about 4096 elements per program."""
     if INTERPRET:
         return 4  # small blocks so that the tests walk several row blocks per program
     return max(1, min(16, 4096 // triton.next_power_of_2(group_size)))
+
+
+# the backward's rows per program is a multiple of this (the largest BLOCK_R of any schedule), so the
+# grid and the dweight partials do not depend on the schedule the autotuner picks
+_ROW_ALIGN = 16
+
+
+def bwd_schedules(block_g: int) -> list[triton.Config]:
+    """The backward's launch schedules for groups of block_g (a power of two) channels: rows per
+    block (BLOCK_R), warps, PREFETCH. The first is the fixed one (kernels.deterministic, and the
+    schedule before the autotuned list: ~4096 elements per block, 4 warps up to 1024 channels, else 8,
+    no prefetch); the others hold more bytes in flight per SM: the next block's loads issued early,
+    more warps, larger or smaller blocks."""
+    def rows(elems):
+        return max(1, min(_ROW_ALIGN, elems // block_g))
+
+    base_warps = 4 if block_g <= 1024 else 8
+    space = [(rows(4096), base_warps, False), (rows(4096), base_warps, True), (rows(4096), 2 * base_warps, True),
+             (rows(8192), 2 * base_warps, False), (rows(2048), 4, True), (rows(8192), 2 * base_warps, True)]
+    out, seen = [], set()
+    for r, w, pf in space:
+        if (r, w, pf) not in seen:
+            seen.add((r, w, pf))
+            out.append(triton.Config({"BLOCK_R": r, "PREFETCH": pf}, num_warps=w, num_stages=1))
+    return out
+
+
+_bwd_launchers = {}
+
+
+def _bwd_launcher(block_g: int):
+    """The autotuned backward for groups of block_g channels (one tuner per block_g: the schedules
+    depend on it). Key: the row width and the flags; not the row count (no retuning per batch)."""
+    if block_g not in _bwd_launchers:
+        _bwd_launchers[block_g] = autotune(
+            bwd_schedules(block_g), key=["d", "group_size", "HAS_Z", "NORM_BEFORE_GATE"],
+            interpret_config=triton.Config({"BLOCK_R": 4, "PREFETCH": True}, num_warps=4, num_stages=1),
+        )(_rms_bwd_kernel)
+    return _bwd_launchers[block_g]
+
+
+def rmsnorm_gated_bwd(y2, z2, weight, rstd, dout2, group_size, norm_before_gate, schedule=None):
+    """dy, dz (None without z), dweight (float32) from the forward's saved rows. y2, z2, dout2 (nrows, d)
+    with unit column stride; rstd (nrows, ngroups) float32. `schedule`: a triton.Config of
+    bwd_schedules to launch instead of the autotuned choice (benchmarks and tests)."""
+    nrows, d = y2.shape
+    ngroups = d // group_size
+    dy = torch.empty(y2.shape, device=y2.device, dtype=y2.dtype)
+    dz = torch.empty(z2.shape, device=z2.device, dtype=z2.dtype) if z2 is not None else None
+    # a bounded number of programs per group, each walking many rows: dweight partials stay small
+    nprog = min(triton.cdiv(nrows, _ROW_ALIGN), 2 if INTERPRET else max(1, 1024 // ngroups))
+    rows_per_prog = triton.cdiv(triton.cdiv(nrows, nprog), _ROW_ALIGN) * _ROW_ALIGN
+    nprog = triton.cdiv(nrows, rows_per_prog)
+    dw = torch.empty(nprog, d, device=y2.device, dtype=torch.float32)
+    zz = z2 if z2 is not None else y2
+    dzz = dz if dz is not None else dy
+    block_g = triton.next_power_of_2(group_size)
+    args = (y2, zz, weight, rstd, dout2, dy, dzz, dw, nrows, d, group_size, ngroups, rows_per_prog,
+            y2.stride(0), zz.stride(0), dout2.stride(0), dy.stride(0), dzz.stride(0))
+    flags = dict(HAS_Z=z2 is not None, NORM_BEFORE_GATE=norm_before_gate, BLOCK_G=block_g)
+    if schedule is None:
+        _bwd_launcher(block_g)[(nprog, ngroups)](*args, **flags)
+    else:
+        _rms_bwd_kernel[(nprog, ngroups)](*args, **flags, **schedule.kwargs, num_warps=schedule.num_warps,
+                                          num_stages=schedule.num_stages)
+    return dy, dz, dw.sum(0)
 
 
 class _RMSNormGated(torch.autograd.Function):
@@ -147,27 +243,9 @@ class _RMSNormGated(torch.autograd.Function):
     def backward(ctx, dout):
         y2, z2, weight, rstd = ctx.saved_tensors
         group_size, norm_before_gate, shape = ctx.cfg
-        d = y2.shape[1]
-        nrows, ngroups = y2.shape[0], d // group_size
-        g2 = _rows(dout, d)
-        dy = torch.empty(y2.shape, device=y2.device, dtype=y2.dtype)
-        dz = torch.empty(z2.shape, device=z2.device, dtype=z2.dtype) if z2 is not None else None
-        BR = _block_r(nrows, group_size)
-        # a bounded number of programs per group, each walking many rows: dweight partials stay small
-        nprog = min(triton.cdiv(nrows, BR), 2 if INTERPRET else max(1, 1024 // ngroups))
-        rows_per_prog = triton.cdiv(triton.cdiv(nrows, nprog), BR) * BR
-        nprog = triton.cdiv(nrows, rows_per_prog)
-        dw = torch.empty(nprog, d, device=y2.device, dtype=torch.float32)
-        zz = z2 if z2 is not None else y2
-        _rms_bwd_kernel[(nprog, ngroups)](
-            y2, zz, weight, rstd, g2, dy, dz if dz is not None else dy, dw, nrows, d, group_size, ngroups,
-            rows_per_prog,
-            y2.stride(0), zz.stride(0), g2.stride(0), dy.stride(0), (dz if dz is not None else dy).stride(0),
-            HAS_Z=z2 is not None, NORM_BEFORE_GATE=norm_before_gate, BLOCK_R=BR,
-            BLOCK_G=triton.next_power_of_2(group_size), num_warps=_warps(group_size),
-        )
+        dy, dz, dw = rmsnorm_gated_bwd(y2, z2, weight, rstd, _rows(dout, y2.shape[1]), group_size, norm_before_gate)
         dz = dz.reshape(shape) if dz is not None else None
-        return dy.reshape(shape), dz, dw.sum(0).to(weight.dtype), None, None, None
+        return dy.reshape(shape), dz, dw.to(weight.dtype), None, None, None
 
 
 def rmsnorm_gated(y, z, weight, *, group_size, eps=1e-5, norm_before_gate=False):

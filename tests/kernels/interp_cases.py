@@ -168,6 +168,60 @@ def run_rms(name, group_size, before, with_z):
     return name, res
 
 
+def run_rms_schedules(name):
+    """Every launch schedule of the gated-norm backward (rows per block, prefetch) against the
+    reference's gradients: 37 rows = programs of 16 rows, the last partial; groups of 8 channels
+    (16 rows per block), 48 of 96 (one to four blocks per program), 1024 and 2048 channels (one or
+    two rows per block, 16 and 8 blocks per program)."""
+    from kernels.rmsnorm_gated.triton_op import bwd_schedules, rmsnorm_gated_bwd
+
+    res = {}
+    for gs, d, before, wz in ((8, 24, False, True), (48, 96, True, True), (1024, 2048, False, True),
+                              (2048, 2048, False, False)):
+        y = torch.randn(37, d, requires_grad=True)
+        z = torch.randn(37, d, requires_grad=True) if wz else None
+        w = (1 + 0.1 * torch.randn(d)).requires_grad_(True)
+        go = torch.randn(37, d)
+        o0 = rms_ref(y, z, w, group_size=gs, norm_before_gate=before)
+        g0 = torch.autograd.grad((o0 * go).sum(), [y, w] + ([z] if wz else []))
+        with torch.no_grad():  # the forward's saved 1 / rms per row and group
+            v = y * torch.nn.functional.silu(z) if wz and not before else y
+            rstd = torch.rsqrt(v.reshape(37, d // gs, gs).pow(2).mean(-1) + 1e-5).contiguous()
+        for sch in bwd_schedules(triton_next_pow2(gs)):
+            dy, dz, dw = rmsnorm_gated_bwd(y.detach(), z.detach() if wz else None, w.detach(), rstd, go, gs, before,
+                                           schedule=sch)
+            tag = f"g{gs}_r{sch.kwargs['BLOCK_R']}_w{sch.num_warps}_{'pf' if sch.kwargs['PREFETCH'] else 'nopf'}"
+            res[f"{tag}_dy"] = rel(dy, g0[0])
+            res[f"{tag}_dweight"] = rel(dw, g0[1])
+            if wz:
+                res[f"{tag}_dz"] = rel(dz, g0[2])
+    return name, res
+
+
+def run_conv_fwd_schedules(name):
+    """The conv forward under each CUDA tile schedule: the same bits as the first (the SSD's
+    conv_source rerun relies on it) and the reference's values; 2 x 45 positions x 72 channels
+    with documents cut inside tiles, width 4, bias, SiLU."""
+    from kernels.conv1d.triton_op import FWD_SCHEDULES, conv_forward
+
+    x = torch.randn(2, 45, 72)
+    w = torch.randn(72, 4)
+    b = torch.randn(72)
+    seq = torch.zeros(2, 45, dtype=torch.int32)
+    seq[0, 7:] += 1
+    seq[0, 30:] += 1
+    seq[1, 17:] += 1
+    ref = conv_ref(x, w, b, seq_idx=seq, activation="silu")
+    outs = [conv_forward(x, w, b, seq, True, schedule=sch) for sch in FWD_SCHEDULES]
+    res = {f"bits_vs_first_{i}": (o - outs[0]).abs().max().item() for i, o in enumerate(outs)}
+    res.update({f"y_{i}": rel(o, ref) for i, o in enumerate(outs)})
+    return name, res
+
+
+def triton_next_pow2(n):
+    return 1 << (int(n) - 1).bit_length()
+
+
 SSD_CASES = {
     # odd seqlen (3 chunks, last partial), 2 groups, seq_idx, initial states, z, D (h), dt_bias, limits
     "ssd_full": (dict(batch=2, seqlen=45, nheads=4, headdim=5, ngroups=2, dstate=6), 16, dict(limit=(0.01, 3.0))),
@@ -202,6 +256,8 @@ def main():
     out.update([run_conv("conv_w4_silu_noseq", 4, "silu", 3, 45, 40, None)])
     for gs, before, wz in ((8, False, True), (24, True, True), (16, False, False)):
         out.update([run_rms(f"rms_g{gs}_{'before' if before else 'after'}_{'z' if wz else 'noz'}", gs, before, wz)])
+    out.update([run_rms_schedules("rms_bwd_schedules")])
+    out.update([run_conv_fwd_schedules("conv_fwd_schedules")])
     print("JSON:" + json.dumps(out))
 
 

@@ -1,5 +1,6 @@
-"""bench/kernels.py's per-kernel breakdown calls the SSD kernels' launchers directly; this runs it on
-the CPU under the Triton interpreter (float32, a tiny shape) in a subprocess, so that a change to a
+"""bench/kernels.py's `--breakdown` calls the SSD kernels' launchers directly and launches the gated-norm
+backward and the conv forward under each schedule the autotuner chooses from; this runs both on the
+CPU under the Triton interpreter (float32, tiny shapes) in a subprocess, so that a change to a
 launcher's signature or return values shows in CI, not in a short GPU session."""
 from __future__ import annotations
 
@@ -16,17 +17,26 @@ spec = importlib.util.spec_from_file_location("bench_kernels", "bench/kernels.py
 mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
 parts = mod.breakdown(1, 40, 4, 8, 2, 8, q=16, dev="cpu", dt_=torch.float32)
-print("JSON:" + json.dumps(parts))
+sched = mod.schedules(1, 40, 64, 80, dev="cpu", dt_=torch.float32)
+print("JSON:" + json.dumps({"parts": parts, "schedules": sched}))
 """
 
 
-def test_breakdown_runs_every_ssd_kernel_under_the_interpreter():
+def test_breakdown_runs_every_kernel_launch_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    parts = json.loads(proc.stdout.split("JSON:", 1)[1])
+    out = json.loads(proc.stdout.split("JSON:", 1)[1])
+    parts = out["parts"]
     assert [name for name, _ in parts] == [
         "fwd dt_cumsum", "fwd CB", "fwd chunk states", "fwd state passing", "fwd chunk scan", "bwd dprev",
         "bwd state passing", "bwd dx/ddt", "bwd dCB", "bwd dB/dC", "bwd dt tail"]
     assert all(ms > 0 for _, ms in parts)
+    from kernels.conv1d.triton_op import FWD_SCHEDULES
+    from kernels.rmsnorm_gated.triton_op import bwd_schedules
+
+    names = [name for name, _, _ in out["schedules"]]
+    assert len(names) == 2 + len(bwd_schedules(64)) + len(FWD_SCHEDULES)
+    assert names[0] == "norm bwd tuned" and "conv fwd tuned" in names
+    assert all(ms > 0 and nbytes > 0 for _, ms, nbytes in out["schedules"])

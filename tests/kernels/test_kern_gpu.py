@@ -337,3 +337,43 @@ def test_rmsnorm_gated_bf16_vs_reference(before):
     g0 = torch.autograd.grad((o0 * go).sum(), leaves0)
     assert rel(o, o0) < 1e-2
     assert all(rel(a, c) < 1e-2 for a, c in zip(g, g0))
+
+
+def test_conv1d_forward_every_schedule_same_bits_bf16():
+    """The conv forward's CUDA tiles give the same output bits (the SSD's conv_source rerun relies
+    on it), at hybrid_1b3's conv width (4096 + 2 x 128 channels) with documents, outputs poisoned."""
+    from kernels.conv1d.triton_op import FWD_SCHEDULES, conv_forward
+
+    x = torch.randn(2, 1000, 4352, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4352, 4, device="cuda")
+    b = torch.randn(4352, device="cuda")
+    seq = seq_idx_random(2, 1000)
+    outs = []
+    for sch in FWD_SCHEDULES:
+        poison()
+        outs.append(conv_forward(x, w, b, seq, True, schedule=sch))
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    assert rel(outs[0], conv_ref(x.float(), w, b, seq_idx=seq, activation="silu")) < 1e-2
+
+
+@pytest.mark.parametrize("group_size,d", [(4096, 4096), (2048, 2048), (256, 1024)])
+def test_rmsnorm_backward_every_schedule_bf16(group_size, d):
+    """Each launch schedule the autotuner may pick, at the presets' widths (hybrid_1b3 4096,
+    hybrid_460m 2048 channels, one group) and a grouped one, against the float32 reference; outputs
+    poisoned first. 3000 rows: programs of 16 rows, the last partial."""
+    from kernels.rmsnorm_gated.triton_op import bwd_schedules, rmsnorm_gated_bwd
+
+    y = torch.randn(3000, d, device="cuda", dtype=torch.bfloat16)
+    z = torch.randn_like(y)
+    w = 1 + 0.1 * torch.randn(d, device="cuda")
+    go = torch.randn_like(y)
+    leaves0 = [v.float().requires_grad_(True) for v in (y, z, w)]
+    o0 = rms_ref(leaves0[0], leaves0[1], leaves0[2], group_size=group_size)
+    g0 = torch.autograd.grad((o0 * go.float()).sum(), leaves0)
+    v = y.float() * torch.nn.functional.silu(z.float())
+    rstd = torch.rsqrt(v.reshape(3000, -1, group_size).pow(2).mean(-1) + 1e-5).contiguous()
+    for sch in bwd_schedules(group_size):
+        poison()
+        dy, dz, dw = rmsnorm_gated_bwd(y, z, w, rstd, go, group_size, False, schedule=sch)
+        errs = {"dy": rel(dy, g0[0]), "dz": rel(dz, g0[1]), "dweight": rel(dw, g0[2])}
+        assert all(e < 1e-2 for e in errs.values()), f"{sch}: " + fmt(errs)

@@ -80,3 +80,27 @@ def test_conv1d_triton_matches_reference(results, case):
 @pytest.mark.parametrize("case", ["rms_g8_after_z", "rms_g24_before_z", "rms_g16_after_noz"])
 def test_rmsnorm_gated_triton_matches_reference(results, case):
     _check(results[case])
+
+
+def test_rmsnorm_backward_every_schedule_matches_reference(results):
+    res = results["rms_bwd_schedules"]
+    from kernels.rmsnorm_gated.triton_op import bwd_schedules
+
+    # every schedule the autotuner may pick (prefetch on and off, 1..16 rows per block) was run
+    for block_g in (8, 64, 1024, 2048):
+        for sch in bwd_schedules(block_g):
+            tag = f"g{block_g if block_g != 64 else 48}_r{sch.kwargs['BLOCK_R']}_w{sch.num_warps}_"
+            tag += "pf" if sch.kwargs["PREFETCH"] else "nopf"
+            assert f"{tag}_dy" in res, tag
+    assert any(k.endswith("_nopf_dy") for k in res) and any(k.endswith("_pf_dy") for k in res)
+    bad = {k: v for k, v in res.items() if not v <= (1e-3 if k.endswith("dweight") else 1e-4)}
+    assert not bad, bad
+
+
+def test_conv_forward_every_schedule_same_bits(results):
+    from kernels.conv1d.triton_op import FWD_SCHEDULES
+
+    res = results["conv_fwd_schedules"]
+    assert {f"y_{i}" for i in range(len(FWD_SCHEDULES))} <= set(res)
+    assert all(v == 0.0 for k, v in res.items() if k.startswith("bits_")), res
+    assert all(v <= 2e-5 for k, v in res.items() if k.startswith("y_")), res
