@@ -165,6 +165,13 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
         ("bwd dx/ddt", lambda: bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, prec)),
         ("bwd dCB", lambda: bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, prec)),
         ("bwd dB/dC", lambda: bwd.chunk_dbc(x, dy, B, C, prev, dS_lp, dcb, dtp, cs, None, q, prec)),
+        # the two loop structures the autotuner chooses between (each with its first config)
+        ("bwd dCB blocked", lambda: bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, prec, head_pipe=False)),
+        ("bwd dCB head-pipe", lambda: bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, prec, head_pipe=True)),
+        ("bwd dB/dC blocked", lambda: bwd.chunk_dbc(x, dy, B, C, prev, dS_lp, dcb, dtp, cs, None, q, prec,
+                                                    head_pipe=False)),
+        ("bwd dB/dC head-pipe", lambda: bwd.chunk_dbc(x, dy, B, C, prev, dS_lp, dcb, dtp, cs, None, q, prec,
+                                                      head_pipe=True)),
         ("bwd dt tail", lambda: bwd.dt_bwd(dcs, rows, offd, last, ddtp, dtp, dt, bias, A, True, lim)),
     ]
     return [(name, bench(fn)) for name, fn in parts]
@@ -281,7 +288,7 @@ def main():
     if args.breakdown:
         for shape in TARGETS:
             parts = breakdown(*shape[:6])
-            total = sum(ms for _, ms in parts)
+            total = sum(ms for name, ms in parts if not name.endswith(("blocked", "head-pipe")))
             lines.append(f"per-kernel, shape {shape[:6]}: " + ", ".join(f"{k} {ms:.3f}" for k, ms in parts)
                          + f"; sum {total:.3f} ms")
         for name, (b, L, h, p, g, n) in CHUNK_SWEEP:

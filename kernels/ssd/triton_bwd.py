@@ -22,7 +22,9 @@ Precision: for bf16/fp16 inputs the two float32 operands of the dx kernel's prod
 CB matrix and dS) are fed to the tensor cores as a hi + lo pair of the input dtype (two dots);
 rounding them to bf16 once made ddt/ddt_bias lose the cancellation between the row and column
 parts of dcs (GPU run 1: ddt 1.5e-2 relative vs the fp32 reference; hi+lo: ~4e-4 in fp16).
-No atomics anywhere: every output element is written by exactly one program, and partial sums
+dCB and dB/dC loop over a group's heads inside each program; on CUDA the autotuner also tries a
+variant whose head loop is the innermost loop (HEAD_PIPE: the pipeliner prefetches the next heads'
+tiles). No atomics anywhere: every output element is written by exactly one program, and partial sums
 are reduced by torch in a fixed order, so the backward is deterministic run to run.
 All offsets are 64-bit (program ids cast to int64 before stride products).
 """
@@ -170,8 +172,13 @@ def _chunk_dcb_kernel(
     seqlen, nheads, nchunks, chunk_size, hdim, heads_per_group, ngroups, nsplit,
     s_x_b, s_x_l, s_x_h, s_x_p, s_dy_b, s_dy_l, s_dy_h, s_dy_p, s_seq_b, s_seq_l,
     HAS_SEQ: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, HEAD_PIPE: tl.constexpr, HDIM_BLOCK: tl.constexpr,
 ):
+    """HEAD_PIPE: one dot per head over all of headdim (HDIM_BLOCK = next power of two >= hdim), so
+    the loop over heads is the innermost loop and the software pipeliner issues the next heads' dy
+    and x loads while this head's tile is computed (num_stages); otherwise an inner loop over
+    headdim blocks of BLOCK_P, whose loads the pipeliner overlaps only within one head. Both give
+    the same bits when BLOCK_P >= hdim."""
     pid_ij = tl.program_id(0)
     pid_bc = tl.program_id(1).to(tl.int64)
     pid_gs = tl.program_id(2).to(tl.int64)
@@ -203,14 +210,22 @@ def _chunk_dcb_kernel(
     for hh in range(heads_per_split):
         h = pid_g * heads_per_group + pid_s * heads_per_split + hh
         cs_base = ((pid_b * nheads + h) * nchunks + pid_c) * chunk_size
-        g = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
-        for p0 in range(0, hdim, BLOCK_P):
-            offs_p = p0 + tl.arange(0, BLOCK_P)
+        if HEAD_PIPE:
+            offs_p = tl.arange(0, HDIM_BLOCK)
             dyi = tl.load(dy_ptr + pid_b * s_dy_b + h * s_dy_h + t_i[:, None] * s_dy_l + offs_p[None, :] * s_dy_p,
                           mask=(t_i < seqlen)[:, None] & (offs_p < hdim)[None, :], other=0.0)
             xjT = tl.load(x_ptr + pid_b * s_x_b + h * s_x_h + t_j[None, :] * s_x_l + offs_p[:, None] * s_x_p,
                           mask=(t_j < seqlen)[None, :] & (offs_p < hdim)[:, None], other=0.0)
-            g += tl.dot(dyi, xjT.to(dyi.dtype), input_precision=DOT_PREC)
+            g = tl.dot(dyi, xjT.to(dyi.dtype), input_precision=DOT_PREC)
+        else:
+            g = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+            for p0 in range(0, hdim, BLOCK_P):
+                offs_p = p0 + tl.arange(0, BLOCK_P)
+                dyi = tl.load(dy_ptr + pid_b * s_dy_b + h * s_dy_h + t_i[:, None] * s_dy_l + offs_p[None, :] * s_dy_p,
+                              mask=(t_i < seqlen)[:, None] & (offs_p < hdim)[None, :], other=0.0)
+                xjT = tl.load(x_ptr + pid_b * s_x_b + h * s_x_h + t_j[None, :] * s_x_l + offs_p[:, None] * s_x_p,
+                              mask=(t_j < seqlen)[None, :] & (offs_p < hdim)[:, None], other=0.0)
+                g += tl.dot(dyi, xjT.to(dyi.dtype), input_precision=DOT_PREC)
         cs_i = tl.load(cs_ptr + cs_base + offs_i)
         cs_j = tl.load(cs_ptr + cs_base + offs_j)
         dtp_j = tl.load(dtp_ptr + cs_base + offs_j)
@@ -230,8 +245,12 @@ def _chunk_dbc_kernel(
     s_x_b, s_x_l, s_x_h, s_x_p, s_dy_b, s_dy_l, s_dy_h, s_dy_p,
     s_b_b, s_b_l, s_b_g, s_b_n, s_c_b, s_c_l, s_c_g, s_c_n, s_seq_b, s_seq_l,
     HAS_SEQ: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_P: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_P: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_PIPE: tl.constexpr, HDIM_BLOCK: tl.constexpr,
 ):
+    """HEAD_PIPE: the loop over the group's heads is the innermost loop (one pair of dots per head
+    over all of headdim, HDIM_BLOCK = next power of two >= hdim), so the pipeliner prefetches the
+    next heads' dy, x, prev and dS tiles; otherwise an inner loop over headdim blocks of BLOCK_P.
+    The same bits when BLOCK_P >= hdim."""
     pid_rn = tl.program_id(0)
     pid_bc = tl.program_id(1).to(tl.int64)
     pid_gs = tl.program_id(2).to(tl.int64)
@@ -270,10 +289,8 @@ def _chunk_dbc_kernel(
             u = tl.where(seq_r == seq_in, u, 0.0)
             w = tl.where(seq_r == seq_end, w, 0.0)
         st_base = ((pid_b * nchunks + pid_c) * nheads + h) * hdim * dstate
-        accC = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-        accB = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-        for p0 in range(0, hdim, BLOCK_P):
-            offs_p = p0 + tl.arange(0, BLOCK_P)
+        if HEAD_PIPE:
+            offs_p = tl.arange(0, HDIM_BLOCK)
             rp = rvalid[:, None] & (offs_p < hdim)[None, :]
             pn = (offs_p < hdim)[:, None] & nmask[None, :]
             dyr = tl.load(dy_ptr + pid_b * s_dy_b + h * s_dy_h + t_r[:, None] * s_dy_l + offs_p[None, :] * s_dy_p,
@@ -282,8 +299,23 @@ def _chunk_dbc_kernel(
                          mask=rp, other=0.0)
             pv = tl.load(prev_ptr + st_base + offs_p[:, None] * dstate + offs_n[None, :], mask=pn, other=0.0)
             ds = tl.load(dS_ptr + st_base + offs_p[:, None] * dstate + offs_n[None, :], mask=pn, other=0.0)
-            accC += tl.dot(dyr, pv.to(dyr.dtype), input_precision=DOT_PREC)
-            accB += tl.dot(xr, ds.to(xr.dtype), input_precision=DOT_PREC)
+            accC = tl.dot(dyr, pv.to(dyr.dtype), input_precision=DOT_PREC)
+            accB = tl.dot(xr, ds.to(xr.dtype), input_precision=DOT_PREC)
+        else:
+            accC = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+            accB = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+            for p0 in range(0, hdim, BLOCK_P):
+                offs_p = p0 + tl.arange(0, BLOCK_P)
+                rp = rvalid[:, None] & (offs_p < hdim)[None, :]
+                pn = (offs_p < hdim)[:, None] & nmask[None, :]
+                dyr = tl.load(dy_ptr + pid_b * s_dy_b + h * s_dy_h + t_r[:, None] * s_dy_l + offs_p[None, :] * s_dy_p,
+                              mask=rp, other=0.0)
+                xr = tl.load(x_ptr + pid_b * s_x_b + h * s_x_h + t_r[:, None] * s_x_l + offs_p[None, :] * s_x_p,
+                             mask=rp, other=0.0)
+                pv = tl.load(prev_ptr + st_base + offs_p[:, None] * dstate + offs_n[None, :], mask=pn, other=0.0)
+                ds = tl.load(dS_ptr + st_base + offs_p[:, None] * dstate + offs_n[None, :], mask=pn, other=0.0)
+                accC += tl.dot(dyr, pv.to(dyr.dtype), input_precision=DOT_PREC)
+                accB += tl.dot(xr, ds.to(xr.dtype), input_precision=DOT_PREC)
         dC += accC * u[:, None]
         dB += accB * w[:, None]
         # gradient of cs_r through the off-diagonal term: dy_r . y_off_r (partial over this n block)
@@ -395,14 +427,36 @@ _chunk_dx_tuned = autotune_per_chunk(_chunk_dx_kernel, _cfgs([
     (dict(BLOCK_I=128, BLOCK_N=128), 8, 2), (dict(BLOCK_I=64, BLOCK_N=128), 4, 3),
     (dict(BLOCK_I=32, BLOCK_N=32), 4, 3), (dict(BLOCK_I=64, BLOCK_N=32), 4, 4),
 ]), key=["chunk_size", "hdim", "dstate", "HAS_SEQ", "SPLIT"], chunk_params=("BLOCK_I",))
-_chunk_dcb_tuned = autotune_per_chunk(_chunk_dcb_kernel, _cfgs([
-    (dict(BLOCK_P=64), 4, 2), (dict(BLOCK_P=64), 4, 3), (dict(BLOCK_P=64), 8, 2), (dict(BLOCK_P=32), 4, 3),
-]), key=["chunk_size", "hdim", "HAS_SEQ"], chunk_params=())
-_chunk_dbc_tuned = autotune_per_chunk(_chunk_dbc_kernel, _cfgs([
-    (dict(BLOCK_R=64, BLOCK_K=64, BLOCK_P=64), 4, 2), (dict(BLOCK_R=64, BLOCK_K=64, BLOCK_P=64), 4, 3),
-    (dict(BLOCK_R=64, BLOCK_K=32, BLOCK_P=64), 4, 2), (dict(BLOCK_R=128, BLOCK_K=64, BLOCK_P=64), 8, 2),
-    (dict(BLOCK_R=128, BLOCK_K=32, BLOCK_P=64), 8, 3),
-]), key=["chunk_size", "hdim", "dstate", "HAS_SEQ"], chunk_params=("BLOCK_R", "BLOCK_K"))
+# dCB and dB/dC: the first configs (HEAD_PIPE False) are the schedules before the head-pipelined
+# loop; the autotuner chooses between both (the first stays the fixed one)
+_DCB_SPACE = [
+    (dict(BLOCK_P=64, HEAD_PIPE=False), 4, 2), (dict(BLOCK_P=64, HEAD_PIPE=False), 4, 3),
+    (dict(BLOCK_P=64, HEAD_PIPE=False), 8, 2), (dict(BLOCK_P=32, HEAD_PIPE=False), 4, 3),
+    (dict(BLOCK_P=64, HEAD_PIPE=True), 4, 2), (dict(BLOCK_P=64, HEAD_PIPE=True), 4, 3),
+    (dict(BLOCK_P=64, HEAD_PIPE=True), 8, 3), (dict(BLOCK_P=64, HEAD_PIPE=True), 4, 4),
+]
+_DBC_SPACE = [
+    (dict(BLOCK_R=64, BLOCK_K=64, BLOCK_P=64, HEAD_PIPE=False), 4, 2),
+    (dict(BLOCK_R=64, BLOCK_K=64, BLOCK_P=64, HEAD_PIPE=False), 4, 3),
+    (dict(BLOCK_R=64, BLOCK_K=32, BLOCK_P=64, HEAD_PIPE=False), 4, 2),
+    (dict(BLOCK_R=128, BLOCK_K=64, BLOCK_P=64, HEAD_PIPE=False), 8, 2),
+    (dict(BLOCK_R=128, BLOCK_K=32, BLOCK_P=64, HEAD_PIPE=False), 8, 3),
+    (dict(BLOCK_R=64, BLOCK_K=64, BLOCK_P=64, HEAD_PIPE=True), 4, 2),
+    (dict(BLOCK_R=64, BLOCK_K=64, BLOCK_P=64, HEAD_PIPE=True), 4, 3),
+    (dict(BLOCK_R=64, BLOCK_K=32, BLOCK_P=64, HEAD_PIPE=True), 4, 3),
+    (dict(BLOCK_R=128, BLOCK_K=64, BLOCK_P=64, HEAD_PIPE=True), 8, 2),
+]
+_chunk_dcb_tuned = autotune_per_chunk(_chunk_dcb_kernel, _cfgs(_DCB_SPACE), key=["chunk_size", "hdim", "HAS_SEQ"],
+                                      chunk_params=())
+_chunk_dbc_tuned = autotune_per_chunk(_chunk_dbc_kernel, _cfgs(_DBC_SPACE),
+                                      key=["chunk_size", "hdim", "dstate", "HAS_SEQ"], chunk_params=("BLOCK_R", "BLOCK_K"))
+
+
+def _first_with(space, head_pipe, chunk_size):
+    """The first config of `space` with the given HEAD_PIPE, position tiles clamped to the chunk."""
+    kw, warps, stages = next(c for c in space if c[0]["HEAD_PIPE"] == head_pipe)
+    kw = {k: (min(v, chunk_size) if k in ("BLOCK_R", "BLOCK_K") else v) for k, v in kw.items()}
+    return kw, warps, stages
 
 
 def _blocks(chunk_size, hdim, dstate):
@@ -480,9 +534,11 @@ def chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec):
     return dx, ddtp, dcs, dD
 
 
-def chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, chunk_size, dot_prec):
+def chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, chunk_size, dot_prec, head_pipe=None):
     """-> dCB partials (batch, nchunks, nsplit, ngroups, Q, Q) and per-head row terms of dcs
-    (batch, nheads, nchunks, nj, Q)."""
+    (batch, nheads, nchunks, nj, Q). head_pipe None: the autotuned schedule on CUDA (the
+    head-pipelined loop in the interpreter); True/False: that loop structure with the first such
+    config (benchmarks and tests; the interpreter then splits headdim into blocks of 16)."""
     batch, seqlen, nheads, hdim = x.shape
     nchunks = triton.cdiv(seqlen, chunk_size)
     bs = _blocks(chunk_size, hdim, 16)
@@ -494,18 +550,23 @@ def chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, chunk_size, dot_prec):
     seq, seq_s = _seq_args(seq_idx, cs)
     args = (x, dy, dtp, cs, seq, cb, dcb, rows, seqlen, nheads, nchunks, chunk_size, hdim, nheads // ngroups,
             ngroups, nsplit, *x.stride(), *dy.stride(), *seq_s)
-    kw = dict(HAS_SEQ=seq_idx is not None, BLOCK_I=BI, BLOCK_J=BJ, DOT_PREC=dot_prec)
+    kw = dict(HAS_SEQ=seq_idx is not None, BLOCK_I=BI, BLOCK_J=BJ, DOT_PREC=dot_prec, HDIM_BLOCK=next_pow2(hdim))
     grid = (triton.cdiv(chunk_size, BI) * nj, batch * nchunks, ngroups * nsplit)
     if INTERPRET:
-        _chunk_dcb_kernel[grid](*args, **kw, BLOCK_P=bs["P"], num_warps=4)
-    else:
+        pipe = True if head_pipe is None else head_pipe
+        _chunk_dcb_kernel[grid](*args, **kw, BLOCK_P=bs["P"] if pipe else 16, HEAD_PIPE=pipe, num_warps=4)
+    elif head_pipe is None:
         _chunk_dcb_tuned(chunk_size)[grid](*args, **kw)
+    else:
+        cfg, warps, stages = _first_with(_DCB_SPACE, head_pipe, chunk_size)
+        _chunk_dcb_kernel[grid](*args, **kw, **cfg, num_warps=warps, num_stages=stages)
     return dcb, rows
 
 
-def chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, chunk_size, dot_prec):
+def chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, chunk_size, dot_prec, head_pipe=None):
     """-> dB, dC (input dtype) and per-head off-diagonal terms of dcs (batch, nheads, nchunks, nn, Q).
-    prev and dS may be float32 or the input dtype: the kernel rounds them to x's dtype for its dots."""
+    prev and dS may be float32 or the input dtype: the kernel rounds them to x's dtype for its dots.
+    head_pipe: as in chunk_dcb."""
     batch, seqlen, nheads, hdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     nchunks = triton.cdiv(seqlen, chunk_size)
@@ -519,15 +580,21 @@ def chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, chunk_size, dot_prec
     args = (x, dy, B, C, prev, dS, dcb, dtp, cs, seq, dB, dC, offd,
             seqlen, nheads, nchunks, chunk_size, hdim, dstate, nheads // ngroups, ngroups, nsplit,
             *x.stride(), *dy.stride(), *B.stride(), *C.stride(), *seq_s)
-    kw = dict(HAS_SEQ=seq_idx is not None, BLOCK_N=bs["N"], DOT_PREC=dot_prec)
+    kw = dict(HAS_SEQ=seq_idx is not None, BLOCK_N=bs["N"], DOT_PREC=dot_prec, HDIM_BLOCK=next_pow2(hdim))
     if INTERPRET:
+        pipe = True if head_pipe is None else head_pipe
         grid = (triton.cdiv(chunk_size, bs["R"]) * nn, batch * nchunks, ngroups * nsplit)
-        _chunk_dbc_kernel[grid](*args, **kw, BLOCK_R=bs["R"], BLOCK_K=bs["K"], BLOCK_P=bs["P"], num_warps=4)
-    else:
+        _chunk_dbc_kernel[grid](*args, **kw, BLOCK_R=bs["R"], BLOCK_K=bs["K"], BLOCK_P=bs["P"] if pipe else 16,
+                                HEAD_PIPE=pipe, num_warps=4)
+    elif head_pipe is None:
         def grid(meta):
             return (triton.cdiv(chunk_size, meta["BLOCK_R"]) * nn, batch * nchunks, ngroups * nsplit)
 
         _chunk_dbc_tuned(chunk_size)[grid](*args, **kw)
+    else:
+        cfg, warps, stages = _first_with(_DBC_SPACE, head_pipe, chunk_size)
+        grid = (triton.cdiv(chunk_size, cfg["BLOCK_R"]) * nn, batch * nchunks, ngroups * nsplit)
+        _chunk_dbc_kernel[grid](*args, **kw, **cfg, num_warps=warps, num_stages=stages)
     if nsplit == 1:
         return dB[:, :, 0].to(B.dtype), dC[:, :, 0].to(C.dtype), offd
     return dB.sum(2).to(B.dtype), dC.sum(2).to(C.dtype), offd

@@ -168,6 +168,38 @@ def run_rms(name, group_size, before, with_z):
     return name, res
 
 
+def run_ssd_head_pipe(name, batch=2, seqlen=45, h=4, p=24, g=2, n=8, q=16):
+    """The dCB and dB/dC kernels with the head loop innermost (HEAD_PIPE, what the SSD cases run in
+    the interpreter) against the loop over headdim blocks (16 of p = 24: two blocks, the second
+    partial), on the same inputs with documents cut inside chunks: relative differences."""
+    from kernels.ssd import triton_bwd as bwd
+    from kernels.ssd import triton_fwd as fwd
+
+    prec = "ieee"
+    x, dy = torch.randn(batch, seqlen, h, p), torch.randn(batch, seqlen, h, p)
+    dt = torch.randn(batch, seqlen, h) - 1
+    A = -torch.exp(torch.rand(h) * 2 - 1)
+    B, C = torch.randn(batch, seqlen, g, n), torch.randn(batch, seqlen, g, n)
+    seq = torch.zeros(batch, seqlen, dtype=torch.int32)
+    seq[0, 9:] += 1
+    seq[0, 37:] += 1
+    seq[1, 20:] += 1
+    lim = (0.0, math.inf)
+    dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, lim)
+    cb = fwd.compute_cb(C, B, q, prec)
+    prev = fwd.state_pass(fwd.chunk_outer(x, B, dtp, cs, seq, q, 0, prec), cs, seq, None, seqlen, q)[0]
+    dS = torch.randn_like(prev)
+    res = {}
+    outs = {}
+    for pipe in (True, False):
+        dcb, rows = bwd.chunk_dcb(x, dy, dtp, cs, seq, cb, g, q, prec, head_pipe=pipe)
+        dB, dC, offd = bwd.chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq, q, prec, head_pipe=pipe)
+        outs[pipe] = dict(dcb=dcb, rows=rows, dB=dB, dC=dC, offd=offd)
+    for k in outs[True]:
+        res[k] = rel(outs[True][k], outs[False][k])
+    return name, res
+
+
 def run_rms_schedules(name):
     """Every launch schedule of the gated-norm backward (rows per block, prefetch) against the
     reference's gradients: 37 rows = programs of 16 rows, the last partial; groups of 8 channels
@@ -257,6 +289,7 @@ def main():
     for gs, before, wz in ((8, False, True), (24, True, True), (16, False, False)):
         out.update([run_rms(f"rms_g{gs}_{'before' if before else 'after'}_{'z' if wz else 'noz'}", gs, before, wz)])
     out.update([run_rms_schedules("rms_bwd_schedules")])
+    out.update([run_ssd_head_pipe("ssd_head_pipe")])
     out.update([run_conv_fwd_schedules("conv_fwd_schedules")])
     print("JSON:" + json.dumps(out))
 

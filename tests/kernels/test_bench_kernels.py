@@ -31,7 +31,8 @@ def test_breakdown_runs_every_kernel_launch_under_the_interpreter():
     parts = out["parts"]
     assert [name for name, _ in parts] == [
         "fwd dt_cumsum", "fwd CB", "fwd chunk states", "fwd state passing", "fwd chunk scan", "bwd dprev",
-        "bwd state passing", "bwd dx/ddt", "bwd dCB", "bwd dB/dC", "bwd dt tail"]
+        "bwd state passing", "bwd dx/ddt", "bwd dCB", "bwd dB/dC", "bwd dCB blocked", "bwd dCB head-pipe",
+        "bwd dB/dC blocked", "bwd dB/dC head-pipe", "bwd dt tail"]
     assert all(ms > 0 for _, ms in parts)
     from kernels.conv1d.triton_op import FWD_SCHEDULES
     from kernels.rmsnorm_gated.triton_op import bwd_schedules

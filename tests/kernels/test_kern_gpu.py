@@ -339,6 +339,38 @@ def test_rmsnorm_gated_bf16_vs_reference(before):
     assert all(rel(a, c) < 1e-2 for a, c in zip(g, g0))
 
 
+@pytest.mark.parametrize("shape", [(2, 4096, 64, 64, 1, 128), (1, 8192, 128, 64, 8, 128)])
+def test_ssd_dcb_dbc_loop_structures_same_bits_bf16(shape):
+    """The dCB and dB/dC kernels with the head loop innermost (HEAD_PIPE) and with the loop over
+    headdim blocks, at headdim 64 (one block): the same bits, outputs poisoned first."""
+    from kernels.ssd import triton_bwd as bwd
+    from kernels.ssd import triton_fwd as fwd
+
+    batch, seqlen, h, p, g, n = shape
+    q, prec, dt_ = 256, "tf32", torch.bfloat16
+    x, dy = (torch.randn(batch, seqlen, h, p, device="cuda", dtype=dt_) for _ in range(2))
+    dt = (torch.randn(batch, seqlen, h, device="cuda") - 1).to(dt_)
+    A = -torch.exp(torch.rand(h, device="cuda") * 2 - 1)
+    B, C = (torch.randn(batch, seqlen, g, n, device="cuda", dtype=dt_) for _ in range(2))
+    seq = seq_idx_random(batch, seqlen)
+    dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, (0.0, math.inf))
+    cb = fwd.compute_cb(C, B, q, prec)
+    prev = fwd.state_pass(fwd.chunk_outer(x, B, dtp, cs, seq, q, 0, prec), cs, seq, None, seqlen, q)[0]
+    dS = torch.randn_like(prev)
+    outs = []
+    for pipe in (False, True):
+        poison()
+        dcb, rows = bwd.chunk_dcb(x, dy, dtp, cs, seq, cb, g, q, prec, head_pipe=pipe)
+        outs.append((dcb, rows, *bwd.chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq, q, prec, head_pipe=pipe)))
+    # dCB is written in its block-lower-triangular 64x64 tiles only (consumers mask the rest)
+    pos = torch.arange(q, device="cuda") // 64
+    written = pos[None, :] <= pos[:, None]
+    for name, a, b in zip(("dcb", "rows", "dB", "dC", "offd"), *outs):
+        if name == "dcb":
+            a, b = a[..., written], b[..., written]
+        assert torch.equal(a, b), name
+
+
 def test_conv1d_forward_every_schedule_same_bits_bf16():
     """The conv forward's CUDA tiles give the same output bits (the SSD's conv_source rerun relies
     on it), at hybrid_1b3's conv width (4096 + 2 x 128 channels) with documents, outputs poisoned."""

@@ -104,3 +104,11 @@ def test_conv_forward_every_schedule_same_bits(results):
     assert {f"y_{i}" for i in range(len(FWD_SCHEDULES))} <= set(res)
     assert all(v == 0.0 for k, v in res.items() if k.startswith("bits_")), res
     assert all(v <= 2e-5 for k, v in res.items() if k.startswith("y_")), res
+
+
+def test_ssd_head_pipelined_loops_match_the_blocked_loops(results):
+    """The SSD cases above check the head-pipelined dCB and dB/dC kernels against the reference; this
+    checks the loop over headdim blocks (the autotuner's other half) against them."""
+    res = results["ssd_head_pipe"]
+    assert set(res) == {"dcb", "rows", "dB", "dC", "offd"}
+    assert all(v <= 1e-5 for v in res.values()), res  # float32, two summation orders over headdim
