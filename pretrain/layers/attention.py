@@ -4,11 +4,14 @@ RoPE is optional (off by default, as in Jamba and Nemotron-H). With seq_idx, a p
 only to earlier positions of its own document. On CUDA in bf16/fp16, packed documents go through
 FlashAttention's variable-length kernel (`torch.nn.attention.varlen`), which skips every block
 across documents; elsewhere (CPU, float32, a torch without it) SDPA with a dense (batch, 1, s, s)
-mask, the reference the GPU tests hold the varlen path to.
+mask, the reference the GPU tests hold the varlen path to. The document offsets of a seq_idx
+(one host sync for the document count) are computed once per forward, not per layer
+(`document_layout`).
 """
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +54,26 @@ def document_cu_seqlens(seq_idx: torch.Tensor) -> torch.Tensor:
     return torch.cat([offsets, end]).to(torch.int32)
 
 
+_LAYOUTS: list[tuple] = []  # (weakref to seq_idx, its version, one document per row, cu_seqlens), newest last
+_LAYOUTS_KEPT = 8  # enough for the micro-batches a pipeline schedule keeps in flight
+
+
+@torch.compiler.disable
+def document_layout(seq_idx: torch.Tensor) -> tuple[bool, torch.Tensor]:
+    """(whether every row holds one document, document_cu_seqlens(seq_idx)), computed once per
+    seq_idx tensor and in-place version: every attention layer of a forward (and its recomputation)
+    gets the same seq_idx, so the one host sync (the document count) happens once per forward, not
+    once per layer. Entries hold the tensor weakly; an in-place change of seq_idx is a miss."""
+    for ref, version, single, cu in reversed(_LAYOUTS):
+        if ref() is seq_idx and version == seq_idx._version:
+            return single, cu
+    cu = document_cu_seqlens(seq_idx)
+    single = cu.numel() - 1 == seq_idx.shape[0]  # each row starts one document at position 0
+    _LAYOUTS[:] = [e for e in _LAYOUTS if e[0]() is not None][-(_LAYOUTS_KEPT - 1):]
+    _LAYOUTS.append((weakref.ref(seq_idx), seq_idx._version, single, cu))
+    return single, cu
+
+
 def _detect_varlen() -> tuple | None:
     """(varlen_attn, the kwargs that ask it for causal + GQA), or None where this torch has none
     (the call changed between torch 2.10 and 2.12: is_causal -> window_size, enable_gqa added).
@@ -80,15 +103,14 @@ def uses_varlen(q: torch.Tensor) -> bool:
             and _VARLEN is not None)
 
 
-def varlen_causal_attention(q, k, v, seq_idx: torch.Tensor) -> torch.Tensor:
-    """q (batch, heads, seqlen, hd), k/v (batch, kv_heads, seqlen, hd), seq_idx (batch, seqlen) ->
-    (batch, heads, seqlen, hd): every document of every row attends causally to itself only."""
+def varlen_causal_attention(q, k, v, cu: torch.Tensor) -> torch.Tensor:
+    """q (batch, heads, seqlen, hd), k/v (batch, kv_heads, seqlen, hd), cu = document_cu_seqlens(seq_idx)
+    -> (batch, heads, seqlen, hd): every document of every row attends causally to itself only."""
     varlen_attn, kwargs = _VARLEN
     batch, heads, seqlen, head_dim = q.shape
     if not kwargs.get("enable_gqa") and k.shape[1] != heads:
         k = k.repeat_interleave(heads // k.shape[1], dim=1)
         v = v.repeat_interleave(heads // v.shape[1], dim=1)
-    cu = document_cu_seqlens(seq_idx)
 
     def tokens_major(t):  # (batch, h, s, hd) -> (batch * s, h, hd); a view where t came from (b, s, h, hd)
         return t.transpose(1, 2).reshape(batch * seqlen, t.shape[1], head_dim)
@@ -100,11 +122,12 @@ def varlen_causal_attention(q, k, v, seq_idx: torch.Tensor) -> torch.Tensor:
 def causal_attention(q, k, v, seq_idx: torch.Tensor | None) -> torch.Tensor:
     """q (batch, heads, seqlen, hd), k/v (batch, kv_heads, seqlen, hd) -> (batch, heads, seqlen, hd)."""
     gqa = q.shape[1] != k.shape[1]
+    single, cu = document_layout(seq_idx) if seq_idx is not None else (True, None)
     # rows of one document each: whole-row causal flash (faster than varlen over the same rows)
-    if seq_idx is None or bool((seq_idx[:, -1] == seq_idx[:, 0]).all()):
+    if single:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if uses_varlen(q):
-        return varlen_causal_attention(q, k, v, seq_idx)
+        return varlen_causal_attention(q, k, v, cu)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(seq_idx), enable_gqa=gqa)
 
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.layers.attention import causal_attention, document_causal_mask, document_cu_seqlens, uses_varlen
+from pretrain.layers import attention as attention_mod
+from pretrain.layers.attention import (causal_attention, document_causal_mask, document_cu_seqlens, document_layout,
+                                       uses_varlen)
 
 
 def _random_seq_idx(batch, seqlen, gen, max_docs=6):
@@ -39,6 +41,43 @@ def test_cu_seqlens_start_each_row_and_each_document():
         assert cu.tolist() == _offsets_by_loop(seq_idx)
     # a row continuing the previous row's document id still starts a new document
     assert document_cu_seqlens(torch.zeros(2, 4, dtype=torch.int32)).tolist() == [0, 4, 8]
+
+
+def test_document_layout_once_per_forward_and_again_after_an_in_place_change(monkeypatch):
+    """Three attention layers see one seq_idx: its offsets are computed (one host sync on CUDA) once
+    per forward; a new tensor, or the same tensor changed in place, is computed again, and the
+    model's output is that of the changed documents."""
+    from tiny_models import tiny_model
+
+    calls = []
+
+    def counting(seq_idx):
+        calls.append(1)
+        return document_cu_seqlens(seq_idx)
+
+    monkeypatch.setattr(attention_mod, "document_cu_seqlens", counting)
+    torch.manual_seed(0)
+    _, model = tiny_model("model.pattern=*-M*-*", "model.mamba.chunk_size=8")
+    tokens = torch.randint(0, 64, (2, 32))
+    seq_idx = torch.zeros(2, 32, dtype=torch.int32)
+    seq_idx[0, 11:] = 1
+    out = model(tokens, seq_idx)
+    assert len(calls) == 1
+    model(tokens, seq_idx.clone())
+    assert len(calls) == 2
+    seq_idx[1, 20:] = 1  # in place: the cached layout is stale
+    out_changed = model(tokens, seq_idx)
+    assert len(calls) == 3
+    assert not torch.equal(out, out_changed)
+    torch.testing.assert_close(out_changed, model(tokens, seq_idx.clone()), rtol=0, atol=0)
+
+
+def test_document_layout_one_document_per_row():
+    assert document_layout(torch.tensor([[0, 0, 0], [3, 3, 3]], dtype=torch.int32))[0]
+    # a row continuing the previous row's document id is one document of its own
+    assert document_layout(torch.zeros(2, 5, dtype=torch.int32))[0]
+    single, cu = document_layout(torch.tensor([[0, 0, 1], [1, 1, 1]], dtype=torch.int32))
+    assert not single and cu.tolist() == [0, 2, 3, 6]
 
 
 def test_cpu_float32_keeps_the_dense_mask_path():
