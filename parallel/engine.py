@@ -175,9 +175,9 @@ class Engine:
             self.optimizer.step()
         else:
             self.finalize_grads()
+            self.optimizer.prefer_fused_adam()
             _, grad_norm = clipped_norm_step(self.optimizer.optimizer, list(self.model.parameters()),
                                              self.cfg.optim.grad_clip)
-            grad_norm = torch.tensor(grad_norm)
         self.zero_grad()
         return grad_norm
 
@@ -230,6 +230,26 @@ class CheckpointableOptimizer:
 
     def _inner_torch_optimizers(self):
         return [opt.optimizer for opt in self._chained() if getattr(opt, "optimizer", None) is not None]
+
+    @torch.no_grad()
+    def prefer_fused_adam(self, fused_devices: tuple[str, ...] = ("cuda",)) -> None:
+        """Run each inner torch Adam as build_optimizer runs the single-process one: fused (one kernel
+        per device and dtype for all parameters) where every parameter is a float32 tensor on a
+        device in `fused_devices`, foreach elsewhere. megatron-core builds torch's Adam without
+        apex or TransformerEngine with neither option set, i.e. foreach on CUDA and a per-tensor loop
+        on the CPU. Cheap enough to call before every step: it also moves `step` entries that a
+        checkpoint load or _ensure_state left on the CPU to their parameter's device, as torch's own
+        load does for a fused optimizer."""
+        for opt in self._inner_torch_optimizers():
+            params = [p for g in opt.param_groups for p in g["params"]]
+            fused = bool(params) and all(p.device.type in fused_devices and p.dtype == torch.float32 for p in params)
+            for group in opt.param_groups:
+                group["fused"], group["foreach"] = (True, False) if fused else (None, True)
+            if fused:
+                for p, st in opt.state.items():
+                    step = st.get("step")
+                    if torch.is_tensor(step) and (step.device != p.device or step.dtype != torch.float32):
+                        st["step"] = step.to(device=p.device, dtype=torch.float32)
 
     def _chain_step(self) -> float:
         """The Adam step count of this rank's chain (0 before the first step)."""

@@ -12,7 +12,9 @@ shard of each gradient is meaningful and stays correct (the sums are elementwise
 Gradient norm: megatron-core counts a tensor-parallel parameter on every tp rank, so a part
 replicated over fewer than tp ranks (B/C, k/v above) would count once per replica.
 `clipped_norm_step` runs megatron's optimizer step with the norm less those extra copies (the
-elements this rank holds as a non-main replica, `Part.replica > 0`), and clips with it.
+elements this rank holds as a non-main replica, `Part.replica > 0`), and clips with it; the norm
+and the clipping are torch multi-tensor ops with no host sync (megatron's own, without apex or
+TransformerEngine, launch kernels and sync per tensor).
 """
 from __future__ import annotations
 
@@ -108,22 +110,40 @@ def _duplicate_grad_sq(leaf, params: list[nn.Parameter]) -> torch.Tensor:
     return total
 
 
-def clipped_norm_step(optimizer, params: list[nn.Parameter], max_norm: float) -> tuple[bool, float]:
+def _leaf_grad_sq(leaf) -> torch.Tensor:
+    """Sum of squares of the main gradients `leaf` norms, summed over its grad-stats group: what
+    megatron's get_grad_norm squares, with torch's multi-tensor norm (one kernel per device and dtype,
+    no host sync) instead of megatron's fallback without apex or TransformerEngine (a norm kernel and
+    a host sync per tensor)."""
+    grads = [g for g in leaf.get_main_grads_for_grad_norm() if g.numel()]
+    group = leaf.get_grad_stats_parallel_group()  # None: the world, as in megatron's get_grad_norm_fp32
+    device = collective_device(group)
+    if grads:
+        total = torch.stack(torch._foreach_norm(grads)).float().square().sum().to(device)
+    else:
+        total = torch.zeros((), dtype=torch.float32, device=device)
+    dist.all_reduce(total, group=group)
+    return total
+
+
+def clipped_norm_step(optimizer, params: list[nn.Parameter], max_norm: float) -> tuple[bool, torch.Tensor]:
     """megatron's optimizer step (a ChainedOptimizer or one optimizer) with the corrected global
     gradient norm: prepare the main gradients, norm, clip to `max_norm` (0: no clipping), update.
-    Returns (updated, norm before clipping); (False, nan) when megatron found inf/nan gradients."""
-    from megatron.core.optimizer import optimizer as megatron_optimizer  # its clip (the CPU stand-in on CPU)
-
+    Returns (updated, norm before clipping as a 0-d float32 tensor); (False, nan) when megatron found
+    inf/nan gradients. No host sync: the clip coefficient min(1, max_norm / (norm + 1e-6)), megatron's,
+    stays a device tensor and multiplies every gradient (by exactly 1 when under the bound)."""
     if optimizer.prepare_grads():
-        return False, math.nan
+        return False, torch.tensor(math.nan)
     leaves = list(getattr(optimizer, "chained_optimizers", [optimizer]))
-    norm_sq = float(optimizer.get_grad_norm()) ** 2
-    norm_sq -= sum(float(_duplicate_grad_sq(leaf, params)) for leaf in leaves
-                   if not getattr(leaf, "is_stub_optimizer", False))
-    norm = math.sqrt(max(norm_sq, 0.0))
+    real = [leaf for leaf in leaves if not getattr(leaf, "is_stub_optimizer", False)]
+    # megatron's chain: the square root of the sum of its optimizers' squared norms. A stub (no
+    # parameters on this rank) still joins its group's reduction with zero, as in megatron.
+    norm_sq = sum(_leaf_grad_sq(leaf) for leaf in leaves) - sum(_duplicate_grad_sq(leaf, params) for leaf in real)
+    norm = torch.as_tensor(norm_sq, dtype=torch.float32).clamp_min(0.0).sqrt()
     if max_norm > 0:
-        for leaf in leaves:
-            leaf_params = leaf.get_parameters()
-            if leaf_params and not getattr(leaf, "is_stub_optimizer", False):
-                megatron_optimizer.clip_grad_by_total_norm_fp32(leaf_params, max_norm=max_norm, total_norm=norm)
+        coeff = (max_norm / (norm + 1.0e-6)).clamp(max=1.0)
+        for leaf in real:
+            grads = [p.grad for p in leaf.get_parameters() if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, coeff.to(grads[0].device))
     return optimizer.step_with_ready_grads(), norm

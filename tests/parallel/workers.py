@@ -104,7 +104,7 @@ def norm_of_ones(engine: Engine) -> float:
         p.main_grad.fill_(1.0)
     _, norm = clipped_norm_step(engine.optimizer.optimizer, list(engine.model.parameters()), 0.0)
     engine.zero_grad()
-    return norm
+    return float(norm)
 
 
 def check_ones_norm(name: str, result: dict) -> None:
