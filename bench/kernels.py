@@ -212,6 +212,42 @@ def schedules(batch, seqlen, d_inner, conv_dim, dev="cuda", dt_=torch.bfloat16):
     return out
 
 
+def first_call_seconds(dev="cuda", ssd_shape=TARGETS[0][:6], mixer=(4, 4096, 4096, 4352), q=256,
+                       dt_=torch.bfloat16) -> str:
+    """The start-up cost a training process pays once per kernel and shape key: the first SSD
+    forward+backward (shape 1) and the first mixer's conv and gated norm (hybrid_1b3's sizes:
+    batch, seqlen, d_inner, conv channels), each compile and autotuning included, with the state of
+    Triton's on-disk cache (a warm cache skips both: point TRITON_CACHE_DIR at a shared filesystem)."""
+    from pathlib import Path
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    cache = Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))
+    entries = sum(1 for _ in cache.rglob("*")) if cache.exists() else 0
+    t0 = time.perf_counter()
+    b, L, h, p, g, n = ssd_shape
+    x = torch.randn(b, L, h, p, device=dev, dtype=dt_, requires_grad=True)
+    dt = (torch.randn(b, L, h, device=dev) - 1).to(dt_).requires_grad_(True)
+    A = -torch.exp(torch.rand(h, device=dev))
+    B, C = (torch.randn(b, L, g, n, device=dev, dtype=dt_, requires_grad=True) for _ in range(2))
+    kernels.ssd_scan(x, dt, A, B, C, chunk_size=q).backward(torch.randn_like(x))
+    sync()
+    t1 = time.perf_counter()
+    mb, ml, d_inner, conv_dim = mixer
+    xc = torch.randn(mb, ml, conv_dim, device=dev, dtype=dt_, requires_grad=True)
+    kernels.causal_conv1d(xc, torch.randn(conv_dim, 4, device=dev), torch.randn(conv_dim, device=dev),
+                          activation="silu").backward(torch.randn_like(xc))
+    yr = torch.randn(mb, ml, d_inner, device=dev, dtype=dt_, requires_grad=True)
+    kernels.rmsnorm_gated(yr, torch.randn_like(yr), torch.ones(d_inner, device=dev),
+                          group_size=d_inner).backward(torch.randn_like(yr))
+    sync()
+    t2 = time.perf_counter()
+    return (f"first calls (compile + autotuning; Triton cache {cache}: {entries} entries before): SSD f+b "
+            f"{t1 - t0:.1f} s, conv1d + gated norm f+b {t2 - t1:.1f} s")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-ref", action="store_true", help="skip the PyTorch reference timings")
@@ -228,6 +264,7 @@ def main():
     peak_tf, peak_gb = ceilings()
     print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton {triton.__version__}")
     print(f"measured ceilings: bf16 matmul 8192^3 {peak_tf:.0f} TFLOP/s, device copy {peak_gb:.0f} GB/s")
+    print(first_call_seconds())
     lines = []
     hdr = (f"{'shape (b, L, HxP, G, N)':34s} {'impl':10s} {'fwd ms':>8s} {'tgt':>6s} {'TF/s':>6s} {'GB/s':>6s} "
            f"{'f+b ms':>8s} {'tgt':>6s} {'TF/s':>6s} {'GB/s':>6s}")

@@ -18,7 +18,9 @@ mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
 parts = mod.breakdown(1, 40, 4, 8, 2, 8, q=16, dev="cpu", dt_=torch.float32)
 sched = mod.schedules(1, 40, 64, 80, dev="cpu", dt_=torch.float32)
-print("JSON:" + json.dumps({"parts": parts, "schedules": sched}))
+first = mod.first_call_seconds(dev="cpu", ssd_shape=(1, 40, 4, 8, 2, 8), mixer=(1, 20, 32, 48), q=16,
+                               dt_=torch.float32)
+print("JSON:" + json.dumps({"parts": parts, "schedules": sched, "first": first}))
 """
 
 
@@ -41,3 +43,4 @@ def test_breakdown_runs_every_kernel_launch_under_the_interpreter():
     assert len(names) == 2 + len(bwd_schedules(64)) + len(FWD_SCHEDULES)
     assert names[0] == "norm bwd tuned" and "conv fwd tuned" in names
     assert all(ms > 0 and nbytes > 0 for _, ms, nbytes in out["schedules"])
+    assert out["first"].startswith("first calls") and "SSD f+b" in out["first"]
