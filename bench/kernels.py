@@ -32,6 +32,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 import kernels  # noqa: E402
+from kernels._triton_utils import record_tuning, write_tuned_table  # noqa: E402
 from kernels.conv1d.reference import causal_conv1d as conv_ref
 from kernels.rmsnorm_gated.reference import rmsnorm_gated as rms_ref
 from kernels.ssd.reference import ssd_scan as ssd_ref
@@ -256,9 +257,14 @@ def main():
                          "backward and the conv forward at the presets' mixer sizes")
     ap.add_argument("--claim", action="store_true",
                     help="also SSD fwd+bwd vs causal SDPA at 2K-16K tokens per sequence, same tokens per batch")
+    ap.add_argument("--write-tuned", metavar="JSON",
+                    help="merge the autotuner's choices of this run into this table (kernels/tuned_configs.json "
+                         "is the one the kernels read first)")
     ap.add_argument("--chunk-sweep", action="store_true",
                     help="also time the SSD of the presets' mixers (one layer, training micro batch) at chunk 64-256")
     args = ap.parse_args()
+    if args.write_tuned:
+        record_tuning()
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     peak_tf, peak_gb = ceilings()
@@ -332,6 +338,8 @@ def main():
             for kname, ms, nbytes in schedules(b, L, h * p, h * p + 2 * g * n):
                 lines.append(f"{f'{name} {kname}':50s} {ms:8.3f} ms {nbytes / ms / 1e6:6.0f} GB/s")
     print("\n".join(lines))
+    if args.write_tuned:
+        print(f"{write_tuned_table(args.write_tuned)} autotuning choices written to {args.write_tuned}")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.synthetic import write_synthetic  # noqa: E402
+from kernels._triton_utils import record_tuning, write_tuned_table  # noqa: E402
 from pretrain.config import load_config, validate  # noqa: E402
 from pretrain.distributed import DistInfo  # noqa: E402
 from pretrain.trainer import Trainer  # noqa: E402
@@ -250,7 +251,7 @@ def row_in_fresh_process(spec: str, backend: str, args, workdir: Path) -> dict:
     cmd = [sys.executable, __file__, spec, "--backends", backend, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--split-steps", str(args.split_steps), "--profile", str(args.profile),
            "--accum", str(args.accum), "--device", args.device,
-           "--one-row", str(workdir)]
+           "--one-row", str(workdir)] + (["--write-tuned", args.write_tuned] if args.write_tuned else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = proc.stdout.splitlines()
     print("\n".join(line for line in lines if not line.startswith(ROW_PREFIX)), flush=True)
@@ -278,6 +279,9 @@ def main() -> None:
                         help="micro-batches per optimizer step (data.global_batch_size = micro x N; default 1)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                         help="cpu: a smoke test of this script (float32, no memory figures), not a measurement")
+    parser.add_argument("--write-tuned", metavar="JSON",
+                        help="merge each row's autotuning choices into this table (kernels/tuned_configs.json "
+                             "is the one the kernels read first)")
     parser.add_argument("--one-row", metavar="WORKDIR", help=argparse.SUPPRESS)  # internal: one row, as JSON
     args = parser.parse_args()
     if args.accum < 1:
@@ -286,7 +290,11 @@ def main() -> None:
         sys.exit("bench/train.py needs a CUDA GPU (--device cpu runs it as a smoke test)")
     logging.basicConfig(level=logging.WARNING)
     if args.one_row:
+        if args.write_tuned:
+            record_tuning()
         row = run_row(args.specs[0], args.backends, args, Path(args.one_row))
+        if args.write_tuned:
+            row["tuned_entries"] = write_tuned_table(args.write_tuned)
         print(ROW_PREFIX + json.dumps(row), flush=True)
         return
     rows = []

@@ -7,13 +7,21 @@ Owns the rules every kernel folder follows:
   once per cache directory and shape key, not on every run of a job) where the installed Triton
   supports it; with `kernels.deterministic` the first config of each list is used instead (fixed
   bits across nodes and runs, no benchmarking at start-up);
+- on CUDA, a shipped table of tuned choices (`kernels/tuned_configs.json`, per GPU name, kernel and
+  shape key; KERNELS_TUNED_TABLE names another file) is consulted before tuning: a listed key
+  launches its config directly, with no benchmarking and no compilation of the other configs (the
+  first-call stall of a large job with a cold Triton cache). After `record_tuning()`,
+  `write_tuned_table` saves the choices the autotuner made in this process (bench/kernels.py and
+  bench/train.py --write-tuned, on the GPU);
 - no torch.cuda calls are made unless the tensors are on CUDA.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import os
+from pathlib import Path
 
 import torch
 import triton
@@ -27,23 +35,106 @@ AUTOTUNE = os.environ.get("KERNELS_AUTOTUNE", "1") != "0"
 _AUTOTUNE_HAS_CACHE = "cache_results" in inspect.signature(triton.autotune).parameters
 
 
-class _Launcher:
-    """`launcher[grid](*args)` like a triton.autotune'd kernel, choosing per call between the tuned
-    variant and the fixed one (the first config): `kernels.set_deterministic(True)` takes the fixed
-    one, so the launch configs, and with them the summation order inside each program, do not depend
-    on a timing race (the same bits on every node and every run), and nothing is benchmarked."""
+TABLE_PATH = Path(os.environ.get("KERNELS_TUNED_TABLE", Path(__file__).with_name("tuned_configs.json")))
+_table: dict | None = None  # {gpu name: {kernel: {key: {"kwargs": .., "num_warps": .., "num_stages": ..}}}}
+_launchers: list["_Launcher"] = []  # every autotuned launcher of this process, for write_tuned_table
+_record = False  # remember the autotuner's choices (record_tuning(); the benchmarks' --write-tuned)
+_names: dict[int, str] = {}
 
-    def __init__(self, tuned, fixed):
-        self.tuned, self.fixed = tuned, fixed
+
+def record_tuning() -> None:
+    """From now on remember each autotuned choice of this process for write_tuned_table."""
+    global _record
+    _record = True
+
+
+def _load_table() -> dict:
+    global _table
+    if _table is None:
+        _table = json.loads(TABLE_PATH.read_text()) if TABLE_PATH.exists() else {}
+    return _table
+
+
+def _device_name(args) -> str | None:
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.is_cuda:
+            index = a.device.index if a.device.index is not None else torch.cuda.current_device()
+            if index not in _names:
+                _names[index] = torch.cuda.get_device_name(index)
+            return _names[index]
+    return None
+
+
+class _Launcher:
+    """`launcher[grid](*args)` like a triton.autotune'd kernel, choosing per call between:
+    - the fixed variant (the first config) under `kernels.set_deterministic(True)`: the launch
+      configs, and with them the summation order inside each program, do not depend on a timing race
+      (the same bits on every node and every run), and nothing is benchmarked;
+    - the table's config for this GPU, kernel and key (`key` names the kernel arguments whose values,
+      with the dtypes of the tensor arguments, make the key, as Triton's own autotuner keys);
+    - the tuned variant otherwise, whose choice is remembered for write_tuned_table."""
+
+    def __init__(self, tuned, fixed, kernel=None, key=()):
+        self.tuned, self.fixed, self.kernel, self.key = tuned, fixed, kernel, tuple(key)
+        self.name = getattr(kernel, "__name__", "")
+        self.chosen: dict[str, dict[str, triton.Config]] = {}  # gpu name -> key string -> config
+        if kernel is not None:
+            _launchers.append(self)
+
+    def key_string(self, args, kwargs) -> str:
+        named = {**dict(zip(self.kernel.arg_names, args)), **kwargs}
+        parts = [f"{k}={named[k]}" for k in self.key if k in named]
+        parts += [str(v.dtype).replace("torch.", "") for v in named.values() if isinstance(v, torch.Tensor)]
+        return ",".join(parts)
 
     def __getitem__(self, grid):
-        return (self.fixed if get_deterministic() else self.tuned)[grid]
+        if get_deterministic():
+            return self.fixed[grid]
+        if self.kernel is None:
+            return self.tuned[grid]
+
+        def run(*args, **kwargs):
+            gpu = _device_name(args)
+            listed = _load_table().get(gpu, {}).get(self.name) if gpu is not None else None
+            if not listed and not _record:  # nothing to look up or remember: no key to build
+                return self.tuned[grid](*args, **kwargs)
+            key = self.key_string(args, kwargs)
+            entry = listed.get(key) if listed else None
+            if entry is not None:
+                cfg = triton.Config(entry["kwargs"], num_warps=entry["num_warps"], num_stages=entry["num_stages"])
+                g = grid({**kwargs, **cfg.kwargs}) if callable(grid) else grid
+                return self.kernel[g](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps,
+                                      num_stages=cfg.num_stages)
+            out = self.tuned[grid](*args, **kwargs)
+            best = getattr(self.tuned, "best_config", None)
+            if _record and gpu is not None and best is not None:
+                self.chosen.setdefault(gpu, {})[key] = best
+            return out
+
+        return run
+
+
+def write_tuned_table(path: Path | str = TABLE_PATH) -> int:
+    """Merge the choices the autotuner made in this process into the table at `path` (per GPU name,
+    kernel and key; existing entries for other keys stay). Returns the number of entries written."""
+    path = Path(path)
+    table = json.loads(path.read_text()) if path.exists() else {}
+    n = 0
+    for launcher in _launchers:
+        for gpu, keys in launcher.chosen.items():
+            for key, cfg in keys.items():
+                table.setdefault(gpu, {}).setdefault(launcher.name, {})[key] = {
+                    "kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+                n += 1
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    return n
 
 
 def autotune(configs, key, interpret_config=None, **kw):
-    """Decorator: triton.autotune over `configs` on GPU (cached on disk where Triton supports it),
-    or the first config alone when kernels.deterministic is set; under the interpreter or with
-    KERNELS_AUTOTUNE=0 always a single config (the first, or `interpret_config` in the interpreter)."""
+    """Decorator: triton.autotune over `configs` on GPU (cached on disk where Triton supports it,
+    and looked up first in the shipped table), or the first config alone when kernels.deterministic
+    is set; under the interpreter or with KERNELS_AUTOTUNE=0 always a single config (the first, or
+    `interpret_config` in the interpreter)."""
 
     def wrap(kernel):
         first = (interpret_config or configs[0]) if INTERPRET else configs[0]
@@ -51,7 +142,7 @@ def autotune(configs, key, interpret_config=None, **kw):
         if INTERPRET or not AUTOTUNE or len(configs) == 1:
             return _Launcher(fixed, fixed)
         tune_kw = dict(kw, cache_results=True) if _AUTOTUNE_HAS_CACHE else kw
-        return _Launcher(triton.autotune(configs=configs, key=key, **tune_kw)(kernel), fixed)
+        return _Launcher(triton.autotune(configs=configs, key=key, **tune_kw)(kernel), fixed, kernel, key)
 
     return wrap
 

@@ -4,6 +4,7 @@ a step of `--accum N` consumes N micro-batches and makes one optimizer step, and
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -47,13 +48,19 @@ def test_one_row_in_process(tmp_path):
     assert row["step_ms"] > 0 and row["fwd+bwd_ms"] > 0 and row["optimizer_ms"] > 0
 
 
-def test_command_line_prints_the_table():
+def test_command_line_prints_the_table(tmp_path):
+    """Also --write-tuned: the row's process merges its autotuning choices into the table (none on
+    the CPU: the file is written, and the entries already there stay)."""
+    table = tmp_path / "tuned.json"
+    table.write_text(json.dumps({"Some GPU": {"_conv_fwd_kernel": {}}}))
     proc = subprocess.run([sys.executable, "bench/train.py", SPEC, "--device", "cpu", "--steps", "1", "--warmup", "0",
-                           "--split-steps", "1", "--accum", "2", "--backends", "torch"],
+                           "--split-steps", "1", "--accum", "2", "--backends", "torch", "--write-tuned", str(table)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| demo")]
     assert len(rows) == 1 and "| torch | 2x64 x2 |" in rows[0], proc.stdout[-3000:]
+    assert "'tuned_entries': 0" in proc.stdout
+    assert json.loads(table.read_text()) == {"Some GPU": {"_conv_fwd_kernel": {}}}
 
 
 def test_bad_accum_is_refused():
