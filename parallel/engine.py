@@ -10,7 +10,8 @@ dp; gradients reduce-scattered, parameters all-gathered after the step); gradien
 groups (megatron's norm over dp shards, with every tp replica counted once: parallel.grads). Context parallelism needs
 nothing here: megatron DDP and the distributed optimizer reduce and shard over its dp x cp group
 (parameters are replicated over cp) and parallel/model.py scales the loss for it. On CUDA the parameters are
-bf16 with fp32 main weights in the optimizer.
+bf16 with fp32 main weights in the optimizer. `trainer.compile` compiles each residual block in both builds
+(megatron's tensor-parallel functions and the collectives inside a block included).
 """
 from __future__ import annotations
 
@@ -51,11 +52,12 @@ class Engine:
             self.model = HybridLM(cfg.model, derived, parallel=self.parallel).to(device)
             self.chunks = [self.model]
         apply_policy(self.chunks, parse_policy(cfg.trainer.recompute))
+        if cfg.trainer.compile:  # each residual block of every chunk; the Triton kernels stay opaque
+            for chunk in self.chunks:
+                for block in (chunk._blocks() if hasattr(chunk, "_blocks") else chunk.layers):
+                    block.compile()
         if not self.parallel:
             self.model.loss_chunk_tokens = resolve_chunk_tokens(cfg.trainer.loss_chunk_tokens, device)
-            if cfg.trainer.compile:
-                for block in self.model.layers:
-                    block.compile()
             self.optimizer = build_optimizer(self.model, cfg.optim)
             return
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig

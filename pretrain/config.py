@@ -168,7 +168,7 @@ class TrainerConfig:
     # one process, the megatron engine (parallel/engine.py) with several; megatron: that engine in one
     # process too (a 1-rank process group; on CUDA bf16 parameters with fp32 main weights)
     engine: str = "auto"
-    # torch.compile each residual block of the single-process build (the Triton kernels stay opaque)
+    # torch.compile each residual block, in every build and parallel layout (the Triton kernels stay opaque)
     compile: bool = False
     eval_interval: int = 0  # > 0: evaluate on data.validation every this many steps (and at the end)
     eval_steps: int = 10  # micro-batches per dp rank in one evaluation
@@ -453,8 +453,6 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
     _need(t.precision in ("auto", "bf16", "fp32"), "trainer.precision", t.precision, "must be auto, bf16 or fp32")
     _need(t.device in ("auto", "cpu", "cuda"), "trainer.device", t.device, "must be auto, cpu or cuda")
     _need(t.engine in ("auto", "megatron"), "trainer.engine", t.engine, "must be auto or megatron")
-    _need(not t.compile or (world_size == 1 and t.engine == "auto"), "trainer.compile", t.compile,
-          "applies to the single-process build only (one process, trainer.engine=auto)")
     from pretrain.recompute import parse_policy
 
     try:

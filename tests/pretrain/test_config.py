@@ -60,11 +60,10 @@ def test_impossible_values_are_named(override, key):
         validate(cfg)
 
 
-def test_compile_outside_the_single_process_build_is_refused():
-    with pytest.raises(ConfigError, match=r"trainer\.compile=True: applies to the single-process build"):
-        validate(load_config([DEMO], ["trainer.compile=true", "trainer.engine=megatron"]))
-    with pytest.raises(ConfigError, match=r"trainer\.compile"):
-        validate(load_config([DEMO], ["trainer.compile=true", "data.micro_batch_size=4"]), world_size=2)
+def test_compile_is_accepted_in_every_build():
+    """tests/parallel/test_compile_parallel.py trains the compiled parallel build against eager."""
+    validate(load_config([DEMO], ["trainer.compile=true", "trainer.engine=megatron"]))
+    validate(load_config([DEMO], ["trainer.compile=true", "data.micro_batch_size=4"]), world_size=2)
     validate(load_config([DEMO], ["trainer.compile=true"]))
 
 
