@@ -48,7 +48,10 @@ def _main_weights(optimizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return pairs
 
 
-def test_bf16_parameters_with_fp32_main_weights_follow_the_float32_run(tmp_path):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_bf16_parameters_with_fp32_main_weights_follow_the_float32_run(tmp_path, compiled):
+    """Also with trainer.compile in the parallel engine (its blocks compiled; the float32 reference stays
+    eager), and with its inner Adam fused and its clipping sync-free (parallel/engine.py, grads.py)."""
     import torch.distributed as dist
 
     from parallel import state
@@ -64,7 +67,8 @@ def test_bf16_parameters_with_fp32_main_weights_follow_the_float32_run(tmp_path)
     try:
         state.initialize(cfg, derived)
         torch.manual_seed(cfg.run.seed)
-        par = Engine(cfg, derived, device, parallel=True)
+        par = Engine(load_config([], OVERRIDES + [f"trainer.compile={str(compiled).lower()}"]), derived, device,
+                     parallel=True)
         torch.manual_seed(cfg.run.seed)
         ref = Engine(cfg, derived, device, parallel=False)  # float32 parameters, no autocast
         pairs = _main_weights(par.optimizer)
@@ -85,6 +89,7 @@ def test_bf16_parameters_with_fp32_main_weights_follow_the_float32_run(tmp_path)
         print("bf16 + fp32 main:", got, "\nfloat32:", want)
         assert got == pytest.approx(want, rel=5e-3)
         assert got[-1] < got[0] - 0.5  # it learns
+        assert all(g["fused"] for opt in par.optimizer._inner_torch_optimizers() for g in opt.param_groups)
     finally:
         state.destroy()
         dist.destroy_process_group()
