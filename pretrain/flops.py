@@ -32,30 +32,38 @@ def device_peak_tflops(device: torch.device) -> float | None:
     return None
 
 
-def forward_flops_per_token(cfg: Config, derived: Derived) -> float:
+def layer_forward_flops(kind: str, cfg: Config, derived: Derived) -> float:
+    """Forward FLOPs per token of one residual sublayer of `kind` (see the module docstring)."""
     m, seqlen = cfg.model, cfg.data.seq_len
     d = m.d_model
-    total = 2.0 * d * m.vocab_size  # LM head
     mb, at = m.mamba, m.attention
-    for kind in derived.layer_kinds:
-        if kind == "mamba":
-            d_in_proj = 2 * derived.mamba_d_inner + 2 * mb.num_groups * mb.d_state + mb.num_heads
-            q = min(mb.chunk_size, seqlen)
-            total += 2.0 * d * d_in_proj + 2.0 * derived.mamba_d_inner * d
-            total += 2.0 * mb.d_conv * derived.mamba_conv_dim
-            total += mb.num_groups * q * mb.d_state + mb.num_heads * (q * mb.head_dim + 4 * mb.d_state * mb.head_dim)
-        elif kind == "attention":
-            hd = derived.attention_head_dim
-            total += 2.0 * d * (at.num_heads + 2 * at.num_kv_heads) * hd + 2.0 * at.num_heads * hd * d
-            total += 2.0 * seqlen * at.num_heads * hd
-        elif kind == "mlp":
-            total += (6.0 if m.mlp.activation == "swiglu" else 4.0) * d * m.mlp.d_ff
-        elif kind == "moe":
-            per_ff = 6.0 if m.moe.activation == "swiglu" else 4.0
-            total += 2.0 * d * m.moe.num_experts + m.moe.top_k * per_ff * d * m.moe.d_ff
-            if m.moe.num_shared_experts:
-                total += per_ff * d * derived.moe_shared_d_ff
-    return total
+    if kind == "mamba":
+        d_in_proj = 2 * derived.mamba_d_inner + 2 * mb.num_groups * mb.d_state + mb.num_heads
+        q = min(mb.chunk_size, seqlen)
+        return (2.0 * d * d_in_proj + 2.0 * derived.mamba_d_inner * d + 2.0 * mb.d_conv * derived.mamba_conv_dim
+                + mb.num_groups * q * mb.d_state + mb.num_heads * (q * mb.head_dim + 4 * mb.d_state * mb.head_dim))
+    if kind == "attention":
+        hd = derived.attention_head_dim
+        return (2.0 * d * (at.num_heads + 2 * at.num_kv_heads) * hd + 2.0 * at.num_heads * hd * d
+                + 2.0 * seqlen * at.num_heads * hd)
+    if kind == "mlp":
+        return (6.0 if m.mlp.activation == "swiglu" else 4.0) * d * m.mlp.d_ff
+    if kind == "moe":
+        per_ff = 6.0 if m.moe.activation == "swiglu" else 4.0
+        total = 2.0 * d * m.moe.num_experts + m.moe.top_k * per_ff * d * m.moe.d_ff
+        if m.moe.num_shared_experts:
+            total += per_ff * d * derived.moe_shared_d_ff
+        return total
+    raise ValueError(f"unknown layer kind {kind!r}")
+
+
+def head_forward_flops(cfg: Config) -> float:
+    """Forward FLOPs per token of the LM head."""
+    return 2.0 * cfg.model.d_model * cfg.model.vocab_size
+
+
+def forward_flops_per_token(cfg: Config, derived: Derived) -> float:
+    return head_forward_flops(cfg) + sum(layer_forward_flops(kind, cfg, derived) for kind in derived.layer_kinds)
 
 
 def train_flops_per_token(cfg: Config, derived: Derived) -> float:
