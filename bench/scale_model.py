@@ -181,8 +181,9 @@ def plan(cfg, derived, per_layer, embed, head, a=ASSUMPTIONS) -> Plan:
     layers0 = stages[slowest]
     act_bytes = tokens_mb * m.d_model * 2  # one sublayer's input or output, bf16
     tp_s = cp_s = ep_s = 0.0
-    if tp > 1:  # SP: all-gather in, reduce-scatter out; forward and backward (and the forward again)
-        per_sub = (6 if recompute_full else 4) * act_bytes * (tp - 1) / tp / (a["nvlink_busbw_gbs"] * GB)
+    passes = 3 if recompute_full else 2  # forward, backward (and the forward again)
+    if tp > 1:  # SP: all-gather in, reduce-scatter out, in every pass
+        per_sub = 2 * passes * act_bytes * (tp - 1) / tp / (a["nvlink_busbw_gbs"] * GB)
         tp_s = per_sub * len(layers0) * micro
     if cp > 1:
         bw = (a["nvlink_alltoall_gbs"] if intra else a["ib_busbw_gbs"]) * GB
@@ -193,11 +194,11 @@ def plan(cfg, derived, per_layer, embed, head, a=ASSUMPTIONS) -> Plan:
                 width = 2 * derived.mamba_d_inner + 2 * m.mamba.num_groups * m.mamba.d_state + m.mamba.num_heads
             else:
                 continue
-            cp_s += 2 * tokens_mb * width * 2 / tp * (cp - 1) / cp / bw * micro
+            cp_s += passes * tokens_mb * width * 2 / tp * (cp - 1) / cp / bw * micro
     if ep > 1:
         bw = (a["nvlink_alltoall_gbs"] if intra else a["ib_busbw_gbs"]) * GB
         n_moe = sum(kinds[j] == "moe" for j in layers0)
-        ep_s = 4 * tokens_mb / tp * m.moe.top_k * m.d_model * 2 * (ep - 1) / ep / bw * n_moe * micro
+        ep_s = 2 * passes * tokens_mb / tp * m.moe.top_k * m.d_model * 2 * (ep - 1) / ep / bw * n_moe * micro
     bubble = (pp - 1) * (compute + tp_s + cp_s + ep_s) / micro  # pp - 1 idle micro-batch slots
     dp_group = dp * cp
     # the updated bf16 parameters all-gathered over dp x cp after the step (the reduce-scatter overlaps)
