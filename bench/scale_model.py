@@ -1,7 +1,8 @@
 """Memory and time model on paper for a hybrid at scale: per-GPU memory and step time of a config
 under each parallel layout the config accepts, and a short search for the fastest layout that fits.
 
-    python bench/scale_model.py configs/jamba_v01.yaml --gpus 64 512 [--seq-len 262144] [--top 6]
+    python bench/scale_model.py configs/jamba_v01.yaml --gpus 64 512 [--cp 8 16] [--top 6]
+    python bench/scale_model.py configs/jamba_like.yaml --gpus 8 --widths 1024 2048 3072 4096
 
 No GPU is used: parameters are counted on a model built on the meta device (exact), everything
 else comes from the formulas below with the constants in ASSUMPTIONS. bench/NOTES_scale.md holds
@@ -99,8 +100,9 @@ def kept_bytes_per_token(kind: str, cfg, derived, residual_bytes: int) -> float:
 
 
 def layer_parameters(cfg, derived) -> tuple[list[tuple[int, int]], int, int]:
-    """Per residual sublayer (dense parameters, expert parameters), the embedding's and the head's
-    (0 when tied) parameter counts: exact, from the single-process model built on the meta device."""
+    """Per residual sublayer (dense parameters, expert parameters), the embedding's, and the final
+    norm's plus the head's (none when tied) parameter counts: exact, from the single-process model
+    built on the meta device."""
     from pretrain.model import HybridLM
 
     with torch.device("meta"):
@@ -145,6 +147,8 @@ def plan(cfg, derived, per_layer, embed, head, a=ASSUMPTIONS) -> Plan:
     micro = derived.grad_accum_steps  # micro-batches per step per pipeline
     tokens_mb = cfg.data.micro_batch_size * cfg.data.seq_len / cp  # tokens per micro-batch on a rank
     recompute_full = cfg.trainer.recompute == "full"
+    if m.tie_embeddings and pp > 1:  # the last stage holds its own copy of the tied head (parallel/model.py)
+        head = head + embed
 
     def stage_memory(i: int) -> tuple[float, float, float, float]:
         layers = stages[i]
@@ -235,6 +239,30 @@ def search(config: str, overrides: list[str], world: int, cps=(1,), recomputes=(
     return out
 
 
+def width_overrides(d_model: int) -> list[str]:
+    """A preset scaled to d_model the way jamba_like is built: head dim 64 (attention and Mamba),
+    Mamba inner width 2 x d_model, MLP and expert d_ff 2.75 x d_model (a multiple of 128), 8 kv heads."""
+    ff = round(2.75 * d_model / 128) * 128
+    return [f"model.d_model={d_model}", f"model.mamba.num_heads={2 * d_model // 64}",
+            f"model.attention.num_heads={d_model // 64}", "model.attention.num_kv_heads=8",
+            f"model.mlp.d_ff={ff}", f"model.moe.d_ff={ff}"]
+
+
+def largest_that_fits(config: str, overrides: list[str], world: int, widths: list[int], fits_gb: float,
+                      cps=(1,), recomputes=("none", "full"), a=ASSUMPTIONS) -> list[tuple[int, float, Plan | None]]:
+    """Per d_model in `widths`: (d_model, total parameters, the fastest layout that fits or None)."""
+    out = []
+    for width in widths:
+        extra = overrides + width_overrides(width)
+        cfg = load_config([config], ["data.path=unused"] + extra)
+        derived = validate(cfg)
+        per_layer, embed, head = layer_parameters(cfg, derived)
+        total = sum(d + e for d, e in per_layer) + embed + head
+        fits = [p for p in search(config, extra, world, cps, recomputes, a) if p.total_gb <= fits_gb]
+        out.append((width, total, max(fits, key=lambda p: p.tokens_per_s_gpu) if fits else None))
+    return out
+
+
 def table(plans: list[Plan], fits_gb: float, top: int) -> list[str]:
     fits = sorted((p for p in plans if p.total_gb <= fits_gb), key=lambda p: -p.tokens_per_s_gpu)
     lines = [f"{len(plans)} layouts accepted by the config, {len(fits)} fit {fits_gb:.0f} GB; the fastest {top}:",
@@ -263,8 +291,26 @@ def main() -> None:
     ap.add_argument("--cp", type=int, nargs="+", default=[1],
                     help="context-parallel sizes to search (the model does not price the smaller per-rank "
                          "GEMMs of cp, so it is only searched where the sequence needs it)")
+    ap.add_argument("--mfu", type=float, default=ASSUMPTIONS["mfu_compute"],
+                    help="the compute's MFU (measured on one GPU: hybrid_1b3 0.41; jamba_like, host-bound at d_model "
+                         "1024, 0.11)")
+    ap.add_argument("--widths", type=int, nargs="+", metavar="D_MODEL",
+                    help="instead: scale the config to each d_model (width_overrides) and report the fastest "
+                         "layout that fits at each GPU count, i.e. the largest model that fits")
     args = ap.parse_args()
+    ASSUMPTIONS["mfu_compute"] = args.mfu
     print("assumptions:", ", ".join(f"{k}={v}" for k, v in ASSUMPTIONS.items()))
+    if args.widths:
+        for world in args.gpus:
+            print(f"\n{args.config} {' '.join(args.overrides)} scaled, at {world} GPUs ({args.gpu_memory:.0f} GB each):")
+            print("| d_model | parameters | fastest layout that fits (tp, pp, ep, cp, dp, recompute) | total GB | tok/s/GPU |")
+            print("|---|---|---|---|---|")
+            for width, total, p in largest_that_fits(args.config, args.overrides, world, args.widths, args.gpu_memory,
+                                                     tuple(args.cp), tuple(args.recompute)):
+                layout = (f"{p.tp}, {p.pp}, {p.ep}, {p.cp}, {p.dp}, {p.recompute} | {p.total_gb:.1f} | "
+                          f"{p.tokens_per_s_gpu:.0f}") if p else "none fits | | "
+                print(f"| {width} | {total / 1e9:.2f}B | {layout} |")
+        return
     for world in args.gpus:
         print(f"\n{args.config} {' '.join(args.overrides)} at {world} GPUs")
         print("\n".join(table(search(args.config, args.overrides, world, tuple(args.cp), tuple(args.recompute)), args.gpu_memory, args.top)))

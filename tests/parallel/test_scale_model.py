@@ -20,7 +20,8 @@ from pretrain.config import load_config, validate  # noqa: E402
 from tests.distributed.spawn import run_ranks  # noqa: E402
 from workers import BASE  # noqa: E402
 
-LAYOUTS = [["parallel.tp=2"], ["parallel.ep=2", "data.global_batch_size=4"], ["parallel.pp=2"]]
+LAYOUTS = [["parallel.tp=2"], ["parallel.ep=2", "data.global_batch_size=4"], ["parallel.pp=2"],
+           ["parallel.pp=2", "model.tie_embeddings=true"]]  # the last stage's own copy of the tied head
 
 
 def _plan(config, overrides, world):
@@ -75,3 +76,13 @@ def test_command_prints_a_layout_that_fits():
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and not line.startswith("| tp")]
     assert len(rows) == 2, proc.stdout
     assert all(float(r.split("|")[11]) <= 80.0 for r in rows)  # the total GB column
+
+
+def test_widths_find_the_largest_model_that_fits():
+    """jamba_like scaled: its own width (1024) fits 8 GPUs; 8192 (164B parameters) does not."""
+    proc = subprocess.run([sys.executable, "bench/scale_model.py", "configs/jamba_like.yaml", "--gpus", "8",
+                           "--widths", "1024", "8192"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}
+    assert "none fits" not in rows["1024"] and "2.68B" in rows["1024"], proc.stdout
+    assert "none fits" in rows["8192"], proc.stdout
