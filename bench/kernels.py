@@ -133,6 +133,7 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
     the interpreter, so that a change there cannot leave this behind unnoticed)."""
     from kernels._triton_utils import dot_precision
     from kernels.ssd import triton_bwd as bwd
+    from kernels.ssd import triton_bwd_scan as bwd_scan
     from kernels.ssd import triton_fwd as fwd
 
     prec = dot_precision(dt_)
@@ -150,7 +151,7 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
     st = fwd.chunk_outer(x, B, dtp, cs, None, q, 0, prec)
     prev, prev_lp, final = fwd.state_pass(st, cs, None, None, seqlen, q, dt_)
     dprev = fwd.chunk_outer(dy, C, dtp, cs, None, q, 1, prec)
-    dS, dS_lp, dinit, last = bwd.state_pass_bwd(dprev, prev, final, None, cs, None, seqlen, q, dt_)
+    dS, dS_lp, dinit, last = bwd_scan.state_pass_bwd(dprev, prev, final, None, cs, None, seqlen, q, dt_)
     dx, ddtp, dcs, dD = bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, prec)
     dcb, rows = bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, prec)
     # as the training backward calls it: the float32 prev, rounded by the kernel as it loads it
@@ -162,7 +163,7 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
         ("fwd state passing", lambda: fwd.state_pass(st, cs, None, None, seqlen, q, dt_)),
         ("fwd chunk scan", lambda: fwd.chunk_scan(cb, x, None, D, C, prev_lp, dtp, cs, None, q, False, prec)),
         ("bwd dprev", lambda: fwd.chunk_outer(dy, C, dtp, cs, None, q, 1, prec)),
-        ("bwd state passing", lambda: bwd.state_pass_bwd(dprev, prev, final, None, cs, None, seqlen, q, dt_)),
+        ("bwd state passing", lambda: bwd_scan.state_pass_bwd(dprev, prev, final, None, cs, None, seqlen, q, dt_)),
         ("bwd dx/ddt", lambda: bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, prec)),
         ("bwd dCB", lambda: bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, prec)),
         ("bwd dB/dC", lambda: bwd.chunk_dbc(x, dy, B, C, prev, dS_lp, dcb, dtp, cs, None, q, prec)),
@@ -173,7 +174,7 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
                                                     head_pipe=False)),
         ("bwd dB/dC head-pipe", lambda: bwd.chunk_dbc(x, dy, B, C, prev, dS_lp, dcb, dtp, cs, None, q, prec,
                                                       head_pipe=True)),
-        ("bwd dt tail", lambda: bwd.dt_bwd(dcs, rows, offd, last, ddtp, dtp, dt, bias, A, True, lim)),
+        ("bwd dt tail", lambda: bwd_scan.dt_bwd(dcs, rows, offd, last, ddtp, dtp, dt, bias, A, True, lim)),
     ]
     return [(name, bench(fn)) for name, fn in parts]
 

@@ -1,9 +1,10 @@
-"""Triton backward kernels of the chunked SSD scan, and their launchers.
+"""Triton backward kernels of the chunked SSD scan within chunks (dx, dCB, dB/dC), and their launchers.
 
-Owns the backward decomposition (notation of triton_fwd.py; dy is the gradient of the pre-gate
-output y_pre = y_ssd + D x, already multiplied by silu(z)):
+Describes the whole backward decomposition (notation of triton_fwd.py; dy is the gradient of the
+pre-gate output y_pre = y_ssd + D x, already multiplied by silu(z)); steps 3-5 are here, step 2 and
+the dt tail in triton_bwd_scan.py:
   1. dprev_c = sum_i exp(cs_i)[doc] dy_i C_i^T            (triton_fwd._chunk_outer, MODE 1)
-  2. _state_pass_bwd: reverse loop over chunks: dS_c (gradient of the state after chunk c,
+  2. _state_pass_bwd (triton_bwd_scan): reverse loop over chunks: dS_c (gradient of the state after chunk c,
      = gradient of states_c), d initial_states, and <dS_c, S_c> which is the gradient of cs at
      the chunk's last position through scale_c and the chunk-state weights
   3. _chunk_dx: per chunk, head and block of positions j (all of headdim):
@@ -15,9 +16,8 @@ output y_pre = y_ssd + D x, already multiplied by silu(z)):
   5. _chunk_dbc: per group and block of positions r, looping over the group's heads:
         dC_r = sum_h exp(cs_r)[doc] dy_r prev^T + sum_{k<=r} dCB_rk B_k
         dB_r = sum_h w_r x_r dS_c + sum_{k>=r} dCB_kr C_k
-  Then (in torch, small (batch, nheads, seqlen) tensors): dA_t = reverse cumsum of dcs within each
-  chunk, ddtp += dA_t A, dA = sum dA_t dtp, and the dt processing (bias, softplus, clamp) by
-  autograd on its PyTorch definition.
+  Then the dt tail (triton_bwd_scan.dt_bwd, one fused kernel): dA_t = reverse cumsum of dcs within
+  each chunk, ddtp += dA_t A, dA = sum dA_t dtp, and the dt processing (bias, softplus, clamp).
 Precision: for bf16/fp16 inputs the two float32 operands of the dx kernel's products (the decayed
 CB matrix and dS) are fed to the tensor cores as a hi + lo pair of the input dtype (two dots);
 rounding them to bf16 once made ddt/ddt_bias lose the cancellation between the row and column
@@ -36,41 +36,6 @@ import triton
 import triton.language as tl
 
 from kernels._triton_utils import INTERPRET, autotune_per_chunk, next_pow2
-from kernels.ssd.triton_fwd import _softplus
-
-
-@triton.jit
-def _state_pass_bwd_kernel(
-    dprev_ptr, prev_ptr, final_ptr, dfinal_ptr, cs_ptr, seq_ptr, dS_ptr, dS_lp_ptr, dinit_ptr, dcs_last_ptr,
-    seqlen, nheads, nchunks, chunk_size, dim, nblocks, s_seq_b, s_seq_l,
-    HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, STORE_LP: tl.constexpr, BLOCK: tl.constexpr,
-):
-    pid_blk = tl.program_id(0).to(tl.int64)
-    pid_b = tl.program_id(1).to(tl.int64)
-    pid_h = tl.program_id(2).to(tl.int64)
-    offs = pid_blk * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < dim
-    bh = (pid_b * nheads + pid_h) * dim
-    if HAS_DFINAL:
-        g = tl.load(dfinal_ptr + bh + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        g = tl.zeros((BLOCK,), dtype=tl.float32)
-    s_after = tl.load(final_ptr + bh + offs, mask=mask, other=0.0)
-    for i in range(nchunks):
-        c = nchunks - 1 - i
-        off = ((pid_b * nchunks + c) * nheads + pid_h) * dim + offs
-        tl.store(dS_ptr + off, g, mask=mask)
-        if STORE_LP:
-            tl.store(dS_lp_ptr + off, g.to(dS_lp_ptr.dtype.element_ty), mask=mask)
-        tl.store(dcs_last_ptr + ((pid_b * nheads + pid_h) * nchunks + c) * nblocks + pid_blk, tl.sum(g * s_after))
-        scale = tl.exp(tl.load(cs_ptr + ((pid_b * nheads + pid_h) * nchunks + c) * chunk_size + chunk_size - 1))
-        if HAS_SEQ:
-            seq_end = tl.load(seq_ptr + pid_b * s_seq_b + tl.minimum((c + 1) * chunk_size - 1, seqlen - 1) * s_seq_l)
-            seq_in = tl.load(seq_ptr + pid_b * s_seq_b + tl.maximum(c * chunk_size - 1, 0) * s_seq_l)
-            scale = tl.where(seq_end == seq_in, scale, 0.0)
-        s_after = tl.load(prev_ptr + off, mask=mask, other=0.0)
-        g = tl.load(dprev_ptr + off, mask=mask, other=0.0) + scale * g
-    tl.store(dinit_ptr + bh + offs, g, mask=mask)
 
 
 @triton.jit
@@ -167,6 +132,32 @@ def _chunk_dx_kernel(
 
 
 @triton.jit
+def _dcb_block(dy_h, x_h, t_i, t_j, offs_p, seqlen, hdim, s_dy_l, s_dy_p, s_x_l, s_x_p, DOT_PREC: tl.constexpr):
+    """One head's dy_i . x_j over the headdim block offs_p: (len(t_i), len(t_j)) float32. dy_h, x_h
+    point at the head's (batch row, head) origin."""
+    dyi = tl.load(dy_h + t_i[:, None] * s_dy_l + offs_p[None, :] * s_dy_p,
+                  mask=(t_i < seqlen)[:, None] & (offs_p < hdim)[None, :], other=0.0)
+    xjT = tl.load(x_h + t_j[None, :] * s_x_l + offs_p[:, None] * s_x_p,
+                  mask=(t_j < seqlen)[None, :] & (offs_p < hdim)[:, None], other=0.0)
+    return tl.dot(dyi, xjT.to(dyi.dtype), input_precision=DOT_PREC)
+
+
+@triton.jit
+def _dbc_block(dy_h, x_h, prev_h, dS_h, t_r, rvalid, offs_p, offs_n, nmask, hdim, dstate, s_dy_l, s_dy_p, s_x_l,
+               s_x_p, DOT_PREC: tl.constexpr):
+    """One head's (dy_r prev^T, x_r dS^T) over the headdim block offs_p, both (len(t_r), len(offs_n))
+    float32; prev_h and dS_h point at the head's (hdim, dstate) chunk state, rounded to dy's dtype."""
+    rp = rvalid[:, None] & (offs_p < hdim)[None, :]
+    pn = (offs_p < hdim)[:, None] & nmask[None, :]
+    dyr = tl.load(dy_h + t_r[:, None] * s_dy_l + offs_p[None, :] * s_dy_p, mask=rp, other=0.0)
+    xr = tl.load(x_h + t_r[:, None] * s_x_l + offs_p[None, :] * s_x_p, mask=rp, other=0.0)
+    pv = tl.load(prev_h + offs_p[:, None] * dstate + offs_n[None, :], mask=pn, other=0.0)
+    ds = tl.load(dS_h + offs_p[:, None] * dstate + offs_n[None, :], mask=pn, other=0.0)
+    return (tl.dot(dyr, pv.to(dyr.dtype), input_precision=DOT_PREC),
+            tl.dot(xr, ds.to(xr.dtype), input_precision=DOT_PREC))
+
+
+@triton.jit
 def _chunk_dcb_kernel(
     x_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, cb_ptr, dcb_ptr, rows_ptr,
     seqlen, nheads, nchunks, chunk_size, hdim, heads_per_group, ngroups, nsplit,
@@ -210,22 +201,16 @@ def _chunk_dcb_kernel(
     for hh in range(heads_per_split):
         h = pid_g * heads_per_group + pid_s * heads_per_split + hh
         cs_base = ((pid_b * nheads + h) * nchunks + pid_c) * chunk_size
+        dy_h = dy_ptr + pid_b * s_dy_b + h * s_dy_h
+        x_h = x_ptr + pid_b * s_x_b + h * s_x_h
         if HEAD_PIPE:
-            offs_p = tl.arange(0, HDIM_BLOCK)
-            dyi = tl.load(dy_ptr + pid_b * s_dy_b + h * s_dy_h + t_i[:, None] * s_dy_l + offs_p[None, :] * s_dy_p,
-                          mask=(t_i < seqlen)[:, None] & (offs_p < hdim)[None, :], other=0.0)
-            xjT = tl.load(x_ptr + pid_b * s_x_b + h * s_x_h + t_j[None, :] * s_x_l + offs_p[:, None] * s_x_p,
-                          mask=(t_j < seqlen)[None, :] & (offs_p < hdim)[:, None], other=0.0)
-            g = tl.dot(dyi, xjT.to(dyi.dtype), input_precision=DOT_PREC)
+            g = _dcb_block(dy_h, x_h, t_i, t_j, tl.arange(0, HDIM_BLOCK), seqlen, hdim, s_dy_l, s_dy_p, s_x_l, s_x_p,
+                           DOT_PREC)
         else:
             g = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
             for p0 in range(0, hdim, BLOCK_P):
-                offs_p = p0 + tl.arange(0, BLOCK_P)
-                dyi = tl.load(dy_ptr + pid_b * s_dy_b + h * s_dy_h + t_i[:, None] * s_dy_l + offs_p[None, :] * s_dy_p,
-                              mask=(t_i < seqlen)[:, None] & (offs_p < hdim)[None, :], other=0.0)
-                xjT = tl.load(x_ptr + pid_b * s_x_b + h * s_x_h + t_j[None, :] * s_x_l + offs_p[:, None] * s_x_p,
-                              mask=(t_j < seqlen)[None, :] & (offs_p < hdim)[:, None], other=0.0)
-                g += tl.dot(dyi, xjT.to(dyi.dtype), input_precision=DOT_PREC)
+                g += _dcb_block(dy_h, x_h, t_i, t_j, p0 + tl.arange(0, BLOCK_P), seqlen, hdim, s_dy_l, s_dy_p, s_x_l,
+                                s_x_p, DOT_PREC)
         cs_i = tl.load(cs_ptr + cs_base + offs_i)
         cs_j = tl.load(cs_ptr + cs_base + offs_j)
         dtp_j = tl.load(dtp_ptr + cs_base + offs_j)
@@ -289,33 +274,21 @@ def _chunk_dbc_kernel(
             u = tl.where(seq_r == seq_in, u, 0.0)
             w = tl.where(seq_r == seq_end, w, 0.0)
         st_base = ((pid_b * nchunks + pid_c) * nheads + h) * hdim * dstate
+        dy_h = dy_ptr + pid_b * s_dy_b + h * s_dy_h
+        x_h = x_ptr + pid_b * s_x_b + h * s_x_h
         if HEAD_PIPE:
-            offs_p = tl.arange(0, HDIM_BLOCK)
-            rp = rvalid[:, None] & (offs_p < hdim)[None, :]
-            pn = (offs_p < hdim)[:, None] & nmask[None, :]
-            dyr = tl.load(dy_ptr + pid_b * s_dy_b + h * s_dy_h + t_r[:, None] * s_dy_l + offs_p[None, :] * s_dy_p,
-                          mask=rp, other=0.0)
-            xr = tl.load(x_ptr + pid_b * s_x_b + h * s_x_h + t_r[:, None] * s_x_l + offs_p[None, :] * s_x_p,
-                         mask=rp, other=0.0)
-            pv = tl.load(prev_ptr + st_base + offs_p[:, None] * dstate + offs_n[None, :], mask=pn, other=0.0)
-            ds = tl.load(dS_ptr + st_base + offs_p[:, None] * dstate + offs_n[None, :], mask=pn, other=0.0)
-            accC = tl.dot(dyr, pv.to(dyr.dtype), input_precision=DOT_PREC)
-            accB = tl.dot(xr, ds.to(xr.dtype), input_precision=DOT_PREC)
+            accC, accB = _dbc_block(dy_h, x_h, prev_ptr + st_base, dS_ptr + st_base, t_r, rvalid,
+                                    tl.arange(0, HDIM_BLOCK), offs_n, nmask, hdim, dstate, s_dy_l, s_dy_p, s_x_l, s_x_p,
+                                    DOT_PREC)
         else:
             accC = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
             accB = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
             for p0 in range(0, hdim, BLOCK_P):
-                offs_p = p0 + tl.arange(0, BLOCK_P)
-                rp = rvalid[:, None] & (offs_p < hdim)[None, :]
-                pn = (offs_p < hdim)[:, None] & nmask[None, :]
-                dyr = tl.load(dy_ptr + pid_b * s_dy_b + h * s_dy_h + t_r[:, None] * s_dy_l + offs_p[None, :] * s_dy_p,
-                              mask=rp, other=0.0)
-                xr = tl.load(x_ptr + pid_b * s_x_b + h * s_x_h + t_r[:, None] * s_x_l + offs_p[None, :] * s_x_p,
-                             mask=rp, other=0.0)
-                pv = tl.load(prev_ptr + st_base + offs_p[:, None] * dstate + offs_n[None, :], mask=pn, other=0.0)
-                ds = tl.load(dS_ptr + st_base + offs_p[:, None] * dstate + offs_n[None, :], mask=pn, other=0.0)
-                accC += tl.dot(dyr, pv.to(dyr.dtype), input_precision=DOT_PREC)
-                accB += tl.dot(xr, ds.to(xr.dtype), input_precision=DOT_PREC)
+                c_part, b_part = _dbc_block(dy_h, x_h, prev_ptr + st_base, dS_ptr + st_base, t_r, rvalid,
+                                            p0 + tl.arange(0, BLOCK_P), offs_n, nmask, hdim, dstate, s_dy_l, s_dy_p,
+                                            s_x_l, s_x_p, DOT_PREC)
+                accC += c_part
+                accB += b_part
         dC += accC * u[:, None]
         dB += accB * w[:, None]
         # gradient of cs_r through the off-diagonal term: dy_r . y_off_r (partial over this n block)
@@ -352,61 +325,6 @@ def _chunk_dbc_kernel(
     o = ((pid_b * seqlen + t_r[:, None]) * nsplit + pid_s) * ngroups * dstate + pid_g * dstate + offs_n[None, :]
     tl.store(dB_ptr + o, dB, mask=rn)
     tl.store(dC_ptr + o, dC, mask=rn)
-
-
-@triton.jit
-def _dt_bwd_kernel(
-    dcs_ptr, rows_ptr, offd_ptr, last_ptr, ddtp_ptr, dtp_ptr, dt_ptr, bias_ptr, A_ptr, ddt_ptr, dA_ptr, dbias_ptr,
-    seqlen, nheads, nchunks, chunk_size, n_rows, n_offd, n_last, dt_lo, dt_hi,
-    s_dt_b, s_dt_l, s_dt_h, s_ddt_b, s_ddt_l, s_ddt_h,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr,
-):
-    """Per (batch, chunk, head block): dcs = column part + row parts (+ chunk-end part), the reverse
-    cumsum to d(dA_t), ddtp += d(dA_t) A, partial dA, then the dt processing backward (softplus,
-    clamp) to ddt and a partial d(dt_bias). Replaces ~15 small torch launches."""
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_c = tl.program_id(1).to(tl.int64)
-    pid_h = tl.program_id(2).to(tl.int64)
-    offs_q = tl.arange(0, BLOCK_Q)
-    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    hmask = offs_h < nheads
-    qh = (offs_q < chunk_size)[:, None] & hmask[None, :]
-    bhc = (pid_b * nheads + offs_h[None, :]) * nchunks + pid_c  # (1, BLOCK_H)
-    idx = bhc * chunk_size + offs_q[:, None]
-    dcs = tl.load(dcs_ptr + idx, mask=qh, other=0.0)
-    for j in range(n_rows):
-        dcs += tl.load(rows_ptr + (bhc * n_rows + j) * chunk_size + offs_q[:, None], mask=qh, other=0.0)
-    for j in range(n_offd):
-        dcs += tl.load(offd_ptr + (bhc * n_offd + j) * chunk_size + offs_q[:, None], mask=qh, other=0.0)
-    last = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    for j in range(n_last):
-        last += tl.load(last_ptr + (((pid_b * nheads + offs_h) * nchunks + pid_c) * n_last + j), mask=hmask, other=0.0)
-    dcs += tl.where((offs_q == chunk_size - 1)[:, None], last[None, :], 0.0)
-    da = tl.cumsum(dcs, axis=0, reverse=True)
-    dtp = tl.load(dtp_ptr + idx, mask=qh, other=0.0)
-    A = tl.load(A_ptr + offs_h, mask=hmask, other=0.0).to(tl.float32)
-    g = tl.load(ddtp_ptr + idx, mask=qh, other=0.0) + da * A[None, :]
-    tl.store(dA_ptr + (pid_b * nchunks + pid_c) * nheads + offs_h, tl.sum(da * dtp, axis=0), mask=hmask)
-    t = pid_c * chunk_size + offs_q
-    m = qh & (t < seqlen)[:, None]
-    v = tl.load(dt_ptr + pid_b * s_dt_b + t[:, None] * s_dt_l + offs_h[None, :] * s_dt_h, mask=m, other=0.0)
-    v = v.to(tl.float32)
-    if HAS_BIAS:
-        v += tl.load(bias_ptr + offs_h, mask=hmask, other=0.0).to(tl.float32)[None, :]
-    if SOFTPLUS:
-        sp = _softplus(v)
-    else:
-        sp = v
-    if HAS_LIMIT:
-        g = tl.where((sp >= dt_lo) & (sp <= dt_hi), g, 0.0)
-    if SOFTPLUS:
-        g = tl.where(v > 20.0, g, g * tl.sigmoid(v))
-    g = tl.where(m, g, 0.0)
-    tl.store(ddt_ptr + pid_b * s_ddt_b + t[:, None] * s_ddt_l + offs_h[None, :] * s_ddt_h,
-             g.to(ddt_ptr.dtype.element_ty), mask=m)
-    if HAS_BIAS:
-        tl.store(dbias_ptr + (pid_b * nchunks + pid_c) * nheads + offs_h, tl.sum(g, axis=0), mask=hmask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -478,30 +396,9 @@ def _nsplit(heads_per_group):
     return n
 
 
-def _seq_args(seq_idx, fallback):
+def seq_args(seq_idx, fallback):
+    """seq_idx, or a stand-in tensor without it, and its strides ((0, 0) without it)."""
     return (seq_idx if seq_idx is not None else fallback), (seq_idx.stride() if seq_idx is not None else (0, 0))
-
-
-def state_pass_bwd(dprev, prev, final, dfinal, cs, seq_idx, seqlen, chunk_size, lp_dtype=torch.float32):
-    """-> dS (gradient of each chunk's end state, float32, for dx), dS_lp (the same in lp_dtype,
-    for the dB/dC kernel which rounds it so anyway), d initial_states, and per-chunk partials of
-    <dS_c, S_c> (batch, nheads, nchunks, nblocks)."""
-    batch, nchunks, nheads, hdim, dstate = dprev.shape
-    dim = hdim * dstate
-    BLOCK = triton.next_power_of_2(dim) if INTERPRET else min(1024, triton.next_power_of_2(dim))
-    nblocks = triton.cdiv(dim, BLOCK)
-    dS = torch.empty_like(dprev)
-    store_lp = lp_dtype != torch.float32
-    dS_lp = torch.empty(dprev.shape, device=dprev.device, dtype=lp_dtype) if store_lp else dS
-    dinit = torch.empty(batch, nheads, hdim, dstate, device=dprev.device, dtype=torch.float32)
-    dcs_last = torch.empty(batch, nheads, nchunks, nblocks, device=dprev.device, dtype=torch.float32)
-    seq, seq_s = _seq_args(seq_idx, cs)
-    _state_pass_bwd_kernel[(nblocks, batch, nheads)](
-        dprev, prev, final, dfinal.contiguous() if dfinal is not None else final, cs, seq, dS, dS_lp, dinit,
-        dcs_last, seqlen, nheads, nchunks, chunk_size, dim, nblocks, *seq_s,
-        HAS_DFINAL=dfinal is not None, HAS_SEQ=seq_idx is not None, STORE_LP=store_lp, BLOCK=BLOCK, num_warps=4,
-    )
-    return dS, dS_lp, dinit, dcs_last
 
 
 def chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec):
@@ -515,7 +412,7 @@ def chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec):
     dcs = torch.empty_like(dtp)
     dD = torch.empty(batch * nchunks, nblk, nheads, bs["P"], device=x.device, dtype=torch.float32) if D is not None else None
     Ds = (D.stride(0), D.stride(1) if D.dim() == 2 else 0) if D is not None else (0, 0)
-    seq, seq_s = _seq_args(seq_idx, cs)
+    seq, seq_s = seq_args(seq_idx, cs)
     args = (
         x, dy, D if D is not None else x, B, cb, dS, dtp, cs, seq, dx, ddtp, dcs, dD if dD is not None else dx,
         seqlen, nheads, nchunks, chunk_size, hdim, dstate, nheads // ngroups, ngroups, nblk,
@@ -547,7 +444,7 @@ def chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, chunk_size, dot_prec, head_p
     dcb = torch.empty(batch, nchunks, nsplit, ngroups, chunk_size, chunk_size, device=x.device, dtype=torch.float32)
     nj = triton.cdiv(chunk_size, BJ)
     rows = torch.zeros(batch, nheads, nchunks, nj, chunk_size, device=x.device, dtype=torch.float32)
-    seq, seq_s = _seq_args(seq_idx, cs)
+    seq, seq_s = seq_args(seq_idx, cs)
     args = (x, dy, dtp, cs, seq, cb, dcb, rows, seqlen, nheads, nchunks, chunk_size, hdim, nheads // ngroups,
             ngroups, nsplit, *x.stride(), *dy.stride(), *seq_s)
     kw = dict(HAS_SEQ=seq_idx is not None, BLOCK_I=BI, BLOCK_J=BJ, DOT_PREC=dot_prec, HDIM_BLOCK=next_pow2(hdim))
@@ -576,7 +473,7 @@ def chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, chunk_size, dot_prec
     dC = torch.empty_like(dB)
     nn = triton.cdiv(dstate, bs["N"])
     offd = torch.empty(batch, nheads, nchunks, nn, chunk_size, device=x.device, dtype=torch.float32)
-    seq, seq_s = _seq_args(seq_idx, cs)
+    seq, seq_s = seq_args(seq_idx, cs)
     args = (x, dy, B, C, prev, dS, dcb, dtp, cs, seq, dB, dC, offd,
             seqlen, nheads, nchunks, chunk_size, hdim, dstate, nheads // ngroups, ngroups, nsplit,
             *x.stride(), *dy.stride(), *B.stride(), *C.stride(), *seq_s)
@@ -598,22 +495,3 @@ def chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, chunk_size, dot_prec
     if nsplit == 1:
         return dB[:, :, 0].to(B.dtype), dC[:, :, 0].to(C.dtype), offd
     return dB.sum(2).to(B.dtype), dC.sum(2).to(C.dtype), offd
-
-
-def dt_bwd(dcs, rows, offd, dcs_last, ddtp, dtp, dt, dt_bias, A, dt_softplus, dt_limit):
-    """Fused tail: -> ddt (batch, seqlen, nheads) in dt's dtype, dA (nheads,), d dt_bias (nheads,) float32."""
-    batch, nheads, nchunks, chunk_size = dcs.shape
-    seqlen = dt.shape[1]
-    BLOCK_H = triton.next_power_of_2(nheads) if INTERPRET else min(8, triton.next_power_of_2(nheads))
-    ddt = torch.empty(dt.shape, device=dt.device, dtype=dt.dtype)
-    dA = torch.empty(batch * nchunks, nheads, device=dt.device, dtype=torch.float32)
-    dbias = torch.empty(batch * nchunks, nheads, device=dt.device, dtype=torch.float32) if dt_bias is not None else dA
-    has_limit = tuple(dt_limit) != (0.0, float("inf"))
-    _dt_bwd_kernel[(batch, nchunks, triton.cdiv(nheads, BLOCK_H))](
-        dcs, rows, offd, dcs_last, ddtp, dtp, dt, dt_bias if dt_bias is not None else dt, A, ddt, dA, dbias,
-        seqlen, nheads, nchunks, chunk_size, rows.shape[3], offd.shape[3], dcs_last.shape[3],
-        float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)), *dt.stride(), *ddt.stride(),
-        HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit,
-        BLOCK_H=BLOCK_H, BLOCK_Q=triton.next_power_of_2(chunk_size), num_warps=4,
-    )
-    return ddt, dA.sum(0), (dbias.sum(0) if dt_bias is not None else None)

@@ -6,7 +6,7 @@ what the backward keeps (x, B, C, or with `conv_source` the conv's input, rerun 
 the CB matrices and chunk states, or with `recompute_states` neither: the backward reruns the
 forward kernels that made them, the same bits), and the SiLU gate backward (PyTorch elementwise;
 the rest of the backward tail, from d(cumsum dA) to ddt, dA and d dt_bias, is the fused
-triton_bwd.dt_bwd kernel).
+triton_bwd_scan.dt_bwd kernel).
 Shapes as in kernels.ssd.reference.
 """
 
@@ -16,6 +16,7 @@ import torch
 
 from kernels._triton_utils import dot_precision
 from kernels.ssd import triton_bwd as bwd
+from kernels.ssd import triton_bwd_scan as bwd_scan
 from kernels.ssd import triton_fwd as fwd
 from kernels.ssd.reference import _check_shapes
 
@@ -89,13 +90,13 @@ class _SSDScan(torch.autograd.Function):
         else:
             dy = dout.to(x.dtype)
         dprev = fwd.chunk_outer(dy, C, dtp, cs, seq_idx, Q, 1, prec)
-        dS, dS_lp, dinit, dcs_last = bwd.state_pass_bwd(dprev, prev, final, dfinal, cs, seq_idx, seqlen, Q, x.dtype)
+        dS, dS_lp, dinit, dcs_last = bwd_scan.state_pass_bwd(dprev, prev, final, dfinal, cs, seq_idx, seqlen, Q, x.dtype)
         del dprev
         dx, ddtp, dcs, dD = bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, Q, prec)
         dcb, dcs_rows = bwd.chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, Q, prec)
         dB, dC, dcs_offd = bwd.chunk_dbc(x, dy, B, C, prev, dS_lp, dcb, dtp, cs, seq_idx, Q, prec)
         del dcb, dS, dS_lp
-        ddt, dA, ddt_bias = bwd.dt_bwd(dcs, dcs_rows, dcs_offd, dcs_last, ddtp, dtp, dt, dt_bias, A,
+        ddt, dA, ddt_bias = bwd_scan.dt_bwd(dcs, dcs_rows, dcs_offd, dcs_last, ddtp, dtp, dt, dt_bias, A,
                                        ctx.dt_softplus, ctx.dt_limit)
         dA = dA.to(A.dtype)
         ddt_bias = ddt_bias.to(dt_bias.dtype) if dt_bias is not None else None
