@@ -54,7 +54,7 @@ class Engine:
         apply_policy(self.chunks, parse_policy(cfg.trainer.recompute))
         if cfg.trainer.compile:  # each residual block of every chunk; the Triton kernels stay opaque
             for chunk in self.chunks:
-                for block in (chunk._blocks() if hasattr(chunk, "_blocks") else chunk.layers):
+                for block in chunk.blocks():
                     block.compile()
         if not self.parallel:
             self.model.loss_chunk_tokens = resolve_chunk_tokens(cfg.trainer.loss_chunk_tokens, device)
@@ -95,6 +95,7 @@ class Engine:
                             bf16=mcfg.bf16, params_dtype=torch.bfloat16 if mcfg.bf16 else torch.float32,
                             use_distributed_optimizer=distributed_optimizer),
             self.ddp_chunks))
+        self.optimizer.prefer_fused_adam()
 
     def zero_grad(self) -> None:
         if self.ddp is not None:
@@ -177,7 +178,6 @@ class Engine:
             self.optimizer.step()
         else:
             self.finalize_grads()
-            self.optimizer.prefer_fused_adam()
             _, grad_norm = clipped_norm_step(self.optimizer.optimizer, list(self.model.parameters()),
                                              self.cfg.optim.grad_clip)
         self.zero_grad()
@@ -239,9 +239,9 @@ class CheckpointableOptimizer:
         per device and dtype for all parameters) where every parameter is a float32 tensor on a
         device in `fused_devices`, foreach elsewhere. megatron-core builds torch's Adam without
         apex or TransformerEngine with neither option set, i.e. foreach on CUDA and a per-tensor loop
-        on the CPU. Cheap enough to call before every step: it also moves `step` entries that a
-        checkpoint load or _ensure_state left on the CPU to their parameter's device, as torch's own
-        load does for a fused optimizer."""
+        on the CPU. Called once built and after every load: it also moves `step` entries that the
+        load left on the CPU to their parameter's device, as torch's own load does for a fused
+        optimizer."""
         for opt in self._inner_torch_optimizers():
             params = [p for g in opt.param_groups for p in g["params"]]
             fused = bool(params) and all(p.device.type in fused_devices and p.dtype == torch.float32 for p in params)
@@ -297,11 +297,13 @@ class CheckpointableOptimizer:
         entries of torch's Adam are set aside (megatron 0.16.1 expects none there without apex/TE).
         With MoE the optimizer is a chain (dense params; expert params over the expert-dp groups)
         and the state dict holds one such entry per chained optimizer ({0: ..., 1: ...}).
-        Afterwards every parameter gets its own `step` tensor (see _unshare_steps)."""
+        Afterwards every parameter gets its own `step` tensor (see _unshare_steps), and the inner Adam
+        runs fused again where it can (prefer_fused_adam)."""
         try:
             self._load_state_dict(state_dict)
         finally:
             self._unshare_steps()
+            self.prefer_fused_adam()  # the load replaced the param groups (and their options)
 
     @torch.no_grad()
     def _unshare_steps(self) -> None:

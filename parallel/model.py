@@ -125,7 +125,7 @@ class ParallelHybridLM(HybridLM):
     def reset_parameters(self) -> None:  # weights come from the single-process build
         pass
 
-    def _blocks(self):
+    def blocks(self):
         return self.layers.values() if isinstance(self.layers, nn.ModuleDict) else iter(self.layers)
 
     # pipeline chunks (parallel/pipeline.py)
@@ -139,7 +139,7 @@ class ParallelHybridLM(HybridLM):
         """This chunk's part of the forward: (seqlen/cp[/tp], batch, d) hidden states to the next stage,
         or, on the last stage, the (seqlen/cp, batch, vocab/tp) vocab-parallel logits."""
         hidden = self._embed(tokens) if self.pre_process else self.input_tensor
-        for layer in self._blocks():
+        for layer in self.blocks():
             hidden = layer(hidden, seq_idx)
         return self._logits(self.norm_f(hidden)) if self.post_process else hidden
 
@@ -178,7 +178,7 @@ class ParallelHybridLM(HybridLM):
     def hidden_states(self, tokens: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (batch, seqlen) whole; seq_idx (batch, seqlen) whole -> (seqlen/cp[/tp], batch, d)."""
         hidden = self._embed(tokens)
-        for layer in self._blocks():
+        for layer in self.blocks():
             hidden = run_block(layer, hidden, seq_idx, self.recompute_kinds)
         return self.norm_f(hidden)
 

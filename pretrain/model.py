@@ -110,6 +110,10 @@ class HybridLM(nn.Module):
             if isinstance(module, MoE):
                 nn.init.normal_(module.gate.weight, std=std)
 
+    def blocks(self):
+        """The residual blocks, in layer order."""
+        return iter(self.layers)
+
     def output_weight(self) -> torch.Tensor:
         return self.embeddings.weight if self.lm_head is None else self.lm_head.weight
 

@@ -17,7 +17,7 @@ def _train(cfg, derived, steps: int) -> tuple[list[float], dict[str, torch.Tenso
     torch.manual_seed(cfg.run.seed)
     eng = Engine(cfg, derived, torch.device("cpu"), parallel=True)
     compiled = sum(getattr(block, "_compiled_call_impl", None) is not None
-                   for chunk in eng.chunks for block in chunk._blocks())
+                   for chunk in eng.chunks for block in chunk.blocks())
     dp, mb = state.dp_size(), cfg.data.micro_batch_size
     losses, grads = [], {}
     for step in range(steps):
