@@ -79,16 +79,21 @@ def ssd_bytes(batch, seqlen, h, p, g, n, elt=2, bwd=False):
     return fwd if not bwd else fwd + elt * (3 * t * h * p + t * h + 4 * t * g * n)
 
 
+def ssd_inputs(batch, seqlen, h, p, g, n, dev="cuda", dt_=torch.bfloat16, grad=False) -> list[torch.Tensor]:
+    """x, dt, A, B, C, D, dt_bias of the benchmark's SSD calls (x, dt, B, C in dt_; the rest float32)."""
+    x = torch.randn(batch, seqlen, h, p, device=dev, dtype=dt_)
+    dt = (torch.randn(batch, seqlen, h, device=dev) - 1).to(dt_)
+    A = -torch.exp(torch.rand(h, device=dev) * 2 - 1)
+    B = torch.randn(batch, seqlen, g, n, device=dev, dtype=dt_)
+    C = torch.randn(batch, seqlen, g, n, device=dev, dtype=dt_)
+    D = torch.randn(h, device=dev)
+    bias = torch.randn(h, device=dev)
+    return [t.requires_grad_(grad) for t in (x, dt, A, B, C, D, bias)]
+
+
 def ssd_case(batch, seqlen, h, p, g, n, with_ref, chunk=256):
-    dev, dt_ = "cuda", torch.bfloat16
-    x = torch.randn(batch, seqlen, h, p, device=dev, dtype=dt_, requires_grad=True)
-    dt = (torch.randn(batch, seqlen, h, device=dev) - 1).to(dt_).requires_grad_(True)
-    A = (-torch.exp(torch.rand(h, device=dev) * 2 - 1)).requires_grad_(True)
-    B = torch.randn(batch, seqlen, g, n, device=dev, dtype=dt_, requires_grad=True)
-    C = torch.randn(batch, seqlen, g, n, device=dev, dtype=dt_, requires_grad=True)
-    D = torch.randn(h, device=dev, requires_grad=True)
-    bias = torch.randn(h, device=dev, requires_grad=True)
-    leaves = [x, dt, A, B, C, D, bias]
+    leaves = ssd_inputs(batch, seqlen, h, p, g, n, grad=True)
+    x, dt, A, B, C, D, bias = leaves
     gy = torch.randn_like(x)
     rows = {}
     impls = [("triton", kernels.ssd_scan)] + ([("torch ref", ssd_ref)] if with_ref else [])
@@ -137,13 +142,7 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
     from kernels.ssd import triton_fwd as fwd
 
     prec = dot_precision(dt_)
-    x = torch.randn(batch, seqlen, h, p, device=dev, dtype=dt_)
-    dt = (torch.randn(batch, seqlen, h, device=dev) - 1).to(dt_)
-    A = -torch.exp(torch.rand(h, device=dev) * 2 - 1)
-    B = torch.randn(batch, seqlen, g, n, device=dev, dtype=dt_)
-    C = torch.randn(batch, seqlen, g, n, device=dev, dtype=dt_)
-    D = torch.randn(h, device=dev)
-    bias = torch.randn(h, device=dev)
+    x, dt, A, B, C, D, bias = ssd_inputs(batch, seqlen, h, p, g, n, dev, dt_)
     dy = torch.randn_like(x)
     lim = (0.0, float("inf"))
     dtp, cs = fwd.dt_cumsum(dt, bias, A, q, True, lim)
@@ -229,12 +228,8 @@ def first_call_seconds(dev="cuda", ssd_shape=TARGETS[0][:6], mixer=(4, 4096, 409
     cache = Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))
     entries = sum(1 for _ in cache.rglob("*")) if cache.exists() else 0
     t0 = time.perf_counter()
-    b, L, h, p, g, n = ssd_shape
-    x = torch.randn(b, L, h, p, device=dev, dtype=dt_, requires_grad=True)
-    dt = (torch.randn(b, L, h, device=dev) - 1).to(dt_).requires_grad_(True)
-    A = -torch.exp(torch.rand(h, device=dev))
-    B, C = (torch.randn(b, L, g, n, device=dev, dtype=dt_, requires_grad=True) for _ in range(2))
-    kernels.ssd_scan(x, dt, A, B, C, chunk_size=q).backward(torch.randn_like(x))
+    x, dt, A, B, C, D, bias = ssd_inputs(*ssd_shape, dev, dt_, grad=True)
+    kernels.ssd_scan(x, dt, A, B, C, chunk_size=q, D=D, dt_bias=bias).backward(torch.randn_like(x))
     sync()
     t1 = time.perf_counter()
     mb, ml, d_inner, conv_dim = mixer

@@ -152,7 +152,7 @@ def plan(cfg, derived, per_layer, embed, head, a=ASSUMPTIONS) -> Plan:
 
     def stage_memory(i: int) -> tuple[float, float, float, float]:
         layers = stages[i]
-        dense = sum(per_layer[j][0] for j in layers) / tp + (embed / tp if i == 0 else 0) + (head / tp if i == pp - 1 else 0)
+        dense = (sum(per_layer[j][0] for j in layers) + (embed if i == 0 else 0) + (head if i == pp - 1 else 0)) / tp
         expert = sum(per_layer[j][1] for j in layers) / (tp * ep)
         weights = (2 + 4) * (dense + expert)
         optimizer = 12 * dense / (dp * cp) + 12 * expert / max(dp * cp // ep, 1)
@@ -212,17 +212,21 @@ def plan(cfg, derived, per_layer, embed, head, a=ASSUMPTIONS) -> Plan:
     step = compute + tp_s + cp_s + ep_s + bubble + dp_s + optim_s
     tok_s = tokens_step / step / world
     parts = {"compute": compute, "tp": tp_s, "cp": cp_s, "ep": ep_s, "bubble": bubble, "dp": dp_s, "optim": optim_s}
-    return Plan(tp, pp, ep, cp, dp, cfg.trainer.recompute, params_rank, weights / GB, optimizer / GB, act / GB, total / GB, step, parts,
-                tok_s, flops_tok * tok_s / (a["peak_tflops"] * 1e12))
+    return Plan(tp, pp, ep, cp, dp, cfg.trainer.recompute, params_rank, weights / GB, optimizer / GB, act / GB,
+                total / GB, step, parts, tok_s, flops_tok * tok_s / (a["peak_tflops"] * 1e12))
+
+
+def config_parameters(config: str, overrides: list[str]) -> tuple[list[tuple[int, int]], int, int]:
+    """layer_parameters of a config file with overrides (no parallel layout needed)."""
+    cfg = load_config([config], ["data.path=unused"] + overrides)
+    return layer_parameters(cfg, validate(cfg))
 
 
 def search(config: str, overrides: list[str], world: int, cps=(1,), recomputes=("none", "full"),
-           a=ASSUMPTIONS) -> list[Plan]:
+           a=ASSUMPTIONS, params=None) -> list[Plan]:
     """Every layout (tp, pp, ep powers of two; cp from `cps`; trainer.recompute from `recomputes`)
-    that the config accepts at `world` GPUs."""
-    base = load_config([config], ["data.path=unused"] + overrides)
-    derived0 = validate(base)
-    per_layer, embed, head = layer_parameters(base, derived0)
+    that the config accepts at `world` GPUs. params: config_parameters(config, overrides) if known."""
+    per_layer, embed, head = params or config_parameters(config, overrides)
     sizes = [1, 2, 4, 8, 16, 32, 64]
     out = []
     for tp, pp, ep, cp, rc in itertools.product(sizes[:4], sizes, sizes[:5], cps, recomputes):
@@ -254,11 +258,9 @@ def largest_that_fits(config: str, overrides: list[str], world: int, widths: lis
     out = []
     for width in widths:
         extra = overrides + width_overrides(width)
-        cfg = load_config([config], ["data.path=unused"] + extra)
-        derived = validate(cfg)
-        per_layer, embed, head = layer_parameters(cfg, derived)
-        total = sum(d + e for d, e in per_layer) + embed + head
-        fits = [p for p in search(config, extra, world, cps, recomputes, a) if p.total_gb <= fits_gb]
+        params = config_parameters(config, extra)
+        total = sum(d + e for d, e in params[0]) + params[1] + params[2]
+        fits = [p for p in search(config, extra, world, cps, recomputes, a, params) if p.total_gb <= fits_gb]
         out.append((width, total, max(fits, key=lambda p: p.tokens_per_s_gpu) if fits else None))
     return out
 
@@ -302,8 +304,10 @@ def main() -> None:
     print("assumptions:", ", ".join(f"{k}={v}" for k, v in ASSUMPTIONS.items()))
     if args.widths:
         for world in args.gpus:
-            print(f"\n{args.config} {' '.join(args.overrides)} scaled, at {world} GPUs ({args.gpu_memory:.0f} GB each):")
-            print("| d_model | parameters | fastest layout that fits (tp, pp, ep, cp, dp, recompute) | total GB | tok/s/GPU |")
+            print(f"\n{args.config} {' '.join(args.overrides)} scaled, at {world} GPUs "
+                  f"({args.gpu_memory:.0f} GB each):")
+            print("| d_model | parameters | fastest layout that fits (tp, pp, ep, cp, dp, recompute) | total GB "
+                  "| tok/s/GPU |")
             print("|---|---|---|---|---|")
             for width, total, p in largest_that_fits(args.config, args.overrides, world, args.widths, args.gpu_memory,
                                                      tuple(args.cp), tuple(args.recompute)):
@@ -313,7 +317,8 @@ def main() -> None:
         return
     for world in args.gpus:
         print(f"\n{args.config} {' '.join(args.overrides)} at {world} GPUs")
-        print("\n".join(table(search(args.config, args.overrides, world, tuple(args.cp), tuple(args.recompute)), args.gpu_memory, args.top)))
+        plans = search(args.config, args.overrides, world, tuple(args.cp), tuple(args.recompute))
+        print("\n".join(table(plans, args.gpu_memory, args.top)))
 
 
 if __name__ == "__main__":

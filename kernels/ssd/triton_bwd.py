@@ -367,7 +367,8 @@ _DBC_SPACE = [
 _chunk_dcb_tuned = autotune_per_chunk(_chunk_dcb_kernel, _cfgs(_DCB_SPACE), key=["chunk_size", "hdim", "HAS_SEQ"],
                                       chunk_params=())
 _chunk_dbc_tuned = autotune_per_chunk(_chunk_dbc_kernel, _cfgs(_DBC_SPACE),
-                                      key=["chunk_size", "hdim", "dstate", "HAS_SEQ"], chunk_params=("BLOCK_R", "BLOCK_K"))
+                                      key=["chunk_size", "hdim", "dstate", "HAS_SEQ"],
+                                      chunk_params=("BLOCK_R", "BLOCK_K"))
 
 
 def _first_with(space, head_pipe, chunk_size):

@@ -90,7 +90,8 @@ class _SSDScan(torch.autograd.Function):
         else:
             dy = dout.to(x.dtype)
         dprev = fwd.chunk_outer(dy, C, dtp, cs, seq_idx, Q, 1, prec)
-        dS, dS_lp, dinit, dcs_last = bwd_scan.state_pass_bwd(dprev, prev, final, dfinal, cs, seq_idx, seqlen, Q, x.dtype)
+        dS, dS_lp, dinit, dcs_last = bwd_scan.state_pass_bwd(dprev, prev, final, dfinal, cs, seq_idx, seqlen, Q,
+                                                             x.dtype)
         del dprev
         dx, ddtp, dcs, dD = bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, Q, prec)
         dcb, dcs_rows = bwd.chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, Q, prec)
