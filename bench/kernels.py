@@ -161,6 +161,11 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
         ("fwd chunk states", lambda: fwd.chunk_outer(x, B, dtp, cs, None, q, 0, prec)),
         ("fwd state passing", lambda: fwd.state_pass(st, cs, None, None, seqlen, q, dt_)),
         ("fwd chunk scan", lambda: fwd.chunk_scan(cb, x, None, D, C, prev_lp, dtp, cs, None, q, False, prec)),
+        # the grid orders and decay forms the autotuner chooses between (each with its first config)
+        *[(f"fwd chunk scan {'heads-inner' if hi else 'chunk-major'}{' split' if sp else ''}",
+           lambda hi=hi, sp=sp: fwd.chunk_scan(cb, x, None, D, C, prev_lp, dtp, cs, None, q, False, prec,
+                                               variant=dict(HEADS_INNER=hi, SPLIT_DECAY=sp)))
+          for sp in (False, True) for hi in (False, True)],
         ("bwd dprev", lambda: fwd.chunk_outer(dy, C, dtp, cs, None, q, 1, prec)),
         ("bwd state passing", lambda: bwd_scan.state_pass_bwd(dprev, prev, final, None, cs, None, seqlen, q, dt_)),
         ("bwd dx/ddt", lambda: bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, prec)),

@@ -200,6 +200,43 @@ def run_ssd_head_pipe(name, batch=2, seqlen=45, h=4, p=24, g=2, n=8, q=16):
     return name, res
 
 
+def run_ssd_scan_variants(name, batch=2, seqlen=70, h=4, p=24, g=2, n=8, q=32):
+    """The chunk scan's schedules on the same inputs, with z, D and documents cut inside chunks: the
+    heads-inner grid order against the chunk-major one (each program computes the same values: the
+    same bits), and the split decay against the unsplit one (one more rounding: relative
+    differences), at ordinary decays and at steep ones (A = -20, dt ~ 4: cs falls by ~2600 within a
+    chunk of 32, where exp(-cs_j) alone would overflow float32). Chunks of 32 are two row tiles of 16
+    in the interpreter, so the second tile has a column tile left of it (the split's part); 70
+    positions make three chunks, the last partial."""
+    from kernels.ssd import triton_fwd as fwd
+
+    prec = "ieee"
+    res = {}
+    for regime, a_scale, dt_shift in (("", 1.0, -1.0), ("steep_", 20.0, 4.0)):
+        x, z = torch.randn(batch, seqlen, h, p), torch.randn(batch, seqlen, h, p)
+        dt = torch.randn(batch, seqlen, h) + dt_shift
+        A, D = -a_scale * torch.exp(torch.rand(h) * 2 - 1), torch.randn(h)
+        B, C = torch.randn(batch, seqlen, g, n), torch.randn(batch, seqlen, g, n)
+        seq = torch.zeros(batch, seqlen, dtype=torch.int32)
+        seq[0, 9:] += 1
+        seq[0, 40:] += 1
+        seq[1, 20:] += 1
+        dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, (0.0, math.inf))
+        cb = fwd.compute_cb(C, B, q, prec)
+        prev = fwd.state_pass(fwd.chunk_outer(x, B, dtp, cs, seq, q, 0, prec), cs, seq, None, seqlen, q)[0]
+        outs = {(hi, sp): fwd.chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq, q, True, prec,
+                                         variant=dict(HEADS_INNER=hi, SPLIT_DECAY=sp))
+                for hi in (False, True) for sp in (False, True)}
+        for sp in (False, True):
+            for i, what in enumerate(("out", "ypre")):
+                res[f"{regime}bits_{what}{'_split' if sp else ''}"] = float(
+                    not torch.equal(outs[False, sp][i], outs[True, sp][i]))
+        res[f"{regime}finite_split"] = float(torch.isfinite(outs[False, True][0]).all())
+        res[f"{regime}rel_split_out"] = rel(outs[False, True][0], outs[False, False][0])
+        res[f"{regime}rel_split_ypre"] = rel(outs[False, True][1], outs[False, False][1])
+    return name, res
+
+
 def run_rms_schedules(name):
     """Every launch schedule of the gated-norm backward (rows per block, prefetch) against the
     reference's gradients: 37 rows = programs of 16 rows, the last partial; groups of 8 channels
@@ -290,6 +327,7 @@ def main():
         out.update([run_rms(f"rms_g{gs}_{'before' if before else 'after'}_{'z' if wz else 'noz'}", gs, before, wz)])
     out.update([run_rms_schedules("rms_bwd_schedules")])
     out.update([run_ssd_head_pipe("ssd_head_pipe")])
+    out.update([run_ssd_scan_variants("ssd_scan_variants")])
     out.update([run_conv_fwd_schedules("conv_fwd_schedules")])
     print("JSON:" + json.dumps(out))
 

@@ -371,6 +371,37 @@ def test_ssd_dcb_dbc_loop_structures_same_bits_bf16(shape):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("shape", [(2, 4096, 64, 64, 1, 128), (1, 8192, 128, 64, 8, 128)])
+def test_ssd_chunk_scan_schedules_bf16(shape):
+    """The chunk scan's schedules (each with its first config), with z, D and documents, outputs
+    poisoned first: the heads-inner grid order gives the chunk-major bits; the split decay is
+    within bf16 rounding of the unsplit one (its decay weights differ by one float32 rounding,
+    which moves some bf16-rounded dot inputs by an ulp, 2^-8 relative)."""
+    from kernels.ssd import triton_fwd as fwd
+
+    batch, seqlen, h, p, g, n = shape
+    q, prec, dt_ = 256, "tf32", torch.bfloat16
+    x, z = (torch.randn(batch, seqlen, h, p, device="cuda", dtype=dt_) for _ in range(2))
+    dt = (torch.randn(batch, seqlen, h, device="cuda") - 1).to(dt_)
+    A, D = -torch.exp(torch.rand(h, device="cuda") * 2 - 1), torch.randn(h, device="cuda")
+    B, C = (torch.randn(batch, seqlen, g, n, device="cuda", dtype=dt_) for _ in range(2))
+    seq = seq_idx_random(batch, seqlen)
+    dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, (0.0, math.inf))
+    cb = fwd.compute_cb(C, B, q, prec)
+    prev = fwd.state_pass(fwd.chunk_outer(x, B, dtp, cs, seq, q, 0, prec), cs, seq, None, seqlen, q, dt_)[1]
+    outs = {}
+    for hi in (False, True):
+        for sp in (False, True):
+            poison()
+            outs[hi, sp] = fwd.chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq, q, True, prec,
+                                          variant=dict(HEADS_INNER=hi, SPLIT_DECAY=sp))
+    for sp in (False, True):
+        assert torch.equal(outs[False, sp][0], outs[True, sp][0]) and torch.equal(outs[False, sp][1], outs[True, sp][1])
+    assert torch.isfinite(outs[False, True][0].float()).all()
+    assert rel(outs[False, True][0], outs[False, False][0]) < 4e-3
+    assert rel(outs[False, True][1], outs[False, False][1]) < 4e-3
+
+
 def test_conv1d_forward_every_schedule_same_bits_bf16():
     """The conv forward's CUDA tiles give the same output bits (the SSD's conv_source rerun relies
     on it), at hybrid_1b3's conv width (4096 + 2 x 128 channels) with documents, outputs poisoned."""

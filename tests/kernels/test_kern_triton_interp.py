@@ -112,3 +112,15 @@ def test_ssd_head_pipelined_loops_match_the_blocked_loops(results):
     res = results["ssd_head_pipe"]
     assert set(res) == {"dcb", "rows", "dB", "dC", "offd"}
     assert all(v <= 1e-5 for v in res.values()), res  # float32, two summation orders over headdim
+
+
+def test_ssd_chunk_scan_schedules_match(results):
+    """The chunk scan's heads-inner grid order gives the bits of the chunk-major order (which the SSD
+    cases above check against the reference), and the split decay stays finite and within float32
+    rounding of the unsplit one, also where the decay spans ~1300 in the exponent within a chunk."""
+    res = results["ssd_scan_variants"]
+    for regime in ("", "steep_"):
+        assert all(res[f"{regime}bits_{w}{s}"] == 0.0 for w in ("out", "ypre") for s in ("", "_split")), res
+        assert res[f"{regime}finite_split"] == 1.0, res
+        # float32: one extra rounding per decay weight, summed over <= 32 positions
+        assert res[f"{regime}rel_split_out"] <= 1e-5 and res[f"{regime}rel_split_ypre"] <= 1e-5, res
