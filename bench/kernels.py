@@ -169,6 +169,8 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
         ("bwd dprev", lambda: fwd.chunk_outer(dy, C, dtp, cs, None, q, 1, prec)),
         ("bwd state passing", lambda: bwd_scan.state_pass_bwd(dprev, prev, final, None, cs, None, seqlen, q, dt_)),
         ("bwd dx/ddt", lambda: bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, prec)),
+        ("bwd dx/ddt unsplit", lambda: bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, prec, split_decay=False)),
+        ("bwd dx/ddt split", lambda: bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, prec, split_decay=True)),
         ("bwd dCB", lambda: bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, prec)),
         ("bwd dB/dC", lambda: bwd.chunk_dbc(x, dy, B, C, prev, dS_lp, dcb, dtp, cs, None, q, prec)),
         # the two loop structures the autotuner chooses between (each with its first config)

@@ -39,6 +39,20 @@ from kernels._triton_utils import INTERPRET, autotune_per_chunk, next_pow2
 
 
 @triton.jit
+def _dx_tile(acc, mT, dy_h, t_i, offs_p, seqlen, hdim, s_dy_l, s_dy_p, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """acc (BLOCK_J, BLOCK_P) += mT (BLOCK_J, BLOCK_I, float32) @ dy rows t_i; with SPLIT, mT goes to
+    the tensor cores as a hi + lo pair of dy's dtype. dy_h points at the head's (batch row, head)."""
+    dyi = tl.load(dy_h + t_i[:, None] * s_dy_l + offs_p[None, :] * s_dy_p,
+                  mask=(t_i < seqlen)[:, None] & (offs_p < hdim)[None, :], other=0.0)
+    if SPLIT:
+        m_hi = mT.to(dyi.dtype)
+        acc += tl.dot(m_hi, dyi) + tl.dot((mT - m_hi.to(tl.float32)).to(dyi.dtype), dyi)
+    else:
+        acc += tl.dot(mT.to(dyi.dtype), dyi, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
 def _chunk_dx_kernel(
     x_ptr, dy_ptr, D_ptr, B_ptr, cb_ptr, dS_ptr, dtp_ptr, cs_ptr, seq_ptr,
     dx_ptr, ddtp_ptr, dcs_ptr, dD_ptr,
@@ -47,8 +61,13 @@ def _chunk_dx_kernel(
     s_b_b, s_b_l, s_b_g, s_b_n, s_seq_b, s_seq_l, s_D_h, s_D_p,
     HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, SPLIT_DECAY: tl.constexpr,
 ):
+    """SPLIT_DECAY: the row tiles wholly below the diagonal block factor their decay,
+    exp(cs_i - cs_j) = exp(cs_i - r) exp(r - cs_j) with r = cs at the block's last position j_end - 1
+    (between cs_j and cs_i, as cs is monotone within a chunk: neither factor overflows where the
+    product does not). Such a tile then takes BLOCK_I exps, not BLOCK_J x BLOCK_I; the second factor
+    scales the block's rows once, after the loop."""
     pid_j = tl.program_id(0).to(tl.int64)
     pid_bc = tl.program_id(1).to(tl.int64)
     pid_h = tl.program_id(2).to(tl.int64)
@@ -90,29 +109,53 @@ def _chunk_dx_kernel(
     # need the causal mask, those wholly below it do not
     cb_base = (pid_bc * ngroups + pid_g) * chunk_size * chunk_size
     j_end = tl.minimum(pid_j * BLOCK_J + BLOCK_J, chunk_size)
-    for i0 in range(pid_j * BLOCK_J, chunk_size, BLOCK_I):
-        offs_i = i0 + tl.arange(0, BLOCK_I)
-        t_i = t0 + offs_i
-        cbT = tl.load(cb_ptr + cb_base + offs_i[None, :] * chunk_size + offs_j[:, None])
-        cs_i = tl.load(cs_ptr + cs_base + offs_i)
-        if i0 < j_end:
+    if SPLIT_DECAY:
+        # the diagonal block: masked, one exp per element
+        for i0 in range(pid_j * BLOCK_J, j_end, BLOCK_I):
+            offs_i = i0 + tl.arange(0, BLOCK_I)
+            t_i = t0 + offs_i
+            cbT = tl.load(cb_ptr + cb_base + offs_i[None, :] * chunk_size + offs_j[:, None])
+            cs_i = tl.load(cs_ptr + cs_base + offs_i)
             keep = offs_i[None, :] >= offs_j[:, None]
             if HAS_SEQ:
                 seq_i = tl.load(seq_base + tl.minimum(t_i, seqlen - 1) * s_seq_l)
                 keep = keep & (seq_i[None, :] == seq_j[:, None])
             mT = tl.where(keep, cbT * tl.exp(tl.where(keep, cs_i[None, :] - cs_j[:, None], 0.0)), 0.0)
-        else:
-            mT = cbT * tl.exp(cs_i[None, :] - cs_j[:, None])
+            acc = _dx_tile(acc, mT, dy_ptr + pid_b * s_dy_b + pid_h * s_dy_h, t_i, offs_p, seqlen, hdim, s_dy_l,
+                           s_dy_p, DOT_PREC, SPLIT)
+        # below it: exp(cs_i - r) per row i here, exp(r - cs_j) per column j after the loop
+        r = tl.load(cs_ptr + cs_base + j_end - 1)
+        acc_off = tl.zeros((BLOCK_J, BLOCK_P), dtype=tl.float32)
+        for i0 in range(j_end, chunk_size, BLOCK_I):
+            offs_i = i0 + tl.arange(0, BLOCK_I)
+            t_i = t0 + offs_i
+            cbT = tl.load(cb_ptr + cb_base + offs_i[None, :] * chunk_size + offs_j[:, None])
+            mT = cbT * tl.exp(tl.load(cs_ptr + cs_base + offs_i) - r)[None, :]
             if HAS_SEQ:
                 seq_i = tl.load(seq_base + tl.minimum(t_i, seqlen - 1) * s_seq_l)
                 mT = tl.where(seq_i[None, :] == seq_j[:, None], mT, 0.0)
-        dyi = tl.load(dy_ptr + pid_b * s_dy_b + pid_h * s_dy_h + t_i[:, None] * s_dy_l + offs_p[None, :] * s_dy_p,
-                      mask=(t_i < seqlen)[:, None] & pmask[None, :], other=0.0)
-        if SPLIT:
-            m_hi = mT.to(dyi.dtype)
-            acc += tl.dot(m_hi, dyi) + tl.dot((mT - m_hi.to(tl.float32)).to(dyi.dtype), dyi)
-        else:
-            acc += tl.dot(mT.to(dyi.dtype), dyi, input_precision=DOT_PREC)
+            acc_off = _dx_tile(acc_off, mT, dy_ptr + pid_b * s_dy_b + pid_h * s_dy_h, t_i, offs_p, seqlen, hdim,
+                               s_dy_l, s_dy_p, DOT_PREC, SPLIT)
+        acc += acc_off * tl.exp(r - cs_j)[:, None]
+    else:
+        for i0 in range(pid_j * BLOCK_J, chunk_size, BLOCK_I):
+            offs_i = i0 + tl.arange(0, BLOCK_I)
+            t_i = t0 + offs_i
+            cbT = tl.load(cb_ptr + cb_base + offs_i[None, :] * chunk_size + offs_j[:, None])
+            cs_i = tl.load(cs_ptr + cs_base + offs_i)
+            if i0 < j_end:
+                keep = offs_i[None, :] >= offs_j[:, None]
+                if HAS_SEQ:
+                    seq_i = tl.load(seq_base + tl.minimum(t_i, seqlen - 1) * s_seq_l)
+                    keep = keep & (seq_i[None, :] == seq_j[:, None])
+                mT = tl.where(keep, cbT * tl.exp(tl.where(keep, cs_i[None, :] - cs_j[:, None], 0.0)), 0.0)
+            else:
+                mT = cbT * tl.exp(cs_i[None, :] - cs_j[:, None])
+                if HAS_SEQ:
+                    seq_i = tl.load(seq_base + tl.minimum(t_i, seqlen - 1) * s_seq_l)
+                    mT = tl.where(seq_i[None, :] == seq_j[:, None], mT, 0.0)
+            acc = _dx_tile(acc, mT, dy_ptr + pid_b * s_dy_b + pid_h * s_dy_h, t_i, offs_p, seqlen, hdim, s_dy_l,
+                           s_dy_p, DOT_PREC, SPLIT)
     jp = jvalid[:, None] & pmask[None, :]
     xj = tl.load(x_ptr + pid_b * s_x_b + pid_h * s_x_h + t_j[:, None] * s_x_l + offs_p[None, :] * s_x_p,
                  mask=jp, other=0.0).to(tl.float32)
@@ -338,13 +381,19 @@ def _cfgs(space):
 # Autotuned variants for CUDA (a few configs each; results cached on disk by Triton). Tile sizes
 # that decide which partial-sum rows a program writes (BLOCK_J of dx, the dCB/dBC tiles) stay
 # fixed, so every config writes the same elements and autotuning reruns are harmless.
-_chunk_dx_tuned = autotune_per_chunk(_chunk_dx_kernel, _cfgs([
+# dx: the first ten (unsplit decay) are the schedules before SPLIT_DECAY; the first is the fixed one
+_DX_SPACE = [
     (dict(BLOCK_I=64, BLOCK_N=64), 4, 2), (dict(BLOCK_I=64, BLOCK_N=64), 4, 3),
     (dict(BLOCK_I=32, BLOCK_N=64), 4, 2), (dict(BLOCK_I=64, BLOCK_N=128), 8, 2),
     (dict(BLOCK_I=64, BLOCK_N=64), 8, 3), (dict(BLOCK_I=128, BLOCK_N=64), 8, 2),
     (dict(BLOCK_I=128, BLOCK_N=128), 8, 2), (dict(BLOCK_I=64, BLOCK_N=128), 4, 3),
     (dict(BLOCK_I=32, BLOCK_N=32), 4, 3), (dict(BLOCK_I=64, BLOCK_N=32), 4, 4),
-]), key=["chunk_size", "hdim", "dstate", "HAS_SEQ", "SPLIT"], chunk_params=("BLOCK_I",))
+    (dict(BLOCK_I=64, BLOCK_N=64, SPLIT_DECAY=True), 4, 2), (dict(BLOCK_I=64, BLOCK_N=64, SPLIT_DECAY=True), 8, 3),
+    (dict(BLOCK_I=128, BLOCK_N=64, SPLIT_DECAY=True), 8, 2), (dict(BLOCK_I=64, BLOCK_N=128, SPLIT_DECAY=True), 4, 3),
+]
+_DX_SPACE = [(dict({"SPLIT_DECAY": False}, **kw), w, st) for kw, w, st in _DX_SPACE]
+_chunk_dx_tuned = autotune_per_chunk(_chunk_dx_kernel, _cfgs(_DX_SPACE),
+                                     key=["chunk_size", "hdim", "dstate", "HAS_SEQ", "SPLIT"], chunk_params=("BLOCK_I",))
 # dCB and dB/dC: the first configs (HEAD_PIPE False) are the schedules before the head-pipelined
 # loop; the autotuner chooses between both (the first stays the fixed one)
 _DCB_SPACE = [
@@ -402,7 +451,9 @@ def seq_args(seq_idx, fallback):
     return (seq_idx if seq_idx is not None else fallback), (seq_idx.stride() if seq_idx is not None else (0, 0))
 
 
-def chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec):
+def chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec, split_decay=None):
+    """-> dx (like x), ddtp and dcs's column part (like dtp), dD (or None). split_decay None: the
+    autotuned schedule on CUDA (the interpreter: unsplit); True/False: the first config of that form."""
     batch, seqlen, nheads, hdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     nchunks = triton.cdiv(seqlen, chunk_size)
@@ -423,9 +474,14 @@ def chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec):
               DOT_PREC=dot_prec, SPLIT=x.dtype != torch.float32)
     grid = (nblk, batch * nchunks, nheads)
     if INTERPRET:
-        _chunk_dx_kernel[grid](*args, **kw, BLOCK_I=bs["I"], BLOCK_N=bs["N"], num_warps=4)
-    else:
+        _chunk_dx_kernel[grid](*args, **kw, BLOCK_I=bs["I"], BLOCK_N=bs["N"], SPLIT_DECAY=bool(split_decay),
+                               num_warps=4)
+    elif split_decay is None:
         _chunk_dx_tuned(chunk_size)[grid](*args, **kw)
+    else:
+        cfg, warps, stages = next(c for c in _DX_SPACE if c[0]["SPLIT_DECAY"] == split_decay)
+        cfg = dict(cfg, BLOCK_I=min(cfg["BLOCK_I"], chunk_size))
+        _chunk_dx_kernel[grid](*args, **kw, **cfg, num_warps=warps, num_stages=stages)
     if dD is not None:
         dD = dD.sum((0, 1))[:, :hdim]
         dD = dD if D.dim() == 2 else dD.sum(-1)

@@ -207,7 +207,9 @@ def run_ssd_scan_variants(name, batch=2, seqlen=70, h=4, p=24, g=2, n=8, q=32):
     differences), at ordinary decays and at steep ones (A = -20, dt ~ 4: cs falls by ~2600 within a
     chunk of 32, where exp(-cs_j) alone would overflow float32). Chunks of 32 are two row tiles of 16
     in the interpreter, so the second tile has a column tile left of it (the split's part); 70
-    positions make three chunks, the last partial."""
+    positions make three chunks, the last partial. The dx kernel's split decay likewise (its row
+    tiles below the diagonal block)."""
+    from kernels.ssd import triton_bwd as bwd
     from kernels.ssd import triton_fwd as fwd
 
     prec = "ieee"
@@ -234,6 +236,12 @@ def run_ssd_scan_variants(name, batch=2, seqlen=70, h=4, p=24, g=2, n=8, q=32):
         res[f"{regime}finite_split"] = float(torch.isfinite(outs[False, True][0]).all())
         res[f"{regime}rel_split_out"] = rel(outs[False, True][0], outs[False, False][0])
         res[f"{regime}rel_split_ypre"] = rel(outs[False, True][1], outs[False, False][1])
+        # the dx kernel's split decay against its unsplit form (dx, ddtp, dcs's column part, dD)
+        dy, dS = torch.randn_like(x), torch.randn_like(prev)
+        dxs = [bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq, q, prec, split_decay=sp) for sp in (False, True)]
+        for what, a, b in zip(("dx", "ddtp", "dcs", "dD"), *dxs):
+            res[f"{regime}rel_split_{what}"] = rel(b, a)
+            res[f"{regime}finite_split_{what}"] = float(torch.isfinite(b).all())
     return name, res
 
 

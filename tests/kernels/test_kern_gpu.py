@@ -376,7 +376,8 @@ def test_ssd_chunk_scan_schedules_bf16(shape):
     """The chunk scan's schedules (each with its first config), with z, D and documents, outputs
     poisoned first: the heads-inner grid order gives the chunk-major bits; the split decay is
     within bf16 rounding of the unsplit one (its decay weights differ by one float32 rounding,
-    which moves some bf16-rounded dot inputs by an ulp, 2^-8 relative)."""
+    which moves some bf16-rounded dot inputs by an ulp, 2^-8 relative). Then the dx kernel's two
+    decay forms on the same inputs."""
     from kernels.ssd import triton_fwd as fwd
 
     batch, seqlen, h, p, g, n = shape
@@ -400,6 +401,20 @@ def test_ssd_chunk_scan_schedules_bf16(shape):
     assert torch.isfinite(outs[False, True][0].float()).all()
     assert rel(outs[False, True][0], outs[False, False][0]) < 4e-3
     assert rel(outs[False, True][1], outs[False, False][1]) < 4e-3
+    # the dx kernel's split decay: its decayed CB tiles differ by a float32 rounding and reach the
+    # tensor cores as hi + lo bf16 pairs (~16 bits), so the float32 outputs agree to ~1e-5 and dx
+    # (bf16) to an ulp here and there
+    from kernels.ssd import triton_bwd as bwd
+
+    dy = torch.randn_like(x)
+    dS = torch.randn(prev.shape, device="cuda")
+    dxs = []
+    for sp in (False, True):
+        poison()
+        dxs.append(bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq, q, prec, split_decay=sp))
+    for what, a, b, tol in zip(("dx", "ddtp", "dcs", "dD"), *dxs, (4e-3, 1e-4, 1e-4, 1e-6)):
+        assert torch.isfinite(b.float()).all(), what
+        assert rel(b, a) < tol, (what, rel(b, a))
 
 
 def test_conv1d_forward_every_schedule_same_bits_bf16():
