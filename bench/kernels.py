@@ -176,6 +176,8 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
         # the two loop structures the autotuner chooses between (each with its first config)
         ("bwd dCB blocked", lambda: bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, prec, head_pipe=False)),
         ("bwd dCB head-pipe", lambda: bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, prec, head_pipe=True)),
+        ("bwd dCB head-pipe split", lambda: bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, prec, head_pipe=True,
+                                                          split_decay=True)),
         ("bwd dB/dC blocked", lambda: bwd.chunk_dbc(x, dy, B, C, prev, dS_lp, dcb, dtp, cs, None, q, prec,
                                                     head_pipe=False)),
         ("bwd dB/dC head-pipe", lambda: bwd.chunk_dbc(x, dy, B, C, prev, dS_lp, dcb, dtp, cs, None, q, prec,

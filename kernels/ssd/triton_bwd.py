@@ -206,9 +206,12 @@ def _chunk_dcb_kernel(
     seqlen, nheads, nchunks, chunk_size, hdim, heads_per_group, ngroups, nsplit,
     s_x_b, s_x_l, s_x_h, s_x_p, s_dy_b, s_dy_l, s_dy_h, s_dy_p, s_seq_b, s_seq_l,
     HAS_SEQ: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr,
-    DOT_PREC: tl.constexpr, HEAD_PIPE: tl.constexpr, HDIM_BLOCK: tl.constexpr,
+    DOT_PREC: tl.constexpr, HEAD_PIPE: tl.constexpr, HDIM_BLOCK: tl.constexpr, SPLIT_DECAY: tl.constexpr,
 ):
-    """HEAD_PIPE: one dot per head over all of headdim (HDIM_BLOCK = next power of two >= hdim), so
+    """SPLIT_DECAY: a tile wholly below the diagonal factors each head's decay, exp(cs_i - cs_j) =
+    exp(cs_i - r) exp(r - cs_j) with r = cs at the tile's last column (between cs_j and cs_i, cs being
+    monotone within a chunk): BLOCK_I + BLOCK_J exps per head, not BLOCK_I x BLOCK_J.
+    HEAD_PIPE: one dot per head over all of headdim (HDIM_BLOCK = next power of two >= hdim), so
     the loop over heads is the innermost loop and the software pipeliner issues the next heads' dy
     and x loads while this head's tile is computed (num_stages); otherwise an inner loop over
     headdim blocks of BLOCK_P, whose loads the pipeliner overlaps only within one head. Both give
@@ -240,6 +243,7 @@ def _chunk_dcb_kernel(
     base = (pid_bc * ngroups + pid_g) * chunk_size * chunk_size
     cb = tl.load(cb_ptr + base + offs_i[:, None] * chunk_size + offs_j[None, :])
     cb = tl.where(keep, cb, 0.0)
+    below = pid_j * BLOCK_J + BLOCK_J <= pid_i * BLOCK_I  # every column before every row: no causal mask
     acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
     for hh in range(heads_per_split):
         h = pid_g * heads_per_group + pid_s * heads_per_split + hh
@@ -257,8 +261,14 @@ def _chunk_dcb_kernel(
         cs_i = tl.load(cs_ptr + cs_base + offs_i)
         cs_j = tl.load(cs_ptr + cs_base + offs_j)
         dtp_j = tl.load(dtp_ptr + cs_base + offs_j)
-        decay = tl.exp(tl.where(keep, cs_i[:, None] - cs_j[None, :], 0.0))
-        dcb_h = tl.where(keep, g * decay * dtp_j[None, :], 0.0)
+        if SPLIT_DECAY and below:
+            r = tl.load(cs_ptr + cs_base + pid_j * BLOCK_J + BLOCK_J - 1)
+            dcb_h = g * tl.exp(cs_i - r)[:, None] * (tl.exp(r - cs_j) * dtp_j)[None, :]
+            if HAS_SEQ:
+                dcb_h = tl.where(keep, dcb_h, 0.0)
+        else:
+            decay = tl.exp(tl.where(keep, cs_i[:, None] - cs_j[None, :], 0.0))
+            dcb_h = tl.where(keep, g * decay * dtp_j[None, :], 0.0)
         acc += dcb_h
         # gradient of cs_i through the intra-chunk terms of row i: sum_j dCB_h,ij CB_ij = dy_i . y_diag_i
         tl.store(rows_ptr + (cs_base * num_j + pid_j * chunk_size) + offs_i, tl.sum(dcb_h * cb, axis=1))
@@ -401,7 +411,10 @@ _DCB_SPACE = [
     (dict(BLOCK_P=64, HEAD_PIPE=False), 8, 2), (dict(BLOCK_P=32, HEAD_PIPE=False), 4, 3),
     (dict(BLOCK_P=64, HEAD_PIPE=True), 4, 2), (dict(BLOCK_P=64, HEAD_PIPE=True), 4, 3),
     (dict(BLOCK_P=64, HEAD_PIPE=True), 8, 3), (dict(BLOCK_P=64, HEAD_PIPE=True), 4, 4),
+    (dict(BLOCK_P=64, HEAD_PIPE=True, SPLIT_DECAY=True), 4, 3), (dict(BLOCK_P=64, HEAD_PIPE=True, SPLIT_DECAY=True), 8, 3),
+    (dict(BLOCK_P=64, HEAD_PIPE=False, SPLIT_DECAY=True), 4, 2),
 ]
+_DCB_SPACE = [(dict({"SPLIT_DECAY": False}, **kw), w, st) for kw, w, st in _DCB_SPACE]
 _DBC_SPACE = [
     (dict(BLOCK_R=64, BLOCK_K=64, BLOCK_P=64, HEAD_PIPE=False), 4, 2),
     (dict(BLOCK_R=64, BLOCK_K=64, BLOCK_P=64, HEAD_PIPE=False), 4, 3),
@@ -420,9 +433,11 @@ _chunk_dbc_tuned = autotune_per_chunk(_chunk_dbc_kernel, _cfgs(_DBC_SPACE),
                                       chunk_params=("BLOCK_R", "BLOCK_K"))
 
 
-def _first_with(space, head_pipe, chunk_size):
-    """The first config of `space` with the given HEAD_PIPE, position tiles clamped to the chunk."""
-    kw, warps, stages = next(c for c in space if c[0]["HEAD_PIPE"] == head_pipe)
+def _first_with(space, head_pipe, chunk_size, split_decay=False):
+    """The first config of `space` with the given HEAD_PIPE (and SPLIT_DECAY, where the space has
+    it), position tiles clamped to the chunk."""
+    kw, warps, stages = next(c for c in space if c[0]["HEAD_PIPE"] == head_pipe
+                             and c[0].get("SPLIT_DECAY", False) == split_decay)
     kw = {k: (min(v, chunk_size) if k in ("BLOCK_R", "BLOCK_K") else v) for k, v in kw.items()}
     return kw, warps, stages
 
@@ -488,11 +503,12 @@ def chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec, split_
     return dx, ddtp, dcs, dD
 
 
-def chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, chunk_size, dot_prec, head_pipe=None):
+def chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, chunk_size, dot_prec, head_pipe=None, split_decay=False):
     """-> dCB partials (batch, nchunks, nsplit, ngroups, Q, Q) and per-head row terms of dcs
     (batch, nheads, nchunks, nj, Q). head_pipe None: the autotuned schedule on CUDA (the
-    head-pipelined loop in the interpreter); True/False: that loop structure with the first such
-    config (benchmarks and tests; the interpreter then splits headdim into blocks of 16)."""
+    head-pipelined loop, unsplit decay, in the interpreter); True/False: that loop structure with the
+    first such config of the given decay form (benchmarks and tests; the interpreter then splits
+    headdim into blocks of 16)."""
     batch, seqlen, nheads, hdim = x.shape
     nchunks = triton.cdiv(seqlen, chunk_size)
     bs = _blocks(chunk_size, hdim, 16)
@@ -508,11 +524,12 @@ def chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, chunk_size, dot_prec, head_p
     grid = (triton.cdiv(chunk_size, BI) * nj, batch * nchunks, ngroups * nsplit)
     if INTERPRET:
         pipe = True if head_pipe is None else head_pipe
-        _chunk_dcb_kernel[grid](*args, **kw, BLOCK_P=bs["P"] if pipe else 16, HEAD_PIPE=pipe, num_warps=4)
+        _chunk_dcb_kernel[grid](*args, **kw, BLOCK_P=bs["P"] if pipe else 16, HEAD_PIPE=pipe,
+                                SPLIT_DECAY=split_decay and head_pipe is not None, num_warps=4)
     elif head_pipe is None:
         _chunk_dcb_tuned(chunk_size)[grid](*args, **kw)
     else:
-        cfg, warps, stages = _first_with(_DCB_SPACE, head_pipe, chunk_size)
+        cfg, warps, stages = _first_with(_DCB_SPACE, head_pipe, chunk_size, split_decay)
         _chunk_dcb_kernel[grid](*args, **kw, **cfg, num_warps=warps, num_stages=stages)
     return dcb, rows
 

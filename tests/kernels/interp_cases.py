@@ -207,8 +207,8 @@ def run_ssd_scan_variants(name, batch=2, seqlen=70, h=4, p=24, g=2, n=8, q=32):
     differences), at ordinary decays and at steep ones (A = -20, dt ~ 4: cs falls by ~2600 within a
     chunk of 32, where exp(-cs_j) alone would overflow float32). Chunks of 32 are two row tiles of 16
     in the interpreter, so the second tile has a column tile left of it (the split's part); 70
-    positions make three chunks, the last partial. The dx kernel's split decay likewise (its row
-    tiles below the diagonal block)."""
+    positions make three chunks, the last partial. The dx and dCB kernels' split decays likewise
+    (dx: row tiles below the diagonal block; dCB: the tile below the diagonal, both loop structures)."""
     from kernels.ssd import triton_bwd as bwd
     from kernels.ssd import triton_fwd as fwd
 
@@ -242,6 +242,18 @@ def run_ssd_scan_variants(name, batch=2, seqlen=70, h=4, p=24, g=2, n=8, q=32):
         for what, a, b in zip(("dx", "ddtp", "dcs", "dD"), *dxs):
             res[f"{regime}rel_split_{what}"] = rel(b, a)
             res[f"{regime}finite_split_{what}"] = float(torch.isfinite(b).all())
+        # and the dCB kernel's (both loop structures; it writes the block-lower-triangular 16 x 16
+        # tiles only, which is what consumers read)
+        blk = torch.arange(q) // 16
+        written = blk[None, :] <= blk[:, None]
+        for pipe in (True, False):
+            dcbs = [bwd.chunk_dcb(x, dy, dtp, cs, seq, cb, g, q, prec, head_pipe=pipe, split_decay=sp)
+                    for sp in (False, True)]
+            for what, a, b in zip(("dcb", "rows"), *dcbs):
+                if what == "dcb":
+                    a, b = a[..., written], b[..., written]
+                res[f"{regime}rel_split_{what}_{pipe}"] = rel(b, a)
+                res[f"{regime}finite_split_{what}_{pipe}"] = float(torch.isfinite(b).all())
     return name, res
 
 

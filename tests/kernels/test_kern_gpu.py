@@ -376,8 +376,8 @@ def test_ssd_chunk_scan_schedules_bf16(shape):
     """The chunk scan's schedules (each with its first config), with z, D and documents, outputs
     poisoned first: the heads-inner grid order gives the chunk-major bits; the split decay is
     within bf16 rounding of the unsplit one (its decay weights differ by one float32 rounding,
-    which moves some bf16-rounded dot inputs by an ulp, 2^-8 relative). Then the dx kernel's two
-    decay forms on the same inputs."""
+    which moves some bf16-rounded dot inputs by an ulp, 2^-8 relative). Then the dx and dCB kernels'
+    two decay forms on the same inputs."""
     from kernels.ssd import triton_fwd as fwd
 
     batch, seqlen, h, p, g, n = shape
@@ -415,6 +415,16 @@ def test_ssd_chunk_scan_schedules_bf16(shape):
     for what, a, b, tol in zip(("dx", "ddtp", "dcs", "dD"), *dxs, (4e-3, 1e-4, 1e-4, 1e-6)):
         assert torch.isfinite(b.float()).all(), what
         assert rel(b, a) < tol, (what, rel(b, a))
+    # the dCB kernel's split decay (float32 outputs; the block-lower-triangular 64 x 64 tiles it writes)
+    pos = torch.arange(q, device="cuda") // 64
+    written = pos[None, :] <= pos[:, None]
+    dcbs = []
+    for sp in (False, True):
+        poison()
+        dcbs.append(bwd.chunk_dcb(x, dy, dtp, cs, seq, cb, g, q, prec, head_pipe=True, split_decay=sp))
+    (a, ra), (b, rb) = dcbs
+    assert torch.isfinite(b[..., written]).all() and torch.isfinite(rb).all()
+    assert rel(b[..., written], a[..., written]) < 1e-5 and rel(rb, ra) < 1e-5
 
 
 def test_conv1d_forward_every_schedule_same_bits_bf16():

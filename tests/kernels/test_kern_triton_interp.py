@@ -116,8 +116,8 @@ def test_ssd_head_pipelined_loops_match_the_blocked_loops(results):
 
 def test_ssd_chunk_scan_schedules_match(results):
     """The chunk scan's heads-inner grid order gives the bits of the chunk-major order (which the SSD
-    cases above check against the reference), and the split decay of the chunk scan and of the dx
-    kernel stays finite and within float32 rounding of the unsplit form, also where the decay spans
+    cases above check against the reference), and the split decay of the chunk scan, the dx and the
+    dCB kernels (both loop structures) stays finite and within float32 rounding of the unsplit form, also where the decay spans
     ~2600 in the exponent within a chunk."""
     res = results["ssd_scan_variants"]
     for regime in ("", "steep_"):
@@ -125,5 +125,5 @@ def test_ssd_chunk_scan_schedules_match(results):
         assert res[f"{regime}finite_split"] == 1.0, res
         # float32: one extra rounding per decay weight, summed over <= 32 positions
         assert res[f"{regime}rel_split_out"] <= 1e-5 and res[f"{regime}rel_split_ypre"] <= 1e-5, res
-        for what in ("dx", "ddtp", "dcs", "dD"):  # the dx kernel's split decay, likewise
+        for what in ("dx", "ddtp", "dcs", "dD", "dcb_True", "rows_True", "dcb_False", "rows_False"):
             assert res[f"{regime}finite_split_{what}"] == 1.0 and res[f"{regime}rel_split_{what}"] <= 1e-5, res
