@@ -160,6 +160,10 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
         ("fwd CB", lambda: fwd.compute_cb(C, B, q, prec)),
         ("fwd chunk states", lambda: fwd.chunk_outer(x, B, dtp, cs, None, q, 0, prec)),
         ("fwd state passing", lambda: fwd.state_pass(st, cs, None, None, seqlen, q, dt_)),
+        # the two above in one kernel (the chunk states never stored), and the choice states_and_pass makes
+        ("fwd states+pass fused", lambda: fwd.states_and_pass(x, B, dtp, cs, None, None, q, prec, fused=True)),
+        (f"fwd states+pass ({'fused' if fwd.fuse_states(batch, h, p, n, x.device) else 'two kernels'})",
+         lambda: fwd.states_and_pass(x, B, dtp, cs, None, None, q, prec)),
         ("fwd chunk scan", lambda: fwd.chunk_scan(cb, x, None, D, C, prev_lp, dtp, cs, None, q, False, prec)),
         # the grid orders and decay forms the autotuner chooses between (each with its first config)
         *[(f"fwd chunk scan {'heads-inner' if hi else 'chunk-major'}{' split' if sp else ''}",

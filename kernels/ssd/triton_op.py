@@ -39,9 +39,7 @@ class _SSDScan(torch.autograd.Function):
         prec = dot_precision(x.dtype)
         dtp, cs = fwd.dt_cumsum(dt, dt_bias, A, chunk_size, dt_softplus, dt_limit)
         cb = fwd.compute_cb(C, B, chunk_size, prec)
-        states = fwd.chunk_outer(x, B, dtp, cs, seq_idx, chunk_size, 0, prec)
-        prev, prev_lp, final = fwd.state_pass(states, cs, seq_idx, initial_states, seqlen, chunk_size, x.dtype)
-        del states
+        prev, prev_lp, final = fwd.states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, prec)
         out, ypre = fwd.chunk_scan(cb, x, z, D, C, prev_lp, dtp, cs, seq_idx, chunk_size, z is not None, prec)
         ypre = ypre if z is not None else None  # only the gate's backward needs it
         # prev_lp is not kept: the dB/dC kernel rounds the float32 prev to the input dtype as it loads
@@ -49,10 +47,10 @@ class _SSDScan(torch.autograd.Function):
         del prev_lp
         ctx.recompute_states = recompute_states
         ctx.has_init = initial_states is not None
-        if recompute_states:  # rerun compute_cb, chunk_outer and state_pass in the backward instead
+        if recompute_states:  # rerun compute_cb and states_and_pass in the backward instead
             cb = prev = None
         else:
-            initial_states = None  # only a rerun of state_pass needs it
+            initial_states = None  # only a rerun of states_and_pass needs it
         ctx.conv = conv_x is not None
         if ctx.conv:  # x, B, C are slices of the conv's output: keep its input, rerun it in backward
             ctx.conv_silu, ctx.xbc_shapes = conv_silu, (x.shape, B.shape)
@@ -75,9 +73,7 @@ class _SSDScan(torch.autograd.Function):
         prec = dot_precision(x.dtype)
         if ctx.recompute_states:  # the forward's kernels on the same inputs: the same bits
             cb = fwd.compute_cb(C, B, Q, prec)
-            states = fwd.chunk_outer(x, B, dtp, cs, seq_idx, Q, 0, prec)
-            prev = fwd.state_pass(states, cs, seq_idx, init, seqlen, Q)[0]
-            del states
+            prev = fwd.states_and_pass(x, B, dtp, cs, seq_idx, init, Q, prec, store_lp=False)[0]
         if dout is None:
             dout = torch.zeros_like(x)
         dz = None

@@ -257,6 +257,36 @@ def run_ssd_scan_variants(name, batch=2, seqlen=70, h=4, p=24, g=2, n=8, q=32):
     return name, res
 
 
+def run_ssd_states_fused(name, batch=2, seqlen=70, h=4, p=24, g=2, n=40, q=16):
+    """Chunk states and state passing fused (one kernel walking the chunks) against the two
+    kernels, with documents (one starting on a chunk boundary, one inside a chunk) and initial
+    states: the same tiles in the interpreter, hence the same bits. headdim 24 and dstate 40: partial
+    state tiles (32 x 64); 70 positions = five chunks of 16, the last partial."""
+    from kernels.ssd import triton_fwd as fwd
+
+    prec = "ieee"
+    x = torch.randn(batch, seqlen, h, p)
+    dt = torch.randn(batch, seqlen, h) - 1
+    A = -torch.exp(torch.rand(h) * 2 - 1)
+    B = torch.randn(batch, seqlen, g, n)
+    seq = torch.zeros(batch, seqlen, dtype=torch.int32)
+    seq[0, 32:] += 1
+    seq[1, 21:] += 1
+    init = torch.randn(batch, h, p, n)
+    dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, (0.0, math.inf))
+    res = {}
+    for tag, sq, ini in (("", seq, init), ("noseq_", None, None)):
+        a = fwd.states_and_pass(x, B, dtp, cs, sq, ini, q, prec, fused=False)
+        b = fwd.states_and_pass(x, B, dtp, cs, sq, ini, q, prec, fused=True)
+        c = fwd.states_and_pass(x, B, dtp, cs, sq, ini, q, prec, store_lp=False, fused=True)
+        res[f"{tag}bits_prev"] = float(not torch.equal(a[0], b[0]))
+        res[f"{tag}bits_final"] = float(not torch.equal(a[2], b[2]))
+        res[f"{tag}bits_prev_nolp"] = float(not torch.equal(a[0], c[0]))
+        res[f"{tag}lp_is_prev"] = float(b[1] is b[0] and c[1] is None)  # float32 x: no second copy
+        res[f"{tag}nonzero"] = float(a[0].abs().sum() > 0 and a[2].abs().sum() > 0)
+    return name, res
+
+
 def run_rms_schedules(name):
     """Every launch schedule of the gated-norm backward (rows per block, prefetch) against the
     reference's gradients: 37 rows = programs of 16 rows, the last partial; groups of 8 channels
@@ -348,6 +378,7 @@ def main():
     out.update([run_rms_schedules("rms_bwd_schedules")])
     out.update([run_ssd_head_pipe("ssd_head_pipe")])
     out.update([run_ssd_scan_variants("ssd_scan_variants")])
+    out.update([run_ssd_states_fused("ssd_states_fused")])
     out.update([run_conv_fwd_schedules("conv_fwd_schedules")])
     print("JSON:" + json.dumps(out))
 

@@ -32,7 +32,8 @@ def test_breakdown_runs_every_kernel_launch_under_the_interpreter():
     out = json.loads(proc.stdout.split("JSON:", 1)[1])
     parts = out["parts"]
     assert [name for name, _ in parts] == [
-        "fwd dt_cumsum", "fwd CB", "fwd chunk states", "fwd state passing", "fwd chunk scan",
+        "fwd dt_cumsum", "fwd CB", "fwd chunk states", "fwd state passing", "fwd states+pass fused",
+        "fwd states+pass (fused)", "fwd chunk scan",
         "fwd chunk scan chunk-major", "fwd chunk scan heads-inner", "fwd chunk scan chunk-major split",
         "fwd chunk scan heads-inner split", "bwd dprev", "bwd state passing", "bwd dx/ddt", "bwd dx/ddt unsplit",
         "bwd dx/ddt split", "bwd dCB", "bwd dB/dC", "bwd dCB blocked", "bwd dCB head-pipe",

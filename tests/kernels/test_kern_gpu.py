@@ -427,6 +427,32 @@ def test_ssd_chunk_scan_schedules_bf16(shape):
     assert rel(b[..., written], a[..., written]) < 1e-5 and rel(rb, ra) < 1e-5
 
 
+@pytest.mark.parametrize("shape", [(2, 4096, 64, 64, 1, 128), (1, 8192, 128, 64, 8, 128), (1, 16384, 64, 64, 1, 128)])
+def test_ssd_states_pass_fused_bf16(shape):
+    """Chunk states + state passing in one kernel against the two kernels, with documents and
+    initial states, outputs poisoned first. The autotuner may pick other tiles for each (another
+    summation order over a chunk's positions): float32 results within 1e-5; prev_lp is prev rounded."""
+    from kernels.ssd import triton_fwd as fwd
+
+    batch, seqlen, h, p, g, n = shape
+    q, prec, dt_ = 256, "tf32", torch.bfloat16
+    x = torch.randn(batch, seqlen, h, p, device="cuda", dtype=dt_)
+    dt = (torch.randn(batch, seqlen, h, device="cuda") - 1).to(dt_)
+    A = -torch.exp(torch.rand(h, device="cuda") * 2 - 1)
+    B = torch.randn(batch, seqlen, g, n, device="cuda", dtype=dt_)
+    seq = seq_idx_random(batch, seqlen)
+    init = torch.randn(batch, h, p, n, device="cuda")
+    dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, (0.0, math.inf))
+    outs = []
+    for fused in (False, True):
+        poison()
+        outs.append(fwd.states_and_pass(x, B, dtp, cs, seq, init, q, prec, fused=fused))
+    (pa, la, fa), (pb, lb, fb) = outs
+    assert torch.isfinite(pb).all() and torch.isfinite(fb).all()
+    assert rel(pb, pa) < 1e-5 and rel(fb, fa) < 1e-5
+    assert torch.equal(lb, pb.to(dt_))
+
+
 def test_conv1d_forward_every_schedule_same_bits_bf16():
     """The conv forward's CUDA tiles give the same output bits (the SSD's conv_source rerun relies
     on it), at hybrid_1b3's conv width (4096 + 2 x 128 channels) with documents, outputs poisoned."""

@@ -127,3 +127,13 @@ def test_ssd_chunk_scan_schedules_match(results):
         assert res[f"{regime}rel_split_out"] <= 1e-5 and res[f"{regime}rel_split_ypre"] <= 1e-5, res
         for what in ("dx", "ddtp", "dcs", "dD", "dcb_True", "rows_True", "dcb_False", "rows_False"):
             assert res[f"{regime}finite_split_{what}"] == 1.0 and res[f"{regime}rel_split_{what}"] <= 1e-5, res
+
+
+def test_ssd_states_pass_fused_matches_the_two_kernels(results):
+    """The fused chunk-states + state-passing kernel (what the SSD cases above run in the interpreter,
+    against the reference) gives the bits of chunk_outer followed by state_pass, with documents and
+    initial states and without."""
+    res = results["ssd_states_fused"]
+    for tag in ("", "noseq_"):
+        assert res[f"{tag}nonzero"] == 1.0 and res[f"{tag}lp_is_prev"] == 1.0, res
+        assert res[f"{tag}bits_prev"] == res[f"{tag}bits_final"] == res[f"{tag}bits_prev_nolp"] == 0.0, res
