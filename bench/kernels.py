@@ -172,6 +172,11 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
           for sp in (False, True) for hi in (False, True)],
         ("bwd dprev", lambda: fwd.chunk_outer(dy, C, dtp, cs, None, q, 1, prec)),
         ("bwd state passing", lambda: bwd_scan.state_pass_bwd(dprev, prev, final, None, cs, None, seqlen, q, dt_)),
+        # the two above in one kernel (dprev never stored), and the choice dprev_and_pass_bwd makes
+        ("bwd dprev+pass fused", lambda: bwd_scan.dprev_and_pass_bwd(dy, C, cs, None, prev, final, None, q, prec,
+                                                                     fused=True)),
+        (f"bwd dprev+pass ({'fused' if fwd.fuse_states(batch, h, p, n, x.device) else 'two kernels'})",
+         lambda: bwd_scan.dprev_and_pass_bwd(dy, C, cs, None, prev, final, None, q, prec)),
         ("bwd dx/ddt", lambda: bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, prec)),
         ("bwd dx/ddt unsplit", lambda: bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, prec, split_decay=False)),
         ("bwd dx/ddt split", lambda: bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, prec, split_decay=True)),

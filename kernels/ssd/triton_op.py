@@ -85,10 +85,7 @@ class _SSDScan(torch.autograd.Function):
             dy = (doutf * zf * sig).to(x.dtype)
         else:
             dy = dout.to(x.dtype)
-        dprev = fwd.chunk_outer(dy, C, dtp, cs, seq_idx, Q, 1, prec)
-        dS, dS_lp, dinit, dcs_last = bwd_scan.state_pass_bwd(dprev, prev, final, dfinal, cs, seq_idx, seqlen, Q,
-                                                             x.dtype)
-        del dprev
+        dS, dS_lp, dinit, dcs_last = bwd_scan.dprev_and_pass_bwd(dy, C, cs, seq_idx, prev, final, dfinal, Q, prec)
         dx, ddtp, dcs, dD = bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, Q, prec)
         dcb, dcs_rows = bwd.chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, Q, prec)
         dB, dC, dcs_offd = bwd.chunk_dbc(x, dy, B, C, prev, dS_lp, dcb, dtp, cs, seq_idx, Q, prec)

@@ -261,7 +261,9 @@ def run_ssd_states_fused(name, batch=2, seqlen=70, h=4, p=24, g=2, n=40, q=16):
     """Chunk states and state passing fused (one kernel walking the chunks) against the two
     kernels, with documents (one starting on a chunk boundary, one inside a chunk) and initial
     states: the same tiles in the interpreter, hence the same bits. headdim 24 and dstate 40: partial
-    state tiles (32 x 64); 70 positions = five chunks of 16, the last partial."""
+    state tiles (32 x 64); 70 positions = five chunks of 16, the last partial. Likewise the
+    backward's dprev + reverse state passing fused against its two kernels."""
+    from kernels.ssd import triton_bwd_scan as bwd_scan
     from kernels.ssd import triton_fwd as fwd
 
     prec = "ieee"
@@ -284,6 +286,15 @@ def run_ssd_states_fused(name, batch=2, seqlen=70, h=4, p=24, g=2, n=40, q=16):
         res[f"{tag}bits_prev_nolp"] = float(not torch.equal(a[0], c[0]))
         res[f"{tag}lp_is_prev"] = float(b[1] is b[0] and c[1] is None)  # float32 x: no second copy
         res[f"{tag}nonzero"] = float(a[0].abs().sum() > 0 and a[2].abs().sum() > 0)
+        # the backward's steps 1 + 2 fused (dprev from dy and C inside the reverse walk) against
+        # chunk_outer(MODE 1) then state_pass_bwd, with a gradient of the final state
+        dy, C, dfinal = torch.randn_like(x), torch.randn_like(B), torch.randn_like(a[2])
+        u = bwd_scan.dprev_and_pass_bwd(dy, C, cs, sq, a[0], a[2], dfinal, q, prec, fused=False)
+        v = bwd_scan.dprev_and_pass_bwd(dy, C, cs, sq, a[0], a[2], dfinal, q, prec, fused=True)
+        res[f"{tag}bits_dS"] = float(not torch.equal(u[0], v[0]))
+        res[f"{tag}bits_dinit"] = float(not torch.equal(u[2], v[2]))
+        res[f"{tag}dS_lp_is_dS"] = float(v[1] is v[0])
+        res[f"{tag}rel_dcs_last"] = rel(v[3].sum(-1), u[3].sum(-1))  # partials per tile vs per flat block
     return name, res
 
 

@@ -35,7 +35,8 @@ def test_breakdown_runs_every_kernel_launch_under_the_interpreter():
         "fwd dt_cumsum", "fwd CB", "fwd chunk states", "fwd state passing", "fwd states+pass fused",
         "fwd states+pass (fused)", "fwd chunk scan",
         "fwd chunk scan chunk-major", "fwd chunk scan heads-inner", "fwd chunk scan chunk-major split",
-        "fwd chunk scan heads-inner split", "bwd dprev", "bwd state passing", "bwd dx/ddt", "bwd dx/ddt unsplit",
+        "fwd chunk scan heads-inner split", "bwd dprev", "bwd state passing",
+        "bwd dprev+pass fused", "bwd dprev+pass (fused)", "bwd dx/ddt", "bwd dx/ddt unsplit",
         "bwd dx/ddt split", "bwd dCB", "bwd dB/dC", "bwd dCB blocked", "bwd dCB head-pipe",
         "bwd dCB head-pipe split", "bwd dB/dC blocked", "bwd dB/dC head-pipe", "bwd dt tail"]
     assert all(ms > 0 for _, ms in parts)

@@ -431,7 +431,8 @@ def test_ssd_chunk_scan_schedules_bf16(shape):
 def test_ssd_states_pass_fused_bf16(shape):
     """Chunk states + state passing in one kernel against the two kernels, with documents and
     initial states, outputs poisoned first. The autotuner may pick other tiles for each (another
-    summation order over a chunk's positions): float32 results within 1e-5; prev_lp is prev rounded."""
+    summation order over a chunk's positions): float32 results within 1e-5; prev_lp is prev rounded.
+    Then the backward's fused dprev + reverse state passing against its two kernels likewise."""
     from kernels.ssd import triton_fwd as fwd
 
     batch, seqlen, h, p, g, n = shape
@@ -451,6 +452,19 @@ def test_ssd_states_pass_fused_bf16(shape):
     assert torch.isfinite(pb).all() and torch.isfinite(fb).all()
     assert rel(pb, pa) < 1e-5 and rel(fb, fa) < 1e-5
     assert torch.equal(lb, pb.to(dt_))
+    # the backward's dprev + reverse state passing, fused against its two kernels
+    from kernels.ssd import triton_bwd_scan as bwd_scan
+
+    dy, C = torch.randn_like(x), torch.randn_like(B)
+    dfinal = torch.randn_like(fa)
+    outs = []
+    for fused in (False, True):
+        poison()
+        outs.append(bwd_scan.dprev_and_pass_bwd(dy, C, cs, seq, pa, fa, dfinal, q, prec, fused=fused))
+    (sa, sla, ia, ca), (sb, slb, ib, cb_) = outs
+    assert torch.isfinite(sb).all() and torch.isfinite(ib).all() and torch.isfinite(cb_).all()
+    assert rel(sb, sa) < 1e-5 and rel(ib, ia) < 1e-5 and rel(cb_.sum(-1), ca.sum(-1)) < 1e-5
+    assert torch.equal(slb, sb.to(dt_))
 
 
 def test_conv1d_forward_every_schedule_same_bits_bf16():
