@@ -147,25 +147,29 @@ def autotune(configs, key, interpret_config=None, **kw):
     return wrap
 
 
-def autotune_per_chunk(kernel, configs, key, chunk_params):
+def autotune_per_chunk(kernel, configs, key, chunk_params, state_params=()):
     """`autotune(configs, key)(kernel)` per chunk size: call the result with the chunk size to get the
     launcher. The block sizes named in `chunk_params` tile a chunk's positions and must not exceed the
     chunk size (a tile would run into the next chunk and write its rows: wrong results, silently), so
     they are clamped to it, duplicate configs dropped. Triton's own pruning is not used because it is
-    skipped when a single config is left (the interpreter, KERNELS_AUTOTUNE=0)."""
+    skipped when a single config is left (the interpreter, KERNELS_AUTOTUNE=0). Those named in
+    `state_params` tile dstate: called with `state_block` (dstate's power of two), they are clamped
+    to it, so a small state is not computed in a tile of mostly masked lanes."""
     launchers = {}
 
-    def for_chunk(chunk_size: int):
-        if chunk_size not in launchers:
+    def for_chunk(chunk_size: int, state_block: int | None = None):
+        if (chunk_size, state_block) not in launchers:
             clamped, seen = [], set()
             for cfg in configs:
-                kw = {k: (min(v, chunk_size) if k in chunk_params else v) for k, v in cfg.kwargs.items()}
+                kw = {k: (min(v, chunk_size) if k in chunk_params else
+                          min(v, state_block) if k in state_params and state_block else v)
+                      for k, v in cfg.kwargs.items()}
                 sig = (tuple(sorted(kw.items())), cfg.num_warps, cfg.num_stages)
                 if sig not in seen:
                     seen.add(sig)
                     clamped.append(triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-            launchers[chunk_size] = autotune(clamped, key=key)(kernel)
-        return launchers[chunk_size]
+            launchers[chunk_size, state_block] = autotune(clamped, key=key)(kernel)
+        return launchers[chunk_size, state_block]
 
     return for_chunk
 

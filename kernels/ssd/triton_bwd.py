@@ -186,6 +186,12 @@ def _dcb_block(dy_h, x_h, t_i, t_j, offs_p, seqlen, hdim, s_dy_l, s_dy_p, s_x_l,
 
 
 @triton.jit
+def _dcb_decayed(g, keep, cs_i, cs_j, dtp_j):
+    """One head's dCB tile: g_ij exp(cs_i - cs_j) dtp_j where keep, 0 elsewhere (one exp per element)."""
+    return tl.where(keep, g * tl.exp(tl.where(keep, cs_i[:, None] - cs_j[None, :], 0.0)) * dtp_j[None, :], 0.0)
+
+
+@triton.jit
 def _dbc_block(dy_h, x_h, prev_h, dS_h, t_r, rvalid, offs_p, offs_n, nmask, hdim, dstate, s_dy_l, s_dy_p, s_x_l,
                s_x_p, DOT_PREC: tl.constexpr):
     """One head's (dy_r prev^T, x_r dS^T) over the headdim block offs_p, both (len(t_r), len(offs_n))
@@ -261,14 +267,16 @@ def _chunk_dcb_kernel(
         cs_i = tl.load(cs_ptr + cs_base + offs_i)
         cs_j = tl.load(cs_ptr + cs_base + offs_j)
         dtp_j = tl.load(dtp_ptr + cs_base + offs_j)
-        if SPLIT_DECAY and below:
-            r = tl.load(cs_ptr + cs_base + pid_j * BLOCK_J + BLOCK_J - 1)
-            dcb_h = g * tl.exp(cs_i - r)[:, None] * (tl.exp(r - cs_j) * dtp_j)[None, :]
-            if HAS_SEQ:
-                dcb_h = tl.where(keep, dcb_h, 0.0)
+        if SPLIT_DECAY:  # (two ifs: a constexpr and a runtime condition do not mix in one)
+            if below:
+                r = tl.load(cs_ptr + cs_base + pid_j * BLOCK_J + BLOCK_J - 1)
+                dcb_h = g * tl.exp(cs_i - r)[:, None] * (tl.exp(r - cs_j) * dtp_j)[None, :]
+                if HAS_SEQ:
+                    dcb_h = tl.where(keep, dcb_h, 0.0)
+            else:
+                dcb_h = _dcb_decayed(g, keep, cs_i, cs_j, dtp_j)
         else:
-            decay = tl.exp(tl.where(keep, cs_i[:, None] - cs_j[None, :], 0.0))
-            dcb_h = tl.where(keep, g * decay * dtp_j[None, :], 0.0)
+            dcb_h = _dcb_decayed(g, keep, cs_i, cs_j, dtp_j)
         acc += dcb_h
         # gradient of cs_i through the intra-chunk terms of row i: sum_j dCB_h,ij CB_ij = dy_i . y_diag_i
         tl.store(rows_ptr + (cs_base * num_j + pid_j * chunk_size) + offs_i, tl.sum(dcb_h * cb, axis=1))
@@ -391,15 +399,19 @@ def _cfgs(space):
 # Autotuned variants for CUDA (a few configs each; results cached on disk by Triton). Tile sizes
 # that decide which partial-sum rows a program writes (BLOCK_J of dx, the dCB/dBC tiles) stay
 # fixed, so every config writes the same elements and autotuning reruns are harmless.
-# dx: the first ten (unsplit decay) are the schedules before SPLIT_DECAY; the first is the fixed one
+# dx: the first ten (unsplit decay) are the schedules before SPLIT_DECAY; the first is the fixed one.
+# Of those, only the 8-warp ones stay (nearly) clear of register spills at the presets' shapes
+# (bench/kernels_static.py, Triton 3.6, sm_90a): the ones after them are all 8-warp.
 _DX_SPACE = [
     (dict(BLOCK_I=64, BLOCK_N=64), 4, 2), (dict(BLOCK_I=64, BLOCK_N=64), 4, 3),
     (dict(BLOCK_I=32, BLOCK_N=64), 4, 2), (dict(BLOCK_I=64, BLOCK_N=128), 8, 2),
     (dict(BLOCK_I=64, BLOCK_N=64), 8, 3), (dict(BLOCK_I=128, BLOCK_N=64), 8, 2),
     (dict(BLOCK_I=128, BLOCK_N=128), 8, 2), (dict(BLOCK_I=64, BLOCK_N=128), 4, 3),
     (dict(BLOCK_I=32, BLOCK_N=32), 4, 3), (dict(BLOCK_I=64, BLOCK_N=32), 4, 4),
-    (dict(BLOCK_I=64, BLOCK_N=64, SPLIT_DECAY=True), 4, 2), (dict(BLOCK_I=64, BLOCK_N=64, SPLIT_DECAY=True), 8, 3),
-    (dict(BLOCK_I=128, BLOCK_N=64, SPLIT_DECAY=True), 8, 2), (dict(BLOCK_I=64, BLOCK_N=128, SPLIT_DECAY=True), 4, 3),
+    (dict(BLOCK_I=32, BLOCK_N=64), 8, 2), (dict(BLOCK_I=32, BLOCK_N=128), 8, 2), (dict(BLOCK_I=32, BLOCK_N=32), 8, 3),
+    (dict(BLOCK_I=64, BLOCK_N=128, SPLIT_DECAY=True), 8, 2), (dict(BLOCK_I=64, BLOCK_N=64, SPLIT_DECAY=True), 8, 2),
+    (dict(BLOCK_I=64, BLOCK_N=32, SPLIT_DECAY=True), 8, 2), (dict(BLOCK_I=32, BLOCK_N=64, SPLIT_DECAY=True), 8, 2),
+    (dict(BLOCK_I=32, BLOCK_N=32, SPLIT_DECAY=True), 8, 3),
 ]
 _DX_SPACE = [(dict({"SPLIT_DECAY": False}, **kw), w, st) for kw, w, st in _DX_SPACE]
 _chunk_dx_tuned = autotune_per_chunk(_chunk_dx_kernel, _cfgs(_DX_SPACE),
@@ -425,6 +437,13 @@ _DBC_SPACE = [
     (dict(BLOCK_R=64, BLOCK_K=64, BLOCK_P=64, HEAD_PIPE=True), 4, 3),
     (dict(BLOCK_R=64, BLOCK_K=32, BLOCK_P=64, HEAD_PIPE=True), 4, 3),
     (dict(BLOCK_R=128, BLOCK_K=64, BLOCK_P=64, HEAD_PIPE=True), 8, 2),
+    # every config above spills registers at the presets' shapes (bench/kernels_static.py, Triton
+    # 3.6: 196-2324 bytes); these 8-warp ones do not
+    (dict(BLOCK_R=64, BLOCK_K=64, BLOCK_P=64, HEAD_PIPE=False), 8, 2),
+    (dict(BLOCK_R=64, BLOCK_K=32, BLOCK_P=64, HEAD_PIPE=False), 8, 2),
+    (dict(BLOCK_R=64, BLOCK_K=32, BLOCK_P=64, HEAD_PIPE=False), 8, 3),
+    (dict(BLOCK_R=64, BLOCK_K=32, BLOCK_P=64, HEAD_PIPE=True), 8, 2),
+    (dict(BLOCK_R=64, BLOCK_K=32, BLOCK_P=64, HEAD_PIPE=True), 8, 3),
 ]
 _chunk_dcb_tuned = autotune_per_chunk(_chunk_dcb_kernel, _cfgs(_DCB_SPACE), key=["chunk_size", "hdim", "HAS_SEQ"],
                                       chunk_params=())
@@ -466,9 +485,10 @@ def seq_args(seq_idx, fallback):
     return (seq_idx if seq_idx is not None else fallback), (seq_idx.stride() if seq_idx is not None else (0, 0))
 
 
-def chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec, split_decay=None):
-    """-> dx (like x), ddtp and dcs's column part (like dtp), dD (or None). split_decay None: the
-    autotuned schedule on CUDA (the interpreter: unsplit); True/False: the first config of that form."""
+def chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec, config=None):
+    """-> dx (like x), ddtp and dcs's column part (like dtp), dD (or None). config None: the
+    autotuned schedule on CUDA (the interpreter: unsplit, its own tiles); an index into _DX_SPACE:
+    that config (benchmarks and tests; the interpreter takes only its decay form)."""
     batch, seqlen, nheads, hdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     nchunks = triton.cdiv(seqlen, chunk_size)
@@ -489,12 +509,12 @@ def chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec, split_
               DOT_PREC=dot_prec, SPLIT=x.dtype != torch.float32)
     grid = (nblk, batch * nchunks, nheads)
     if INTERPRET:
-        _chunk_dx_kernel[grid](*args, **kw, BLOCK_I=bs["I"], BLOCK_N=bs["N"], SPLIT_DECAY=bool(split_decay),
-                               num_warps=4)
-    elif split_decay is None:
+        _chunk_dx_kernel[grid](*args, **kw, BLOCK_I=bs["I"], BLOCK_N=bs["N"],
+                               SPLIT_DECAY=_DX_SPACE[config or 0][0]["SPLIT_DECAY"], num_warps=4)
+    elif config is None:
         _chunk_dx_tuned(chunk_size)[grid](*args, **kw)
     else:
-        cfg, warps, stages = next(c for c in _DX_SPACE if c[0]["SPLIT_DECAY"] == split_decay)
+        cfg, warps, stages = _DX_SPACE[config]
         cfg = dict(cfg, BLOCK_I=min(cfg["BLOCK_I"], chunk_size))
         _chunk_dx_kernel[grid](*args, **kw, **cfg, num_warps=warps, num_stages=stages)
     if dD is not None:

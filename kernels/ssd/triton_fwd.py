@@ -118,7 +118,7 @@ def _outer_chunk(a_ptr, b_ptr, dtp_ptr, cs_ptr, seq_ptr, pid_b, pid_c, pid_h, pi
     MODE 0 (chunk states): a = x, b = B, wt = exp(cs_last - cs_k) dtp_k [seq_k == seq_end].
     MODE 1 (backward dprev): a = dy, b = C, wt = exp(cs_k) [seq_k == seq of the state entering].
     """
-    t0 = pid_c * chunk_size
+    t0 = tl.cast(pid_c, tl.int64) * chunk_size  # 64-bit: the fused kernels pass a 32-bit loop index
     cs_base = ((pid_b * nheads + pid_h) * nchunks + pid_c) * chunk_size
     cs_last = tl.load(cs_ptr + cs_base + chunk_size - 1)
     if HAS_SEQ:
@@ -401,26 +401,43 @@ def _cfgs(space):
 
 
 # CUDA: a few configs each, cached on disk by Triton (outputs are fully rewritten by any config)
-# The first six (chunk-major grid, unsplit decay) are the schedules before HEADS_INNER and SPLIT_DECAY;
-# the first is the fixed one.
+# The first six (chunk-major grid, unsplit decay, the state term in dstate tiles of 128) are the
+# schedules before HEADS_INNER and SPLIT_DECAY; the first is the fixed one. All six spill registers
+# at the presets' shapes (bench/kernels_static.py, Triton 3.6, sm_90a: 272-1504 bytes); the 8-warp
+# ones after them, with dstate tiles of 64 or 32, do not.
 _CHUNK_SCAN_SPACE = [
-    (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64), 4, 2), (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64), 4, 3),
-    (dict(BLOCK_M=128, BLOCK_K=64, BLOCK_P=64), 8, 2), (dict(BLOCK_M=128, BLOCK_K=32, BLOCK_P=64), 4, 3),
-    (dict(BLOCK_M=64, BLOCK_K=32, BLOCK_P=64), 4, 2), (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=32), 4, 2),
-    (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, HEADS_INNER=True), 4, 2),
-    (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, HEADS_INNER=True), 4, 3),
-    (dict(BLOCK_M=128, BLOCK_K=64, BLOCK_P=64, HEADS_INNER=True), 8, 2),
-    (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, SPLIT_DECAY=True), 4, 2),
-    (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, SPLIT_DECAY=True), 4, 3),
-    (dict(BLOCK_M=128, BLOCK_K=64, BLOCK_P=64, SPLIT_DECAY=True), 8, 2),
-    (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, HEADS_INNER=True, SPLIT_DECAY=True), 4, 2),
-    (dict(BLOCK_M=128, BLOCK_K=64, BLOCK_P=64, HEADS_INNER=True, SPLIT_DECAY=True), 8, 2),
+    (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, BLOCK_N=128), 4, 2),
+    (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, BLOCK_N=128), 4, 3),
+    (dict(BLOCK_M=128, BLOCK_K=64, BLOCK_P=64, BLOCK_N=128), 8, 2),
+    (dict(BLOCK_M=128, BLOCK_K=32, BLOCK_P=64, BLOCK_N=128), 4, 3),
+    (dict(BLOCK_M=64, BLOCK_K=32, BLOCK_P=64, BLOCK_N=128), 4, 2),
+    (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=32, BLOCK_N=128), 4, 2),
+    (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, BLOCK_N=64), 8, 2),
+    (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, BLOCK_N=64), 8, 3),
+    (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, BLOCK_N=32), 8, 3),
+    (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, BLOCK_N=64, HEADS_INNER=True), 8, 3),
+    (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, BLOCK_N=64, SPLIT_DECAY=True), 8, 2),
+    (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, BLOCK_N=64, SPLIT_DECAY=True), 8, 3),
+    (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, BLOCK_N=32, SPLIT_DECAY=True), 8, 3),
+    (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, BLOCK_N=64, HEADS_INNER=True, SPLIT_DECAY=True), 8, 3),
 ]
 _CHUNK_SCAN_SPACE = [(dict({"HEADS_INNER": False, "SPLIT_DECAY": False}, **kw), w, st)
                      for kw, w, st in _CHUNK_SCAN_SPACE]
 _chunk_scan_tuned = autotune_per_chunk(
     _chunk_scan_fwd_kernel, _cfgs(_CHUNK_SCAN_SPACE), key=["chunk_size", "hdim", "dstate", "HAS_SEQ", "HAS_Z"],
-    chunk_params=("BLOCK_M", "BLOCK_K"))
+    chunk_params=("BLOCK_M", "BLOCK_K"), state_params=("BLOCK_N",))
+
+
+def config_index(space, **want) -> int:
+    """Index of the first (kwargs, warps, stages) of `space` whose kwargs include `want`, and whose
+    warps/stages match `num_warps`/`num_stages` when given (benchmarks and tests name configs so)."""
+    warps, stages = want.pop("num_warps", None), want.pop("num_stages", None)
+    for i, (kw, w, st) in enumerate(space):
+        if all(kw.get(k) == v for k, v in want.items()) and warps in (None, w) and stages in (None, st):
+            return i
+    raise KeyError(f"no config with {want} (warps {warps}, stages {stages})")
+
+
 _chunk_outer_tuned = autotune_per_chunk(_chunk_outer_kernel, _cfgs([
     (dict(BLOCK_P=64, BLOCK_N=64, BLOCK_K=64), 4, 2), (dict(BLOCK_P=64, BLOCK_N=128, BLOCK_K=64), 4, 3),
     (dict(BLOCK_P=64, BLOCK_N=128, BLOCK_K=32), 4, 3), (dict(BLOCK_P=64, BLOCK_N=128, BLOCK_K=64), 8, 2),
@@ -428,12 +445,14 @@ _chunk_outer_tuned = autotune_per_chunk(_chunk_outer_kernel, _cfgs([
 ]), key=["chunk_size", "hdim", "dstate", "MODE", "HAS_SEQ", "SPLIT"], chunk_params=("BLOCK_K",))
 
 
-# states + state passing fused: the first config is _chunk_outer_tuned's first (the same tiles)
+# states + state passing fused: configs that keep the running state and the chunk's tile product
+# in registers without spilling at the presets' shapes (bench/kernels_static.py, Triton 3.6)
 _states_pass_tuned = autotune_per_chunk(_states_pass_kernel, _cfgs([
-    (dict(BLOCK_P=64, BLOCK_N=64, BLOCK_K=64), 4, 2), (dict(BLOCK_P=64, BLOCK_N=64, BLOCK_K=64), 4, 3),
-    (dict(BLOCK_P=64, BLOCK_N=32, BLOCK_K=64), 4, 3), (dict(BLOCK_P=32, BLOCK_N=64, BLOCK_K=64), 4, 3),
-    (dict(BLOCK_P=64, BLOCK_N=128, BLOCK_K=32), 8, 3), (dict(BLOCK_P=64, BLOCK_N=64, BLOCK_K=32), 4, 4),
-]), key=["chunk_size", "hdim", "dstate", "nheads", "HAS_SEQ", "SPLIT"], chunk_params=("BLOCK_K",))
+    (dict(BLOCK_P=64, BLOCK_N=64, BLOCK_K=32), 8, 3), (dict(BLOCK_P=64, BLOCK_N=32, BLOCK_K=64), 8, 3),
+    (dict(BLOCK_P=32, BLOCK_N=64, BLOCK_K=64), 8, 2), (dict(BLOCK_P=64, BLOCK_N=32, BLOCK_K=32), 4, 3),
+    (dict(BLOCK_P=32, BLOCK_N=64, BLOCK_K=32), 4, 3), (dict(BLOCK_P=64, BLOCK_N=64, BLOCK_K=64), 8, 2),
+]), key=["chunk_size", "hdim", "dstate", "nheads", "HAS_SEQ", "SPLIT"], chunk_params=("BLOCK_K",),
+    state_params=("BLOCK_N",))
 _sm_count: dict[int, int] = {}
 
 
@@ -554,7 +573,7 @@ def states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, dot_prec
         def grid(meta):
             return (triton.cdiv(hdim, meta["BLOCK_P"]) * triton.cdiv(dstate, meta["BLOCK_N"]), batch, nheads)
 
-        _states_pass_tuned(chunk_size)[grid](*args, **kw)
+        _states_pass_tuned(chunk_size, next_pow2(dstate))[grid](*args, **kw)
     return prev, (prev_lp if store_lp else None), final
 
 
@@ -580,10 +599,10 @@ def state_pass(states, cs, seq_idx, initial_states, seqlen, chunk_size, lp_dtype
     return prev, prev_lp, final
 
 
-def chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq_idx, chunk_size, store_ypre, dot_prec, variant=None):
-    """-> out (and ypre, the output before the gate, when store_ypre), shaped like x. variant None: the
-    autotuned schedule on CUDA (the interpreter: chunk-major, unsplit); a dict of HEADS_INNER and
-    SPLIT_DECAY: the first config with those flags (bench/kernels.py --breakdown times each)."""
+def chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq_idx, chunk_size, store_ypre, dot_prec, config=None):
+    """-> out (and ypre, the output before the gate, when store_ypre), shaped like x. config None: the
+    autotuned schedule on CUDA (the interpreter: chunk-major, unsplit, its own tiles); an index into
+    _CHUNK_SCAN_SPACE: that config (benchmarks and tests; the interpreter takes only its flags)."""
     batch, seqlen, nheads, hdim = x.shape
     ngroups, dstate = C.shape[2], C.shape[3]
     nchunks = triton.cdiv(seqlen, chunk_size)
@@ -600,20 +619,21 @@ def chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq_idx, chunk_size, store_ypre, d
             *x.stride(), *zz.stride(), *out.stride(), *C.stride(),
             *(seq_idx.stride() if seq_idx is not None else (0, 0)), *Ds)
     kw = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, STORE_YPRE=store_ypre,
-              BLOCK_N=bs["N"], DOT_PREC=dot_prec)
+              DOT_PREC=dot_prec)
 
     def grid(meta):
         tiles = triton.cdiv(chunk_size, meta["BLOCK_M"]) * triton.cdiv(hdim, meta["BLOCK_P"])
         return (tiles, nheads, batch * nchunks) if meta["HEADS_INNER"] else (tiles, batch * nchunks, nheads)
 
-    flags = {"HEADS_INNER": False, "SPLIT_DECAY": False, **(variant or {})}
     if INTERPRET:
+        flags = {k: v for k, v in _CHUNK_SCAN_SPACE[config or 0][0].items() if k in ("HEADS_INNER", "SPLIT_DECAY")}
         _chunk_scan_fwd_kernel[grid](*args, **kw, **flags, BLOCK_M=bs["M"], BLOCK_P=bs["P"], BLOCK_K=bs["K"],
-                                     num_warps=4)
-    elif variant is None:
-        _chunk_scan_tuned(chunk_size)[grid](*args, **kw)
+                                     BLOCK_N=bs["N"], num_warps=4)
+    elif config is None:
+        _chunk_scan_tuned(chunk_size, next_pow2(dstate))[grid](*args, **kw)
     else:
-        cfg, warps, stages = next(c for c in _CHUNK_SCAN_SPACE if all(c[0][k] == v for k, v in flags.items()))
-        cfg = {k: (min(v, chunk_size) if k in ("BLOCK_M", "BLOCK_K") else v) for k, v in cfg.items()}
+        cfg, warps, stages = _CHUNK_SCAN_SPACE[config]
+        cfg = dict(cfg, BLOCK_M=min(cfg["BLOCK_M"], chunk_size), BLOCK_K=min(cfg["BLOCK_K"], chunk_size),
+                   BLOCK_N=min(cfg["BLOCK_N"], next_pow2(dstate)))
         _chunk_scan_fwd_kernel[grid](*args, **kw, **cfg, num_warps=warps, num_stages=stages)
     return out, ypre

@@ -226,8 +226,9 @@ def run_ssd_scan_variants(name, batch=2, seqlen=70, h=4, p=24, g=2, n=8, q=32):
         dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, (0.0, math.inf))
         cb = fwd.compute_cb(C, B, q, prec)
         prev = fwd.state_pass(fwd.chunk_outer(x, B, dtp, cs, seq, q, 0, prec), cs, seq, None, seqlen, q)[0]
+        space = fwd._CHUNK_SCAN_SPACE
         outs = {(hi, sp): fwd.chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq, q, True, prec,
-                                         variant=dict(HEADS_INNER=hi, SPLIT_DECAY=sp))
+                                         config=fwd.config_index(space, HEADS_INNER=hi, SPLIT_DECAY=sp))
                 for hi in (False, True) for sp in (False, True)}
         for sp in (False, True):
             for i, what in enumerate(("out", "ypre")):
@@ -238,7 +239,8 @@ def run_ssd_scan_variants(name, batch=2, seqlen=70, h=4, p=24, g=2, n=8, q=32):
         res[f"{regime}rel_split_ypre"] = rel(outs[False, True][1], outs[False, False][1])
         # the dx kernel's split decay against its unsplit form (dx, ddtp, dcs's column part, dD)
         dy, dS = torch.randn_like(x), torch.randn_like(prev)
-        dxs = [bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq, q, prec, split_decay=sp) for sp in (False, True)]
+        dxs = [bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq, q, prec,
+                            config=fwd.config_index(bwd._DX_SPACE, SPLIT_DECAY=sp)) for sp in (False, True)]
         for what, a, b in zip(("dx", "ddtp", "dcs", "dD"), *dxs):
             res[f"{regime}rel_split_{what}"] = rel(b, a)
             res[f"{regime}finite_split_{what}"] = float(torch.isfinite(b).all())

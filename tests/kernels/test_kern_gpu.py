@@ -373,8 +373,8 @@ def test_ssd_dcb_dbc_loop_structures_same_bits_bf16(shape):
 
 @pytest.mark.parametrize("shape", [(2, 4096, 64, 64, 1, 128), (1, 8192, 128, 64, 8, 128)])
 def test_ssd_chunk_scan_schedules_bf16(shape):
-    """The chunk scan's schedules (each with its first config), with z, D and documents, outputs
-    poisoned first: the heads-inner grid order gives the chunk-major bits; the split decay is
+    """The chunk scan's schedules (one tile in each grid order and decay form), with z, D and
+    documents, outputs poisoned first: the heads-inner grid order gives the chunk-major bits; the split decay is
     within bf16 rounding of the unsplit one (its decay weights differ by one float32 rounding,
     which moves some bf16-rounded dot inputs by an ulp, 2^-8 relative). Then the dx and dCB kernels'
     two decay forms on the same inputs."""
@@ -391,16 +391,20 @@ def test_ssd_chunk_scan_schedules_bf16(shape):
     cb = fwd.compute_cb(C, B, q, prec)
     prev = fwd.state_pass(fwd.chunk_outer(x, B, dtp, cs, seq, q, 0, prec), cs, seq, None, seqlen, q, dt_)[1]
     outs = {}
+    tile = dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, BLOCK_N=64, num_warps=8, num_stages=3)
     for hi in (False, True):
         for sp in (False, True):
             poison()
-            outs[hi, sp] = fwd.chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq, q, True, prec,
-                                          variant=dict(HEADS_INNER=hi, SPLIT_DECAY=sp))
+            i = fwd.config_index(fwd._CHUNK_SCAN_SPACE, HEADS_INNER=hi, SPLIT_DECAY=sp, **tile)
+            outs[hi, sp] = fwd.chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq, q, True, prec, config=i)
     for sp in (False, True):
         assert torch.equal(outs[False, sp][0], outs[True, sp][0]) and torch.equal(outs[False, sp][1], outs[True, sp][1])
     assert torch.isfinite(outs[False, True][0].float()).all()
     assert rel(outs[False, True][0], outs[False, False][0]) < 4e-3
     assert rel(outs[False, True][1], outs[False, False][1]) < 4e-3
+    poison()
+    old = fwd.chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq, q, True, prec, config=0)  # dstate tiles of 128
+    assert rel(old[0], outs[False, False][0]) < 4e-3 and rel(old[1], outs[False, False][1]) < 4e-3
     # the dx kernel's split decay: its decayed CB tiles differ by a float32 rounding and reach the
     # tensor cores as hi + lo bf16 pairs (~16 bits), so the float32 outputs agree to ~1e-5 and dx
     # (bf16) to an ulp here and there
@@ -409,9 +413,10 @@ def test_ssd_chunk_scan_schedules_bf16(shape):
     dy = torch.randn_like(x)
     dS = torch.randn(prev.shape, device="cuda")
     dxs = []
-    for sp in (False, True):
+    for sp in (False, True):  # the same tile in both forms
         poison()
-        dxs.append(bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq, q, prec, split_decay=sp))
+        i = fwd.config_index(bwd._DX_SPACE, SPLIT_DECAY=sp, BLOCK_I=64, BLOCK_N=128, num_warps=8, num_stages=2)
+        dxs.append(bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq, q, prec, config=i))
     for what, a, b, tol in zip(("dx", "ddtp", "dcs", "dD"), *dxs, (4e-3, 1e-4, 1e-4, 1e-6)):
         assert torch.isfinite(b.float()).all(), what
         assert rel(b, a) < tol, (what, rel(b, a))

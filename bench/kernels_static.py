@@ -1,0 +1,121 @@
+"""Registers, spills and shared memory of every autotuner config of the SSD kernels, compiled for
+Hopper (sm_90a) by the installed Triton and its bundled ptxas: no GPU needed.
+
+A config that spills registers to local memory is slow whatever the tuner measures, and the
+interpreter (the CPU tests) cannot show it. Run it on the CPU with the GPU machine's Triton:
+    python -m pip install --target /tmp/triton36 --no-deps triton==3.6.0
+    PYTHONPATH=/tmp/triton36:$PWD python bench/kernels_static.py [--kernel chunk_scan]
+Shapes: headdim 64, dstate 128, chunk 256, bf16 inputs, documents (seq_idx) on: the presets'.
+The first config of each list is the fixed one (kernels.deterministic) and the tuner's fallback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.pop("TRITON_INTERPRET", None)  # the autotuned launchers, not the interpreter's single config
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from kernels.ssd import triton_bwd as bwd  # noqa: E402
+from kernels.ssd import triton_bwd_scan as bwd_scan  # noqa: E402
+from kernels.ssd import triton_fwd as fwd  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+Q, P, N = 256, 64, 128
+BF16 = ("x_ptr", "dy_ptr", "z_ptr", "B_ptr", "C_ptr", "b_ptr", "c_ptr", "a_ptr", "out_ptr", "ypre_ptr", "dx_ptr",
+        "prev_lp_ptr", "dS_lp_ptr")
+
+
+def specs():
+    """kernel name -> (jit function, launcher for chunk Q, fixed constexprs, extra pointer dtypes)."""
+    common = dict(HAS_SEQ=True, DOT_PREC="tf32")
+    return {
+        "chunk_scan": (fwd._chunk_scan_fwd_kernel, fwd._chunk_scan_tuned(Q, N),
+                       dict(common, HAS_D=True, HAS_Z=True, STORE_YPRE=True), {"prev_ptr": "*bf16"}),
+        "chunk_states": (fwd._chunk_outer_kernel, fwd._chunk_outer_tuned(Q), dict(common, MODE=0, SPLIT=True), {}),
+        "dprev": (fwd._chunk_outer_kernel, fwd._chunk_outer_tuned(Q), dict(common, MODE=1, SPLIT=True), {}),
+        "states_pass": (fwd._states_pass_kernel, fwd._states_pass_tuned(Q, N),
+                        dict(common, HAS_INIT=False, STORE_LP=True, SPLIT=True), {}),
+        "dprev_pass": (bwd_scan._dprev_pass_bwd_kernel, bwd_scan._dprev_pass_tuned(Q),
+                       dict(common, HAS_DFINAL=True, STORE_LP=True, BLOCK_P=64, BLOCK_N=64, SPLIT=True), {}),
+        "dx": (bwd._chunk_dx_kernel, bwd._chunk_dx_tuned(Q),
+               dict(common, HAS_D=True, BLOCK_J=min(128, Q), BLOCK_P=P, SPLIT=True), {}),
+        "dcb": (bwd._chunk_dcb_kernel, bwd._chunk_dcb_tuned(Q), dict(common, BLOCK_I=64, BLOCK_J=64, HDIM_BLOCK=P), {}),
+        "dbc": (bwd._chunk_dbc_kernel, bwd._chunk_dbc_tuned(Q), dict(common, BLOCK_N=64, HDIM_BLOCK=P),
+                {"prev_ptr": "*fp32", "dS_ptr": "*bf16"}),
+    }
+
+
+def compile_config(fn, constexprs, ptr_types, num_warps, num_stages):
+    params = list(inspect.signature(fn.fn).parameters)
+    sig = {p: ("constexpr" if p in constexprs else
+               ptr_types.get(p, "*bf16" if p in BF16 else "*i32" if p == "seq_ptr" else "*fp32") if p.endswith("_ptr")
+               else "i32") for p in params}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def ptxas_report(ptx: str) -> tuple[int, int, int]:
+    """-> (registers per thread, spill store bytes, spill load bytes) from ptxas -v."""
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        r = subprocess.run([str(PTXAS), "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                           capture_output=True, text=True, check=True)
+    finally:
+        os.unlink(f.name)
+    regs = int(re.search(r"Used (\d+) registers", r.stderr).group(1))
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
+    return regs, int(spill.group(1)), int(spill.group(2))
+
+
+FLAGS = ("HEADS_INNER", "SPLIT_DECAY", "HEAD_PIPE")  # the schedule flags that change a kernel's code path
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--kernel", action="append", help="only these (default: all)")
+    ap.add_argument("--one-per-schedule", action="store_true",
+                    help="only the first config of each combination of schedule flags (a quick compile check: "
+                         "tests/kernels/test_sm90_compile.py); exit status 1 if one fails to compile")
+    args = ap.parse_args()
+    errors = 0
+    print(f"Triton {triton.__version__}, sm_90a; headdim {P}, dstate {N}, chunk {Q}, bf16, seq_idx on")
+    print("| kernel | # | config | warps | stages | registers | spill st/ld B | shared KB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, (fn, launcher, fixed, ptrs) in specs().items():
+        if args.kernel and name not in args.kernel:
+            continue
+        seen = set()
+        for i, cfg in enumerate(launcher.tuned.configs):
+            flags = tuple(cfg.kwargs.get(f) for f in FLAGS)
+            if args.one_per_schedule and flags in seen:
+                continue
+            seen.add(flags)
+            kw = {k: v for k, v in cfg.kwargs.items() if k not in fixed}
+            try:
+                k = compile_config(fn, dict(fixed, **kw), ptrs, cfg.num_warps, cfg.num_stages)
+                regs, st, ld = ptxas_report(k.asm["ptx"])
+                row = f"{regs} | {st}/{ld}{' SPILLS' if st or ld else ''} | {k.metadata.shared / 1024:.1f}"
+            except Exception as e:  # a config that does not compile is a finding too
+                errors += 1
+                row = f"compile error: {type(e).__name__}: {str(e)[:2000]} | | "
+            desc = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in kw.items())
+            print(f"| {name} | {i} | {desc} | {cfg.num_warps} | {cfg.num_stages} | {row} |", flush=True)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""The SSD kernels compile for Hopper (sm_90a) with the installed Triton and its ptxas, on the CPU.
+
+The interpreter runs a kernel's Python, not Triton's compiler: a construct that the compiler
+rejects (or that only one schedule reaches) would first show on the GPU machine. Each combination
+of schedule flags of each autotuned SSD kernel is compiled once (bench/kernels_static.py
+--one-per-schedule: the presets' shapes, bf16, documents on), in a process without
+TRITON_INTERPRET so that the launchers hold their whole config lists.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import triton
+
+ROOT = Path(__file__).resolve().parents[2]
+PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+
+
+@pytest.mark.skipif(not PTXAS.exists(), reason="this Triton has no bundled ptxas")
+def test_every_schedule_of_the_ssd_kernels_compiles_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "kernels_static.py"), "--one-per-schedule"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    kernels = {row.split("|")[1].strip() for row in rows}
+    assert {"chunk_scan", "states_pass", "dprev_pass", "dx", "dcb", "dbc"} <= kernels, proc.stdout
+    assert all("registers" not in row and int(row.split("|")[6]) > 0 for row in rows), proc.stdout
