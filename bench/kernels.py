@@ -132,6 +132,11 @@ def sdpa_case(batch, seqlen):
         return bench(fwd), bench(fwdbwd, grad_to_none=[q, k, v])
 
 
+# the launches of one tuned forward + backward (the other rows time alternatives to some of them)
+PIPELINE = ("fwd dt_cumsum", "fwd CB", "fwd states+pass chosen", "fwd chunk scan", "bwd dprev+pass chosen",
+            "bwd dx/ddt", "bwd dCB", "bwd dB/dC", "bwd dt tail")
+
+
 def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
     """Median time of each SSD kernel launch (forward and backward pieces) at one shape, called as
     kernels/ssd/triton_op.py calls them (tests/kernels/test_bench_kernels.py runs it on the CPU under
@@ -160,10 +165,10 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
         ("fwd CB", lambda: fwd.compute_cb(C, B, q, prec)),
         ("fwd chunk states", lambda: fwd.chunk_outer(x, B, dtp, cs, None, q, 0, prec)),
         ("fwd state passing", lambda: fwd.state_pass(st, cs, None, None, seqlen, q, dt_)),
-        # the two above in one kernel (the chunk states never stored), and the choice states_and_pass makes
+        # the two above in one kernel (the chunk states never stored), and the faster of the two ways
+        # (states_and_pass times both once per shape: see the structures line printed after the table)
         ("fwd states+pass fused", lambda: fwd.states_and_pass(x, B, dtp, cs, None, None, q, prec, fused=True)),
-        (f"fwd states+pass ({'fused' if fwd.fuse_states(batch, h, p, n, x.device) else 'two kernels'})",
-         lambda: fwd.states_and_pass(x, B, dtp, cs, None, None, q, prec)),
+        ("fwd states+pass chosen", lambda: fwd.states_and_pass(x, B, dtp, cs, None, None, q, prec)),
         ("fwd chunk scan", lambda: fwd.chunk_scan(cb, x, None, D, C, prev_lp, dtp, cs, None, q, False, prec)),
         # the old fixed config, then one 8-warp tile in each grid order and decay form
         *[(f"fwd chunk scan #{i} {scan_desc(i)}",
@@ -171,11 +176,10 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
           for i in scan_configs()],
         ("bwd dprev", lambda: fwd.chunk_outer(dy, C, dtp, cs, None, q, 1, prec)),
         ("bwd state passing", lambda: bwd_scan.state_pass_bwd(dprev, prev, final, None, cs, None, seqlen, q, dt_)),
-        # the two above in one kernel (dprev never stored), and the choice dprev_and_pass_bwd makes
+        # the two above in one kernel (dprev never stored), and the faster of the two ways
         ("bwd dprev+pass fused", lambda: bwd_scan.dprev_and_pass_bwd(dy, C, cs, None, prev, final, None, q, prec,
                                                                      fused=True)),
-        (f"bwd dprev+pass ({'fused' if fwd.fuse_states(batch, h, p, n, x.device) else 'two kernels'})",
-         lambda: bwd_scan.dprev_and_pass_bwd(dy, C, cs, None, prev, final, None, q, prec)),
+        ("bwd dprev+pass chosen", lambda: bwd_scan.dprev_and_pass_bwd(dy, C, cs, None, prev, final, None, q, prec)),
         ("bwd dx/ddt", lambda: bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, prec)),
         # the old fixed config, then two 8-warp tiles in both decay forms
         *[(f"bwd dx/ddt #{i} {dx_desc(i)}", lambda i=i: bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, prec, config=i))
@@ -379,9 +383,13 @@ def main():
     if args.breakdown:
         for shape in TARGETS:
             parts = breakdown(*shape[:6])
-            total = sum(ms for name, ms in parts if not name.endswith(("blocked", "head-pipe")))
+            total = sum(ms for name, ms in parts if name in PIPELINE)
             lines.append(f"per-kernel, shape {shape[:6]}: " + ", ".join(f"{k} {ms:.3f}" for k, ms in parts)
-                         + f"; sum {total:.3f} ms")
+                         + f"; sum of the tuned path's launches {total:.3f} ms")
+        from kernels._triton_utils import _structures
+
+        lines.append("structures chosen (timed): " + ", ".join(f"{name} {key[:4]}: {'fused' if v == 'True' else 'two kernels'}"
+                                                          for (name, key), v in _structures.items()))
         for name, (b, L, h, p, g, n) in CHUNK_SWEEP:
             for kname, ms, nbytes in schedules(b, L, h * p, h * p + 2 * g * n):
                 lines.append(f"{f'{name} {kname}':50s} {ms:8.3f} ms {nbytes / ms / 1e6:6.0f} GB/s")

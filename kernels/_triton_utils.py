@@ -13,6 +13,8 @@ Owns the rules every kernel folder follows:
   first-call stall of a large job with a cold Triton cache). After `record_tuning()`,
   `write_tuned_table` saves the choices the autotuner made in this process (bench/kernels.py and
   bench/train.py --write-tuned, on the GPU);
+- `choose_structure` picks between two kernel structures for the same result (the SSD's fused and
+  two-kernel state passing) by timing both once per shape key, on CUDA only;
 - no torch.cuda calls are made unless the tensors are on CUDA.
 """
 
@@ -145,6 +147,25 @@ def autotune(configs, key, interpret_config=None, **kw):
         return _Launcher(triton.autotune(configs=configs, key=key, **tune_kw)(kernel), fixed, kernel, key)
 
     return wrap
+
+
+_structures: dict[tuple, str] = {}  # (name, key) -> the option choose_structure timed fastest
+
+
+def choose_structure(name: str, key: tuple, options: dict, default: str, device: torch.device) -> str:
+    """Which of several ways to compute the same thing (`options`: label -> zero-argument callable
+    that runs it) this process uses for `key`: on CUDA, the fastest of them, timed once per key with
+    CUDA events (triton.testing.do_bench: a few ms at the first call, like the autotuner's
+    benchmark); `default` under the interpreter, off CUDA, with KERNELS_AUTOTUNE=0 or
+    kernels.deterministic (fixed bits, nothing timed)."""
+    if INTERPRET or not AUTOTUNE or get_deterministic() or device.type != "cuda":
+        return default
+    if (name, key) not in _structures:
+        from triton.testing import do_bench
+
+        times = {label: do_bench(fn, warmup=5, rep=20) for label, fn in options.items()}
+        _structures[name, key] = min(times, key=times.get)
+    return _structures[name, key]
 
 
 def autotune_per_chunk(kernel, configs, key, chunk_params, state_params=()):

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import INTERPRET, autotune_per_chunk, next_pow2
+from kernels._triton_utils import INTERPRET, autotune_per_chunk, choose_structure, next_pow2
 from kernels.ssd import triton_fwd as fwd
 from kernels.ssd.triton_bwd import seq_args
 from kernels.ssd.triton_fwd import _outer_chunk, _softplus
@@ -171,13 +171,17 @@ _dprev_pass_tuned = autotune_per_chunk(_dprev_pass_bwd_kernel, [
 
 def dprev_and_pass_bwd(dy, C, cs, seq_idx, prev, final, dfinal, chunk_size, dot_prec, fused=None):
     """Steps 1 and 2 -> dS (float32), dS_lp (dy's dtype; dS itself for float32), d initial_states,
-    per-chunk partials of <dS_c, S_c> (batch, nheads, nchunks, n partials). fused None: as
-    triton_fwd.fuse_states decides (the same grid as the forward's fused kernel); True: one kernel,
-    dprev never stored; False: chunk_outer(MODE 1) then state_pass_bwd."""
+    per-chunk partials of <dS_c, S_c> (batch, nheads, nchunks, n partials). fused None: the faster
+    of the two, timed once per shape (as states_and_pass); True: one kernel, dprev never stored;
+    False: chunk_outer(MODE 1) then state_pass_bwd."""
     batch, seqlen, nheads, hdim = dy.shape
     ngroups, dstate = C.shape[2], C.shape[3]
     if fused is None:
-        fused = fwd.fuse_states(batch, nheads, hdim, dstate, dy.device)
+        run = {f"{v}": (lambda v=v: dprev_and_pass_bwd(dy, C, cs, seq_idx, prev, final, dfinal, chunk_size, dot_prec,
+                                                        fused=v)) for v in (True, False)}
+        default = str(fwd.fuse_states(batch, nheads, hdim, dstate, dy.device))
+        fused = choose_structure("dprev_and_pass_bwd", fwd.structure_key(dy, C, seq_idx, chunk_size, (dfinal is not None,)),
+                                 run, default, dy.device) == "True"
     if not fused:
         dprev = fwd.chunk_outer(dy, C, cs, cs, seq_idx, chunk_size, 1, dot_prec)
         return state_pass_bwd(dprev, prev, final, dfinal, cs, seq_idx, seqlen, chunk_size, dy.dtype)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import INTERPRET, autotune_per_chunk, next_pow2
+from kernels._triton_utils import INTERPRET, autotune_per_chunk, choose_structure, next_pow2
 
 
 @triton.jit
@@ -457,17 +457,22 @@ _sm_count: dict[int, int] = {}
 
 
 def fuse_states(batch, nheads, hdim, dstate, device) -> bool:
-    """Whether states_and_pass runs the fused kernel: on CUDA when its programs (one per batch row,
-    head and 64 x 64 state tile, each walking the chunks in order) fill every SM at least once;
-    below that the separate kernels' chunk-parallel grid keeps more SMs busy. (A rule of thumb set
-    before any GPU run; bench/kernels.py --breakdown times both at each shape.) Always in the
-    interpreter, so that the CPU tests run the fused kernel."""
+    """The fused state kernels' default (kernels.deterministic, KERNELS_AUTOTUNE=0, the interpreter):
+    on CUDA when their programs (one per batch row, head and 64 x 64 state tile, each walking the
+    chunks in order) fill every SM at least once; below that the separate kernels' chunk-parallel
+    grid keeps more SMs busy. Always in the interpreter, so that the CPU tests run the fused kernels.
+    Otherwise choose_structure times both ways once per shape (states_and_pass, dprev_and_pass_bwd)."""
     if INTERPRET or device.type != "cuda":
         return True
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _sm_count:
         _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return batch * nheads * triton.cdiv(hdim, 64) * triton.cdiv(dstate, 64) >= _sm_count[index]
+
+
+def structure_key(x, B, seq_idx, chunk_size, extra=()):
+    """The shape key under which choose_structure remembers the faster way for these inputs."""
+    return (*x.shape, *B.shape[2:], chunk_size, x.dtype, seq_idx is not None, *extra)
 
 
 def _blocks(chunk_size, hdim, dstate):
@@ -539,13 +544,19 @@ def states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, dot_prec
     """Steps 3 and 4: -> prev (the state entering each chunk, (batch, nchunks, nheads, headdim,
     dstate) float32), prev_lp (the same in x's dtype, for the chunk scan; None without store_lp, and
     prev itself for float32 x), final state (batch, nheads, headdim, dstate) float32.
-    fused None: as fuse_states decides; True: one kernel, the chunk states never stored; False:
-    chunk_outer then state_pass. With or without store_lp the autotuner sees the same key (the
-    backward's rerun gets the forward's config, hence its bits)."""
+    fused None: the faster of the two, timed once per shape (choose_structure; fuse_states's rule
+    where nothing is timed); True: one kernel, the chunk states never stored; False: chunk_outer
+    then state_pass. With or without store_lp the autotuner sees the same key, and the choice is
+    remembered per shape: the backward's rerun gets the forward's kernels and configs, hence its bits."""
     batch, seqlen, nheads, hdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     if fused is None:
-        fused = fuse_states(batch, nheads, hdim, dstate, x.device)
+        run = {f"{v}": (lambda v=v: states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, dot_prec,
+                                                     store_lp, fused=v)) for v in (True, False)}
+        default = str(fuse_states(batch, nheads, hdim, dstate, x.device))
+        fused = choose_structure("states_and_pass", structure_key(x, B, seq_idx, chunk_size,
+                                                                  (initial_states is not None,)),
+                                 run, default, x.device) == "True"
     lp = store_lp and x.dtype != torch.float32
     if not fused:
         states = chunk_outer(x, B, dtp, cs, seq_idx, chunk_size, 0, dot_prec)

@@ -36,9 +36,9 @@ def test_breakdown_runs_every_kernel_launch_under_the_interpreter():
     parts = out["parts"]
     assert [name for name, _ in parts] == [
         "fwd dt_cumsum", "fwd CB", "fwd chunk states", "fwd state passing", "fwd states+pass fused",
-        "fwd states+pass (fused)", "fwd chunk scan",
+        "fwd states+pass chosen", "fwd chunk scan",
         *out["scan_rows"], "bwd dprev", "bwd state passing",
-        "bwd dprev+pass fused", "bwd dprev+pass (fused)", "bwd dx/ddt", *out["dx_rows"], "bwd dCB", "bwd dB/dC", "bwd dCB blocked", "bwd dCB head-pipe",
+        "bwd dprev+pass fused", "bwd dprev+pass chosen", "bwd dx/ddt", *out["dx_rows"], "bwd dCB", "bwd dB/dC", "bwd dCB blocked", "bwd dCB head-pipe",
         "bwd dCB head-pipe split", "bwd dB/dC blocked", "bwd dB/dC head-pipe", "bwd dt tail"]
     assert all(ms > 0 for _, ms in parts)
     assert len(set(out["scan_rows"])) == 5 and "split" in out["scan_rows"][-1], out["scan_rows"]
