@@ -1,11 +1,13 @@
-"""Registers, spills and shared memory of every autotuner config of the SSD kernels, compiled for
-Hopper (sm_90a) by the installed Triton and its bundled ptxas: no GPU needed.
+"""Registers, spills and shared memory of every autotuner config of the SSD kernels (and of the conv
+forward and the gated-norm backward), compiled for Hopper (sm_90a) by the installed Triton and its
+bundled ptxas: no GPU needed.
 
 A config that spills registers to local memory is slow whatever the tuner measures, and the
 interpreter (the CPU tests) cannot show it. Run it on the CPU with the GPU machine's Triton:
     python -m pip install --target /tmp/triton36 --no-deps triton==3.6.0
     PYTHONPATH=/tmp/triton36:$PWD python bench/kernels_static.py [--kernel chunk_scan]
-Shapes: headdim 64, dstate 128, chunk 256, bf16 inputs, documents (seq_idx) on: the presets'.
+Shapes: headdim 64, dstate 128, chunk 256, bf16 inputs, documents (seq_idx) on: the presets'; the
+conv at width 4 with bias and SiLU, the gated norm over one group of 4096 channels with z.
 The first config of each list is the fixed one (kernels.deterministic) and the tuner's fallback.
 """
 
@@ -27,6 +29,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from kernels.conv1d import triton_op as conv  # noqa: E402
+from kernels.rmsnorm_gated import triton_op as rms  # noqa: E402
 from kernels.ssd import triton_bwd as bwd  # noqa: E402
 from kernels.ssd import triton_bwd_scan as bwd_scan  # noqa: E402
 from kernels.ssd import triton_fwd as fwd  # noqa: E402
@@ -55,6 +59,10 @@ def specs():
         "dcb": (bwd._chunk_dcb_kernel, bwd._chunk_dcb_tuned(Q), dict(common, BLOCK_I=64, BLOCK_J=64, HDIM_BLOCK=P), {}),
         "dbc": (bwd._chunk_dbc_kernel, bwd._chunk_dbc_tuned(Q), dict(common, BLOCK_N=64, HDIM_BLOCK=P),
                 {"prev_ptr": "*fp32", "dS_ptr": "*bf16"}),
+        "conv_fwd": (conv._conv_fwd_kernel, conv._conv_fwd_tuned,
+                     dict(WIDTH=4, HAS_BIAS=True, HAS_SEQ=True, SILU=True), {"w_ptr": "*fp32", "bias_ptr": "*fp32"}),
+        "norm_bwd": (rms._rms_bwd_kernel, rms._bwd_launcher(4096), dict(HAS_Z=True, NORM_BEFORE_GATE=False, BLOCK_G=4096),
+                     {"y_ptr": "*bf16", "z_ptr": "*bf16", "dout_ptr": "*bf16", "dy_ptr": "*bf16", "dz_ptr": "*bf16"}),
     }
 
 
@@ -81,7 +89,7 @@ def ptxas_report(ptx: str) -> tuple[int, int, int]:
     return regs, int(spill.group(1)), int(spill.group(2))
 
 
-FLAGS = ("HEADS_INNER", "SPLIT_DECAY", "HEAD_PIPE")  # the schedule flags that change a kernel's code path
+FLAGS = ("HEADS_INNER", "SPLIT_DECAY", "HEAD_PIPE", "PREFETCH")  # schedule flags that change a code path
 
 
 def main():

@@ -248,8 +248,12 @@ def _blocks(seqlen, dim):
 # tile used before the list). Wider channel blocks read longer contiguous rows of the channel-last
 # input; every config computes each output element with the same operations in the same order, so
 # the output bits do not depend on the choice (the SSD's conv_source rerun relies on that).
+# The first six all spill registers at width 4 with bias, SiLU and seq_idx (bench/kernels_static.py,
+# Triton 3.6, sm_90a: each thread holds WIDTH shifted copies of its share of the tile); the ones
+# after them hold at most 16-32 elements per thread and do not.
 FWD_SCHEDULES = [triton.Config({"BLOCK_L": bl, "BLOCK_D": bd}, num_warps=w, num_stages=1)
-                 for bl, bd, w in ((64, 64, 4), (32, 128, 4), (64, 128, 8), (16, 256, 4), (32, 256, 8), (8, 512, 4))]
+                 for bl, bd, w in ((64, 64, 4), (32, 128, 4), (64, 128, 8), (16, 256, 4), (32, 256, 8), (8, 512, 4),
+                                   (16, 128, 4), (8, 256, 4), (16, 256, 8), (8, 512, 8), (4, 512, 4), (64, 64, 8))]
 _conv_fwd_tuned = autotune(FWD_SCHEDULES, key=["dim", "WIDTH", "HAS_BIAS", "HAS_SEQ", "SILU"])(_conv_fwd_kernel)
 
 

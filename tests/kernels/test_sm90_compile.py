@@ -1,8 +1,9 @@
-"""The SSD kernels compile for Hopper (sm_90a) with the installed Triton and its ptxas, on the CPU.
+"""The SSD kernels, the conv forward and the gated-norm backward compile for Hopper (sm_90a) with
+the installed Triton and its ptxas, on the CPU.
 
 The interpreter runs a kernel's Python, not Triton's compiler: a construct that the compiler
 rejects (or that only one schedule reaches) would first show on the GPU machine. Each combination
-of schedule flags of each autotuned SSD kernel is compiled once (bench/kernels_static.py
+of schedule flags of each of these autotuned kernels is compiled once (bench/kernels_static.py
 --one-per-schedule: the presets' shapes, bf16, documents on), in a process without
 TRITON_INTERPRET so that the launchers hold their whole config lists.
 """
@@ -30,5 +31,5 @@ def test_every_schedule_of_the_ssd_kernels_compiles_for_sm90():
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
     kernels = {row.split("|")[1].strip() for row in rows}
-    assert {"chunk_scan", "states_pass", "dprev_pass", "dx", "dcb", "dbc"} <= kernels, proc.stdout
+    assert {"chunk_scan", "states_pass", "dprev_pass", "dx", "dcb", "dbc", "conv_fwd", "norm_bwd"} <= kernels, proc.stdout
     assert all("registers" not in row and int(row.split("|")[6]) > 0 for row in rows), proc.stdout
