@@ -24,7 +24,8 @@ rounding them to bf16 once made ddt/ddt_bias lose the cancellation between the r
 parts of dcs (GPU run 1: ddt 1.5e-2 relative vs the fp32 reference; hi+lo: ~4e-4 in fp16).
 dCB and dB/dC loop over a group's heads inside each program; on CUDA the autotuner also tries a
 variant whose head loop is the innermost loop (HEAD_PIPE: the pipeliner prefetches the next heads'
-tiles). No atomics anywhere: every output element is written by exactly one program, and partial sums
+tiles). dx and dCB also have a split-decay schedule (SPLIT_DECAY: tiles off the diagonal factor
+exp(cs_i - cs_j) through a position between them, one exp per row or column instead of per element). No atomics anywhere: every output element is written by exactly one program, and partial sums
 are reduced by torch in a fixed order, so the backward is deterministic run to run.
 All offsets are 64-bit (program ids cast to int64 before stride products).
 """

@@ -15,6 +15,8 @@ last one padded with dt = 0):
                    (the chunk states never reach memory); `states_and_pass` chooses (fuse_states)
   5. _chunk_scan:  y_i = exp(cs_i) [doc] C_i prev^T + sum_{j<=i} CB_ij exp(cs_i - cs_j) [doc] dtp_j x_j
                    + D x_i, then * silu(z_i)
+The chunk scan's autotuner also tries a heads-inner grid order and a split decay (SPLIT_DECAY: the
+column tiles left of a row tile factor exp(cs_i - cs_j) through the position between them).
 All offsets are 64-bit: program ids and positions are cast to int64 before any stride product.
 """
 
