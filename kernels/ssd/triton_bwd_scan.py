@@ -13,7 +13,7 @@ import triton.language as tl
 from kernels._triton_utils import INTERPRET, autotune_per_chunk, choose_structure, next_pow2
 from kernels.ssd import triton_fwd as fwd
 from kernels.ssd.triton_bwd import seq_args
-from kernels.ssd.triton_fwd import _outer_chunk, _softplus
+from kernels.ssd.triton_fwd import _chunk_scale, _outer_chunk, _softplus
 
 
 @triton.jit
@@ -40,11 +40,8 @@ def _state_pass_bwd_kernel(
         if STORE_LP:
             tl.store(dS_lp_ptr + off, g.to(dS_lp_ptr.dtype.element_ty), mask=mask)
         tl.store(dcs_last_ptr + ((pid_b * nheads + pid_h) * nchunks + c) * nblocks + pid_blk, tl.sum(g * s_after))
-        scale = tl.exp(tl.load(cs_ptr + ((pid_b * nheads + pid_h) * nchunks + c) * chunk_size + chunk_size - 1))
-        if HAS_SEQ:
-            seq_end = tl.load(seq_ptr + pid_b * s_seq_b + tl.minimum((c + 1) * chunk_size - 1, seqlen - 1) * s_seq_l)
-            seq_in = tl.load(seq_ptr + pid_b * s_seq_b + tl.maximum(c * chunk_size - 1, 0) * s_seq_l)
-            scale = tl.where(seq_end == seq_in, scale, 0.0)
+        scale = _chunk_scale(cs_ptr, seq_ptr, pid_b, pid_h, c, nheads, nchunks, chunk_size, seqlen, s_seq_b, s_seq_l,
+                             HAS_SEQ)
         s_after = tl.load(prev_ptr + off, mask=mask, other=0.0)
         g = tl.load(dprev_ptr + off, mask=mask, other=0.0) + scale * g
     tl.store(dinit_ptr + bh + offs, g, mask=mask)
@@ -88,11 +85,8 @@ def _dprev_pass_bwd_kernel(
             tl.store(dS_lp_ptr + off, g.to(dS_lp_ptr.dtype.element_ty), mask=mask)
         tl.store(dcs_last_ptr + ((pid_b * nheads + pid_h) * nchunks + c) * ntiles + pid_pn,
                  tl.sum(tl.sum(g * s_after, axis=1), axis=0))
-        scale = tl.exp(tl.load(cs_ptr + ((pid_b * nheads + pid_h) * nchunks + c) * chunk_size + chunk_size - 1))
-        if HAS_SEQ:
-            seq_end = tl.load(seq_ptr + pid_b * s_seq_b + tl.minimum((c + 1) * chunk_size - 1, seqlen - 1) * s_seq_l)
-            seq_in = tl.load(seq_ptr + pid_b * s_seq_b + tl.maximum(c * chunk_size - 1, 0) * s_seq_l)
-            scale = tl.where(seq_end == seq_in, scale, 0.0)
+        scale = _chunk_scale(cs_ptr, seq_ptr, pid_b, pid_h, c, nheads, nchunks, chunk_size, seqlen, s_seq_b, s_seq_l,
+                             HAS_SEQ)
         s_after = tl.load(prev_ptr + off, mask=mask, other=0.0)
         dprev = _outer_chunk(dy_ptr, c_ptr, cs_ptr, cs_ptr, seq_ptr, pid_b, c, pid_h, pid_h // heads_per_group,
                              offs_p, offs_n, seqlen, nheads, nchunks, chunk_size, hdim, dstate,

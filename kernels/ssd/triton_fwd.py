@@ -110,6 +110,20 @@ def _cb_kernel(
 
 
 @triton.jit
+def _chunk_scale(cs_ptr, seq_ptr, pid_b, pid_h, c, nheads, nchunks, chunk_size, seqlen, s_seq_b, s_seq_l,
+                 HAS_SEQ: tl.constexpr):
+    """How much of the state entering chunk c survives it: exp(cs at the chunk's last position), or 0
+    when a document starts inside the chunk (the seq_idx at its end differs from the one just before
+    it). Shared by the forward and backward state passing, fused or not."""
+    scale = tl.exp(tl.load(cs_ptr + ((pid_b * nheads + pid_h) * nchunks + c) * chunk_size + chunk_size - 1))
+    if HAS_SEQ:
+        seq_end = tl.load(seq_ptr + pid_b * s_seq_b + tl.minimum((c + 1) * chunk_size - 1, seqlen - 1) * s_seq_l)
+        seq_in = tl.load(seq_ptr + pid_b * s_seq_b + tl.maximum(c * chunk_size - 1, 0) * s_seq_l)
+        scale = tl.where(seq_end == seq_in, scale, 0.0)
+    return scale
+
+
+@triton.jit
 def _outer_chunk(a_ptr, b_ptr, dtp_ptr, cs_ptr, seq_ptr, pid_b, pid_c, pid_h, pid_g, offs_p, offs_n,
                  seqlen, nheads, nchunks, chunk_size, hdim, dstate,
                  s_a_b, s_a_l, s_a_h, s_a_p, s_b_b, s_b_l, s_b_g, s_b_n, s_seq_b, s_seq_l,
@@ -214,8 +228,6 @@ def _states_pass_kernel(
         s = tl.load(init_ptr + bh + tile, mask=mask, other=0.0).to(tl.float32)
     else:
         s = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    if HAS_SEQ:
-        seq_prev = tl.load(seq_ptr + pid_b * s_seq_b)
     for c in range(nchunks):
         cc = c
         off = ((pid_b * nchunks + cc) * nheads + pid_h) * hdim * dstate + tile
@@ -226,11 +238,8 @@ def _states_pass_kernel(
                           offs_p, offs_n, seqlen, nheads, nchunks, chunk_size, hdim, dstate,
                           s_a_b, s_a_l, s_a_h, s_a_p, s_b_b, s_b_l, s_b_g, s_b_n, s_seq_b, s_seq_l,
                           0, HAS_SEQ, BLOCK_P, BLOCK_N, BLOCK_K, DOT_PREC, SPLIT)
-        scale = tl.exp(tl.load(cs_ptr + ((pid_b * nheads + pid_h) * nchunks + cc) * chunk_size + chunk_size - 1))
-        if HAS_SEQ:
-            seq_end = tl.load(seq_ptr + pid_b * s_seq_b + tl.minimum((cc + 1) * chunk_size - 1, seqlen - 1) * s_seq_l)
-            scale = tl.where(seq_end == seq_prev, scale, 0.0)
-            seq_prev = seq_end
+        scale = _chunk_scale(cs_ptr, seq_ptr, pid_b, pid_h, cc, nheads, nchunks, chunk_size, seqlen, s_seq_b, s_seq_l,
+                             HAS_SEQ)
         s = scale * s + st
     tl.store(final_ptr + bh + tile, s, mask=mask)
 
@@ -251,8 +260,6 @@ def _state_pass_fwd_kernel(
         s = tl.load(init_ptr + bh + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         s = tl.zeros((BLOCK,), dtype=tl.float32)
-    if HAS_SEQ:
-        seq_prev = tl.load(seq_ptr + pid_b * s_seq_b)
     for c in range(nchunks):
         cc = c
         off = ((pid_b * nchunks + cc) * nheads + pid_h) * dim + offs
@@ -260,11 +267,8 @@ def _state_pass_fwd_kernel(
         if STORE_LP:
             tl.store(prev_lp_ptr + off, s.to(prev_lp_ptr.dtype.element_ty), mask=mask)
         st = tl.load(states_ptr + off, mask=mask, other=0.0)
-        scale = tl.exp(tl.load(cs_ptr + ((pid_b * nheads + pid_h) * nchunks + cc) * chunk_size + chunk_size - 1))
-        if HAS_SEQ:
-            seq_end = tl.load(seq_ptr + pid_b * s_seq_b + tl.minimum((cc + 1) * chunk_size - 1, seqlen - 1) * s_seq_l)
-            scale = tl.where(seq_end == seq_prev, scale, 0.0)
-            seq_prev = seq_end
+        scale = _chunk_scale(cs_ptr, seq_ptr, pid_b, pid_h, cc, nheads, nchunks, chunk_size, seqlen, s_seq_b, s_seq_l,
+                             HAS_SEQ)
         s = scale * s + st
     tl.store(final_ptr + bh + offs, s, mask=mask)
 
