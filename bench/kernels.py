@@ -145,6 +145,7 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
     from kernels.ssd import triton_bwd as bwd
     from kernels.ssd import triton_bwd_scan as bwd_scan
     from kernels.ssd import triton_fwd as fwd
+    from kernels.ssd import triton_states as states
 
     prec = dot_precision(dt_)
     x, dt, A, B, C, D, bias = ssd_inputs(batch, seqlen, h, p, g, n, dev, dt_)
@@ -152,9 +153,9 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
     lim = (0.0, float("inf"))
     dtp, cs = fwd.dt_cumsum(dt, bias, A, q, True, lim)
     cb = fwd.compute_cb(C, B, q, prec)
-    st = fwd.chunk_outer(x, B, dtp, cs, None, q, 0, prec)
-    prev, prev_lp, final = fwd.state_pass(st, cs, None, None, seqlen, q, dt_)
-    dprev = fwd.chunk_outer(dy, C, dtp, cs, None, q, 1, prec)
+    st = states.chunk_outer(x, B, dtp, cs, None, q, 0, prec)
+    prev, prev_lp, final = states.state_pass(st, cs, None, None, seqlen, q, dt_)
+    dprev = states.chunk_outer(dy, C, dtp, cs, None, q, 1, prec)
     dS, dS_lp, dinit, last = bwd_scan.state_pass_bwd(dprev, prev, final, None, cs, None, seqlen, q, dt_)
     dx, ddtp, dcs, dD = bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, prec)
     dcb, rows = bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, prec)
@@ -163,18 +164,18 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
     parts = [
         ("fwd dt_cumsum", lambda: fwd.dt_cumsum(dt, bias, A, q, True, lim)),
         ("fwd CB", lambda: fwd.compute_cb(C, B, q, prec)),
-        ("fwd chunk states", lambda: fwd.chunk_outer(x, B, dtp, cs, None, q, 0, prec)),
-        ("fwd state passing", lambda: fwd.state_pass(st, cs, None, None, seqlen, q, dt_)),
+        ("fwd chunk states", lambda: states.chunk_outer(x, B, dtp, cs, None, q, 0, prec)),
+        ("fwd state passing", lambda: states.state_pass(st, cs, None, None, seqlen, q, dt_)),
         # the two above in one kernel (the chunk states never stored), and the faster of the two ways
         # (states_and_pass times both once per shape: see the structures line printed after the table)
-        ("fwd states+pass fused", lambda: fwd.states_and_pass(x, B, dtp, cs, None, None, q, prec, fused=True)),
-        ("fwd states+pass chosen", lambda: fwd.states_and_pass(x, B, dtp, cs, None, None, q, prec)),
+        ("fwd states+pass fused", lambda: states.states_and_pass(x, B, dtp, cs, None, None, q, prec, fused=True)),
+        ("fwd states+pass chosen", lambda: states.states_and_pass(x, B, dtp, cs, None, None, q, prec)),
         ("fwd chunk scan", lambda: fwd.chunk_scan(cb, x, None, D, C, prev_lp, dtp, cs, None, q, False, prec)),
         # the old fixed config, then one 8-warp tile in each grid order and decay form
         *[(f"fwd chunk scan #{i} {scan_desc(i)}",
            lambda i=i: fwd.chunk_scan(cb, x, None, D, C, prev_lp, dtp, cs, None, q, False, prec, config=i))
           for i in scan_configs()],
-        ("bwd dprev", lambda: fwd.chunk_outer(dy, C, dtp, cs, None, q, 1, prec)),
+        ("bwd dprev", lambda: states.chunk_outer(dy, C, dtp, cs, None, q, 1, prec)),
         ("bwd state passing", lambda: bwd_scan.state_pass_bwd(dprev, prev, final, None, cs, None, seqlen, q, dt_)),
         # the two above in one kernel (dprev never stored), and the faster of the two ways
         ("bwd dprev+pass fused", lambda: bwd_scan.dprev_and_pass_bwd(dy, C, cs, None, prev, final, None, q, prec,

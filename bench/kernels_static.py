@@ -34,6 +34,7 @@ from kernels.rmsnorm_gated import triton_op as rms  # noqa: E402
 from kernels.ssd import triton_bwd as bwd  # noqa: E402
 from kernels.ssd import triton_bwd_scan as bwd_scan  # noqa: E402
 from kernels.ssd import triton_fwd as fwd  # noqa: E402
+from kernels.ssd import triton_states as states  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
@@ -48,9 +49,9 @@ def specs():
     return {
         "chunk_scan": (fwd._chunk_scan_fwd_kernel, fwd._chunk_scan_tuned(Q, N),
                        dict(common, HAS_D=True, HAS_Z=True, STORE_YPRE=True), {"prev_ptr": "*bf16"}),
-        "chunk_states": (fwd._chunk_outer_kernel, fwd._chunk_outer_tuned(Q), dict(common, MODE=0, SPLIT=True), {}),
-        "dprev": (fwd._chunk_outer_kernel, fwd._chunk_outer_tuned(Q), dict(common, MODE=1, SPLIT=True), {}),
-        "states_pass": (fwd._states_pass_kernel, fwd._states_pass_tuned(Q, N),
+        "chunk_states": (states._chunk_outer_kernel, states._chunk_outer_tuned(Q), dict(common, MODE=0, SPLIT=True), {}),
+        "dprev": (states._chunk_outer_kernel, states._chunk_outer_tuned(Q), dict(common, MODE=1, SPLIT=True), {}),
+        "states_pass": (states._states_pass_kernel, states._states_pass_tuned(Q, N),
                         dict(common, HAS_INIT=False, STORE_LP=True, SPLIT=True), {}),
         "dprev_pass": (bwd_scan._dprev_pass_bwd_kernel, bwd_scan._dprev_pass_tuned(Q),
                        dict(common, HAS_DFINAL=True, STORE_LP=True, BLOCK_P=64, BLOCK_N=64, SPLIT=True), {}),

@@ -3,7 +3,7 @@
 Describes the whole backward decomposition (notation of triton_fwd.py; dy is the gradient of the
 pre-gate output y_pre = y_ssd + D x, already multiplied by silu(z)); steps 3-5 are here, step 2 and
 the dt tail in triton_bwd_scan.py:
-  1. dprev_c = sum_i exp(cs_i)[doc] dy_i C_i^T            (triton_fwd._chunk_outer, MODE 1)
+  1. dprev_c = sum_i exp(cs_i)[doc] dy_i C_i^T            (triton_states._chunk_outer, MODE 1)
   2. _state_pass_bwd (triton_bwd_scan): reverse loop over chunks: dS_c (gradient of the state after chunk c,
      = gradient of states_c), d initial_states, and <dS_c, S_c> which is the gradient of cs at
      the chunk's last position through scale_c and the chunk-state weights

@@ -11,9 +11,10 @@ import triton
 import triton.language as tl
 
 from kernels._triton_utils import INTERPRET, autotune_per_chunk, choose_structure, next_pow2
-from kernels.ssd import triton_fwd as fwd
+from kernels.ssd import triton_states as states
 from kernels.ssd.triton_bwd import seq_args
-from kernels.ssd.triton_fwd import _chunk_scale, _outer_chunk, _softplus
+from kernels.ssd.triton_fwd import _softplus
+from kernels.ssd.triton_states import _chunk_scale, _outer_chunk
 
 
 @triton.jit
@@ -59,7 +60,7 @@ def _dprev_pass_bwd_kernel(
     """Steps 1 and 2 fused: grid (p x n tiles, batch, heads); each program walks its batch row's
     chunks in reverse with its (BLOCK_P, BLOCK_N) tile of the state gradient g in registers:
     dS_c = g (stored float32, and in the input dtype with STORE_LP), the tile's partial of
-    <dS_c, S_c>, then g = dprev_c + scale_c g with dprev_c from dy and C (triton_fwd._outer_chunk,
+    <dS_c, S_c>, then g = dprev_c + scale_c g with dprev_c from dy and C (triton_states._outer_chunk,
     MODE 1), so dprev never goes to memory. The arithmetic of chunk_outer(MODE 1) followed by
     _state_pass_bwd_kernel, the partials of <dS, S> summed per tile instead of per flat block."""
     pid_pn = tl.program_id(0)
@@ -173,11 +174,11 @@ def dprev_and_pass_bwd(dy, C, cs, seq_idx, prev, final, dfinal, chunk_size, dot_
     if fused is None:
         run = {f"{v}": (lambda v=v: dprev_and_pass_bwd(dy, C, cs, seq_idx, prev, final, dfinal, chunk_size, dot_prec,
                                                         fused=v)) for v in (True, False)}
-        default = str(fwd.fuse_states(batch, nheads, hdim, dstate, dy.device))
-        fused = choose_structure("dprev_and_pass_bwd", fwd.structure_key(dy, C, seq_idx, chunk_size, (dfinal is not None,)),
+        default = str(states.fuse_states(batch, nheads, hdim, dstate, dy.device))
+        fused = choose_structure("dprev_and_pass_bwd", states.structure_key(dy, C, seq_idx, chunk_size, (dfinal is not None,)),
                                  run, default, dy.device) == "True"
     if not fused:
-        dprev = fwd.chunk_outer(dy, C, cs, cs, seq_idx, chunk_size, 1, dot_prec)
+        dprev = states.chunk_outer(dy, C, cs, cs, seq_idx, chunk_size, 1, dot_prec)
         return state_pass_bwd(dprev, prev, final, dfinal, cs, seq_idx, seqlen, chunk_size, dy.dtype)
     nchunks = triton.cdiv(seqlen, chunk_size)
     if INTERPRET:

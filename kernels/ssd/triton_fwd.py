@@ -6,13 +6,9 @@ last one padded with dt = 0):
                    both (batch, nheads, nchunks, Q) float32
   2. _cb:          CB[i, j] = C_i . B_j per chunk and group, (batch, nchunks, ngroups, Q, Q) float32
                    (lower-triangular blocks only; consumers mask with tl.where)
-  3. _chunk_outer: per chunk and head, states = sum_j w_j x_j B_j^T, w_j = exp(cs_last - cs_j) dtp_j
-                   [same document as the chunk end]  -> (batch, nchunks, nheads, headdim, dstate)
-                   (MODE 1 computes the backward's dprev with the same loop)
-  4. _state_pass:  S_c = scale_c S_{c-1} + states_c, scale_c = exp(cs_last) [no document start in
-                   chunk c]; writes the state entering each chunk (prev) and the final state
-  3+4. _states_pass: both in one kernel that walks the chunks in order with the state in registers
-                   (the chunk states never reach memory); `states_and_pass` chooses (fuse_states)
+  3. chunk states: per chunk and head, sum_j w_j x_j B_j^T -> (batch, nchunks, nheads, headdim, dstate)
+  4. state passing: S_c = scale_c S_{c-1} + states_c: the state entering each chunk (prev) and the
+                   final state (3 and 4, fused or not: triton_states.py)
   5. _chunk_scan:  y_i = exp(cs_i) [doc] C_i prev^T + sum_{j<=i} CB_ij exp(cs_i - cs_j) [doc] dtp_j x_j
                    + D x_i, then * silu(z_i)
 The chunk scan's autotuner also tries a heads-inner grid order and a split decay (SPLIT_DECAY: the
@@ -26,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import INTERPRET, autotune_per_chunk, choose_structure, next_pow2
+from kernels._triton_utils import INTERPRET, autotune_per_chunk, next_pow2
 
 
 @triton.jit
@@ -107,170 +103,6 @@ def _cb_kernel(
     base = (pid_bc * ngroups + pid_g) * chunk_size * chunk_size
     tl.store(cb_ptr + base + offs_m[:, None] * chunk_size + offs_n[None, :], acc,
              mask=(offs_m < chunk_size)[:, None] & (offs_n < chunk_size)[None, :])
-
-
-@triton.jit
-def _chunk_scale(cs_ptr, seq_ptr, pid_b, pid_h, c, nheads, nchunks, chunk_size, seqlen, s_seq_b, s_seq_l,
-                 HAS_SEQ: tl.constexpr):
-    """How much of the state entering chunk c survives it: exp(cs at the chunk's last position), or 0
-    when a document starts inside the chunk (the seq_idx at its end differs from the one just before
-    it). Shared by the forward and backward state passing, fused or not."""
-    scale = tl.exp(tl.load(cs_ptr + ((pid_b * nheads + pid_h) * nchunks + c) * chunk_size + chunk_size - 1))
-    if HAS_SEQ:
-        seq_end = tl.load(seq_ptr + pid_b * s_seq_b + tl.minimum((c + 1) * chunk_size - 1, seqlen - 1) * s_seq_l)
-        seq_in = tl.load(seq_ptr + pid_b * s_seq_b + tl.maximum(c * chunk_size - 1, 0) * s_seq_l)
-        scale = tl.where(seq_end == seq_in, scale, 0.0)
-    return scale
-
-
-@triton.jit
-def _outer_chunk(a_ptr, b_ptr, dtp_ptr, cs_ptr, seq_ptr, pid_b, pid_c, pid_h, pid_g, offs_p, offs_n,
-                 seqlen, nheads, nchunks, chunk_size, hdim, dstate,
-                 s_a_b, s_a_l, s_a_h, s_a_p, s_b_b, s_b_l, s_b_g, s_b_n, s_seq_b, s_seq_l,
-                 MODE: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
-    """(BLOCK_P, BLOCK_N) float32 tile of sum_k a[k, p] wt_k b[k, n] over chunk pid_c's positions k.
-
-    MODE 0 (chunk states): a = x, b = B, wt = exp(cs_last - cs_k) dtp_k [seq_k == seq_end].
-    MODE 1 (backward dprev): a = dy, b = C, wt = exp(cs_k) [seq_k == seq of the state entering].
-    """
-    t0 = tl.cast(pid_c, tl.int64) * chunk_size  # 64-bit: the fused kernels pass a 32-bit loop index
-    cs_base = ((pid_b * nheads + pid_h) * nchunks + pid_c) * chunk_size
-    cs_last = tl.load(cs_ptr + cs_base + chunk_size - 1)
-    if HAS_SEQ:
-        seq_base = seq_ptr + pid_b * s_seq_b
-        if MODE == 0:
-            seq_ref = tl.load(seq_base + tl.minimum(t0 + chunk_size - 1, seqlen - 1) * s_seq_l)
-        else:
-            seq_ref = tl.load(seq_base + tl.maximum(t0 - 1, 0) * s_seq_l)
-    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, chunk_size, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        t = t0 + offs_k
-        kmask = t < seqlen
-        aT = tl.load(
-            a_ptr + pid_b * s_a_b + pid_h * s_a_h + t[None, :] * s_a_l + offs_p[:, None] * s_a_p,
-            mask=kmask[None, :] & (offs_p < hdim)[:, None], other=0.0,
-        )
-        bb = tl.load(
-            b_ptr + pid_b * s_b_b + pid_g * s_b_g + t[:, None] * s_b_l + offs_n[None, :] * s_b_n,
-            mask=kmask[:, None] & (offs_n < dstate)[None, :], other=0.0,
-        )
-        cs_k = tl.load(cs_ptr + cs_base + offs_k)
-        if MODE == 0:
-            wt = tl.exp(cs_last - cs_k) * tl.load(dtp_ptr + cs_base + offs_k)
-        else:
-            wt = tl.exp(cs_k)
-        if HAS_SEQ:
-            seq_k = tl.load(seq_base + tl.minimum(t, seqlen - 1) * s_seq_l)
-            wt = tl.where(seq_k == seq_ref, wt, 0.0)
-        aw = aT * wt[None, :]
-        if SPLIT:  # the weighted float32 operand as a hi + lo pair of the input dtype (see triton_bwd)
-            aw_hi = aw.to(bb.dtype)
-            acc += tl.dot(aw_hi, bb) + tl.dot((aw - aw_hi.to(tl.float32)).to(bb.dtype), bb)
-        else:
-            acc += tl.dot(aw.to(bb.dtype), bb, input_precision=DOT_PREC)
-    return acc
-
-
-@triton.jit
-def _chunk_outer_kernel(
-    a_ptr, b_ptr, dtp_ptr, cs_ptr, seq_ptr, out_ptr,
-    seqlen, nheads, nchunks, chunk_size, hdim, dstate, heads_per_group,
-    s_a_b, s_a_l, s_a_h, s_a_p, s_b_b, s_b_l, s_b_g, s_b_n, s_seq_b, s_seq_l,
-    MODE: tl.constexpr, HAS_SEQ: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
-    SPLIT: tl.constexpr,
-):
-    """out[b, c, h] (hdim x dstate) = _outer_chunk of chunk c; grid (p x n tiles, batch x chunks, heads)."""
-    pid_pn = tl.program_id(0)
-    pid_bc = tl.program_id(1).to(tl.int64)
-    pid_h = tl.program_id(2).to(tl.int64)
-    num_n = tl.cdiv(dstate, BLOCK_N)
-    pid_p = pid_pn // num_n
-    pid_n = pid_pn % num_n
-    pid_b = pid_bc // nchunks
-    pid_c = pid_bc % nchunks
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = _outer_chunk(a_ptr, b_ptr, dtp_ptr, cs_ptr, seq_ptr, pid_b, pid_c, pid_h, pid_h // heads_per_group,
-                       offs_p, offs_n, seqlen, nheads, nchunks, chunk_size, hdim, dstate,
-                       s_a_b, s_a_l, s_a_h, s_a_p, s_b_b, s_b_l, s_b_g, s_b_n, s_seq_b, s_seq_l,
-                       MODE, HAS_SEQ, BLOCK_P, BLOCK_N, BLOCK_K, DOT_PREC, SPLIT)
-    out = (((pid_b * nchunks + pid_c) * nheads + pid_h) * hdim + offs_p[:, None]) * dstate + offs_n[None, :]
-    tl.store(out_ptr + out, acc, mask=(offs_p < hdim)[:, None] & (offs_n < dstate)[None, :])
-
-
-@triton.jit
-def _states_pass_kernel(
-    x_ptr, b_ptr, dtp_ptr, cs_ptr, seq_ptr, init_ptr, prev_ptr, prev_lp_ptr, final_ptr,
-    seqlen, nheads, nchunks, chunk_size, hdim, dstate, heads_per_group,
-    s_a_b, s_a_l, s_a_h, s_a_p, s_b_b, s_b_l, s_b_g, s_b_n, s_seq_b, s_seq_l,
-    HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, STORE_LP: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
-    SPLIT: tl.constexpr,
-):
-    """Chunk states and state passing in one pass (steps 3 and 4 fused): grid (p x n tiles, batch,
-    heads); each program walks its batch row's chunks in order, keeping its (BLOCK_P, BLOCK_N) tile of
-    the running state S in registers: prev_c = S (stored float32, and in the input dtype with
-    STORE_LP), S = scale_c S + states_c. The chunk states never go to memory; with the same tiles
-    the arithmetic is that of _chunk_outer_kernel followed by _state_pass_fwd_kernel (the same bits)."""
-    pid_pn = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    pid_h = tl.program_id(2).to(tl.int64)
-    num_n = tl.cdiv(dstate, BLOCK_N)
-    offs_p = (pid_pn // num_n) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = (pid_pn % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_p < hdim)[:, None] & (offs_n < dstate)[None, :]
-    tile = offs_p[:, None] * dstate + offs_n[None, :]
-    bh = (pid_b * nheads + pid_h) * hdim * dstate
-    if HAS_INIT:
-        s = tl.load(init_ptr + bh + tile, mask=mask, other=0.0).to(tl.float32)
-    else:
-        s = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    for c in range(nchunks):
-        cc = c
-        off = ((pid_b * nchunks + cc) * nheads + pid_h) * hdim * dstate + tile
-        tl.store(prev_ptr + off, s, mask=mask)
-        if STORE_LP:
-            tl.store(prev_lp_ptr + off, s.to(prev_lp_ptr.dtype.element_ty), mask=mask)
-        st = _outer_chunk(x_ptr, b_ptr, dtp_ptr, cs_ptr, seq_ptr, pid_b, cc, pid_h, pid_h // heads_per_group,
-                          offs_p, offs_n, seqlen, nheads, nchunks, chunk_size, hdim, dstate,
-                          s_a_b, s_a_l, s_a_h, s_a_p, s_b_b, s_b_l, s_b_g, s_b_n, s_seq_b, s_seq_l,
-                          0, HAS_SEQ, BLOCK_P, BLOCK_N, BLOCK_K, DOT_PREC, SPLIT)
-        scale = _chunk_scale(cs_ptr, seq_ptr, pid_b, pid_h, cc, nheads, nchunks, chunk_size, seqlen, s_seq_b, s_seq_l,
-                             HAS_SEQ)
-        s = scale * s + st
-    tl.store(final_ptr + bh + tile, s, mask=mask)
-
-
-@triton.jit
-def _state_pass_fwd_kernel(
-    states_ptr, cs_ptr, seq_ptr, init_ptr, prev_ptr, prev_lp_ptr, final_ptr,
-    seqlen, nheads, nchunks, chunk_size, dim, s_seq_b, s_seq_l,
-    HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, STORE_LP: tl.constexpr, BLOCK: tl.constexpr,
-):
-    pid_blk = tl.program_id(0).to(tl.int64)
-    pid_b = tl.program_id(1).to(tl.int64)
-    pid_h = tl.program_id(2).to(tl.int64)
-    offs = pid_blk * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < dim
-    bh = (pid_b * nheads + pid_h) * dim
-    if HAS_INIT:
-        s = tl.load(init_ptr + bh + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        s = tl.zeros((BLOCK,), dtype=tl.float32)
-    for c in range(nchunks):
-        cc = c
-        off = ((pid_b * nchunks + cc) * nheads + pid_h) * dim + offs
-        tl.store(prev_ptr + off, s, mask=mask)
-        if STORE_LP:
-            tl.store(prev_lp_ptr + off, s.to(prev_lp_ptr.dtype.element_ty), mask=mask)
-        st = tl.load(states_ptr + off, mask=mask, other=0.0)
-        scale = _chunk_scale(cs_ptr, seq_ptr, pid_b, pid_h, cc, nheads, nchunks, chunk_size, seqlen, s_seq_b, s_seq_l,
-                             HAS_SEQ)
-        s = scale * s + st
-    tl.store(final_ptr + bh + offs, s, mask=mask)
 
 
 @triton.jit
@@ -444,43 +276,6 @@ def config_index(space, **want) -> int:
     raise KeyError(f"no config with {want} (warps {warps}, stages {stages})")
 
 
-_chunk_outer_tuned = autotune_per_chunk(_chunk_outer_kernel, _cfgs([
-    (dict(BLOCK_P=64, BLOCK_N=64, BLOCK_K=64), 4, 2), (dict(BLOCK_P=64, BLOCK_N=128, BLOCK_K=64), 4, 3),
-    (dict(BLOCK_P=64, BLOCK_N=128, BLOCK_K=32), 4, 3), (dict(BLOCK_P=64, BLOCK_N=128, BLOCK_K=64), 8, 2),
-    (dict(BLOCK_P=64, BLOCK_N=64, BLOCK_K=32), 4, 3),
-]), key=["chunk_size", "hdim", "dstate", "MODE", "HAS_SEQ", "SPLIT"], chunk_params=("BLOCK_K",))
-
-
-# states + state passing fused: configs that keep the running state and the chunk's tile product
-# in registers without spilling at the presets' shapes (bench/kernels_static.py, Triton 3.6)
-_states_pass_tuned = autotune_per_chunk(_states_pass_kernel, _cfgs([
-    (dict(BLOCK_P=64, BLOCK_N=64, BLOCK_K=32), 8, 3), (dict(BLOCK_P=64, BLOCK_N=32, BLOCK_K=64), 8, 3),
-    (dict(BLOCK_P=32, BLOCK_N=64, BLOCK_K=64), 8, 2), (dict(BLOCK_P=64, BLOCK_N=32, BLOCK_K=32), 4, 3),
-    (dict(BLOCK_P=32, BLOCK_N=64, BLOCK_K=32), 4, 3), (dict(BLOCK_P=64, BLOCK_N=64, BLOCK_K=64), 8, 2),
-]), key=["chunk_size", "hdim", "dstate", "nheads", "HAS_SEQ", "SPLIT"], chunk_params=("BLOCK_K",),
-    state_params=("BLOCK_N",))
-_sm_count: dict[int, int] = {}
-
-
-def fuse_states(batch, nheads, hdim, dstate, device) -> bool:
-    """The fused state kernels' default (kernels.deterministic, KERNELS_AUTOTUNE=0, the interpreter):
-    on CUDA when their programs (one per batch row, head and 64 x 64 state tile, each walking the
-    chunks in order) fill every SM at least once; below that the separate kernels' chunk-parallel
-    grid keeps more SMs busy. Always in the interpreter, so that the CPU tests run the fused kernels.
-    Otherwise choose_structure times both ways once per shape (states_and_pass, dprev_and_pass_bwd)."""
-    if INTERPRET or device.type != "cuda":
-        return True
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sm_count:
-        _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return batch * nheads * triton.cdiv(hdim, 64) * triton.cdiv(dstate, 64) >= _sm_count[index]
-
-
-def structure_key(x, B, seq_idx, chunk_size, extra=()):
-    """The shape key under which choose_structure remembers the faster way for these inputs."""
-    return (*x.shape, *B.shape[2:], chunk_size, x.dtype, seq_idx is not None, *extra)
-
-
 def _blocks(chunk_size, hdim, dstate):
     """Fixed tile table. Interpreter: one tile per chunk (few program instances)."""
     if INTERPRET:
@@ -521,99 +316,6 @@ def compute_cb(C, B, chunk_size, dot_prec):
         BLOCK_M=BM, BLOCK_N=BM, BLOCK_K=BK, DOT_PREC=dot_prec, num_warps=bs["warps"],
     )
     return cb
-
-
-def chunk_outer(a, b, dtp, cs, seq_idx, chunk_size, mode, dot_prec):
-    """MODE 0: chunk states from (x, B); MODE 1: dprev from (dy, C). -> (batch, nchunks, nheads, hdim, dstate)."""
-    batch, seqlen, nheads, hdim = a.shape
-    ngroups, dstate = b.shape[2], b.shape[3]
-    nchunks = triton.cdiv(seqlen, chunk_size)
-    out = torch.empty(batch, nchunks, nheads, hdim, dstate, device=a.device, dtype=torch.float32)
-    bs = _blocks(chunk_size, hdim, dstate)
-    seq = seq_idx if seq_idx is not None else dtp
-    args = (a, b, dtp, cs, seq, out, seqlen, nheads, nchunks, chunk_size, hdim, dstate, nheads // ngroups,
-            *a.stride(), *b.stride(), *(seq_idx.stride() if seq_idx is not None else (0, 0)))
-    kw = dict(MODE=mode, HAS_SEQ=seq_idx is not None, DOT_PREC=dot_prec, SPLIT=b.dtype != torch.float32)
-    if INTERPRET:
-        BP, BN = bs["P"], bs["N"]
-        grid = (triton.cdiv(hdim, BP) * triton.cdiv(dstate, BN), batch * nchunks, nheads)
-        _chunk_outer_kernel[grid](*args, **kw, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=bs["K"], num_warps=4)
-    else:
-        def grid(meta):
-            return (triton.cdiv(hdim, meta["BLOCK_P"]) * triton.cdiv(dstate, meta["BLOCK_N"]), batch * nchunks, nheads)
-
-        _chunk_outer_tuned(chunk_size)[grid](*args, **kw)
-    return out
-
-
-def states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, dot_prec, store_lp=True, fused=None):
-    """Steps 3 and 4: -> prev (the state entering each chunk, (batch, nchunks, nheads, headdim,
-    dstate) float32), prev_lp (the same in x's dtype, for the chunk scan; None without store_lp, and
-    prev itself for float32 x), final state (batch, nheads, headdim, dstate) float32.
-    fused None: the faster of the two, timed once per shape (choose_structure; fuse_states's rule
-    where nothing is timed); True: one kernel, the chunk states never stored; False: chunk_outer
-    then state_pass. With or without store_lp the autotuner sees the same key, and the choice is
-    remembered per shape: the backward's rerun gets the forward's kernels and configs, hence its bits."""
-    batch, seqlen, nheads, hdim = x.shape
-    ngroups, dstate = B.shape[2], B.shape[3]
-    if fused is None:
-        run = {f"{v}": (lambda v=v: states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, dot_prec,
-                                                     store_lp, fused=v)) for v in (True, False)}
-        default = str(fuse_states(batch, nheads, hdim, dstate, x.device))
-        fused = choose_structure("states_and_pass", structure_key(x, B, seq_idx, chunk_size,
-                                                                  (initial_states is not None,)),
-                                 run, default, x.device) == "True"
-    lp = store_lp and x.dtype != torch.float32
-    if not fused:
-        states = chunk_outer(x, B, dtp, cs, seq_idx, chunk_size, 0, dot_prec)
-        prev, prev_lp, final = state_pass(states, cs, seq_idx, initial_states, seqlen, chunk_size,
-                                          x.dtype if lp else torch.float32)
-        return prev, (prev_lp if store_lp else None), final
-    nchunks = triton.cdiv(seqlen, chunk_size)
-    prev = torch.empty(batch, nchunks, nheads, hdim, dstate, device=x.device, dtype=torch.float32)
-    if lp:
-        prev_lp = torch.empty(prev.shape, device=x.device, dtype=x.dtype)
-    else:  # not written: prev itself (float32 x) or a placeholder of x's dtype (the same autotuner key)
-        prev_lp = prev if x.dtype == torch.float32 else torch.empty(1, device=x.device, dtype=x.dtype)
-    final = torch.empty(batch, nheads, hdim, dstate, device=x.device, dtype=torch.float32)
-    init = initial_states.contiguous() if initial_states is not None else final
-    seq = seq_idx if seq_idx is not None else cs
-    args = (x, B, dtp, cs, seq, init, prev, prev_lp, final, seqlen, nheads, nchunks, chunk_size, hdim, dstate,
-            nheads // ngroups, *x.stride(), *B.stride(), *(seq_idx.stride() if seq_idx is not None else (0, 0)))
-    kw = dict(HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, STORE_LP=lp,
-              DOT_PREC=dot_prec, SPLIT=B.dtype != torch.float32)
-    if INTERPRET:
-        bs = _blocks(chunk_size, hdim, dstate)
-        grid = (triton.cdiv(hdim, bs["P"]) * triton.cdiv(dstate, bs["N"]), batch, nheads)
-        _states_pass_kernel[grid](*args, **kw, BLOCK_P=bs["P"], BLOCK_N=bs["N"], BLOCK_K=bs["K"], num_warps=4)
-    else:
-        def grid(meta):
-            return (triton.cdiv(hdim, meta["BLOCK_P"]) * triton.cdiv(dstate, meta["BLOCK_N"]), batch, nheads)
-
-        _states_pass_tuned(chunk_size, next_pow2(dstate))[grid](*args, **kw)
-    return prev, (prev_lp if store_lp else None), final
-
-
-def state_pass(states, cs, seq_idx, initial_states, seqlen, chunk_size, lp_dtype=torch.float32):
-    """-> prev (state entering each chunk, float32), prev_lp (the same in lp_dtype: the chunk scan
-    rounds it to the input dtype for its dots anyway, so it reads half the bytes), final state."""
-    batch, nchunks, nheads, hdim, dstate = states.shape
-    dim = hdim * dstate
-    prev = torch.empty_like(states)
-    store_lp = lp_dtype != torch.float32
-    prev_lp = torch.empty(states.shape, device=states.device, dtype=lp_dtype) if store_lp else prev
-    final = torch.empty(batch, nheads, hdim, dstate, device=states.device, dtype=torch.float32)
-    BLOCK = triton.next_power_of_2(dim) if INTERPRET else min(1024, triton.next_power_of_2(dim))
-    init = initial_states.contiguous() if initial_states is not None else states
-    seq = seq_idx if seq_idx is not None else cs
-    grid = (triton.cdiv(dim, BLOCK), batch, nheads)
-    _state_pass_fwd_kernel[grid](
-        states, cs, seq, init, prev, prev_lp, final, seqlen, nheads, nchunks, chunk_size, dim,
-        *(seq_idx.stride() if seq_idx is not None else (0, 0)),
-        HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, STORE_LP=store_lp, BLOCK=BLOCK,
-        num_warps=4,
-    )
-    return prev, prev_lp, final
 
 
 def chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq_idx, chunk_size, store_ypre, dot_prec, config=None):

@@ -1,7 +1,8 @@
 """Triton SSD scan wired into autograd (a tensor-only torch.autograd.Function).
 
 Owns `ssd_scan` for the Triton path: argument checks that only the Triton path needs (chunk
-size a power of two >= 16), the forward (triton_fwd) and backward (triton_bwd) orchestration,
+size a power of two >= 16), the forward (triton_fwd, triton_states) and backward (triton_bwd,
+triton_bwd_scan) orchestration,
 what the backward keeps (x, B, C, or with `conv_source` the conv's input, rerun in the backward;
 the CB matrices and chunk states, or with `recompute_states` neither: the backward reruns the
 forward kernels that made them, the same bits), and the SiLU gate backward (PyTorch elementwise;
@@ -18,6 +19,7 @@ from kernels._triton_utils import dot_precision
 from kernels.ssd import triton_bwd as bwd
 from kernels.ssd import triton_bwd_scan as bwd_scan
 from kernels.ssd import triton_fwd as fwd
+from kernels.ssd import triton_states as states
 from kernels.ssd.reference import _check_shapes
 
 
@@ -39,7 +41,7 @@ class _SSDScan(torch.autograd.Function):
         prec = dot_precision(x.dtype)
         dtp, cs = fwd.dt_cumsum(dt, dt_bias, A, chunk_size, dt_softplus, dt_limit)
         cb = fwd.compute_cb(C, B, chunk_size, prec)
-        prev, prev_lp, final = fwd.states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, prec)
+        prev, prev_lp, final = states.states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, prec)
         out, ypre = fwd.chunk_scan(cb, x, z, D, C, prev_lp, dtp, cs, seq_idx, chunk_size, z is not None, prec)
         ypre = ypre if z is not None else None  # only the gate's backward needs it
         # prev_lp is not kept: the dB/dC kernel rounds the float32 prev to the input dtype as it loads
@@ -73,7 +75,7 @@ class _SSDScan(torch.autograd.Function):
         prec = dot_precision(x.dtype)
         if ctx.recompute_states:  # the forward's kernels on the same inputs: the same bits
             cb = fwd.compute_cb(C, B, Q, prec)
-            prev = fwd.states_and_pass(x, B, dtp, cs, seq_idx, init, Q, prec, store_lp=False)[0]
+            prev = states.states_and_pass(x, B, dtp, cs, seq_idx, init, Q, prec, store_lp=False)[0]
         if dout is None:
             dout = torch.zeros_like(x)
         dz = None

@@ -174,6 +174,7 @@ def run_ssd_head_pipe(name, batch=2, seqlen=45, h=4, p=24, g=2, n=8, q=16):
     partial), on the same inputs with documents cut inside chunks: relative differences."""
     from kernels.ssd import triton_bwd as bwd
     from kernels.ssd import triton_fwd as fwd
+    from kernels.ssd import triton_states as states
 
     prec = "ieee"
     x, dy = torch.randn(batch, seqlen, h, p), torch.randn(batch, seqlen, h, p)
@@ -187,7 +188,7 @@ def run_ssd_head_pipe(name, batch=2, seqlen=45, h=4, p=24, g=2, n=8, q=16):
     lim = (0.0, math.inf)
     dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, lim)
     cb = fwd.compute_cb(C, B, q, prec)
-    prev = fwd.state_pass(fwd.chunk_outer(x, B, dtp, cs, seq, q, 0, prec), cs, seq, None, seqlen, q)[0]
+    prev = states.state_pass(states.chunk_outer(x, B, dtp, cs, seq, q, 0, prec), cs, seq, None, seqlen, q)[0]
     dS = torch.randn_like(prev)
     res = {}
     outs = {}
@@ -211,6 +212,7 @@ def run_ssd_scan_variants(name, batch=2, seqlen=70, h=4, p=24, g=2, n=8, q=32):
     (dx: row tiles below the diagonal block; dCB: the tile below the diagonal, both loop structures)."""
     from kernels.ssd import triton_bwd as bwd
     from kernels.ssd import triton_fwd as fwd
+    from kernels.ssd import triton_states as states
 
     prec = "ieee"
     res = {}
@@ -225,7 +227,7 @@ def run_ssd_scan_variants(name, batch=2, seqlen=70, h=4, p=24, g=2, n=8, q=32):
         seq[1, 20:] += 1
         dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, (0.0, math.inf))
         cb = fwd.compute_cb(C, B, q, prec)
-        prev = fwd.state_pass(fwd.chunk_outer(x, B, dtp, cs, seq, q, 0, prec), cs, seq, None, seqlen, q)[0]
+        prev = states.state_pass(states.chunk_outer(x, B, dtp, cs, seq, q, 0, prec), cs, seq, None, seqlen, q)[0]
         space = fwd._CHUNK_SCAN_SPACE
         outs = {(hi, sp): fwd.chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq, q, True, prec,
                                          config=fwd.config_index(space, HEADS_INNER=hi, SPLIT_DECAY=sp))
@@ -267,6 +269,7 @@ def run_ssd_states_fused(name, batch=2, seqlen=70, h=4, p=24, g=2, n=40, q=16):
     backward's dprev + reverse state passing fused against its two kernels."""
     from kernels.ssd import triton_bwd_scan as bwd_scan
     from kernels.ssd import triton_fwd as fwd
+    from kernels.ssd import triton_states as states
 
     prec = "ieee"
     x = torch.randn(batch, seqlen, h, p)
@@ -280,9 +283,9 @@ def run_ssd_states_fused(name, batch=2, seqlen=70, h=4, p=24, g=2, n=40, q=16):
     dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, (0.0, math.inf))
     res = {}
     for tag, sq, ini in (("", seq, init), ("noseq_", None, None)):
-        a = fwd.states_and_pass(x, B, dtp, cs, sq, ini, q, prec, fused=False)
-        b = fwd.states_and_pass(x, B, dtp, cs, sq, ini, q, prec, fused=True)
-        c = fwd.states_and_pass(x, B, dtp, cs, sq, ini, q, prec, store_lp=False, fused=True)
+        a = states.states_and_pass(x, B, dtp, cs, sq, ini, q, prec, fused=False)
+        b = states.states_and_pass(x, B, dtp, cs, sq, ini, q, prec, fused=True)
+        c = states.states_and_pass(x, B, dtp, cs, sq, ini, q, prec, store_lp=False, fused=True)
         res[f"{tag}bits_prev"] = float(not torch.equal(a[0], b[0]))
         res[f"{tag}bits_final"] = float(not torch.equal(a[2], b[2]))
         res[f"{tag}bits_prev_nolp"] = float(not torch.equal(a[0], c[0]))

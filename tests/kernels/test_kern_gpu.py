@@ -345,6 +345,7 @@ def test_ssd_dcb_dbc_loop_structures_same_bits_bf16(shape):
     headdim blocks, at headdim 64 (one block): the same bits, outputs poisoned first."""
     from kernels.ssd import triton_bwd as bwd
     from kernels.ssd import triton_fwd as fwd
+    from kernels.ssd import triton_states as states
 
     batch, seqlen, h, p, g, n = shape
     q, prec, dt_ = 256, "tf32", torch.bfloat16
@@ -355,7 +356,7 @@ def test_ssd_dcb_dbc_loop_structures_same_bits_bf16(shape):
     seq = seq_idx_random(batch, seqlen)
     dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, (0.0, math.inf))
     cb = fwd.compute_cb(C, B, q, prec)
-    prev = fwd.state_pass(fwd.chunk_outer(x, B, dtp, cs, seq, q, 0, prec), cs, seq, None, seqlen, q)[0]
+    prev = states.state_pass(states.chunk_outer(x, B, dtp, cs, seq, q, 0, prec), cs, seq, None, seqlen, q)[0]
     dS = torch.randn_like(prev)
     outs = []
     for pipe in (False, True):
@@ -379,6 +380,7 @@ def test_ssd_chunk_scan_schedules_bf16(shape):
     which moves some bf16-rounded dot inputs by an ulp, 2^-8 relative). Then the dx and dCB kernels'
     two decay forms on the same inputs."""
     from kernels.ssd import triton_fwd as fwd
+    from kernels.ssd import triton_states as states
 
     batch, seqlen, h, p, g, n = shape
     q, prec, dt_ = 256, "tf32", torch.bfloat16
@@ -389,7 +391,7 @@ def test_ssd_chunk_scan_schedules_bf16(shape):
     seq = seq_idx_random(batch, seqlen)
     dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, (0.0, math.inf))
     cb = fwd.compute_cb(C, B, q, prec)
-    prev = fwd.state_pass(fwd.chunk_outer(x, B, dtp, cs, seq, q, 0, prec), cs, seq, None, seqlen, q, dt_)[1]
+    prev = states.state_pass(states.chunk_outer(x, B, dtp, cs, seq, q, 0, prec), cs, seq, None, seqlen, q, dt_)[1]
     outs = {}
     tile = dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, BLOCK_N=64, num_warps=8, num_stages=3)
     for hi in (False, True):
@@ -439,6 +441,7 @@ def test_ssd_states_pass_fused_bf16(shape):
     summation order over a chunk's positions): float32 results within 1e-5; prev_lp is prev rounded.
     Then the backward's fused dprev + reverse state passing against its two kernels likewise."""
     from kernels.ssd import triton_fwd as fwd
+    from kernels.ssd import triton_states as states
 
     batch, seqlen, h, p, g, n = shape
     q, prec, dt_ = 256, "tf32", torch.bfloat16
@@ -452,7 +455,7 @@ def test_ssd_states_pass_fused_bf16(shape):
     outs = []
     for fused in (False, True):
         poison()
-        outs.append(fwd.states_and_pass(x, B, dtp, cs, seq, init, q, prec, fused=fused))
+        outs.append(states.states_and_pass(x, B, dtp, cs, seq, init, q, prec, fused=fused))
     (pa, la, fa), (pb, lb, fb) = outs
     assert torch.isfinite(pb).all() and torch.isfinite(fb).all()
     assert rel(pb, pa) < 1e-5 and rel(fb, fa) < 1e-5

@@ -96,12 +96,13 @@ def test_shipped_table_entries_name_known_kernels_and_configs():
     rms = importlib.import_module("kernels.rmsnorm_gated.triton_op")
     bwd = importlib.import_module("kernels.ssd.triton_bwd")
     fwd = importlib.import_module("kernels.ssd.triton_fwd")
+    states = importlib.import_module("kernels.ssd.triton_states")
     bwd_scan = importlib.import_module("kernels.ssd.triton_bwd_scan")
 
     for block_g in (1024, 2048, 4096):
         rms._bwd_launcher(block_g)
     for chunk in (64, 128, 256):
-        for per_chunk in (fwd._chunk_scan_tuned, fwd._chunk_outer_tuned, fwd._states_pass_tuned, bwd._chunk_dx_tuned,
+        for per_chunk in (fwd._chunk_scan_tuned, states._chunk_outer_tuned, states._states_pass_tuned, bwd._chunk_dx_tuned,
                           bwd._chunk_dcb_tuned, bwd._chunk_dbc_tuned, bwd_scan._dprev_pass_tuned):
             per_chunk(chunk)
     names = {launcher.name for launcher in tu._launchers}
