@@ -14,7 +14,7 @@ from kernels._triton_utils import INTERPRET, autotune_per_chunk, choose_structur
 from kernels.ssd import triton_states as states
 from kernels.ssd.triton_bwd import seq_args
 from kernels.ssd.triton_fwd import _softplus
-from kernels.ssd.triton_states import _chunk_scale, _outer_chunk
+from kernels.ssd.triton_states import _chunk_scale, _outer_chunk, _state_tile
 
 
 @triton.jit
@@ -66,12 +66,8 @@ def _dprev_pass_bwd_kernel(
     pid_pn = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_h = tl.program_id(2).to(tl.int64)
-    num_n = tl.cdiv(dstate, BLOCK_N)
-    ntiles = tl.cdiv(hdim, BLOCK_P) * num_n
-    offs_p = (pid_pn // num_n) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = (pid_pn % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_p < hdim)[:, None] & (offs_n < dstate)[None, :]
-    tile = offs_p[:, None] * dstate + offs_n[None, :]
+    ntiles = tl.cdiv(hdim, BLOCK_P) * tl.cdiv(dstate, BLOCK_N)
+    offs_p, offs_n, mask, tile = _state_tile(pid_pn, hdim, dstate, BLOCK_P, BLOCK_N)
     bh = (pid_b * nheads + pid_h) * hdim * dstate
     if HAS_DFINAL:
         g = tl.load(dfinal_ptr + bh + tile, mask=mask, other=0.0).to(tl.float32)

@@ -36,6 +36,16 @@ def _chunk_scale(cs_ptr, seq_ptr, pid_b, pid_h, c, nheads, nchunks, chunk_size, 
 
 
 @triton.jit
+def _state_tile(pid_pn, hdim, dstate, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program pid_pn's (BLOCK_P, BLOCK_N) tile of a (headdim, dstate) state: its headdim and dstate
+    offsets, the in-bounds mask and the flat offsets within one state."""
+    num_n = tl.cdiv(dstate, BLOCK_N)
+    offs_p = (pid_pn // num_n) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = (pid_pn % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_p, offs_n, (offs_p < hdim)[:, None] & (offs_n < dstate)[None, :], offs_p[:, None] * dstate + offs_n[None, :]
+
+
+@triton.jit
 def _outer_chunk(a_ptr, b_ptr, dtp_ptr, cs_ptr, seq_ptr, pid_b, pid_c, pid_h, pid_g, offs_p, offs_n,
                  seqlen, nheads, nchunks, chunk_size, hdim, dstate,
                  s_a_b, s_a_l, s_a_h, s_a_p, s_b_b, s_b_l, s_b_g, s_b_n, s_seq_b, s_seq_l,
@@ -130,11 +140,7 @@ def _states_pass_kernel(
     pid_pn = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_h = tl.program_id(2).to(tl.int64)
-    num_n = tl.cdiv(dstate, BLOCK_N)
-    offs_p = (pid_pn // num_n) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = (pid_pn % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_p < hdim)[:, None] & (offs_n < dstate)[None, :]
-    tile = offs_p[:, None] * dstate + offs_n[None, :]
+    offs_p, offs_n, mask, tile = _state_tile(pid_pn, hdim, dstate, BLOCK_P, BLOCK_N)
     bh = (pid_b * nheads + pid_h) * hdim * dstate
     if HAS_INIT:
         s = tl.load(init_ptr + bh + tile, mask=mask, other=0.0).to(tl.float32)
