@@ -389,7 +389,7 @@ def main():
                          + f"; sum of the tuned path's launches {total:.3f} ms")
         from kernels._triton_utils import _structures
 
-        lines.append("structures chosen (timed): " + ", ".join(f"{name} {key[:4]}: {'fused' if v == 'True' else 'two kernels'}"
+        lines.append("structures chosen (timed): " + ", ".join(f"{name} {key[:4]}: {'fused' if v else 'two kernels'}"
                                                           for (name, key), v in _structures.items()))
         for name, (b, L, h, p, g, n) in CHUNK_SWEEP:
             for kname, ms, nbytes in schedules(b, L, h * p, h * p + 2 * g * n):

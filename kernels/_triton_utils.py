@@ -152,20 +152,22 @@ def autotune(configs, key, interpret_config=None, **kw):
 _structures: dict[tuple, str] = {}  # (name, key) -> the option choose_structure timed fastest
 
 
-def choose_structure(name: str, key: tuple, options: dict, default: str, device: torch.device) -> str:
-    """Which of several ways to compute the same thing (`options`: label -> zero-argument callable
-    that runs it) this process uses for `key`: on CUDA, the fastest of them, timed once per key with
-    CUDA events (triton.testing.do_bench: a few ms at the first call, like the autotuner's
-    benchmark); `default` under the interpreter, off CUDA, with KERNELS_AUTOTUNE=0 or
-    kernels.deterministic (fixed bits, nothing timed)."""
+def choose_structure(name: str, key: tuple, labels: tuple, run, default, device: torch.device):
+    """Which of several ways to compute the same thing (`labels`; `run(label)` computes it that way)
+    this process uses for `key`: on CUDA, the fastest of them, timed once per key with CUDA events
+    (triton.testing.do_bench: a few ms at the first call, like the autotuner's benchmark);
+    `default()` under the interpreter, off CUDA, with KERNELS_AUTOTUNE=0 or kernels.deterministic
+    (fixed bits, nothing timed). Called on every launch, so the hot path is one dict lookup: `run`
+    is only called on the first call per key, `default` only where nothing is timed."""
     if INTERPRET or not AUTOTUNE or get_deterministic() or device.type != "cuda":
-        return default
-    if (name, key) not in _structures:
+        return default()
+    chosen = _structures.get((name, key))
+    if chosen is None:
         from triton.testing import do_bench
 
-        times = {label: do_bench(fn, warmup=5, rep=20) for label, fn in options.items()}
-        _structures[name, key] = min(times, key=times.get)
-    return _structures[name, key]
+        times = {label: do_bench(lambda label=label: run(label), warmup=5, rep=20) for label in labels}
+        chosen = _structures[name, key] = min(times, key=times.get)
+    return chosen
 
 
 def autotune_per_chunk(kernel, configs, key, chunk_params, state_params=()):

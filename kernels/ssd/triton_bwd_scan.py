@@ -168,11 +168,10 @@ def dprev_and_pass_bwd(dy, C, cs, seq_idx, prev, final, dfinal, chunk_size, dot_
     batch, seqlen, nheads, hdim = dy.shape
     ngroups, dstate = C.shape[2], C.shape[3]
     if fused is None:
-        run = {f"{v}": (lambda v=v: dprev_and_pass_bwd(dy, C, cs, seq_idx, prev, final, dfinal, chunk_size, dot_prec,
-                                                        fused=v)) for v in (True, False)}
-        default = str(states.fuse_states(batch, nheads, hdim, dstate, dy.device))
-        fused = choose_structure("dprev_and_pass_bwd", states.structure_key(dy, C, seq_idx, chunk_size, (dfinal is not None,)),
-                                 run, default, dy.device) == "True"
+        fused = choose_structure(
+            "dprev_and_pass_bwd", states.structure_key(dy, C, seq_idx, chunk_size, (dfinal is not None,)), (True, False),
+            lambda v: dprev_and_pass_bwd(dy, C, cs, seq_idx, prev, final, dfinal, chunk_size, dot_prec, fused=v),
+            lambda: states.fuse_states(batch, nheads, hdim, dstate, dy.device), dy.device)
     if not fused:
         dprev = states.chunk_outer(dy, C, cs, cs, seq_idx, chunk_size, 1, dot_prec)
         return state_pass_bwd(dprev, prev, final, dfinal, cs, seq_idx, seqlen, chunk_size, dy.dtype)

@@ -266,12 +266,10 @@ def states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, dot_prec
     batch, seqlen, nheads, hdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     if fused is None:
-        run = {f"{v}": (lambda v=v: states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, dot_prec,
-                                                     store_lp, fused=v)) for v in (True, False)}
-        default = str(fuse_states(batch, nheads, hdim, dstate, x.device))
-        fused = choose_structure("states_and_pass", structure_key(x, B, seq_idx, chunk_size,
-                                                                  (initial_states is not None,)),
-                                 run, default, x.device) == "True"
+        fused = choose_structure(
+            "states_and_pass", structure_key(x, B, seq_idx, chunk_size, (initial_states is not None,)), (True, False),
+            lambda v: states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, dot_prec, store_lp, fused=v),
+            lambda: fuse_states(batch, nheads, hdim, dstate, x.device), x.device)
     lp = store_lp and x.dtype != torch.float32
     if not fused:
         states = chunk_outer(x, B, dtp, cs, seq_idx, chunk_size, 0, dot_prec)

@@ -27,24 +27,45 @@ def timer(monkeypatch):
     return calls
 
 
-OPTIONS = {"a": lambda: "a", "b": lambda: "b"}
+LABELS = ("a", "b")
+
+
+def run(label):
+    return label
+
+
+def default():
+    return "a"
 CUDA = torch.device("cuda", 0)
 
 
 def test_cuda_times_each_option_once_per_key_and_takes_the_fastest(timer):
-    assert tu.choose_structure("op", (1, 2), OPTIONS, "a", CUDA) == "b"
+    assert tu.choose_structure("op", (1, 2), LABELS, run, default, CUDA) == "b"
     assert timer == ["a", "b"]
-    assert tu.choose_structure("op", (1, 2), OPTIONS, "a", CUDA) == "b"  # remembered: not timed again
+    assert tu.choose_structure("op", (1, 2), LABELS, run, default, CUDA) == "b"  # remembered: not timed again
     assert timer == ["a", "b"]
-    assert tu.choose_structure("op", (3, 4), OPTIONS, "a", CUDA) == "b"  # another key is timed
+    assert tu.choose_structure("op", (3, 4), LABELS, run, default, CUDA) == "b"  # another key is timed
     assert timer == ["a", "b", "a", "b"]
 
 
 def test_default_off_cuda_and_under_deterministic(timer):
-    assert tu.choose_structure("op", (1,), OPTIONS, "a", torch.device("cpu")) == "a"
+    assert tu.choose_structure("op", (1,), LABELS, run, default, torch.device("cpu")) == "a"
     kernels.set_deterministic(True)
     try:
-        assert tu.choose_structure("op", (1,), OPTIONS, "a", CUDA) == "a"
+        assert tu.choose_structure("op", (1,), LABELS, run, default, CUDA) == "a"
     finally:
         kernels.set_deterministic(False)
     assert timer == []
+
+
+def test_hot_path_calls_neither_run_nor_default_once_timed(timer):
+    counted = []
+
+    def counting_default():
+        counted.append("default")
+        return "a"
+
+    tu.choose_structure("op", (5,), LABELS, run, counting_default, CUDA)
+    timer.clear()
+    assert tu.choose_structure("op", (5,), LABELS, run, counting_default, CUDA) == "b"
+    assert timer == [] and counted == []
