@@ -302,6 +302,11 @@ def first_call_seconds(dev="cuda", ssd_shape=TARGETS[0][:6], mixer=(4, 4096, 409
             f"{t1 - t0:.1f} s, conv1d + gated norm f+b {t2 - t1:.1f} s")
 
 
+def emit(line: str) -> None:
+    """A table row, printed at once: a run cut short by a time limit keeps the rows it measured."""
+    print(line, flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-ref", action="store_true", help="skip the PyTorch reference timings")
@@ -324,23 +329,22 @@ def main():
     print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton {triton.__version__}")
     print(f"measured ceilings: bf16 matmul 8192^3 {peak_tf:.0f} TFLOP/s, device copy {peak_gb:.0f} GB/s")
     print(first_call_seconds())
-    lines = []
     hdr = (f"{'shape (b, L, HxP, G, N)':34s} {'impl':10s} {'fwd ms':>8s} {'tgt':>6s} {'TF/s':>6s} {'GB/s':>6s} "
            f"{'f+b ms':>8s} {'tgt':>6s} {'TF/s':>6s} {'GB/s':>6s}")
-    lines.append(hdr)
+    emit(hdr)
     for (b, L, h, p, g, n, tgt_fb, tgt_f) in TARGETS:
         shape = f"{b}, {L}, {h}x{p}, {g}, {n}"
         fl = ssd_flops(b, L, h, p, g, n, 256)
         by_f, by_fb = ssd_bytes(b, L, h, p, g, n), ssd_bytes(b, L, h, p, g, n, bwd=True)
         rows = ssd_case(b, L, h, p, g, n, not args.no_ref)
         for name, (tf, tfb) in rows.items():
-            lines.append(
+            emit(
                 f"{shape:34s} {name:10s} {tf:8.3f} {tgt_f if name == 'triton' else '':>6} {fl / tf / 1e9:6.1f} "
                 f"{by_f / tf / 1e6:6.0f} {tfb:8.3f} {tgt_fb if name == 'triton' else '':>6} {3 * fl / tfb / 1e9:6.1f} "
                 f"{by_fb / tfb / 1e6:6.0f}")
         sf, sfb = sdpa_case(b, L)
         afl = 4 * b * 32 * L * L * 128 / 2
-        lines.append(f"{shape:34s} {'SDPA 32x128':10s} {sf:8.3f} {'':>6} {afl / sf / 1e9:6.1f} {'':>6} {sfb:8.3f} "
+        emit(f"{shape:34s} {'SDPA 32x128':10s} {sf:8.3f} {'':>6} {afl / sf / 1e9:6.1f} {'':>6} {sfb:8.3f} "
                      f"{'':>6} {3.5 * afl / sfb / 1e9:6.1f}")
         torch.cuda.empty_cache()
     # conv1d and gated rmsnorm at the first shape's mixer sizes
@@ -354,7 +358,7 @@ def main():
     for name, fn in (("triton", kernels.causal_conv1d), ("torch ref", conv_ref)):
         tf = bench(lambda: fn(xc, wc, bc, activation="silu"))
         tfb = bench(lambda: fn(xc, wc, bc, activation="silu").backward(gc), grad_to_none=[xc, wc, bc])
-        lines.append(f"{f'conv1d ({b}, {L}, {dim}) w4 silu':34s} {name:10s} {tf:8.3f} {'':>6} {'':>6} "
+        emit(f"{f'conv1d ({b}, {L}, {dim}) w4 silu':34s} {name:10s} {tf:8.3f} {'':>6} {'':>6} "
                      f"{by / tf / 1e6:6.0f} {tfb:8.3f} {'':>6} {'':>6} {2.5 * by / tfb / 1e6:6.0f}")
     yr = torch.randn(b, L, h * p, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     zr = torch.randn_like(yr, requires_grad=True)
@@ -364,37 +368,36 @@ def main():
     for name, fn in (("triton", kernels.rmsnorm_gated), ("torch ref", rms_ref)):
         tf = bench(lambda: fn(yr, zr, wr, group_size=h * p // g))
         tfb = bench(lambda: fn(yr, zr, wr, group_size=h * p // g).backward(gr), grad_to_none=[yr, zr, wr])
-        lines.append(f"{f'rmsnorm_gated ({b}, {L}, {h * p})':34s} {name:10s} {tf:8.3f} {'':>6} {'':>6} "
+        emit(f"{f'rmsnorm_gated ({b}, {L}, {h * p})':34s} {name:10s} {tf:8.3f} {'':>6} {'':>6} "
                      f"{by / tf / 1e6:6.0f} {tfb:8.3f} {'':>6} {'':>6} {7 / 3 * by / tfb / 1e6:6.0f}")
     if args.claim:
-        lines.append("Mamba-2's claim, SSD (64x64, G1, N128, chunk 256) vs causal SDPA (32x128), 16384 tokens per batch:")
+        emit("Mamba-2's claim, SSD (64x64, G1, N128, chunk 256) vs causal SDPA (32x128), 16384 tokens per batch:")
         for L in (2048, 4096, 8192, 16384):
             b = 16384 // L
             ssd_f, ssd_fb = ssd_case(b, L, 64, 64, 1, 128, with_ref=False)["triton"]
             sdpa_f, sdpa_fb = sdpa_case(b, L)
-            lines.append(f"  seqlen {L:5d} x batch {b}: SSD f+b {ssd_fb:.3f} ms, SDPA f+b {sdpa_fb:.3f} ms "
+            emit(f"  seqlen {L:5d} x batch {b}: SSD f+b {ssd_fb:.3f} ms, SDPA f+b {sdpa_fb:.3f} ms "
                          f"({sdpa_fb / ssd_fb:.2f}x); fwd {ssd_f:.3f} vs {sdpa_f:.3f} ms")
     if args.chunk_sweep:
         for name, shape in CHUNK_SWEEP:
             for q in (64, 128, 256):
                 tf, tfb = ssd_case(*shape, with_ref=False, chunk=q)["triton"]
                 fl = ssd_flops(*shape, q)
-                lines.append(f"{f'{name} {shape} chunk {q}':34s} {'triton':10s} {tf:8.3f} {'':>6} "
+                emit(f"{f'{name} {shape} chunk {q}':34s} {'triton':10s} {tf:8.3f} {'':>6} "
                              f"{fl / tf / 1e9:6.1f} {'':>6} {tfb:8.3f} {'':>6} {3 * fl / tfb / 1e9:6.1f}")
     if args.breakdown:
         for shape in TARGETS:
             parts = breakdown(*shape[:6])
             total = sum(ms for name, ms in parts if name in PIPELINE)
-            lines.append(f"per-kernel, shape {shape[:6]}: " + ", ".join(f"{k} {ms:.3f}" for k, ms in parts)
+            emit(f"per-kernel, shape {shape[:6]}: " + ", ".join(f"{k} {ms:.3f}" for k, ms in parts)
                          + f"; sum of the tuned path's launches {total:.3f} ms")
         from kernels._triton_utils import _structures
 
-        lines.append("structures chosen (timed): " + ", ".join(f"{name} {key[:4]}: {'fused' if v else 'two kernels'}"
+        emit("structures chosen (timed): " + ", ".join(f"{name} {key[:4]}: {'fused' if v else 'two kernels'}"
                                                           for (name, key), v in _structures.items()))
         for name, (b, L, h, p, g, n) in CHUNK_SWEEP:
             for kname, ms, nbytes in schedules(b, L, h * p, h * p + 2 * g * n):
-                lines.append(f"{f'{name} {kname}':50s} {ms:8.3f} ms {nbytes / ms / 1e6:6.0f} GB/s")
-    print("\n".join(lines))
+                emit(f"{f'{name} {kname}':50s} {ms:8.3f} ms {nbytes / ms / 1e6:6.0f} GB/s")
     if args.write_tuned:
         print(f"{write_tuned_table(args.write_tuned)} autotuning choices written to {args.write_tuned}")
 

@@ -67,12 +67,25 @@ def specs():
     }
 
 
+# integer arguments that are 1 at the presets' shapes (contiguous innermost dims, one group): the JIT
+# compiles those as constants, and some Triton passes fail only on the code that results (the dCB
+# kernel's pipeliner did, on the H100 only), so they are compiled as the JIT compiles them
+ONES = re.compile(r"^(s_\w+_[pndk]|s_seq_l|ngroups)$")
+NO_DIVISIBILITY = {"nsplit", "nblk_max", "rows_per_prog", "group_size", "heads_per_group"}
+
+
 def compile_config(fn, constexprs, ptr_types, num_warps, num_stages):
+    """Compile as the JIT does for contiguous inputs at the presets' shapes: pointers and the other
+    integers (lengths, strides: multiples of 16 there) carry the divisibility-by-16 hint."""
     params = list(inspect.signature(fn.fn).parameters)
-    sig = {p: ("constexpr" if p in constexprs else
+    ones = {p: 1 for p in params if ONES.match(p) and p not in constexprs}
+    sig = {p: ("constexpr" if p in constexprs or p in ones else
                ptr_types.get(p, "*bf16" if p in BF16 else "*i32" if p == "seq_ptr" else "*fp32") if p.endswith("_ptr")
                else "i32") for p in params}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in constexprs.items()})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params)
+             if sig[p] != "constexpr" and p not in NO_DIVISIBILITY}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in {**constexprs, **ones}.items()},
+                    attrs=attrs)
     return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
@@ -97,7 +110,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--kernel", action="append", help="only these (default: all)")
     ap.add_argument("--one-per-schedule", action="store_true",
-                    help="only the first config of each combination of schedule flags (a quick compile check: "
+                    help="only the first config of each combination of schedule flags and pipeline stages (a quick "
+                         "compile check: "
                          "tests/kernels/test_sm90_compile.py); exit status 1 if one fails to compile")
     args = ap.parse_args()
     errors = 0
@@ -109,7 +123,7 @@ def main():
             continue
         seen = set()
         for i, cfg in enumerate(launcher.tuned.configs):
-            flags = tuple(cfg.kwargs.get(f) for f in FLAGS)
+            flags = (*(cfg.kwargs.get(f) for f in FLAGS), cfg.num_stages)  # the pipeliner depends on stages
             if args.one_per_schedule and flags in seen:
                 continue
             seen.add(flags)

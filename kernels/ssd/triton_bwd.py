@@ -208,6 +208,46 @@ def _dbc_block(dy_h, x_h, prev_h, dS_h, t_r, rvalid, offs_p, offs_n, nmask, hdim
 
 
 @triton.jit
+def _dcb_heads(x_ptr, dy_ptr, dtp_ptr, cs_ptr, cb, keep, rows, offs_i, offs_j, t_i, t_j, pid_b, h0, cs_row,
+               nhh, nchunks, chunk_size, num_j, seqlen, hdim, s_x_b, s_x_l, s_x_h, s_x_p,
+               s_dy_b, s_dy_l, s_dy_h, s_dy_p, r_col, HAS_SEQ: tl.constexpr, BLOCK_I: tl.constexpr,
+               BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_PIPE: tl.constexpr,
+               HDIM_BLOCK: tl.constexpr, SPLIT: tl.constexpr):
+    """The dCB tile (BLOCK_I, BLOCK_J) float32 summed over heads h0 .. h0 + nhh - 1 (consecutive, one
+    group), each head's row sums of dCB_h * CB stored at `rows` (+ its cs offset times num_j).
+    SPLIT (a tile wholly below the diagonal only): exp(cs_i - cs_j) = exp(cs_i - r) exp(r - cs_j)
+    with r = cs at column r_col of the chunk."""
+    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+    for hh in range(nhh):
+        h = h0 + hh
+        cs_base = (cs_row + hh * nchunks) * chunk_size
+        dy_h = dy_ptr + pid_b * s_dy_b + h * s_dy_h
+        x_h = x_ptr + pid_b * s_x_b + h * s_x_h
+        if HEAD_PIPE:
+            g = _dcb_block(dy_h, x_h, t_i, t_j, tl.arange(0, HDIM_BLOCK), seqlen, hdim, s_dy_l, s_dy_p, s_x_l, s_x_p,
+                           DOT_PREC)
+        else:
+            g = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
+            for p0 in range(0, hdim, BLOCK_P):
+                g += _dcb_block(dy_h, x_h, t_i, t_j, p0 + tl.arange(0, BLOCK_P), seqlen, hdim, s_dy_l, s_dy_p, s_x_l,
+                                s_x_p, DOT_PREC)
+        cs_i = tl.load(cs_ptr + cs_base + offs_i)
+        cs_j = tl.load(cs_ptr + cs_base + offs_j)
+        dtp_j = tl.load(dtp_ptr + cs_base + offs_j)
+        if SPLIT:
+            r = tl.load(cs_ptr + cs_base + r_col)
+            dcb_h = g * tl.exp(cs_i - r)[:, None] * (tl.exp(r - cs_j) * dtp_j)[None, :]
+            if HAS_SEQ:
+                dcb_h = tl.where(keep, dcb_h, 0.0)
+        else:
+            dcb_h = _dcb_decayed(g, keep, cs_i, cs_j, dtp_j)
+        acc += dcb_h
+        # gradient of cs_i through the intra-chunk terms of row i: sum_j dCB_h,ij CB_ij = dy_i . y_diag_i
+        tl.store(rows + cs_base * num_j, tl.sum(dcb_h * cb, axis=1))
+    return acc
+
+
+@triton.jit
 def _chunk_dcb_kernel(
     x_ptr, dy_ptr, dtp_ptr, cs_ptr, seq_ptr, cb_ptr, dcb_ptr, rows_ptr,
     seqlen, nheads, nchunks, chunk_size, hdim, heads_per_group, ngroups, nsplit,
@@ -251,36 +291,21 @@ def _chunk_dcb_kernel(
     cb = tl.load(cb_ptr + base + offs_i[:, None] * chunk_size + offs_j[None, :])
     cb = tl.where(keep, cb, 0.0)
     below = pid_j * BLOCK_J + BLOCK_J <= pid_i * BLOCK_I  # every column before every row: no causal mask
-    acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
-    for hh in range(heads_per_split):
-        h = pid_g * heads_per_group + pid_s * heads_per_split + hh
-        cs_base = ((pid_b * nheads + h) * nchunks + pid_c) * chunk_size
-        dy_h = dy_ptr + pid_b * s_dy_b + h * s_dy_h
-        x_h = x_ptr + pid_b * s_x_b + h * s_x_h
-        if HEAD_PIPE:
-            g = _dcb_block(dy_h, x_h, t_i, t_j, tl.arange(0, HDIM_BLOCK), seqlen, hdim, s_dy_l, s_dy_p, s_x_l, s_x_p,
-                           DOT_PREC)
-        else:
-            g = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
-            for p0 in range(0, hdim, BLOCK_P):
-                g += _dcb_block(dy_h, x_h, t_i, t_j, p0 + tl.arange(0, BLOCK_P), seqlen, hdim, s_dy_l, s_dy_p, s_x_l,
-                                s_x_p, DOT_PREC)
-        cs_i = tl.load(cs_ptr + cs_base + offs_i)
-        cs_j = tl.load(cs_ptr + cs_base + offs_j)
-        dtp_j = tl.load(dtp_ptr + cs_base + offs_j)
-        if SPLIT_DECAY:  # (two ifs: a constexpr and a runtime condition do not mix in one)
-            if below:
-                r = tl.load(cs_ptr + cs_base + pid_j * BLOCK_J + BLOCK_J - 1)
-                dcb_h = g * tl.exp(cs_i - r)[:, None] * (tl.exp(r - cs_j) * dtp_j)[None, :]
-                if HAS_SEQ:
-                    dcb_h = tl.where(keep, dcb_h, 0.0)
-            else:
-                dcb_h = _dcb_decayed(g, keep, cs_i, cs_j, dtp_j)
-        else:
-            dcb_h = _dcb_decayed(g, keep, cs_i, cs_j, dtp_j)
-        acc += dcb_h
-        # gradient of cs_i through the intra-chunk terms of row i: sum_j dCB_h,ij CB_ij = dy_i . y_diag_i
-        tl.store(rows_ptr + (cs_base * num_j + pid_j * chunk_size) + offs_i, tl.sum(dcb_h * cb, axis=1))
+    h0 = pid_g * heads_per_group + pid_s * heads_per_split
+    cs_row = (pid_b * nheads + h0) * nchunks + pid_c  # head h0's chunk in cs, dtp (batch, nheads, nchunks, Q)
+    rows = rows_ptr + pid_j * chunk_size + offs_i
+    # the runtime condition `below` chooses between two whole loops, not inside one: an if in the
+    # heads loop breaks Triton 3.6's software pipeliner there (num_stages 3; "PassManager::run failed")
+    if SPLIT_DECAY and below:
+        acc = _dcb_heads(x_ptr, dy_ptr, dtp_ptr, cs_ptr, cb, keep, rows, offs_i, offs_j, t_i, t_j, pid_b, h0, cs_row,
+                         heads_per_split, nchunks, chunk_size, num_j, seqlen, hdim, s_x_b, s_x_l, s_x_h, s_x_p,
+                         s_dy_b, s_dy_l, s_dy_h, s_dy_p, pid_j * BLOCK_J + BLOCK_J - 1, HAS_SEQ, BLOCK_I, BLOCK_J,
+                         BLOCK_P, DOT_PREC, HEAD_PIPE, HDIM_BLOCK, True)
+    else:
+        acc = _dcb_heads(x_ptr, dy_ptr, dtp_ptr, cs_ptr, cb, keep, rows, offs_i, offs_j, t_i, t_j, pid_b, h0, cs_row,
+                         heads_per_split, nchunks, chunk_size, num_j, seqlen, hdim, s_x_b, s_x_l, s_x_h, s_x_p,
+                         s_dy_b, s_dy_l, s_dy_h, s_dy_p, 0, HAS_SEQ, BLOCK_I, BLOCK_J,
+                         BLOCK_P, DOT_PREC, HEAD_PIPE, HDIM_BLOCK, False)
     pbase = ((pid_bc * nsplit + pid_s) * ngroups + pid_g) * chunk_size * chunk_size  # (b, c, split, g, Q, Q)
     tl.store(dcb_ptr + pbase + offs_i[:, None] * chunk_size + offs_j[None, :], acc)
 
