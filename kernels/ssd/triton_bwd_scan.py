@@ -171,7 +171,7 @@ def dprev_and_pass_bwd(dy, C, cs, seq_idx, prev, final, dfinal, chunk_size, dot_
         fused = choose_structure(
             "dprev_and_pass_bwd", states.structure_key(dy, C, seq_idx, chunk_size, (dfinal is not None,)), (True, False),
             lambda v: dprev_and_pass_bwd(dy, C, cs, seq_idx, prev, final, dfinal, chunk_size, dot_prec, fused=v),
-            lambda: states.fuse_states(batch, nheads, hdim, dstate, dy.device), dy.device)
+            lambda: states.fuse_states(dy.device), dy.device)
     if not fused:
         dprev = states.chunk_outer(dy, C, cs, cs, seq_idx, chunk_size, 1, dot_prec)
         return state_pass_bwd(dprev, prev, final, dfinal, cs, seq_idx, seqlen, chunk_size, dy.dtype)

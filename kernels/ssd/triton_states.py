@@ -210,21 +210,17 @@ _states_pass_tuned = autotune_per_chunk(_states_pass_kernel, _cfgs([
     (dict(BLOCK_P=32, BLOCK_N=64, BLOCK_K=32), 4, 3), (dict(BLOCK_P=64, BLOCK_N=64, BLOCK_K=64), 8, 2),
 ]), key=["chunk_size", "hdim", "dstate", "nheads", "HAS_SEQ", "SPLIT"], chunk_params=("BLOCK_K",),
     state_params=("BLOCK_N",))
-_sm_count: dict[int, int] = {}
 
 
-def fuse_states(batch, nheads, hdim, dstate, device) -> bool:
+def fuse_states(device) -> bool:
     """The fused state kernels' default (kernels.deterministic, KERNELS_AUTOTUNE=0, the interpreter):
-    on CUDA when their programs (one per batch row, head and 64 x 64 state tile, each walking the
-    chunks in order) fill every SM at least once; below that the separate kernels' chunk-parallel
-    grid keeps more SMs busy. Always in the interpreter, so that the CPU tests run the fused kernels.
-    Otherwise choose_structure times both ways once per shape (states_and_pass, dprev_and_pass_bwd)."""
-    if INTERPRET or device.type != "cuda":
-        return True
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sm_count:
-        _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return batch * nheads * triton.cdiv(hdim, 64) * triton.cdiv(dstate, 64) >= _sm_count[index]
+    off on CUDA, where the two kernels measured faster at every shape timed (H200, bench/kernels.py
+    --breakdown, 2026-12-05: forward 0.171 vs 0.208 ms at (2, 4096, 64x64, G1, N128), 0.484 vs 0.665
+    ms at (2, 8192, 128x64, G8); backward 0.185 vs 0.270, 0.501 vs 1.048: one program per state
+    tile walking all chunks in order leaves too little parallelism to hide its latency). On in the
+    interpreter, so that the CPU tests run the fused kernels. Otherwise choose_structure times both
+    ways once per shape (states_and_pass, dprev_and_pass_bwd)."""
+    return INTERPRET or device.type != "cuda"
 
 
 def structure_key(x, B, seq_idx, chunk_size, extra=()):
@@ -269,7 +265,7 @@ def states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, dot_prec
         fused = choose_structure(
             "states_and_pass", structure_key(x, B, seq_idx, chunk_size, (initial_states is not None,)), (True, False),
             lambda v: states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, dot_prec, store_lp, fused=v),
-            lambda: fuse_states(batch, nheads, hdim, dstate, x.device), x.device)
+            lambda: fuse_states(x.device), x.device)
     lp = store_lp and x.dtype != torch.float32
     if not fused:
         states = chunk_outer(x, B, dtp, cs, seq_idx, chunk_size, 0, dot_prec)
