@@ -171,10 +171,9 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
         ("fwd states+pass fused", lambda: states.states_and_pass(x, B, dtp, cs, None, None, q, prec, fused=True)),
         ("fwd states+pass chosen", lambda: states.states_and_pass(x, B, dtp, cs, None, None, q, prec)),
         ("fwd chunk scan", lambda: fwd.chunk_scan(cb, x, None, D, C, prev_lp, dtp, cs, None, q, False, prec)),
-        # the old fixed config, then one 8-warp tile in each grid order and decay form
-        *[(f"fwd chunk scan #{i} {scan_desc(i)}",
-           lambda i=i: fwd.chunk_scan(cb, x, None, D, C, prev_lp, dtp, cs, None, q, False, prec, config=i))
-          for i in scan_configs()],
+        # the fixed config (kernels.deterministic) against the tuned one above
+        ("fwd chunk scan fixed", lambda: fwd.chunk_scan(cb, x, None, D, C, prev_lp, dtp, cs, None, q, False, prec,
+                                                        config=0)),
         ("bwd dprev", lambda: states.chunk_outer(dy, C, dtp, cs, None, q, 1, prec)),
         ("bwd state passing", lambda: bwd_scan.state_pass_bwd(dprev, prev, final, None, cs, None, seqlen, q, dt_)),
         # the two above in one kernel (dprev never stored), and the faster of the two ways
@@ -182,9 +181,7 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
                                                                      fused=True)),
         ("bwd dprev+pass chosen", lambda: bwd_scan.dprev_and_pass_bwd(dy, C, cs, None, prev, final, None, q, prec)),
         ("bwd dx/ddt", lambda: bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, prec)),
-        # the old fixed config, then two 8-warp tiles in both decay forms
-        *[(f"bwd dx/ddt #{i} {dx_desc(i)}", lambda i=i: bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, prec, config=i))
-          for i in dx_configs()],
+        ("bwd dx/ddt fixed", lambda: bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, prec, config=0)),
         ("bwd dCB", lambda: bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, prec)),
         ("bwd dB/dC", lambda: bwd.chunk_dbc(x, dy, B, C, prev, dS_lp, dcb, dtp, cs, None, q, prec)),
         # the two loop structures the autotuner chooses between (each with its first config)
@@ -199,40 +196,6 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
         ("bwd dt tail", lambda: bwd_scan.dt_bwd(dcs, rows, offd, last, ddtp, dtp, dt, bias, A, True, lim)),
     ]
     return [(name, bench(fn)) for name, fn in parts]
-
-
-def scan_configs():
-    """Chunk-scan configs the breakdown times: the old fixed one, and one tile (64 x 64 x 64, dstate
-    tiles of 64, 8 warps, 3 stages) chunk-major, heads-inner, split, heads-inner and split."""
-    from kernels.ssd import triton_fwd as fwd
-
-    tile = dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, BLOCK_N=64, num_warps=8, num_stages=3)
-    return [0] + [fwd.config_index(fwd._CHUNK_SCAN_SPACE, HEADS_INNER=hi, SPLIT_DECAY=sp, **tile)
-                  for sp in (False, True) for hi in (False, True)]
-
-
-def scan_desc(i):
-    from kernels.ssd import triton_fwd as fwd
-
-    kw, w, st = fwd._CHUNK_SCAN_SPACE[i]
-    flags = [name for name, on in (("heads-inner", kw["HEADS_INNER"]), ("split", kw["SPLIT_DECAY"])) if on]
-    return f"M{kw['BLOCK_M']} K{kw['BLOCK_K']} P{kw['BLOCK_P']} N{kw['BLOCK_N']} w{w} s{st} {' '.join(flags)}".strip()
-
-
-def dx_configs():
-    """dx configs the breakdown times: the old fixed one, and two 8-warp tiles unsplit and split."""
-    from kernels.ssd import triton_bwd as bwd
-    from kernels.ssd import triton_fwd as fwd
-
-    return [0] + [fwd.config_index(bwd._DX_SPACE, SPLIT_DECAY=sp, BLOCK_I=bi, BLOCK_N=bn, num_warps=8, num_stages=2)
-                  for bi, bn in ((64, 128), (32, 64)) for sp in (False, True)]
-
-
-def dx_desc(i):
-    from kernels.ssd import triton_bwd as bwd
-
-    kw, w, st = bwd._DX_SPACE[i]
-    return f"I{kw['BLOCK_I']} N{kw['BLOCK_N']} w{w} s{st}{' split' if kw['SPLIT_DECAY'] else ''}"
 
 
 def schedules(batch, seqlen, d_inner, conv_dim, dev="cuda", dt_=torch.bfloat16):

@@ -106,7 +106,7 @@ def ptxas_report(ptx: str) -> tuple[int, int, int]:
     return regs, int(spill.group(1)), int(spill.group(2))
 
 
-FLAGS = ("HEADS_INNER", "SPLIT_DECAY", "HEAD_PIPE", "PREFETCH")  # schedule flags that change a code path
+FLAGS = ("SPLIT_DECAY", "HEAD_PIPE", "PREFETCH")  # schedule flags that change a code path
 
 
 def main():

@@ -81,6 +81,9 @@ class _Launcher:
         self.tuned, self.fixed, self.kernel, self.key = tuned, fixed, kernel, tuple(key)
         self.name = getattr(kernel, "__name__", "")
         self.chosen: dict[str, dict[str, triton.Config]] = {}  # gpu name -> key string -> config
+        # the meta-parameters every config sets: a table entry naming others is from an older kernel
+        self.config_keys = {k for cfg in getattr(tuned, "configs", ()) for k in cfg.kwargs}
+        self.stale: set[str] = set()  # keys whose table entry was found stale (warned once)
         if kernel is not None:
             _launchers.append(self)
 
@@ -103,6 +106,13 @@ class _Launcher:
                 return self.tuned[grid](*args, **kwargs)
             key = self.key_string(args, kwargs)
             entry = listed.get(key) if listed else None
+            if entry is not None and self.config_keys and set(entry["kwargs"]) != self.config_keys:
+                if key not in self.stale:
+                    self.stale.add(key)
+                    warnings.warn(f"{TABLE_PATH}: the entry for {self.name} ({key}) sets {sorted(entry['kwargs'])}, "
+                                  f"but this kernel's configs set {sorted(self.config_keys)} (a table from another "
+                                  f"version of the kernel): ignored, the autotuner chooses", stacklevel=2)
+                entry = None
             if entry is not None:
                 cfg = triton.Config(entry["kwargs"], num_warps=entry["num_warps"], num_stages=entry["num_stages"])
                 g = grid({**kwargs, **cfg.kwargs}) if callable(grid) else grid

@@ -24,8 +24,9 @@ rounding them to bf16 once made ddt/ddt_bias lose the cancellation between the r
 parts of dcs (GPU run 1: ddt 1.5e-2 relative vs the fp32 reference; hi+lo: ~4e-4 in fp16).
 dCB and dB/dC loop over a group's heads inside each program; on CUDA the autotuner also tries a
 variant whose head loop is the innermost loop (HEAD_PIPE: the pipeliner prefetches the next heads'
-tiles). dx and dCB also have a split-decay schedule (SPLIT_DECAY: tiles off the diagonal factor
-exp(cs_i - cs_j) through a position between them, one exp per row or column instead of per element). No atomics anywhere: every output element is written by exactly one program, and partial sums
+tiles). dCB also has a split-decay schedule (SPLIT_DECAY: tiles off the diagonal factor
+exp(cs_i - cs_j) through a position between them, one exp per row and column instead of per
+element; tried in dx and the chunk scan too and removed there, slower: bench/NOTES_kernels.md Run 9). No atomics anywhere: every output element is written by exactly one program, and partial sums
 are reduced by torch in a fixed order, so the backward is deterministic run to run.
 All offsets are 64-bit (program ids cast to int64 before stride products).
 """
@@ -62,13 +63,10 @@ def _chunk_dx_kernel(
     s_b_b, s_b_l, s_b_g, s_b_n, s_seq_b, s_seq_l, s_D_h, s_D_p,
     HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, SPLIT_DECAY: tl.constexpr,
+    DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    """SPLIT_DECAY: the row tiles wholly below the diagonal block factor their decay,
-    exp(cs_i - cs_j) = exp(cs_i - r) exp(r - cs_j) with r = cs at the block's last position j_end - 1
-    (between cs_j and cs_i, as cs is monotone within a chunk: neither factor overflows where the
-    product does not). Such a tile then takes BLOCK_I exps, not BLOCK_J x BLOCK_I; the second factor
-    scales the block's rows once, after the loop."""
+    """Grid (column blocks of BLOCK_J positions, batch * nchunks, nheads): dx and ddtp of each
+    position j of the block, and the column part of dcs; dx (batch, seqlen, nheads, headdim)."""
     pid_j = tl.program_id(0).to(tl.int64)
     pid_bc = tl.program_id(1).to(tl.int64)
     pid_h = tl.program_id(2).to(tl.int64)
@@ -110,53 +108,24 @@ def _chunk_dx_kernel(
     # need the causal mask, those wholly below it do not
     cb_base = (pid_bc * ngroups + pid_g) * chunk_size * chunk_size
     j_end = tl.minimum(pid_j * BLOCK_J + BLOCK_J, chunk_size)
-    if SPLIT_DECAY:
-        # the diagonal block: masked, one exp per element
-        for i0 in range(pid_j * BLOCK_J, j_end, BLOCK_I):
-            offs_i = i0 + tl.arange(0, BLOCK_I)
-            t_i = t0 + offs_i
-            cbT = tl.load(cb_ptr + cb_base + offs_i[None, :] * chunk_size + offs_j[:, None])
-            cs_i = tl.load(cs_ptr + cs_base + offs_i)
+    for i0 in range(pid_j * BLOCK_J, chunk_size, BLOCK_I):
+        offs_i = i0 + tl.arange(0, BLOCK_I)
+        t_i = t0 + offs_i
+        cbT = tl.load(cb_ptr + cb_base + offs_i[None, :] * chunk_size + offs_j[:, None])
+        cs_i = tl.load(cs_ptr + cs_base + offs_i)
+        if i0 < j_end:
             keep = offs_i[None, :] >= offs_j[:, None]
             if HAS_SEQ:
                 seq_i = tl.load(seq_base + tl.minimum(t_i, seqlen - 1) * s_seq_l)
                 keep = keep & (seq_i[None, :] == seq_j[:, None])
             mT = tl.where(keep, cbT * tl.exp(tl.where(keep, cs_i[None, :] - cs_j[:, None], 0.0)), 0.0)
-            acc = _dx_tile(acc, mT, dy_ptr + pid_b * s_dy_b + pid_h * s_dy_h, t_i, offs_p, seqlen, hdim, s_dy_l,
-                           s_dy_p, DOT_PREC, SPLIT)
-        # below it: exp(cs_i - r) per row i here, exp(r - cs_j) per column j after the loop
-        r = tl.load(cs_ptr + cs_base + j_end - 1)
-        acc_off = tl.zeros((BLOCK_J, BLOCK_P), dtype=tl.float32)
-        for i0 in range(j_end, chunk_size, BLOCK_I):
-            offs_i = i0 + tl.arange(0, BLOCK_I)
-            t_i = t0 + offs_i
-            cbT = tl.load(cb_ptr + cb_base + offs_i[None, :] * chunk_size + offs_j[:, None])
-            mT = cbT * tl.exp(tl.load(cs_ptr + cs_base + offs_i) - r)[None, :]
+        else:
+            mT = cbT * tl.exp(cs_i[None, :] - cs_j[:, None])
             if HAS_SEQ:
                 seq_i = tl.load(seq_base + tl.minimum(t_i, seqlen - 1) * s_seq_l)
                 mT = tl.where(seq_i[None, :] == seq_j[:, None], mT, 0.0)
-            acc_off = _dx_tile(acc_off, mT, dy_ptr + pid_b * s_dy_b + pid_h * s_dy_h, t_i, offs_p, seqlen, hdim,
-                               s_dy_l, s_dy_p, DOT_PREC, SPLIT)
-        acc += acc_off * tl.exp(r - cs_j)[:, None]
-    else:
-        for i0 in range(pid_j * BLOCK_J, chunk_size, BLOCK_I):
-            offs_i = i0 + tl.arange(0, BLOCK_I)
-            t_i = t0 + offs_i
-            cbT = tl.load(cb_ptr + cb_base + offs_i[None, :] * chunk_size + offs_j[:, None])
-            cs_i = tl.load(cs_ptr + cs_base + offs_i)
-            if i0 < j_end:
-                keep = offs_i[None, :] >= offs_j[:, None]
-                if HAS_SEQ:
-                    seq_i = tl.load(seq_base + tl.minimum(t_i, seqlen - 1) * s_seq_l)
-                    keep = keep & (seq_i[None, :] == seq_j[:, None])
-                mT = tl.where(keep, cbT * tl.exp(tl.where(keep, cs_i[None, :] - cs_j[:, None], 0.0)), 0.0)
-            else:
-                mT = cbT * tl.exp(cs_i[None, :] - cs_j[:, None])
-                if HAS_SEQ:
-                    seq_i = tl.load(seq_base + tl.minimum(t_i, seqlen - 1) * s_seq_l)
-                    mT = tl.where(seq_i[None, :] == seq_j[:, None], mT, 0.0)
-            acc = _dx_tile(acc, mT, dy_ptr + pid_b * s_dy_b + pid_h * s_dy_h, t_i, offs_p, seqlen, hdim, s_dy_l,
-                           s_dy_p, DOT_PREC, SPLIT)
+        acc = _dx_tile(acc, mT, dy_ptr + pid_b * s_dy_b + pid_h * s_dy_h, t_i, offs_p, seqlen, hdim, s_dy_l,
+                       s_dy_p, DOT_PREC, SPLIT)
     jp = jvalid[:, None] & pmask[None, :]
     xj = tl.load(x_ptr + pid_b * s_x_b + pid_h * s_x_h + t_j[:, None] * s_x_l + offs_p[None, :] * s_x_p,
                  mask=jp, other=0.0).to(tl.float32)
@@ -425,9 +394,8 @@ def _cfgs(space):
 # Autotuned variants for CUDA (a few configs each; results cached on disk by Triton). Tile sizes
 # that decide which partial-sum rows a program writes (BLOCK_J of dx, the dCB/dBC tiles) stay
 # fixed, so every config writes the same elements and autotuning reruns are harmless.
-# dx: the first ten (unsplit decay) are the schedules before SPLIT_DECAY; the first is the fixed one.
-# Of those, only the 8-warp ones stay (nearly) clear of register spills at the presets' shapes
-# (bench/kernels_static.py, Triton 3.6, sm_90a): the ones after them are all 8-warp.
+# dx: the first is the fixed one (it spills 116/220 bytes at the presets' shapes, the 8-warp ones
+# none: bench/kernels_static.py); the H200 picks (BLOCK_I 32, BLOCK_N 32, 4 warps, 3 stages).
 _DX_SPACE = [
     (dict(BLOCK_I=64, BLOCK_N=64), 4, 2), (dict(BLOCK_I=64, BLOCK_N=64), 4, 3),
     (dict(BLOCK_I=32, BLOCK_N=64), 4, 2), (dict(BLOCK_I=64, BLOCK_N=128), 8, 2),
@@ -435,11 +403,7 @@ _DX_SPACE = [
     (dict(BLOCK_I=128, BLOCK_N=128), 8, 2), (dict(BLOCK_I=64, BLOCK_N=128), 4, 3),
     (dict(BLOCK_I=32, BLOCK_N=32), 4, 3), (dict(BLOCK_I=64, BLOCK_N=32), 4, 4),
     (dict(BLOCK_I=32, BLOCK_N=64), 8, 2), (dict(BLOCK_I=32, BLOCK_N=128), 8, 2), (dict(BLOCK_I=32, BLOCK_N=32), 8, 3),
-    (dict(BLOCK_I=64, BLOCK_N=128, SPLIT_DECAY=True), 8, 2), (dict(BLOCK_I=64, BLOCK_N=64, SPLIT_DECAY=True), 8, 2),
-    (dict(BLOCK_I=64, BLOCK_N=32, SPLIT_DECAY=True), 8, 2), (dict(BLOCK_I=32, BLOCK_N=64, SPLIT_DECAY=True), 8, 2),
-    (dict(BLOCK_I=32, BLOCK_N=32, SPLIT_DECAY=True), 8, 3),
 ]
-_DX_SPACE = [(dict({"SPLIT_DECAY": False}, **kw), w, st) for kw, w, st in _DX_SPACE]
 _chunk_dx_tuned = autotune_per_chunk(_chunk_dx_kernel, _cfgs(_DX_SPACE),
                                      key=["chunk_size", "hdim", "dstate", "HAS_SEQ", "SPLIT"], chunk_params=("BLOCK_I",))
 # dCB and dB/dC: the first configs (HEAD_PIPE False) are the schedules before the head-pipelined
@@ -513,8 +477,8 @@ def seq_args(seq_idx, fallback):
 
 def chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec, config=None):
     """-> dx (like x), ddtp and dcs's column part (like dtp), dD (or None). config None: the
-    autotuned schedule on CUDA (the interpreter: unsplit, its own tiles); an index into _DX_SPACE:
-    that config (benchmarks and tests; the interpreter takes only its decay form)."""
+    autotuned schedule on CUDA (the interpreter: its own tiles); an index into _DX_SPACE: that config
+    (benchmarks; ignored by the interpreter)."""
     batch, seqlen, nheads, hdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     nchunks = triton.cdiv(seqlen, chunk_size)
@@ -535,8 +499,7 @@ def chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec, config
               DOT_PREC=dot_prec, SPLIT=x.dtype != torch.float32)
     grid = (nblk, batch * nchunks, nheads)
     if INTERPRET:
-        _chunk_dx_kernel[grid](*args, **kw, BLOCK_I=bs["I"], BLOCK_N=bs["N"],
-                               SPLIT_DECAY=_DX_SPACE[config or 0][0]["SPLIT_DECAY"], num_warps=4)
+        _chunk_dx_kernel[grid](*args, **kw, BLOCK_I=bs["I"], BLOCK_N=bs["N"], num_warps=4)
     elif config is None:
         _chunk_dx_tuned(chunk_size)[grid](*args, **kw)
     else:

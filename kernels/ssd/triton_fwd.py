@@ -11,8 +11,6 @@ last one padded with dt = 0):
                    final state (3 and 4, fused or not: triton_states.py)
   5. _chunk_scan:  y_i = exp(cs_i) [doc] C_i prev^T + sum_{j<=i} CB_ij exp(cs_i - cs_j) [doc] dtp_j x_j
                    + D x_i, then * silu(z_i)
-The chunk scan's autotuner also tries a heads-inner grid order and a split decay (SPLIT_DECAY: the
-column tiles left of a row tile factor exp(cs_i - cs_j) through the position between them).
 All offsets are 64-bit: program ids and positions are cast to int64 before any stride product.
 """
 
@@ -113,20 +111,13 @@ def _chunk_scan_fwd_kernel(
     s_c_b, s_c_l, s_c_g, s_c_n, s_seq_b, s_seq_l, s_D_h, s_D_p,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, STORE_YPRE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PREC: tl.constexpr, HEADS_INNER: tl.constexpr, SPLIT_DECAY: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
-    """Grid (row tiles x headdim tiles, batch * nchunks, nheads), or with HEADS_INNER (row tiles x
-    headdim tiles, nheads, batch * nchunks): then the programs of one chunk's heads run together, and
-    the heads of a group read the same CB and C tiles while they are in L2. Each program computes
-    the same values in either order. SPLIT_DECAY: the column tiles left of the row tile factor their
-    decay (below); the bits then differ from the unsplit schedule within float32 rounding."""
+    """Grid (row tiles x headdim tiles, batch * nchunks, nheads). out, ypre (batch, seqlen, nheads,
+    headdim); cb (batch, nchunks, ngroups, Q, Q); prev (batch, nchunks, nheads, headdim, dstate)."""
     pid_mp = tl.program_id(0)
-    if HEADS_INNER:
-        pid_h = tl.program_id(1).to(tl.int64)
-        pid_bc = tl.program_id(2).to(tl.int64)
-    else:
-        pid_bc = tl.program_id(1).to(tl.int64)
-        pid_h = tl.program_id(2).to(tl.int64)
+    pid_bc = tl.program_id(1).to(tl.int64)
+    pid_h = tl.program_id(2).to(tl.int64)
     num_p = tl.cdiv(hdim, BLOCK_P)
     pid_m = pid_mp // num_p
     pid_p = pid_mp % num_p
@@ -165,40 +156,19 @@ def _chunk_scan_fwd_kernel(
     cb_base = (pid_bc * ngroups + pid_g) * chunk_size * chunk_size
     m0 = pid_m * BLOCK_M
     hi = tl.minimum(m0 + BLOCK_M, chunk_size)
-    if SPLIT_DECAY:
-        # exp(cs_i - cs_j) = exp(cs_i - r) exp(r - cs_j), r = cs at position m0 - 1: for j < m0 <= i
-        # r lies between cs_j and cs_i (cs is monotone within a chunk), so each factor is bounded by
-        # the product and neither overflows where it does not. A tile then takes BLOCK_K exps, not
-        # BLOCK_M x BLOCK_K, for one more rounding.
-        r = tl.load(cs_ptr + cs_base + tl.maximum(m0 - 1, 0))
-        acc_off = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
-        for k0 in range(0, m0, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            t_k = t0 + offs_k
-            cb = tl.load(cb_ptr + cb_base + offs_m[:, None] * chunk_size + offs_k[None, :])
-            w_k = tl.exp(r - tl.load(cs_ptr + cs_base + offs_k)) * tl.load(dtp_ptr + cs_base + offs_k)
-            m = cb * w_k[None, :]
-            if HAS_SEQ:
-                seq_k = tl.load(seq_base + tl.minimum(t_k, seqlen - 1) * s_seq_l)
-                m = tl.where(seq_m[:, None] == seq_k[None, :], m, 0.0)
-            xk = tl.load(x_ptr + pid_b * s_x_b + pid_h * s_x_h + t_k[:, None] * s_x_l + offs_p[None, :] * s_x_p,
-                         mask=(t_k < seqlen)[:, None] & pmask[None, :], other=0.0)
-            acc_off += tl.dot(m.to(xk.dtype), xk, input_precision=DOT_PREC)
-        acc += acc_off * tl.exp(cs_m - r)[:, None]
-    else:
-        for k0 in range(0, m0, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            t_k = t0 + offs_k
-            cb = tl.load(cb_ptr + cb_base + offs_m[:, None] * chunk_size + offs_k[None, :])
-            cs_k = tl.load(cs_ptr + cs_base + offs_k)
-            dtp_k = tl.load(dtp_ptr + cs_base + offs_k)
-            m = cb * tl.exp(cs_m[:, None] - cs_k[None, :]) * dtp_k[None, :]
-            if HAS_SEQ:
-                seq_k = tl.load(seq_base + tl.minimum(t_k, seqlen - 1) * s_seq_l)
-                m = tl.where(seq_m[:, None] == seq_k[None, :], m, 0.0)
-            xk = tl.load(x_ptr + pid_b * s_x_b + pid_h * s_x_h + t_k[:, None] * s_x_l + offs_p[None, :] * s_x_p,
-                         mask=(t_k < seqlen)[:, None] & pmask[None, :], other=0.0)
-            acc += tl.dot(m.to(xk.dtype), xk, input_precision=DOT_PREC)
+    for k0 in range(0, m0, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        t_k = t0 + offs_k
+        cb = tl.load(cb_ptr + cb_base + offs_m[:, None] * chunk_size + offs_k[None, :])
+        cs_k = tl.load(cs_ptr + cs_base + offs_k)
+        dtp_k = tl.load(dtp_ptr + cs_base + offs_k)
+        m = cb * tl.exp(cs_m[:, None] - cs_k[None, :]) * dtp_k[None, :]
+        if HAS_SEQ:
+            seq_k = tl.load(seq_base + tl.minimum(t_k, seqlen - 1) * s_seq_l)
+            m = tl.where(seq_m[:, None] == seq_k[None, :], m, 0.0)
+        xk = tl.load(x_ptr + pid_b * s_x_b + pid_h * s_x_h + t_k[:, None] * s_x_l + offs_p[None, :] * s_x_p,
+                     mask=(t_k < seqlen)[:, None] & pmask[None, :], other=0.0)
+        acc += tl.dot(m.to(xk.dtype), xk, input_precision=DOT_PREC)
     for k0 in range(m0, hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         t_k = t0 + offs_k
@@ -238,11 +208,9 @@ def _cfgs(space):
     return [triton.Config(kw, num_warps=w, num_stages=st) for kw, w, st in space]
 
 
-# CUDA: a few configs each, cached on disk by Triton (outputs are fully rewritten by any config)
-# The first six (chunk-major grid, unsplit decay, the state term in dstate tiles of 128) are the
-# schedules before HEADS_INNER and SPLIT_DECAY; the first is the fixed one. All six spill registers
-# at the presets' shapes (bench/kernels_static.py, Triton 3.6, sm_90a: 272-1504 bytes); the 8-warp
-# ones after them, with dstate tiles of 64 or 32, do not.
+# CUDA: a few configs each, cached on disk by Triton (outputs are fully rewritten by any config);
+# the first is the fixed one. (Split-decay, heads-inner and 8-warp dstate-tiled schedules were tried
+# and removed: 26-48% slower than the tuned ones on the H200, bench/NOTES_kernels.md Run 9.)
 _CHUNK_SCAN_SPACE = [
     (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, BLOCK_N=128), 4, 2),
     (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, BLOCK_N=128), 4, 3),
@@ -250,17 +218,7 @@ _CHUNK_SCAN_SPACE = [
     (dict(BLOCK_M=128, BLOCK_K=32, BLOCK_P=64, BLOCK_N=128), 4, 3),
     (dict(BLOCK_M=64, BLOCK_K=32, BLOCK_P=64, BLOCK_N=128), 4, 2),
     (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=32, BLOCK_N=128), 4, 2),
-    (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, BLOCK_N=64), 8, 2),
-    (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, BLOCK_N=64), 8, 3),
-    (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, BLOCK_N=32), 8, 3),
-    (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, BLOCK_N=64, HEADS_INNER=True), 8, 3),
-    (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, BLOCK_N=64, SPLIT_DECAY=True), 8, 2),
-    (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, BLOCK_N=64, SPLIT_DECAY=True), 8, 3),
-    (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, BLOCK_N=32, SPLIT_DECAY=True), 8, 3),
-    (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, BLOCK_N=64, HEADS_INNER=True, SPLIT_DECAY=True), 8, 3),
 ]
-_CHUNK_SCAN_SPACE = [(dict({"HEADS_INNER": False, "SPLIT_DECAY": False}, **kw), w, st)
-                     for kw, w, st in _CHUNK_SCAN_SPACE]
 _chunk_scan_tuned = autotune_per_chunk(
     _chunk_scan_fwd_kernel, _cfgs(_CHUNK_SCAN_SPACE), key=["chunk_size", "hdim", "dstate", "HAS_SEQ", "HAS_Z"],
     chunk_params=("BLOCK_M", "BLOCK_K"), state_params=("BLOCK_N",))
@@ -320,8 +278,8 @@ def compute_cb(C, B, chunk_size, dot_prec):
 
 def chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq_idx, chunk_size, store_ypre, dot_prec, config=None):
     """-> out (and ypre, the output before the gate, when store_ypre), shaped like x. config None: the
-    autotuned schedule on CUDA (the interpreter: chunk-major, unsplit, its own tiles); an index into
-    _CHUNK_SCAN_SPACE: that config (benchmarks and tests; the interpreter takes only its flags)."""
+    autotuned schedule on CUDA (the interpreter: its own tiles); an index into _CHUNK_SCAN_SPACE:
+    that config (benchmarks; ignored by the interpreter)."""
     batch, seqlen, nheads, hdim = x.shape
     ngroups, dstate = C.shape[2], C.shape[3]
     nchunks = triton.cdiv(seqlen, chunk_size)
@@ -341,13 +299,11 @@ def chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq_idx, chunk_size, store_ypre, d
               DOT_PREC=dot_prec)
 
     def grid(meta):
-        tiles = triton.cdiv(chunk_size, meta["BLOCK_M"]) * triton.cdiv(hdim, meta["BLOCK_P"])
-        return (tiles, nheads, batch * nchunks) if meta["HEADS_INNER"] else (tiles, batch * nchunks, nheads)
+        return (triton.cdiv(chunk_size, meta["BLOCK_M"]) * triton.cdiv(hdim, meta["BLOCK_P"]), batch * nchunks, nheads)
 
     if INTERPRET:
-        flags = {k: v for k, v in _CHUNK_SCAN_SPACE[config or 0][0].items() if k in ("HEADS_INNER", "SPLIT_DECAY")}
-        _chunk_scan_fwd_kernel[grid](*args, **kw, **flags, BLOCK_M=bs["M"], BLOCK_P=bs["P"], BLOCK_K=bs["K"],
-                                     BLOCK_N=bs["N"], num_warps=4)
+        _chunk_scan_fwd_kernel[grid](*args, **kw, BLOCK_M=bs["M"], BLOCK_P=bs["P"], BLOCK_K=bs["K"], BLOCK_N=bs["N"],
+                                     num_warps=4)
     elif config is None:
         _chunk_scan_tuned(chunk_size, next_pow2(dstate))[grid](*args, **kw)
     else:

@@ -20,10 +20,7 @@ parts = mod.breakdown(1, 40, 4, 8, 2, 8, q=16, dev="cpu", dt_=torch.float32)
 sched = mod.schedules(1, 40, 64, 80, dev="cpu", dt_=torch.float32)
 first = mod.first_call_seconds(dev="cpu", ssd_shape=(1, 40, 4, 8, 2, 8), mixer=(1, 20, 32, 48), q=16,
                                dt_=torch.float32)
-scan_rows = [f"fwd chunk scan #{i} {mod.scan_desc(i)}" for i in mod.scan_configs()]
-dx_rows = [f"bwd dx/ddt #{i} {mod.dx_desc(i)}" for i in mod.dx_configs()]
-print("JSON:" + json.dumps({"parts": parts, "schedules": sched, "first": first, "scan_rows": scan_rows,
-                            "dx_rows": dx_rows}))
+print("JSON:" + json.dumps({"parts": parts, "schedules": sched, "first": first}))
 """
 
 
@@ -36,13 +33,11 @@ def test_breakdown_runs_every_kernel_launch_under_the_interpreter():
     parts = out["parts"]
     assert [name for name, _ in parts] == [
         "fwd dt_cumsum", "fwd CB", "fwd chunk states", "fwd state passing", "fwd states+pass fused",
-        "fwd states+pass chosen", "fwd chunk scan",
-        *out["scan_rows"], "bwd dprev", "bwd state passing",
-        "bwd dprev+pass fused", "bwd dprev+pass chosen", "bwd dx/ddt", *out["dx_rows"], "bwd dCB", "bwd dB/dC", "bwd dCB blocked", "bwd dCB head-pipe",
+        "fwd states+pass chosen", "fwd chunk scan", "fwd chunk scan fixed", "bwd dprev", "bwd state passing",
+        "bwd dprev+pass fused", "bwd dprev+pass chosen", "bwd dx/ddt", "bwd dx/ddt fixed", "bwd dCB", "bwd dB/dC",
+        "bwd dCB blocked", "bwd dCB head-pipe",
         "bwd dCB head-pipe split", "bwd dB/dC blocked", "bwd dB/dC head-pipe", "bwd dt tail"]
     assert all(ms > 0 for _, ms in parts)
-    assert len(set(out["scan_rows"])) == 5 and "split" in out["scan_rows"][-1], out["scan_rows"]
-    assert len(set(out["dx_rows"])) == 5 and "split" in out["dx_rows"][-1], out["dx_rows"]
     from kernels.conv1d.triton_op import FWD_SCHEDULES
     from kernels.rmsnorm_gated.triton_op import bwd_schedules
 

@@ -112,3 +112,40 @@ def test_shipped_table_entries_name_known_kernels_and_configs():
         for entries in by_kernel.values():
             for key, cfg in entries.items():
                 assert set(cfg) == {"kwargs", "num_warps", "num_stages"}, key
+
+
+def test_a_stale_entry_is_ignored_with_a_warning(fakes, monkeypatch):
+    """An entry written by an older version of the kernel (a meta-parameter it no longer has) would
+    fail at launch: it is skipped, once warned, and the autotuner chooses."""
+    _, kernel, tuned, fixed = fakes
+    tuned.configs = [FakeTuned.best_config]
+    launcher = tu._Launcher(tuned, fixed, kernel, key=["n", "FLAG"])
+    x = torch.zeros(3, dtype=torch.bfloat16)
+    monkeypatch.setattr(tu, "_table", {"Fake GPU": {"_fake_kernel": {
+        "n=128,FLAG=True,bfloat16": {"kwargs": {"BLOCK": 64, "GONE": False}, "num_warps": 4, "num_stages": 2}}}})
+    with pytest.warns(UserWarning, match="sets \\['BLOCK', 'GONE'\\].*configs set \\['BLOCK'\\]"):
+        launcher[(1,)](x, 128, FLAG=True)
+    launcher[(1,)](x, 128, FLAG=True)  # no second warning (pytest's filter would turn it into an error below)
+    assert len(tuned.launches) == 2 and kernel.launches == []
+
+
+def test_the_shipped_table_names_only_parameters_the_kernels_have():
+    """kernels/tuned_configs.json against the kernels as they are: every entry's kernel exists and
+    every meta-parameter it sets is one of that kernel's parameters (a kernel change that drops one
+    must rewrite or drop the entries, or they are ignored at run time)."""
+    import importlib
+
+    modules = [importlib.import_module(m) for m in (
+        "kernels.ssd.triton_fwd", "kernels.ssd.triton_bwd", "kernels.ssd.triton_bwd_scan", "kernels.ssd.triton_states",
+        "kernels.conv1d.triton_op", "kernels.rmsnorm_gated.triton_op")]
+    path = tu.Path(tu.__file__).with_name("tuned_configs.json")
+    table = json.loads(path.read_text())
+    assert table, "no shipped table"
+    for gpu, by_kernel in table.items():
+        for name, entries in by_kernel.items():
+            fns = [getattr(m, name) for m in modules if hasattr(m, name)]
+            assert len(fns) == 1, (gpu, name)
+            params = set(fns[0].arg_names)
+            for key, entry in entries.items():
+                assert set(entry["kwargs"]) <= params, (gpu, name, key, set(entry["kwargs"]) - params)
+                assert entry["num_warps"] in (1, 2, 4, 8, 16) and entry["num_stages"] >= 1, (gpu, name, key)
