@@ -68,6 +68,14 @@ def _device_name(args) -> str | None:
     return None
 
 
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """'bfloat16' for torch.bfloat16 (the table's spelling), remembered."""
+    return _DTYPE_NAMES.setdefault(dtype, str(dtype).replace("torch.", ""))
+
+
 class _Launcher:
     """`launcher[grid](*args)` like a triton.autotune'd kernel, choosing per call between:
     - the fixed variant (the first config) under `kernels.set_deterministic(True)`: the launch
@@ -83,15 +91,35 @@ class _Launcher:
         self.chosen: dict[str, dict[str, triton.Config]] = {}  # gpu name -> key string -> config
         # the meta-parameters every config sets: a table entry naming others is from an older kernel
         self.config_keys = {k for cfg in getattr(tuned, "configs", ()) for k in cfg.kwargs}
-        self.stale: set[str] = set()  # keys whose table entry was found stale (warned once)
+        self.resolved: dict[tuple[str, str], triton.Config | None] = {}  # (gpu, key) -> the table's config
         if kernel is not None:
+            names = list(kernel.arg_names)
+            self.key_positions = [(k, names.index(k) if k in names else None) for k in self.key]
             _launchers.append(self)
 
     def key_string(self, args, kwargs) -> str:
-        named = {**dict(zip(self.kernel.arg_names, args)), **kwargs}
-        parts = [f"{k}={named[k]}" for k in self.key if k in named]
-        parts += [str(v.dtype).replace("torch.", "") for v in named.values() if isinstance(v, torch.Tensor)]
+        """`k=value` for each key argument present, then the dtypes of the tensor arguments (the
+        table's key; built on every launch that consults the table, so no dict of all arguments)."""
+        parts = [f"{k}={kwargs[k] if k in kwargs else args[i]}" for k, i in self.key_positions
+                 if k in kwargs or (i is not None and i < len(args))]
+        parts += [_DTYPE_NAMES.get(v.dtype) or _dtype_name(v.dtype) for v in (*args, *kwargs.values())
+                  if isinstance(v, torch.Tensor)]
         return ",".join(parts)
+
+    def table_config(self, gpu: str, key: str, listed: dict) -> triton.Config | None:
+        """The table's config for this key, resolved once: None where unlisted, or where the entry
+        sets other meta-parameters than this kernel's configs do (a table written by another
+        version of the kernel: ignored with one warning, the autotuner chooses)."""
+        if (gpu, key) not in self.resolved:
+            entry, cfg = listed.get(key), None
+            if entry is not None and self.config_keys and set(entry["kwargs"]) != self.config_keys:
+                warnings.warn(f"{TABLE_PATH}: the entry for {self.name} ({key}) sets {sorted(entry['kwargs'])}, "
+                              f"but this kernel's configs set {sorted(self.config_keys)} (a table from another "
+                              f"version of the kernel): ignored, the autotuner chooses", stacklevel=3)
+            elif entry is not None:
+                cfg = triton.Config(entry["kwargs"], num_warps=entry["num_warps"], num_stages=entry["num_stages"])
+            self.resolved[gpu, key] = cfg
+        return self.resolved[gpu, key]
 
     def __getitem__(self, grid):
         if get_deterministic():
@@ -105,16 +133,8 @@ class _Launcher:
             if not listed and not _record:  # nothing to look up or remember: no key to build
                 return self.tuned[grid](*args, **kwargs)
             key = self.key_string(args, kwargs)
-            entry = listed.get(key) if listed else None
-            if entry is not None and self.config_keys and set(entry["kwargs"]) != self.config_keys:
-                if key not in self.stale:
-                    self.stale.add(key)
-                    warnings.warn(f"{TABLE_PATH}: the entry for {self.name} ({key}) sets {sorted(entry['kwargs'])}, "
-                                  f"but this kernel's configs set {sorted(self.config_keys)} (a table from another "
-                                  f"version of the kernel): ignored, the autotuner chooses", stacklevel=2)
-                entry = None
-            if entry is not None:
-                cfg = triton.Config(entry["kwargs"], num_warps=entry["num_warps"], num_stages=entry["num_stages"])
+            cfg = self.table_config(gpu, key, listed) if listed else None
+            if cfg is not None:
                 g = grid({**kwargs, **cfg.kwargs}) if callable(grid) else grid
                 return self.kernel[g](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps,
                                       num_stages=cfg.num_stages)
