@@ -38,20 +38,7 @@ import triton
 import triton.language as tl
 
 from kernels._triton_utils import INTERPRET, autotune_per_chunk, next_pow2
-
-
-@triton.jit
-def _dx_tile(acc, mT, dy_h, t_i, offs_p, seqlen, hdim, s_dy_l, s_dy_p, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
-    """acc (BLOCK_J, BLOCK_P) += mT (BLOCK_J, BLOCK_I, float32) @ dy rows t_i; with SPLIT, mT goes to
-    the tensor cores as a hi + lo pair of dy's dtype. dy_h points at the head's (batch row, head)."""
-    dyi = tl.load(dy_h + t_i[:, None] * s_dy_l + offs_p[None, :] * s_dy_p,
-                  mask=(t_i < seqlen)[:, None] & (offs_p < hdim)[None, :], other=0.0)
-    if SPLIT:
-        m_hi = mT.to(dyi.dtype)
-        acc += tl.dot(m_hi, dyi) + tl.dot((mT - m_hi.to(tl.float32)).to(dyi.dtype), dyi)
-    else:
-        acc += tl.dot(mT.to(dyi.dtype), dyi, input_precision=DOT_PREC)
-    return acc
+from kernels.ssd.triton_fwd import _dot_f32_operand
 
 
 @triton.jit
@@ -98,11 +85,7 @@ def _chunk_dx_kernel(
                      mask=jvalid[:, None] & (offs_n < dstate)[None, :], other=0.0)
         dST = tl.load(dS_ptr + dS_base + offs_p[None, :] * dstate + offs_n[:, None],
                       mask=pmask[None, :] & (offs_n < dstate)[:, None], other=0.0)
-        if SPLIT:  # fp32 operand as a bf16/fp16 hi + lo pair: ~16 mantissa bits at tensor-core speed
-            d_hi = dST.to(bj.dtype)
-            acc += tl.dot(bj, d_hi) + tl.dot(bj, (dST - d_hi.to(tl.float32)).to(bj.dtype))
-        else:
-            acc += tl.dot(bj, dST.to(bj.dtype), input_precision=DOT_PREC)
+        acc = _dot_f32_operand(acc, dST, bj, False, SPLIT, DOT_PREC)
     acc = acc * w[:, None]
     # within the chunk: sum_{i >= j} CB_ij exp(cs_i - cs_j) dy_i; the row tiles on the diagonal
     # need the causal mask, those wholly below it do not
@@ -124,8 +107,9 @@ def _chunk_dx_kernel(
             if HAS_SEQ:
                 seq_i = tl.load(seq_base + tl.minimum(t_i, seqlen - 1) * s_seq_l)
                 mT = tl.where(seq_i[None, :] == seq_j[:, None], mT, 0.0)
-        acc = _dx_tile(acc, mT, dy_ptr + pid_b * s_dy_b + pid_h * s_dy_h, t_i, offs_p, seqlen, hdim, s_dy_l,
-                       s_dy_p, DOT_PREC, SPLIT)
+        dyi = tl.load(dy_ptr + pid_b * s_dy_b + pid_h * s_dy_h + t_i[:, None] * s_dy_l + offs_p[None, :] * s_dy_p,
+                      mask=(t_i < seqlen)[:, None] & pmask[None, :], other=0.0)
+        acc = _dot_f32_operand(acc, mT, dyi, True, SPLIT, DOT_PREC)
     jp = jvalid[:, None] & pmask[None, :]
     xj = tl.load(x_ptr + pid_b * s_x_b + pid_h * s_x_h + t_j[:, None] * s_x_l + offs_p[None, :] * s_x_p,
                  mask=jp, other=0.0).to(tl.float32)

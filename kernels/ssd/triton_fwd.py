@@ -24,6 +24,26 @@ from kernels._triton_utils import INTERPRET, autotune_per_chunk, next_pow2
 
 
 @triton.jit
+def _dot_f32_operand(acc, f, lp, F_LEFT: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc + (f @ lp) with F_LEFT, else acc + (lp @ f): f a float32 tile, lp one in the input dtype.
+    SPLIT (bf16/fp16 inputs): f reaches the tensor cores as a hi + lo pair of lp's dtype, two dots,
+    ~16 mantissa bits at tensor-core speed (one rounding of f to bf16 lost ddt's cancellation:
+    triton_bwd's docstring); otherwise f is cast once (float32 inputs: IEEE dots, DOT_PREC)."""
+    if SPLIT:
+        hi = f.to(lp.dtype)
+        lo = (f - hi.to(tl.float32)).to(lp.dtype)
+        if F_LEFT:
+            out = acc + (tl.dot(hi, lp) + tl.dot(lo, lp))
+        else:
+            out = acc + (tl.dot(lp, hi) + tl.dot(lp, lo))
+    elif F_LEFT:
+        out = acc + tl.dot(f.to(lp.dtype), lp, input_precision=DOT_PREC)
+    else:
+        out = acc + tl.dot(lp, f.to(lp.dtype), input_precision=DOT_PREC)
+    return out
+
+
+@triton.jit
 def _softplus(x):
     # log1p(exp(x)) accurate for very negative x (Kahan's log1p), identity above 20 like torch
     e = tl.exp(tl.minimum(x, 20.0))

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from kernels._triton_utils import INTERPRET, autotune_per_chunk, choose_structure, next_pow2
-from kernels.ssd.triton_fwd import _blocks, _cfgs
+from kernels.ssd.triton_fwd import _blocks, _cfgs, _dot_f32_operand
 
 
 @triton.jit
@@ -86,12 +86,7 @@ def _outer_chunk(a_ptr, b_ptr, dtp_ptr, cs_ptr, seq_ptr, pid_b, pid_c, pid_h, pi
         if HAS_SEQ:
             seq_k = tl.load(seq_base + tl.minimum(t, seqlen - 1) * s_seq_l)
             wt = tl.where(seq_k == seq_ref, wt, 0.0)
-        aw = aT * wt[None, :]
-        if SPLIT:  # the weighted float32 operand as a hi + lo pair of the input dtype (see triton_bwd)
-            aw_hi = aw.to(bb.dtype)
-            acc += tl.dot(aw_hi, bb) + tl.dot((aw - aw_hi.to(tl.float32)).to(bb.dtype), bb)
-        else:
-            acc += tl.dot(aw.to(bb.dtype), bb, input_precision=DOT_PREC)
+        acc = _dot_f32_operand(acc, aT * wt[None, :], bb, True, SPLIT, DOT_PREC)
     return acc
 
 
@@ -108,19 +103,14 @@ def _chunk_outer_kernel(
     pid_pn = tl.program_id(0)
     pid_bc = tl.program_id(1).to(tl.int64)
     pid_h = tl.program_id(2).to(tl.int64)
-    num_n = tl.cdiv(dstate, BLOCK_N)
-    pid_p = pid_pn // num_n
-    pid_n = pid_pn % num_n
     pid_b = pid_bc // nchunks
     pid_c = pid_bc % nchunks
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_p, offs_n, mask, tile = _state_tile(pid_pn, hdim, dstate, BLOCK_P, BLOCK_N)
     acc = _outer_chunk(a_ptr, b_ptr, dtp_ptr, cs_ptr, seq_ptr, pid_b, pid_c, pid_h, pid_h // heads_per_group,
                        offs_p, offs_n, seqlen, nheads, nchunks, chunk_size, hdim, dstate,
                        s_a_b, s_a_l, s_a_h, s_a_p, s_b_b, s_b_l, s_b_g, s_b_n, s_seq_b, s_seq_l,
                        MODE, HAS_SEQ, BLOCK_P, BLOCK_N, BLOCK_K, DOT_PREC, SPLIT)
-    out = (((pid_b * nchunks + pid_c) * nheads + pid_h) * hdim + offs_p[:, None]) * dstate + offs_n[None, :]
-    tl.store(out_ptr + out, acc, mask=(offs_p < hdim)[:, None] & (offs_n < dstate)[None, :])
+    tl.store(out_ptr + ((pid_b * nchunks + pid_c) * nheads + pid_h) * hdim * dstate + tile, acc, mask=mask)
 
 
 @triton.jit
