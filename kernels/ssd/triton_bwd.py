@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from kernels._triton_utils import INTERPRET, autotune_per_chunk, next_pow2
-from kernels.ssd.triton_fwd import _dot_f32_operand
+from kernels.ssd.triton_fwd import _dot_f32_operand, seq_args
 
 
 @triton.jit
@@ -453,11 +453,6 @@ def _nsplit(heads_per_group):
         if heads_per_group % d == 0 and heads_per_group // d >= 8:
             n = d
     return n
-
-
-def seq_args(seq_idx, fallback):
-    """seq_idx, or a stand-in tensor without it, and its strides ((0, 0) without it)."""
-    return (seq_idx if seq_idx is not None else fallback), (seq_idx.stride() if seq_idx is not None else (0, 0))
 
 
 def chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec, config=None):

@@ -12,8 +12,7 @@ import triton.language as tl
 
 from kernels._triton_utils import INTERPRET, autotune_per_chunk, choose_structure, next_pow2
 from kernels.ssd import triton_states as states
-from kernels.ssd.triton_bwd import seq_args
-from kernels.ssd.triton_fwd import _softplus
+from kernels.ssd.triton_fwd import _softplus, seq_args
 from kernels.ssd.triton_states import _chunk_scale, _outer_chunk, _state_tile
 
 

@@ -282,6 +282,11 @@ def dt_cumsum(dt, dt_bias, A, chunk_size, dt_softplus, dt_limit):
     return dtp, cs
 
 
+def seq_args(seq_idx, fallback):
+    """seq_idx, or a stand-in tensor without it, and its strides ((0, 0) without it)."""
+    return (seq_idx if seq_idx is not None else fallback), (seq_idx.stride() if seq_idx is not None else (0, 0))
+
+
 def compute_cb(C, B, chunk_size, dot_prec):
     batch, seqlen, ngroups, dstate = B.shape
     nchunks = triton.cdiv(seqlen, chunk_size)
@@ -312,10 +317,11 @@ def chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq_idx, chunk_size, store_ypre, d
     else:
         Ds = (0, 0)
     zz = z if z is not None else x
-    args = (cb, x, zz, D if D is not None else x, C, prev, dtp, cs, seq_idx if seq_idx is not None else cs,
+    seq, seq_s = seq_args(seq_idx, cs)
+    args = (cb, x, zz, D if D is not None else x, C, prev, dtp, cs, seq,
             ypre, out, seqlen, nheads, nchunks, chunk_size, hdim, dstate, nheads // ngroups, ngroups,
             *x.stride(), *zz.stride(), *out.stride(), *C.stride(),
-            *(seq_idx.stride() if seq_idx is not None else (0, 0)), *Ds)
+            *seq_s, *Ds)
     kw = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, STORE_YPRE=store_ypre,
               DOT_PREC=dot_prec)
 

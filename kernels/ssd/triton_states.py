@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from kernels._triton_utils import INTERPRET, autotune_per_chunk, choose_structure, next_pow2
-from kernels.ssd.triton_fwd import _blocks, _cfgs, _dot_f32_operand
+from kernels.ssd.triton_fwd import _blocks, _cfgs, _dot_f32_operand, seq_args
 
 
 @triton.jit
@@ -225,9 +225,9 @@ def chunk_outer(a, b, dtp, cs, seq_idx, chunk_size, mode, dot_prec):
     nchunks = triton.cdiv(seqlen, chunk_size)
     out = torch.empty(batch, nchunks, nheads, hdim, dstate, device=a.device, dtype=torch.float32)
     bs = _blocks(chunk_size, hdim, dstate)
-    seq = seq_idx if seq_idx is not None else dtp
+    seq, seq_s = seq_args(seq_idx, dtp)
     args = (a, b, dtp, cs, seq, out, seqlen, nheads, nchunks, chunk_size, hdim, dstate, nheads // ngroups,
-            *a.stride(), *b.stride(), *(seq_idx.stride() if seq_idx is not None else (0, 0)))
+            *a.stride(), *b.stride(), *seq_s)
     kw = dict(MODE=mode, HAS_SEQ=seq_idx is not None, DOT_PREC=dot_prec, SPLIT=b.dtype != torch.float32)
     if INTERPRET:
         BP, BN = bs["P"], bs["N"]
@@ -270,9 +270,9 @@ def states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, dot_prec
         prev_lp = prev if x.dtype == torch.float32 else torch.empty(1, device=x.device, dtype=x.dtype)
     final = torch.empty(batch, nheads, hdim, dstate, device=x.device, dtype=torch.float32)
     init = initial_states.contiguous() if initial_states is not None else final
-    seq = seq_idx if seq_idx is not None else cs
+    seq, seq_s = seq_args(seq_idx, cs)
     args = (x, B, dtp, cs, seq, init, prev, prev_lp, final, seqlen, nheads, nchunks, chunk_size, hdim, dstate,
-            nheads // ngroups, *x.stride(), *B.stride(), *(seq_idx.stride() if seq_idx is not None else (0, 0)))
+            nheads // ngroups, *x.stride(), *B.stride(), *seq_s)
     kw = dict(HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, STORE_LP=lp,
               DOT_PREC=dot_prec, SPLIT=B.dtype != torch.float32)
     if INTERPRET:
@@ -298,11 +298,10 @@ def state_pass(states, cs, seq_idx, initial_states, seqlen, chunk_size, lp_dtype
     final = torch.empty(batch, nheads, hdim, dstate, device=states.device, dtype=torch.float32)
     BLOCK = triton.next_power_of_2(dim) if INTERPRET else min(1024, triton.next_power_of_2(dim))
     init = initial_states.contiguous() if initial_states is not None else states
-    seq = seq_idx if seq_idx is not None else cs
+    seq, seq_s = seq_args(seq_idx, cs)
     grid = (triton.cdiv(dim, BLOCK), batch, nheads)
     _state_pass_fwd_kernel[grid](
-        states, cs, seq, init, prev, prev_lp, final, seqlen, nheads, nchunks, chunk_size, dim,
-        *(seq_idx.stride() if seq_idx is not None else (0, 0)),
+        states, cs, seq, init, prev, prev_lp, final, seqlen, nheads, nchunks, chunk_size, dim, *seq_s,
         HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, STORE_LP=store_lp, BLOCK=BLOCK,
         num_warps=4,
     )
