@@ -7,6 +7,12 @@ Public ops (dispatch on kernels.backend):
   rmsnorm_gated            kernels/rmsnorm_gated  grouped RMSNorm with SiLU gate
   cross_entropy_rows       kernels/cross_entropy  row-wise softmax cross-entropy, logit gradient in place
                                                   (the LM head's loss, pretrain/chunked_loss.py)
+
+Under torch.compile: the Triton paths of ssd_scan, causal_conv1d and rmsnorm_gated are torch.library
+custom ops (namespace hybrid_pretrain, a forward op and a backward op each, with fake implementations
+giving the outputs' shapes, dtypes and strides), so dynamo traces a compiled block around them in one
+graph and Inductor neither looks inside nor retunes them: the launches go through kernels'
+own launcher (its shipped table, kernels.deterministic). Argument checks stay in Python, before the op.
 """
 
 from kernels.backend import get_backend, get_deterministic, set_backend, set_deterministic, use_triton

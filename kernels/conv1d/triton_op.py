@@ -1,6 +1,7 @@
 """Triton causal depthwise conv1d (channel-last), forward and backward, with fused SiLU and seq_idx.
 
-Owns `causal_conv1d` for the Triton path (a tensor-only autograd.Function) and its kernels.
+Owns `causal_conv1d` for the Triton path (torch.library custom ops for the forward and the backward,
+opaque to torch.compile, kernels/__init__.py) and its kernels.
 Shapes as in kernels.conv1d.reference: x (batch, seqlen, dim), weight (dim, width) width 2..4,
 bias (dim,), seq_idx (batch, seqlen). All offsets are 64-bit; x and dout may have any strides.
 
@@ -296,34 +297,67 @@ def conv_forward(x, weight, bias, seq_idx, silu: bool, schedule=None) -> torch.T
     return out
 
 
-class _CausalConv1d(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, seq_idx, silu):
-        out = conv_forward(x, weight, bias, seq_idx, silu)
-        ctx.save_for_backward(x, weight, bias, seq_idx)
-        ctx.silu = silu
-        return out
+def conv_backward(dout, x, weight, bias, seq_idx, silu: bool):
+    """dx (x's shape and dtype), dweight (weight's), dbias (bias's, None without bias)."""
+    batch, seqlen, dim = x.shape
+    width = weight.shape[1]
+    seg = _seg_len(batch, seqlen, dim)
+    nseg = triton.cdiv(seqlen, seg)
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    dw = torch.empty(batch * nseg, width, dim, device=x.device, dtype=torch.float32)
+    db = torch.empty(batch * nseg, dim, device=x.device, dtype=torch.float32) if bias is not None else dw
+    seq = seq_idx if seq_idx is not None else x
+    _conv_bwd_tuned[lambda meta: (nseg, triton.cdiv(dim, meta["BLOCK_D"]), batch)](
+        x, weight, bias if bias is not None else weight, seq, dout, dx, dw, db, seqlen, dim, nseg,
+        *x.stride(), *weight.stride(), *(seq_idx.stride() if seq_idx is not None else (0, 0)),
+        *dout.stride(), *dx.stride(),
+        WIDTH=width, HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, SILU=silu, SEG=seg,
+    )
+    dweight = dw.sum(0).t().to(weight.dtype)
+    dbias = db.sum(0).to(bias.dtype) if bias is not None else None
+    return dx, dweight, dbias
 
-    @staticmethod
-    def backward(ctx, dout):
-        x, weight, bias, seq_idx = ctx.saved_tensors
-        batch, seqlen, dim = x.shape
-        width = weight.shape[1]
-        seg = _seg_len(batch, seqlen, dim)
-        nseg = triton.cdiv(seqlen, seg)
-        dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-        dw = torch.empty(batch * nseg, width, dim, device=x.device, dtype=torch.float32)
-        db = torch.empty(batch * nseg, dim, device=x.device, dtype=torch.float32) if bias is not None else dw
-        seq = seq_idx if seq_idx is not None else x
-        _conv_bwd_tuned[lambda meta: (nseg, triton.cdiv(dim, meta["BLOCK_D"]), batch)](
-            x, weight, bias if bias is not None else weight, seq, dout, dx, dw, db, seqlen, dim, nseg,
-            *x.stride(), *weight.stride(), *(seq_idx.stride() if seq_idx is not None else (0, 0)),
-            *dout.stride(), *dx.stride(),
-            WIDTH=width, HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, SILU=ctx.silu, SEG=seg,
-        )
-        dweight = dw.sum(0).t().to(weight.dtype)
-        dbias = db.sum(0).to(bias.dtype) if bias is not None else None
-        return dx, dweight, dbias, None, None
+
+# Custom ops: opaque to torch.compile, which traces the block around them
+# (kernels/__init__.py).
+@torch.library.custom_op("hybrid_pretrain::causal_conv1d_fwd", mutates_args=(),
+                         schema="(Tensor x, Tensor weight, Tensor? bias, Tensor? seq_idx, bool silu) -> Tensor")
+def _conv_fwd_op(x, weight, bias, seq_idx, silu):
+    return conv_forward(x, weight, bias, seq_idx, silu)
+
+
+@_conv_fwd_op.register_fake
+def _(x, weight, bias, seq_idx, silu):
+    return x.new_empty(x.shape)  # conv_forward's output: contiguous
+
+
+@torch.library.custom_op("hybrid_pretrain::causal_conv1d_bwd", mutates_args=(),
+                         schema="(Tensor dout, Tensor x, Tensor weight, Tensor? bias, Tensor? seq_idx, bool silu)"
+                                " -> (Tensor, Tensor, Tensor)")
+def _conv_bwd_op(dout, x, weight, bias, seq_idx, silu):
+    dx, dweight, dbias = conv_backward(dout, x, weight, bias, seq_idx, silu)
+    return dx, dweight, dbias if dbias is not None else x.new_empty(0)
+
+
+@_conv_bwd_op.register_fake
+def _(dout, x, weight, bias, seq_idx, silu):
+    dweight = weight.new_empty(weight.shape[::-1]).t()  # dw.sum(0).t(): the transpose of a contiguous
+    return x.new_empty(x.shape), dweight, bias.new_empty(bias.shape) if bias is not None else x.new_empty(0)
+
+
+def _conv_setup(ctx, inputs, output):
+    x, weight, bias, seq_idx, silu = inputs
+    ctx.save_for_backward(x, weight, bias, seq_idx)
+    ctx.silu = silu
+
+
+def _conv_grads(ctx, dout):
+    x, weight, bias, seq_idx = ctx.saved_tensors
+    dx, dweight, dbias = _conv_bwd_op(dout, x, weight, bias, seq_idx, ctx.silu)
+    return dx, dweight, dbias if bias is not None else None, None, None
+
+
+_conv_fwd_op.register_autograd(_conv_grads, setup_context=_conv_setup)
 
 
 def causal_conv1d(x, weight, bias=None, *, seq_idx=None, activation=None):
@@ -331,4 +365,4 @@ def causal_conv1d(x, weight, bias=None, *, seq_idx=None, activation=None):
     from kernels.conv1d.reference import _check
 
     _check(x, weight, bias, activation)
-    return _CausalConv1d.apply(x, weight, bias, seq_idx, activation is not None)
+    return _conv_fwd_op(x, weight, bias, seq_idx, activation is not None)

@@ -1,4 +1,5 @@
-"""Triton grouped RMSNorm with SiLU gate, forward and backward (tensor-only autograd.Function).
+"""Triton grouped RMSNorm with SiLU gate, forward and backward (torch.library custom ops, opaque to
+torch.compile: kernels/__init__.py).
 
 Owns `rmsnorm_gated` for the Triton path and `rmsnorm_gated_bwd`. Shapes as in
 kernels.rmsnorm_gated.reference: y, z (..., d), weight (d,), group_size divides d. Rows are
@@ -219,36 +220,89 @@ def rmsnorm_gated_bwd(y2, z2, weight, rstd, dout2, group_size, norm_before_gate,
     return dy, dz, dw.sum(0)
 
 
-class _RMSNormGated(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, z, weight, group_size, eps, norm_before_gate):
-        d = y.shape[-1]
-        y2 = _rows(y, d)
-        z2 = _rows(z, d) if z is not None else None
-        nrows, ngroups = y2.shape[0], d // group_size
-        out = torch.empty(y2.shape, device=y.device, dtype=y.dtype)
-        rstd = torch.empty(nrows, ngroups, device=y.device, dtype=torch.float32)
-        BR = _block_r(nrows, group_size)
-        _rms_fwd_kernel[(triton.cdiv(nrows, BR), ngroups)](
-            y2, z2 if z2 is not None else y2, weight, out, rstd, nrows, d, group_size, ngroups, eps,
-            y2.stride(0), (z2 if z2 is not None else y2).stride(0), out.stride(0),
-            HAS_Z=z is not None, NORM_BEFORE_GATE=norm_before_gate, BLOCK_R=BR,
-            BLOCK_G=triton.next_power_of_2(group_size), num_warps=4,
-        )
-        ctx.save_for_backward(y2, z2, weight, rstd)
-        ctx.cfg = (group_size, norm_before_gate, y.shape)
-        return out.reshape(y.shape)
+def rmsnorm_gated_fwd(y, z, weight, group_size, eps, norm_before_gate):
+    """out (y's shape and dtype, contiguous), rstd (rows, ngroups) float32 for the backward."""
+    d = y.shape[-1]
+    y2 = _rows(y, d)
+    z2 = _rows(z, d) if z is not None else None
+    nrows, ngroups = y2.shape[0], d // group_size
+    out = torch.empty(y2.shape, device=y.device, dtype=y.dtype)
+    rstd = torch.empty(nrows, ngroups, device=y.device, dtype=torch.float32)
+    BR = _block_r(nrows, group_size)
+    _rms_fwd_kernel[(triton.cdiv(nrows, BR), ngroups)](
+        y2, z2 if z2 is not None else y2, weight, out, rstd, nrows, d, group_size, ngroups, eps,
+        y2.stride(0), (z2 if z2 is not None else y2).stride(0), out.stride(0),
+        HAS_Z=z is not None, NORM_BEFORE_GATE=norm_before_gate, BLOCK_R=BR,
+        BLOCK_G=triton.next_power_of_2(group_size), num_warps=4,
+    )
+    return out.reshape(y.shape), rstd
 
-    @staticmethod
-    def backward(ctx, dout):
-        y2, z2, weight, rstd = ctx.saved_tensors
-        group_size, norm_before_gate, shape = ctx.cfg
-        dy, dz, dw = rmsnorm_gated_bwd(y2, z2, weight, rstd, _rows(dout, y2.shape[1]), group_size, norm_before_gate)
-        dz = dz.reshape(shape) if dz is not None else None
-        return dy.reshape(shape), dz, dw.to(weight.dtype), None, None, None
+
+# Custom ops: opaque to torch.compile, which traces the block around them (kernels/__init__.py).
+@torch.library.custom_op("hybrid_pretrain::rmsnorm_gated_fwd", mutates_args=(),
+                         schema="(Tensor y, Tensor? z, Tensor weight, int group_size, float eps, "
+                                "bool norm_before_gate) -> (Tensor, Tensor)")
+def _fwd_op(y, z, weight, group_size, eps, norm_before_gate):
+    return rmsnorm_gated_fwd(y, z, weight, group_size, eps, norm_before_gate)
+
+
+@_fwd_op.register_fake
+def _(y, z, weight, group_size, eps, norm_before_gate):
+    nrows = y.numel() // y.shape[-1]
+    return y.new_empty(y.shape), y.new_empty(nrows, y.shape[-1] // group_size, dtype=torch.float32)
+
+
+@torch.library.custom_op("hybrid_pretrain::rmsnorm_gated_bwd", mutates_args=(),
+                         schema="(Tensor dout, Tensor y, Tensor? z, Tensor weight, Tensor rstd, int group_size, "
+                                "bool norm_before_gate) -> (Tensor, Tensor, Tensor)")
+def _bwd_op(dout, y, z, weight, rstd, group_size, norm_before_gate):
+    d = y.shape[-1]
+    dy, dz, dw = rmsnorm_gated_bwd(_rows(y, d), _rows(z, d) if z is not None else None, weight, rstd,
+                                   _rows(dout, d), group_size, norm_before_gate)
+    dz = dz.reshape(y.shape) if dz is not None else y.new_empty(0)
+    return dy.reshape(y.shape), dz, dw.to(weight.dtype)
+
+
+@_bwd_op.register_fake
+def _(dout, y, z, weight, rstd, group_size, norm_before_gate):
+    return y.new_empty(y.shape), (z.new_empty(y.shape) if z is not None else y.new_empty(0)), weight.new_empty(weight.shape)
+
+
+def _setup(ctx, inputs, output):
+    y, z, weight, group_size, eps, norm_before_gate = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(y, z, weight, output[1])
+    ctx.cfg = (group_size, norm_before_gate)
+
+
+def _grads(ctx, dout, _drstd):
+    y, z, weight, rstd = ctx.saved_tensors
+    if dout is None:
+        return None, None, None, None, None, None
+    dy, dz, dw = _bwd_op(dout, y, z, weight, rstd, *ctx.cfg)
+    return dy, dz if z is not None else None, dw, None, None, None
+
+
+_fwd_op.register_autograd(_grads, setup_context=_setup)
 
 
 def rmsnorm_gated(y, z, weight, *, group_size, eps=1e-5, norm_before_gate=False):
     """Triton gated grouped RMSNorm; same contract as kernels.rmsnorm_gated.reference."""
     check_args(y, z, weight, group_size)
-    return _RMSNormGated.apply(y, z, weight.contiguous(), int(group_size), float(eps), bool(norm_before_gate))
+    return _fwd_op(y, z, weight.contiguous(), int(group_size), float(eps), bool(norm_before_gate))[0]
+
+
+def rmsnorm_gated_with_vjp(y, z, weight, *, group_size, eps=1e-5, norm_before_gate=False):
+    """See kernels.rmsnorm_gated.op.rmsnorm_gated_with_vjp: the forward and backward ops called
+    directly (custom ops: traceable by torch.compile inside an autograd.Function's backward)."""
+    check_args(y, z, weight, group_size)
+    weight = weight.contiguous()
+    cfg = (int(group_size), bool(norm_before_gate))
+    out, rstd = _fwd_op(y, z, weight, cfg[0], float(eps), cfg[1])
+
+    def vjp(dout):
+        dy, dz, dw = _bwd_op(dout, y, z, weight, rstd, *cfg)
+        return dy, dz if z is not None else None, dw
+
+    return out, vjp

@@ -1,4 +1,5 @@
-"""Triton SSD scan wired into autograd (a tensor-only torch.autograd.Function).
+"""Triton SSD scan wired into autograd: a forward and a backward torch.library custom op (opaque to
+torch.compile, kernels/__init__.py) joined by register_autograd.
 
 Owns `ssd_scan` for the Triton path: argument checks that only the Triton path needs (chunk
 size a power of two >= 16), the forward (triton_fwd, triton_states) and backward (triton_bwd,
@@ -33,73 +34,145 @@ def _xbc_from_conv(conv_x, conv_w, conv_b, seq_idx, silu, x_shape, bc_shape):
     return x.reshape(x_shape), B.reshape(bc_shape), C.reshape(bc_shape)
 
 
-class _SSDScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states, chunk_size, dt_softplus, dt_limit,
-                recompute_states, conv_x, conv_w, conv_b, conv_silu):
-        batch, seqlen, nheads, hdim = x.shape
-        prec = dot_precision(x.dtype)
-        dtp, cs = fwd.dt_cumsum(dt, dt_bias, A, chunk_size, dt_softplus, dt_limit)
-        cb = fwd.compute_cb(C, B, chunk_size, prec)
-        prev, prev_lp, final = states.states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, prec)
-        out, ypre = fwd.chunk_scan(cb, x, z, D, C, prev_lp, dtp, cs, seq_idx, chunk_size, z is not None, prec)
-        ypre = ypre if z is not None else None  # only the gate's backward needs it
-        # prev_lp is not kept: the dB/dC kernel rounds the float32 prev to the input dtype as it loads
-        # it (the same bits as prev_lp), which saves a (batch, nchunks, nheads, headdim, dstate) tensor
-        del prev_lp
-        ctx.recompute_states = recompute_states
-        ctx.has_init = initial_states is not None
-        if recompute_states:  # rerun compute_cb and states_and_pass in the backward instead
-            cb = prev = None
-        else:
-            initial_states = None  # only a rerun of states_and_pass needs it
-        ctx.conv = conv_x is not None
-        if ctx.conv:  # x, B, C are slices of the conv's output: keep its input, rerun it in backward
-            ctx.conv_silu, ctx.xbc_shapes = conv_silu, (x.shape, B.shape)
-            x = B = C = None
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre, cb, prev, final, dtp, cs,
-                              initial_states, conv_x, conv_w, conv_b)
-        ctx.chunk_size, ctx.dt_softplus, ctx.dt_limit = chunk_size, dt_softplus, dt_limit
-        ctx.set_materialize_grads(False)
-        return out, final
+def _forward(x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states, chunk_size, dt_softplus, dt_lo, dt_hi,
+             keep_states):
+    """The forward kernels: out, final, and what the backward needs: ypre (the ungated output, with z),
+    cb and prev (with keep_states), dtp and cs. What is not kept is an empty tensor."""
+    prec = dot_precision(x.dtype)
+    dtp, cs = fwd.dt_cumsum(dt, dt_bias, A, chunk_size, dt_softplus, (dt_lo, dt_hi))
+    cb = fwd.compute_cb(C, B, chunk_size, prec)
+    prev, prev_lp, final = states.states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, prec)
+    out, ypre = fwd.chunk_scan(cb, x, z, D, C, prev_lp, dtp, cs, seq_idx, chunk_size, z is not None, prec)
+    # prev_lp is not kept: the dB/dC kernel rounds the float32 prev to the input dtype as it loads
+    # it (the same bits as prev_lp), which saves a (batch, nchunks, nheads, headdim, dstate) tensor
+    return (out, final, ypre if z is not None else x.new_empty(0), cb if keep_states else x.new_empty(0),
+            prev if keep_states else x.new_empty(0), dtp, cs)
 
-    @staticmethod
-    def backward(ctx, dout, dfinal):
-        x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre, cb, prev, final, dtp, cs, init, conv_x, conv_w, conv_b = \
-            ctx.saved_tensors
-        if ctx.conv:
-            x, B, C = _xbc_from_conv(conv_x, conv_w, conv_b, seq_idx, ctx.conv_silu, *ctx.xbc_shapes)
-        Q = ctx.chunk_size
-        batch, seqlen, nheads, hdim = x.shape
-        ngroups = B.shape[2]
-        prec = dot_precision(x.dtype)
-        if ctx.recompute_states:  # the forward's kernels on the same inputs: the same bits
-            cb = fwd.compute_cb(C, B, Q, prec)
-            prev = states.states_and_pass(x, B, dtp, cs, seq_idx, init, Q, prec, store_lp=False)[0]
-        if dout is None:
-            dout = torch.zeros_like(x)
-        dz = None
-        if z is not None:
-            zf = z.float()
-            sig = torch.sigmoid(zf)
-            doutf = dout.float()
-            dz = (doutf * ypre.float() * sig * (1 + zf * (1 - sig))).to(z.dtype)
-            dy = (doutf * zf * sig).to(x.dtype)
-        else:
-            dy = dout.to(x.dtype)
-        dS, dS_lp, dinit, dcs_last = bwd_scan.dprev_and_pass_bwd(dy, C, cs, seq_idx, prev, final, dfinal, Q, prec)
-        dx, ddtp, dcs, dD = bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, Q, prec)
-        dcb, dcs_rows = bwd.chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, Q, prec)
-        dB, dC, dcs_offd = bwd.chunk_dbc(x, dy, B, C, prev, dS_lp, dcb, dtp, cs, seq_idx, Q, prec)
-        del dcb, dS, dS_lp
-        ddt, dA, ddt_bias = bwd_scan.dt_bwd(dcs, dcs_rows, dcs_offd, dcs_last, ddtp, dtp, dt, dt_bias, A,
-                                       ctx.dt_softplus, ctx.dt_limit)
-        dA = dA.to(A.dtype)
-        ddt_bias = ddt_bias.to(dt_bias.dtype) if dt_bias is not None else None
-        if dD is not None:
-            dD = dD.to(D.dtype)
-        dinit = dinit if ctx.has_init else None
-        return dx, ddt, dA, dB, dC, dD, dz, ddt_bias, None, dinit, None, None, None, None, None, None, None, None
+
+def _backward(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre, cb, prev, final, dtp, cs, init,
+              chunk_size, dt_softplus, dt_lo, dt_hi):
+    """Every input gradient: dx, ddt, dA, dB, dC, dD, dz, ddt_bias (None where the input is), dinit.
+    cb and prev None: rerun their forward kernels (the same bits)."""
+    Q = chunk_size
+    ngroups = B.shape[2]
+    prec = dot_precision(x.dtype)
+    if cb is None:
+        cb = fwd.compute_cb(C, B, Q, prec)
+        prev = states.states_and_pass(x, B, dtp, cs, seq_idx, init, Q, prec, store_lp=False)[0]
+    dz = None
+    if z is not None:
+        zf = z.float()
+        sig = torch.sigmoid(zf)
+        doutf = dout.float()
+        dz = (doutf * ypre.float() * sig * (1 + zf * (1 - sig))).to(z.dtype)
+        dy = (doutf * zf * sig).to(x.dtype)
+    else:
+        dy = dout.to(x.dtype)
+    dS, dS_lp, dinit, dcs_last = bwd_scan.dprev_and_pass_bwd(dy, C, cs, seq_idx, prev, final, dfinal, Q, prec)
+    dx, ddtp, dcs, dD = bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, Q, prec)
+    dcb, dcs_rows = bwd.chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, Q, prec)
+    dB, dC, dcs_offd = bwd.chunk_dbc(x, dy, B, C, prev, dS_lp, dcb, dtp, cs, seq_idx, Q, prec)
+    del dcb, dS, dS_lp
+    ddt, dA, ddt_bias = bwd_scan.dt_bwd(dcs, dcs_rows, dcs_offd, dcs_last, ddtp, dtp, dt, dt_bias, A,
+                                        dt_softplus, (dt_lo, dt_hi))
+    dA = dA.to(A.dtype)
+    ddt_bias = ddt_bias.to(dt_bias.dtype) if dt_bias is not None else None
+    dD = dD.to(D.dtype) if dD is not None else None
+    return dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit
+
+
+# Custom ops: opaque to torch.compile, which traces the block around them (kernels/__init__.py).
+# Absent optional outputs are empty tensors (an op returns tensors); every output is contiguous.
+_FWD_SCHEMA = ("(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? dt_bias, "
+               "Tensor? seq_idx, Tensor? initial_states, int chunk_size, bool dt_softplus, float dt_lo, float dt_hi, "
+               "bool keep_states, Tensor? conv_x, Tensor? conv_w, Tensor? conv_b, bool conv_silu) "
+               "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+_BWD_SCHEMA = ("(Tensor dout, Tensor? dfinal, Tensor? x, Tensor dt, Tensor A, Tensor? B, Tensor? C, Tensor? D, "
+               "Tensor? z, Tensor? dt_bias, Tensor? seq_idx, Tensor? ypre, Tensor? cb, Tensor? prev, Tensor final, "
+               "Tensor dtp, Tensor cs, Tensor? init, Tensor? conv_x, Tensor? conv_w, Tensor? conv_b, bool conv_silu, "
+               "int[] x_shape, int[] bc_shape, int chunk_size, bool dt_softplus, float dt_lo, float dt_hi) "
+               "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+
+@torch.library.custom_op("hybrid_pretrain::ssd_scan_fwd", mutates_args=(), schema=_FWD_SCHEMA)
+def _fwd_op(x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states, chunk_size, dt_softplus, dt_lo, dt_hi,
+            keep_states, conv_x, conv_w, conv_b, conv_silu):
+    # conv_x, conv_w, conv_b, conv_silu (kernels.ssd conv_source): only for the backward to keep
+    return _forward(x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states, chunk_size, dt_softplus, dt_lo, dt_hi,
+                    keep_states)
+
+
+@_fwd_op.register_fake
+def _(x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states, chunk_size, dt_softplus, dt_lo, dt_hi, keep_states,
+      conv_x, conv_w, conv_b, conv_silu):
+    batch, seqlen, nheads, hdim = x.shape
+    ngroups, dstate = B.shape[2:]
+    nchunks = -(-seqlen // chunk_size)
+    f32 = torch.float32
+    return (x.new_empty(x.shape), x.new_empty(batch, nheads, hdim, dstate, dtype=f32),
+            x.new_empty(x.shape) if z is not None else x.new_empty(0),
+            x.new_empty(batch, nchunks, ngroups, chunk_size, chunk_size, dtype=f32) if keep_states else x.new_empty(0),
+            x.new_empty(batch, nchunks, nheads, hdim, dstate, dtype=f32) if keep_states else x.new_empty(0),
+            x.new_empty(batch, nheads, nchunks, chunk_size, dtype=f32),
+            x.new_empty(batch, nheads, nchunks, chunk_size, dtype=f32))
+
+
+@torch.library.custom_op("hybrid_pretrain::ssd_scan_bwd", mutates_args=(), schema=_BWD_SCHEMA)
+def _bwd_op(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre, cb, prev, final, dtp, cs, init,
+            conv_x, conv_w, conv_b, conv_silu, x_shape, bc_shape, chunk_size, dt_softplus, dt_lo, dt_hi):
+    if conv_x is not None:  # x, B, C were slices of the conv's output: rerun it
+        x, B, C = _xbc_from_conv(conv_x, conv_w, conv_b, seq_idx, conv_silu, x_shape, bc_shape)
+    grads = _backward(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre, cb, prev, final, dtp, cs, init,
+                      chunk_size, dt_softplus, dt_lo, dt_hi)
+    return tuple(g.contiguous() if g is not None else dt.new_empty(0) for g in grads)
+
+
+@_bwd_op.register_fake
+def _(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre, cb, prev, final, dtp, cs, init,
+      conv_x, conv_w, conv_b, conv_silu, x_shape, bc_shape, chunk_size, dt_softplus, dt_lo, dt_hi):
+    def none():
+        return dt.new_empty(0)
+
+    xdtype = (x if x is not None else conv_x).dtype
+    return (dt.new_empty(x_shape, dtype=xdtype), dt.new_empty(dt.shape), A.new_empty(A.shape),
+            dt.new_empty(bc_shape, dtype=xdtype), dt.new_empty(bc_shape, dtype=xdtype),
+            D.new_empty(D.shape) if D is not None else none(), z.new_empty(z.shape) if z is not None else none(),
+            dt_bias.new_empty(dt_bias.shape) if dt_bias is not None else none(),
+            final.new_empty(final.shape))
+
+
+def _setup(ctx, inputs, output):
+    (x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states, chunk_size, dt_softplus, dt_lo, dt_hi,
+     keep_states, conv_x, conv_w, conv_b, conv_silu) = inputs
+    out, final, ypre, cb, prev, dtp, cs = output
+    ctx.mark_non_differentiable(ypre, cb, prev, dtp, cs)
+    ctx.set_materialize_grads(False)
+    ctx.shapes = (list(x.shape), list(B.shape))
+    if conv_x is not None:  # x, B, C are slices of the conv's output: keep its input, rerun it in backward
+        x = B = C = None
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre if z is not None else None,
+                          cb if keep_states else None, prev if keep_states else None, final, dtp, cs,
+                          None if keep_states else initial_states, conv_x, conv_w, conv_b)
+    ctx.cfg = (conv_silu, chunk_size, dt_softplus, dt_lo, dt_hi)
+    ctx.has = (D is not None, z is not None, dt_bias is not None, initial_states is not None)
+
+
+def _grads(ctx, dout, dfinal, *_not_differentiable):
+    if dout is None and dfinal is None:
+        return (None,) * 19
+    x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre, cb, prev, final, dtp, cs, init, conv_x, conv_w, conv_b = \
+        ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros(ctx.shapes[0], device=dt.device, dtype=(x if x is not None else conv_x).dtype)
+    dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = _bwd_op(
+        dout, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre, cb, prev, final, dtp, cs, init,
+        conv_x, conv_w, conv_b, ctx.cfg[0], *ctx.shapes, *ctx.cfg[1:])
+    has_d, has_z, has_bias, has_init = ctx.has
+    return (dx, ddt, dA, dB, dC, dD if has_d else None, dz if has_z else None, ddt_bias if has_bias else None, None,
+            dinit if has_init else None, *(None,) * 9)
+
+
+_fwd_op.register_autograd(_grads, setup_context=_setup)
 
 
 def ssd_scan(
@@ -125,10 +198,8 @@ def ssd_scan(
     dt_bias = dt_bias.contiguous() if dt_bias is not None else None
     if initial_states is not None:
         initial_states = initial_states.float().contiguous()
-    out, final = _SSDScan.apply(
-        x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states, Q, bool(dt_softplus),
-        (float(dt_limit[0]), float(dt_limit[1])), bool(recompute_states), *conv,
-    )
+    out, final = _fwd_op(x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states, Q, bool(dt_softplus),
+                         float(dt_limit[0]), float(dt_limit[1]), not recompute_states, *conv)[:2]
     return (out, final) if return_final_states else out
 
 
