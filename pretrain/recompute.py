@@ -77,18 +77,22 @@ def apply_policy(model: torch.nn.Module | list[torch.nn.Module], kinds: frozense
                          "mamba_conv, mamba_states: both builds' Mamba layers)")
 
 
-def linear_of_recomputed(fn, inputs: tuple, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def linear_of_recomputed(fn, inputs: tuple, weight: torch.Tensor, bias: torch.Tensor | None,
+                         fn_with_vjp=None) -> torch.Tensor:
     """F.linear(fn(*inputs), weight, bias), keeping `inputs` but not fn's output for the backward:
     there fn reruns (under the forward's autocast state: the same ops, the same bits) and autograd
     backprops through it. The parts mlp_act (fn = the MLP activation) and mamba_norm (fn = the gated
-    RMSNorm) use it; fn's inputs are what fn's own backward would keep anyway. None inputs pass."""
-    return _LinearOfRecomputed.apply(fn, weight, bias, *inputs)
+    RMSNorm) use it; fn's inputs are what fn's own backward would keep anyway. None inputs pass.
+    `fn_with_vjp(*inputs) -> (fn(*inputs), vjp)`, where vjp(d_output) returns the inputs' gradients
+    (None for None inputs), replaces that rerun under autograd (torch.autograd.grad inside a backward:
+    a graph break under torch.compile) where an explicit backward exists (the Triton gated norm)."""
+    return _LinearOfRecomputed.apply(fn, fn_with_vjp, weight, bias, *inputs)
 
 
 class _LinearOfRecomputed(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, weight, bias, *inputs):
-        ctx.fn = fn
+    def forward(ctx, fn, fn_with_vjp, weight, bias, *inputs):
+        ctx.fn, ctx.fn_with_vjp = fn, fn_with_vjp
         ctx.save_for_backward(weight, *inputs)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         device = weight.device.type
@@ -99,18 +103,25 @@ class _LinearOfRecomputed(torch.autograd.Function):
     def backward(ctx, dout):
         weight, *inputs = ctx.saved_tensors
         device, amp, amp_dtype = ctx.autocast
-        leaves = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
-        with torch.enable_grad(), torch.autocast(device, dtype=amp_dtype, enabled=amp):
-            h = ctx.fn(*leaves)
+        if ctx.fn_with_vjp is not None:
+            with torch.autocast(device, dtype=amp_dtype, enabled=amp):
+                h, vjp = ctx.fn_with_vjp(*inputs)
+        else:
+            leaves = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
+            with torch.enable_grad(), torch.autocast(device, dtype=amp_dtype, enabled=amp):
+                h = ctx.fn(*leaves)
         # the linear's gradients as autocast's linear computes them: weight cast to the gradient's dtype
         dout2 = dout.reshape(-1, dout.shape[-1])
         dweight = (dout2.t() @ h.detach().reshape(-1, h.shape[-1]).to(dout.dtype)).to(weight.dtype)
         dbias = dout2.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
         dh = (dout @ weight.to(dout.dtype)).to(h.dtype)
-        wanted = [t for t in leaves if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(h, wanted, dh) if wanted else ())
-        dinputs = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
-        return None, dweight, dbias, *dinputs
+        if ctx.fn_with_vjp is not None:
+            dinputs = [g if need else None for g, need in zip(vjp(dh), ctx.needs_input_grad[4:])]
+        else:
+            wanted = [t for t in leaves if t is not None and t.requires_grad]
+            grads = iter(torch.autograd.grad(h, wanted, dh) if wanted else ())
+            dinputs = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
+        return None, None, dweight, dbias, *dinputs
 
 
 def is_recomputing() -> bool:

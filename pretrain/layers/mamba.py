@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from kernels.conv1d.op import causal_conv1d
-from kernels.rmsnorm_gated.op import rmsnorm_gated
+from kernels.rmsnorm_gated.op import rmsnorm_gated, rmsnorm_gated_with_vjp, runs_triton
 from kernels.ssd.op import ssd_scan
 from pretrain.config import MambaConfig
 from pretrain.recompute import linear_of_recomputed
@@ -88,10 +88,15 @@ class Mamba2Mixer(nn.Module):
         )
         y = y.reshape(batch, seqlen, self.d_inner)
         if self.recompute_norm and torch.is_grad_enabled():
+            with_vjp = self._gated_norm_with_vjp if runs_triton(y, z, self.norm_weight) else None
             return linear_of_recomputed(self._gated_norm, (y, z, self.norm_weight), self.out_proj.weight,
-                                        self.out_proj.bias)
+                                        self.out_proj.bias, fn_with_vjp=with_vjp)
         return self.out_proj(self._gated_norm(y, z, self.norm_weight))
 
     def _gated_norm(self, y, z, weight):
         return rmsnorm_gated(y, z, weight, group_size=self.d_inner // self.num_groups, eps=self.norm_eps,
                              norm_before_gate=self.cfg.norm_before_gate)
+
+    def _gated_norm_with_vjp(self, y, z, weight):
+        return rmsnorm_gated_with_vjp(y, z, weight, group_size=self.d_inner // self.num_groups, eps=self.norm_eps,
+                                      norm_before_gate=self.cfg.norm_before_gate)
