@@ -43,3 +43,25 @@ def test_compiled_mamba_block_is_one_graph_and_matches_eager(results, policy):
     tol = {"dmixer.dt_bias": 1e-4, "eager_vs_none.dmixer.dt_bias": 1e-4}
     bad = {k: v for k, v in res.items() if not v <= tol.get(k, 1e-5)}
     assert not bad, f"compiled vs eager relative differences above tolerance: {bad} (all: {res})"
+
+
+def test_recomputed_gated_norm_is_not_merged_with_the_forward_by_cse():
+    """AOTAutograd's common-subexpression pass over the joint graph (as torch 2.11 runs it: forward and
+    backward nodes alike) must keep the backward's rerun of the gated norm (recomputation=True) apart
+    from the forward's call with the same tensors, while it still merges a plain duplicate (so the
+    pass did run). Traced with fake tensors: no kernel runs."""
+    import torch
+    from torch._functorch.compile_utils import fx_graph_cse
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from kernels.rmsnorm_gated.triton_op import _fwd_op
+
+    def f(y, z, w):
+        forward = _fwd_op(y, z, w, 8, 1e-5, False)[0]
+        rerun = _fwd_op(y, z, w, 8, 1e-5, False, recomputation=True)[0]
+        duplicate = _fwd_op(y, z, w, 8, 1e-5, False)[0]
+        return forward + rerun + duplicate
+
+    graph = make_fx(f, tracing_mode="fake")(torch.randn(6, 32), torch.randn(6, 32), torch.randn(32)).graph
+    calls = [n for n in fx_graph_cse(graph).nodes if n.op == "call_function" and "rmsnorm_gated_fwd" in str(n.target)]
+    assert len(calls) == 2
