@@ -52,7 +52,7 @@ class Engine:
             self.model = HybridLM(cfg.model, derived, parallel=self.parallel).to(device)
             self.chunks = [self.model]
         apply_policy(self.chunks, parse_policy(cfg.trainer.recompute))
-        if cfg.trainer.compile:  # each residual block of every chunk; the Triton kernels stay opaque
+        if cfg.trainer.compile:  # each residual block of every chunk; the Triton kernels are opaque custom ops
             for chunk in self.chunks:
                 for block in chunk.blocks():
                     block.compile()

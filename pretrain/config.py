@@ -168,7 +168,8 @@ class TrainerConfig:
     # one process, the megatron engine (parallel/engine.py) with several; megatron: that engine in one
     # process too (a 1-rank process group; on CUDA bf16 parameters with fp32 main weights)
     engine: str = "auto"
-    # torch.compile each residual block, in every build and parallel layout (the Triton kernels stay opaque)
+    # torch.compile each residual block, in every build and parallel layout (the Triton kernels are opaque
+    # torch.library custom ops: one graph per block, kernels launched by their own launcher)
     compile: bool = False
     eval_interval: int = 0  # > 0: evaluate on data.validation every this many steps (and at the end)
     eval_steps: int = 10  # micro-batches per dp rank in one evaluation
