@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 KINDS = ("mamba", "attention", "mlp", "moe")
 PARTS = ("mlp_act", "mamba_norm", "mamba_conv", "mamba_states")
 # part -> the flag attribute that the layers implementing it declare (pretrain/layers, parallel/mamba.py)
-_PART_FLAGS = {"mlp_act": "recompute_act", "mamba_norm": "recompute_norm", "mamba_conv": "recompute_conv",
+PART_FLAGS = {"mlp_act": "recompute_act", "mamba_norm": "recompute_norm", "mamba_conv": "recompute_conv",
                "mamba_states": "recompute_states"}
 
 _recomputing = 0
@@ -66,7 +66,7 @@ def apply_policy(model: torch.nn.Module | list[torch.nn.Module], kinds: frozense
     for chunk in chunks:
         chunk.recompute_kinds = kinds
         for module in chunk.modules():
-            for part, flag in _PART_FLAGS.items():
+            for part, flag in PART_FLAGS.items():
                 if hasattr(type(module), flag):  # the layer classes that implement a part declare its flag
                     setattr(module, flag, part in kinds)
                     taken.add(part)
@@ -85,7 +85,8 @@ def linear_of_recomputed(fn, inputs: tuple, weight: torch.Tensor, bias: torch.Te
     RMSNorm) use it; fn's inputs are what fn's own backward would keep anyway. None inputs pass.
     `fn_with_vjp(*inputs) -> (fn(*inputs), vjp)`, where vjp(d_output) returns the inputs' gradients
     (None for None inputs), replaces that rerun under autograd (torch.autograd.grad inside a backward:
-    a graph break under torch.compile) where an explicit backward exists (the Triton gated norm)."""
+    a graph break under torch.compile) where an explicit backward exists (the MLP activations, the
+    Triton gated norm)."""
     return _LinearOfRecomputed.apply(fn, fn_with_vjp, weight, bias, *inputs)
 
 

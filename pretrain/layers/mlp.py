@@ -29,7 +29,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         if self.recompute_act and torch.is_grad_enabled():
             gate = self.gate_proj(x) if self.gate_proj is not None else None
-            return linear_of_recomputed(_act, (gate, self.up_proj(x)), self.down_proj.weight, self.down_proj.bias)
+            return linear_of_recomputed(_act, (gate, self.up_proj(x)), self.down_proj.weight, self.down_proj.bias,
+                                        fn_with_vjp=_act_with_vjp)
         return mlp_forward(x, self.up_proj, self.gate_proj, self.down_proj)
 
 
@@ -41,3 +42,22 @@ def mlp_forward(x: torch.Tensor, up, gate, down) -> torch.Tensor:
 
 def _act(gate_out: torch.Tensor | None, up_out: torch.Tensor) -> torch.Tensor:
     return F.silu(gate_out) * up_out if gate_out is not None else torch.square(F.relu(up_out))
+
+
+def _act_with_vjp(gate_out: torch.Tensor | None, up_out: torch.Tensor):
+    """(_act(gate_out, up_out), vjp): vjp(d_act) -> (d_gate or None, d_up), the same aten ops autograd
+    runs for _act's backward (the same bits), called directly: no torch.autograd.grad inside a
+    backward, which torch.compile cannot trace (mlp_act's recomputation, linear_of_recomputed)."""
+    if gate_out is not None:
+        silu = F.silu(gate_out)
+
+        def vjp(d_act):
+            return torch.ops.aten.silu_backward(d_act * up_out, gate_out), d_act * silu
+
+        return silu * up_out, vjp
+    relu = F.relu(up_out)
+
+    def vjp(d_act):
+        return None, torch.ops.aten.threshold_backward(d_act * (2.0 * relu), relu, 0)
+
+    return torch.square(relu), vjp
