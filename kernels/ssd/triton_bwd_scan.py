@@ -13,7 +13,7 @@ import triton.language as tl
 from kernels._triton_utils import INTERPRET, autotune_per_chunk, choose_structure, next_pow2
 from kernels.ssd import triton_states as states
 from kernels.ssd.triton_fwd import _softplus, seq_args
-from kernels.ssd.triton_states import _chunk_scale, _outer_chunk, _state_tile
+from kernels.ssd.triton_states import _chunk_scale, _flat_block_start, _outer_chunk, _state_tile, _store_state
 
 
 @triton.jit
@@ -22,23 +22,12 @@ def _state_pass_bwd_kernel(
     seqlen, nheads, nchunks, chunk_size, dim, nblocks, s_seq_b, s_seq_l,
     HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, STORE_LP: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid_blk = tl.program_id(0).to(tl.int64)
-    pid_b = tl.program_id(1).to(tl.int64)
-    pid_h = tl.program_id(2).to(tl.int64)
-    offs = pid_blk * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < dim
-    bh = (pid_b * nheads + pid_h) * dim
-    if HAS_DFINAL:
-        g = tl.load(dfinal_ptr + bh + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        g = tl.zeros((BLOCK,), dtype=tl.float32)
+    pid_blk, pid_b, pid_h, offs, mask, bh, g = _flat_block_start(dfinal_ptr, nheads, dim, HAS_DFINAL, BLOCK)
     s_after = tl.load(final_ptr + bh + offs, mask=mask, other=0.0)
     for i in range(nchunks):
         c = nchunks - 1 - i
         off = ((pid_b * nchunks + c) * nheads + pid_h) * dim + offs
-        tl.store(dS_ptr + off, g, mask=mask)
-        if STORE_LP:
-            tl.store(dS_lp_ptr + off, g.to(dS_lp_ptr.dtype.element_ty), mask=mask)
+        _store_state(dS_ptr, dS_lp_ptr, off, g, mask, STORE_LP)
         tl.store(dcs_last_ptr + ((pid_b * nheads + pid_h) * nchunks + c) * nblocks + pid_blk, tl.sum(g * s_after))
         scale = _chunk_scale(cs_ptr, seq_ptr, pid_b, pid_h, c, nheads, nchunks, chunk_size, seqlen, s_seq_b, s_seq_l,
                              HAS_SEQ)
@@ -76,9 +65,7 @@ def _dprev_pass_bwd_kernel(
     for i in range(nchunks):
         c = nchunks - 1 - i
         off = ((pid_b * nchunks + c) * nheads + pid_h) * hdim * dstate + tile
-        tl.store(dS_ptr + off, g, mask=mask)
-        if STORE_LP:
-            tl.store(dS_lp_ptr + off, g.to(dS_lp_ptr.dtype.element_ty), mask=mask)
+        _store_state(dS_ptr, dS_lp_ptr, off, g, mask, STORE_LP)
         tl.store(dcs_last_ptr + ((pid_b * nheads + pid_h) * nchunks + c) * ntiles + pid_pn,
                  tl.sum(tl.sum(g * s_after, axis=1), axis=0))
         scale = _chunk_scale(cs_ptr, seq_ptr, pid_b, pid_h, c, nheads, nchunks, chunk_size, seqlen, s_seq_b, s_seq_l,

@@ -36,6 +36,33 @@ def _chunk_scale(cs_ptr, seq_ptr, pid_b, pid_h, c, nheads, nchunks, chunk_size, 
 
 
 @triton.jit
+def _flat_block_start(start_ptr, nheads, dim, HAS_START: tl.constexpr, BLOCK: tl.constexpr):
+    """The flat state-passing kernels' program (grid (blocks, batch, heads)): BLOCK elements of one
+    (batch row, head)'s flattened state of `dim` elements. Returns its block and row ids, offsets,
+    mask, the (batch, head) base offset, and the float32 value the pass starts from (start_ptr's
+    block with HAS_START, else zeros)."""
+    pid_blk = tl.program_id(0).to(tl.int64)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_h = tl.program_id(2).to(tl.int64)
+    offs = pid_blk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < dim
+    bh = (pid_b * nheads + pid_h) * dim
+    if HAS_START:
+        start = tl.load(start_ptr + bh + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        start = tl.zeros((BLOCK,), dtype=tl.float32)
+    return pid_blk, pid_b, pid_h, offs, mask, bh, start
+
+
+@triton.jit
+def _store_state(ptr, lp_ptr, off, value, mask, STORE_LP: tl.constexpr):
+    """Store a float32 state (or state gradient) tile, and with STORE_LP its copy in lp_ptr's dtype."""
+    tl.store(ptr + off, value, mask=mask)
+    if STORE_LP:
+        tl.store(lp_ptr + off, value.to(lp_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _state_tile(pid_pn, hdim, dstate, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program pid_pn's (BLOCK_P, BLOCK_N) tile of a (headdim, dstate) state: its headdim and dstate
     offsets, the in-bounds mask and the flat offsets within one state."""
@@ -137,16 +164,13 @@ def _states_pass_kernel(
     else:
         s = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     for c in range(nchunks):
-        cc = c
-        off = ((pid_b * nchunks + cc) * nheads + pid_h) * hdim * dstate + tile
-        tl.store(prev_ptr + off, s, mask=mask)
-        if STORE_LP:
-            tl.store(prev_lp_ptr + off, s.to(prev_lp_ptr.dtype.element_ty), mask=mask)
-        st = _outer_chunk(x_ptr, b_ptr, dtp_ptr, cs_ptr, seq_ptr, pid_b, cc, pid_h, pid_h // heads_per_group,
+        off = ((pid_b * nchunks + c) * nheads + pid_h) * hdim * dstate + tile
+        _store_state(prev_ptr, prev_lp_ptr, off, s, mask, STORE_LP)
+        st = _outer_chunk(x_ptr, b_ptr, dtp_ptr, cs_ptr, seq_ptr, pid_b, c, pid_h, pid_h // heads_per_group,
                           offs_p, offs_n, seqlen, nheads, nchunks, chunk_size, hdim, dstate,
                           s_a_b, s_a_l, s_a_h, s_a_p, s_b_b, s_b_l, s_b_g, s_b_n, s_seq_b, s_seq_l,
                           0, HAS_SEQ, BLOCK_P, BLOCK_N, BLOCK_K, DOT_PREC, SPLIT)
-        scale = _chunk_scale(cs_ptr, seq_ptr, pid_b, pid_h, cc, nheads, nchunks, chunk_size, seqlen, s_seq_b, s_seq_l,
+        scale = _chunk_scale(cs_ptr, seq_ptr, pid_b, pid_h, c, nheads, nchunks, chunk_size, seqlen, s_seq_b, s_seq_l,
                              HAS_SEQ)
         s = scale * s + st
     tl.store(final_ptr + bh + tile, s, mask=mask)
@@ -158,24 +182,12 @@ def _state_pass_fwd_kernel(
     seqlen, nheads, nchunks, chunk_size, dim, s_seq_b, s_seq_l,
     HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, STORE_LP: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid_blk = tl.program_id(0).to(tl.int64)
-    pid_b = tl.program_id(1).to(tl.int64)
-    pid_h = tl.program_id(2).to(tl.int64)
-    offs = pid_blk * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < dim
-    bh = (pid_b * nheads + pid_h) * dim
-    if HAS_INIT:
-        s = tl.load(init_ptr + bh + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        s = tl.zeros((BLOCK,), dtype=tl.float32)
+    _, pid_b, pid_h, offs, mask, bh, s = _flat_block_start(init_ptr, nheads, dim, HAS_INIT, BLOCK)
     for c in range(nchunks):
-        cc = c
-        off = ((pid_b * nchunks + cc) * nheads + pid_h) * dim + offs
-        tl.store(prev_ptr + off, s, mask=mask)
-        if STORE_LP:
-            tl.store(prev_lp_ptr + off, s.to(prev_lp_ptr.dtype.element_ty), mask=mask)
+        off = ((pid_b * nchunks + c) * nheads + pid_h) * dim + offs
+        _store_state(prev_ptr, prev_lp_ptr, off, s, mask, STORE_LP)
         st = tl.load(states_ptr + off, mask=mask, other=0.0)
-        scale = _chunk_scale(cs_ptr, seq_ptr, pid_b, pid_h, cc, nheads, nchunks, chunk_size, seqlen, s_seq_b, s_seq_l,
+        scale = _chunk_scale(cs_ptr, seq_ptr, pid_b, pid_h, c, nheads, nchunks, chunk_size, seqlen, s_seq_b, s_seq_l,
                              HAS_SEQ)
         s = scale * s + st
     tl.store(final_ptr + bh + offs, s, mask=mask)
