@@ -34,19 +34,15 @@ import kernels  # noqa: E402
 from bench.train import split_overrides  # noqa: E402
 from pretrain.config import load_config, validate  # noqa: E402
 from pretrain.model import ResidualBlock  # noqa: E402
-from pretrain.recompute import KINDS, PART_FLAGS, parse_policy  # noqa: E402
+from pretrain.recompute import parse_policy, set_parts  # noqa: E402
 
 
 def block_for(kind: str, cfg, derived, device: torch.device) -> ResidualBlock:
     torch.manual_seed(0)
     block = ResidualBlock(kind, cfg.model, derived).to(device)
-    # the preset's parts on this block's layers (as apply_policy sets them); whole-block
-    # recomputation (block kinds in trainer.recompute) is the model's, not the block's, and not applied
-    parts = parse_policy(cfg.trainer.recompute) - set(KINDS)
-    for module in block.modules():
-        for part, flag in PART_FLAGS.items():
-            if hasattr(type(module), flag):
-                setattr(module, flag, part in parts)
+    # the preset's parts on this block's layers; whole-block recomputation (block kinds in
+    # trainer.recompute) is the model's, not the block's, and not applied
+    set_parts(block, parse_policy(cfg.trainer.recompute))
     return block
 
 

@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 KINDS = ("mamba", "attention", "mlp", "moe")
 PARTS = ("mlp_act", "mamba_norm", "mamba_conv", "mamba_states")
 # part -> the flag attribute that the layers implementing it declare (pretrain/layers, parallel/mamba.py)
-PART_FLAGS = {"mlp_act": "recompute_act", "mamba_norm": "recompute_norm", "mamba_conv": "recompute_conv",
+_PART_FLAGS = {"mlp_act": "recompute_act", "mamba_norm": "recompute_norm", "mamba_conv": "recompute_conv",
                "mamba_states": "recompute_states"}
 
 _recomputing = 0
@@ -65,16 +65,24 @@ def apply_policy(model: torch.nn.Module | list[torch.nn.Module], kinds: frozense
     taken = set()
     for chunk in chunks:
         chunk.recompute_kinds = kinds
-        for module in chunk.modules():
-            for part, flag in PART_FLAGS.items():
-                if hasattr(type(module), flag):  # the layer classes that implement a part declare its flag
-                    setattr(module, flag, part in kinds)
-                    taken.add(part)
+        taken |= set_parts(chunk, kinds)
     unused = sorted(kinds.intersection(PARTS) - taken)
     if unused:
         raise ValueError(f"trainer.recompute names {', '.join(unused)}, but this model build has no layer it "
                          "applies to (mlp_act and mamba_norm: the single-process build's MLP and Mamba layers; "
                          "mamba_conv, mamba_states: both builds' Mamba layers)")
+
+
+def set_parts(module: torch.nn.Module, kinds: frozenset[str]) -> set[str]:
+    """Set the parts named in `kinds` on (and the others off) every layer in `module` that implements
+    one; returns the parts that some layer there implements. Block kinds are apply_policy's."""
+    implemented = set()
+    for layer in module.modules():
+        for part, flag in _PART_FLAGS.items():
+            if hasattr(type(layer), flag):  # the layer classes that implement a part declare its flag
+                setattr(layer, flag, part in kinds)
+                implemented.add(part)
+    return implemented
 
 
 def linear_of_recomputed(fn, inputs: tuple, weight: torch.Tensor, bias: torch.Tensor | None,
