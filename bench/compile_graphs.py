@@ -9,8 +9,9 @@ row as the packed loader gives: dynamo's graph count and break count (`torch._dy
 and the first line of each distinct break reason, then the block's forward+backward time eager
 and compiled (CUDA events around each iteration, the median of `--iters` after 3 warm-up ones).
 A kind that is one graph with no break is wholly compiled around the Triton custom ops; each
-break is a point where Inductor cannot fuse across and Python runs in between (the attention
-layer's one, `document_layout`, is deliberate: one host sync per forward).
+break is a point where Inductor cannot fuse across and Python runs in between. (Attention's
+deliberate host sync, `document_layout`, runs at the block's first statement, before the graph:
+pretrain/layers/attention.py.)
 
 `--device cpu` (float32, no autocast, wall-clock times; Triton kernels only under
 TRITON_INTERPRET=1, else the PyTorch references): a smoke test of this script with small

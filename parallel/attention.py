@@ -17,7 +17,7 @@ from torch import nn
 from parallel import context, state
 from parallel.common import column_linear, grouped_part, row_linear, split_part
 from pretrain.config import AttentionConfig
-from pretrain.layers.attention import apply_rope, causal_attention, rope_tables
+from pretrain.layers.attention import DocumentLayout, apply_rope, causal_attention, rope_tables
 
 
 class ParallelAttention(nn.Module):
@@ -39,9 +39,10 @@ class ParallelAttention(nn.Module):
         seqlen, batch, _ = out.shape
         return out.view(seqlen, batch, num_heads, self.head_dim).permute(1, 2, 0, 3)
 
-    def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None,
+                layout: DocumentLayout | None = None) -> torch.Tensor:
         if state.cp_size() > 1:
-            return self.forward_context_parallel(hidden, seq_idx)
+            return self.forward_context_parallel(hidden, seq_idx, layout)
         q = self._heads(self.q_proj, hidden, self.num_heads)  # (batch, heads, seqlen, head_dim)
         k = self._heads(self.k_proj, hidden, self.num_kv_heads)
         v = self._heads(self.v_proj, hidden, self.num_kv_heads)
@@ -49,11 +50,12 @@ class ParallelAttention(nn.Module):
         if self.cfg.rope:
             cos, sin = rope_tables(seqlen, self.head_dim, self.cfg.rope_theta, q.device, q.dtype)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = causal_attention(q, k, v, seq_idx)  # (batch, heads, seqlen, head_dim)
+        out = causal_attention(q, k, v, seq_idx, layout)  # (batch, heads, seqlen, head_dim)
         out = out.permute(2, 0, 1, 3).reshape(seqlen, batch, self.num_heads * self.head_dim)
         return self.o_proj(out)[0]
 
-    def forward_context_parallel(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
+    def forward_context_parallel(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None,
+                                 layout: DocumentLayout | None = None) -> torch.Tensor:
         """hidden (s/cp[/tp], batch, d_model) -> the same; seq_idx (batch, s) of the whole sequence."""
         q, _ = self.q_proj(hidden)  # (s/cp, batch, heads * head_dim)
         k, _ = self.k_proj(hidden)
@@ -68,6 +70,6 @@ class ParallelAttention(nn.Module):
         if self.cfg.rope:  # positions of the whole sequence
             cos, sin = rope_tables(seqlen, self.head_dim, self.cfg.rope_theta, q.device, q.dtype)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = causal_attention(q, k, v, seq_idx)  # (batch, heads/cp, s, head_dim)
+        out = causal_attention(q, k, v, seq_idx, layout)  # (batch, heads/cp, s, head_dim)
         out = context.heads_to_seq(out.permute(2, 0, 1, 3))  # (s/cp, batch, heads, head_dim)
         return self.o_proj(out.reshape(s_local, batch, self.num_heads * self.head_dim))[0]

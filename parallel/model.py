@@ -22,6 +22,7 @@ from parallel.mamba import ParallelMamba2Mixer
 from parallel.mlp import ParallelMLP
 from parallel.moe import ParallelMoE
 from pretrain.config import Derived, ModelConfig
+from pretrain.layers.attention import block_layout
 from pretrain.loss import IGNORE_INDEX
 from pretrain.model import HybridLM
 from pretrain.recompute import run_block
@@ -53,7 +54,8 @@ class ParallelResidualBlock(nn.Module):
         self.mixer = build_parallel_mixer(kind, cfg, derived, mcfg)
 
     def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
-        return hidden + self.mixer(self.norm(hidden), seq_idx)
+        extra = block_layout(self.kind, seq_idx)  # first: see pretrain/layers/attention.py
+        return hidden + self.mixer(self.norm(hidden), seq_idx, **extra)
 
 
 class _HeadWeight(nn.Module):

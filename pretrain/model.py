@@ -22,7 +22,7 @@ from torch import nn
 from pretrain.config import Derived, ModelConfig
 from pretrain.chunked_loss import chunked_lm_loss
 from pretrain.loss import lm_loss
-from pretrain.layers.attention import Attention
+from pretrain.layers.attention import Attention, block_layout
 from pretrain.layers.mamba import Mamba2Mixer
 from pretrain.layers.mlp import MLP
 from pretrain.layers.moe import MoE
@@ -51,7 +51,8 @@ class ResidualBlock(nn.Module):
         self.mixer = build_mixer(kind, cfg, derived)
 
     def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
-        return hidden + self.mixer(self.norm(hidden), seq_idx)
+        extra = block_layout(self.kind, seq_idx)  # first: see pretrain/layers/attention.py
+        return hidden + self.mixer(self.norm(hidden), seq_idx, **extra)
 
 
 def _parallel_groups_ready() -> bool:

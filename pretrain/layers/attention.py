@@ -6,7 +6,9 @@ FlashAttention's variable-length kernel (`torch.nn.attention.varlen`), which ski
 across documents; elsewhere (CPU, float32, a torch without it) SDPA with a dense (batch, 1, s, s)
 mask, the reference the GPU tests hold the varlen path to. The document offsets of a seq_idx
 (one host sync for the document count) are computed once per forward, not per layer
-(`document_layout`).
+(`document_layout`), by the residual block before anything else (`block_layout`): under
+torch.compile that deliberate break then falls at the block's first statement and the rest of the
+block is one graph (called three frames deep, in causal_attention, it split the block into five).
 """
 from __future__ import annotations
 
@@ -74,6 +76,18 @@ def document_layout(seq_idx: torch.Tensor) -> tuple[bool, torch.Tensor]:
     return single, cu
 
 
+DocumentLayout = tuple[bool, torch.Tensor]  # (one document per row, document_cu_seqlens), document_layout's result
+
+
+def block_layout(kind: str, seq_idx: torch.Tensor | None) -> dict:
+    """The keyword arguments a residual block of `kind` adds to its mixer call: {"layout":
+    document_layout(seq_idx)} for attention with documents, nothing otherwise. Call it first in the
+    block's forward (see the module docstring)."""
+    if kind != "attention" or seq_idx is None:
+        return {}
+    return {"layout": document_layout(seq_idx)}
+
+
 def _detect_varlen() -> tuple | None:
     """(varlen_attn, the kwargs that ask it for causal + GQA), or None where this torch has none
     (the call changed between torch 2.10 and 2.12: is_causal -> window_size, enable_gqa added).
@@ -119,10 +133,14 @@ def varlen_causal_attention(q, k, v, cu: torch.Tensor) -> torch.Tensor:
     return out.view(batch, seqlen, heads, head_dim).transpose(1, 2)
 
 
-def causal_attention(q, k, v, seq_idx: torch.Tensor | None) -> torch.Tensor:
-    """q (batch, heads, seqlen, hd), k/v (batch, kv_heads, seqlen, hd) -> (batch, heads, seqlen, hd)."""
+def causal_attention(q, k, v, seq_idx: torch.Tensor | None, layout: DocumentLayout | None = None) -> torch.Tensor:
+    """q (batch, heads, seqlen, hd), k/v (batch, kv_heads, seqlen, hd) -> (batch, heads, seqlen, hd).
+    `layout`: document_layout(seq_idx) where the caller has it (computed here otherwise)."""
     gqa = q.shape[1] != k.shape[1]
-    single, cu = document_layout(seq_idx) if seq_idx is not None else (True, None)
+    if seq_idx is None:
+        single, cu = True, None
+    else:
+        single, cu = layout if layout is not None else document_layout(seq_idx)
     # rows of one document each: whole-row causal flash (faster than varlen over the same rows)
     if single:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -143,7 +161,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d_model, cfg.num_kv_heads * head_dim, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.num_heads * head_dim, d_model, bias=cfg.bias)
 
-    def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None,
+                layout: DocumentLayout | None = None) -> torch.Tensor:
         batch, seqlen, _ = hidden.shape
         q = self.q_proj(hidden).view(batch, seqlen, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden).view(batch, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -151,5 +170,5 @@ class Attention(nn.Module):
         if self.cfg.rope:
             cos, sin = rope_tables(seqlen, self.head_dim, self.cfg.rope_theta, q.device, q.dtype)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = causal_attention(q, k, v, seq_idx)
+        out = causal_attention(q, k, v, seq_idx, layout)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seqlen, self.num_heads * self.head_dim))

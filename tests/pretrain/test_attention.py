@@ -113,3 +113,29 @@ def test_varlen_matches_dense_mask_in_bf16(heads, kv_heads, head_dim):
     assert rel(out, ref) < 1e-2
     for name, g, r in zip("qkv", grads, ref_grads):
         assert rel(g, r) < 1e-2, name
+
+
+def test_compiled_attention_block_is_one_graph_and_follows_the_documents():
+    """An attention residual block under torch.compile: the layout's host sync sits at the block's
+    first statement, so dynamo makes one graph of the rest (it made five when the disabled call sat
+    in causal_attention); the layout's one-document-per-row flag is guarded, so a batch of packed
+    documents after one of whole rows takes the masked path again. Compiled against eager, float32."""
+    import torch._dynamo
+
+    from tiny_models import tiny_model
+
+    torch.manual_seed(0)
+    _, model = tiny_model("model.pattern=*")
+    block = model.layers[0]
+    hidden = torch.randn(2, 32, model.layers[0].norm.weight.numel())
+    whole_rows = torch.zeros(2, 32, dtype=torch.int32)
+    packed = whole_rows.clone()
+    packed[0, 11:] = 1
+    packed[1, 5:] = 1
+    explained = torch._dynamo.explain(block)(hidden, whole_rows)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(block)
+    for seq_idx in (whole_rows, packed, whole_rows):
+        torch.testing.assert_close(compiled(hidden, seq_idx), block(hidden, seq_idx), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(block(hidden, whole_rows), block(hidden, packed))

@@ -1,6 +1,6 @@
 """bench/compile_graphs.py on the CPU (`--device cpu`, the PyTorch reference kernels, a smoke test of
-the script, not a measurement): it prints one row per block kind of the pattern, and the Mamba and
-MLP blocks, which have no deliberate break, are one dynamo graph each."""
+the script, not a measurement): it prints one row per block kind of the pattern, and the Mamba, MLP
+and attention blocks are one dynamo graph each (attention's deliberate host sync comes before it)."""
 from __future__ import annotations
 
 import subprocess
@@ -21,6 +21,6 @@ def test_compile_graphs_prints_a_row_per_block_kind():
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in proc.stdout.splitlines() if line.startswith("| ") and not line.startswith("| block")}
     assert set(rows) == {"mamba", "attention", "mlp"}, proc.stdout
-    for kind in ("mamba", "mlp"):
+    for kind in ("mamba", "mlp", "attention"):
         assert rows[kind][:2] == ["1", "0"], proc.stdout
     assert "recompute=mlp_act,mamba_conv" in proc.stdout
