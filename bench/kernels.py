@@ -7,6 +7,10 @@ forward+backward median time (triton.testing.do_bench, CUDA events, median), ach
 and GB/s against the measured ceilings (a large bf16 matmul and a device-to-device copy), the
 PyTorch reference (kernels.ssd.reference) for comparison, and causal FlashAttention (torch SDPA,
 32 heads x 128) at the same batch x seqlen. Then conv1d and gated RMSNorm at mixer sizes.
+The last two columns time the same calls replayed from a CUDA graph (triton.testing.do_bench_cudagraph:
+no host launch overhead, and no L2 flush between repetitions): the GPU's own time for the op, which
+is what a step costs when the host runs ahead of the GPU, as in training. The first columns include
+the host's time to launch the op's ~11 kernels and ~30 small torch ops, which dominates at small shapes.
 `--breakdown` adds each SSD kernel's time, and the time of every launch schedule the autotuner
 picks from for the gated-norm backward and the conv forward at the presets' mixer sizes (the
 first schedule is the fixed one: the A/B of each autotuned list in one run).
@@ -54,6 +58,17 @@ def bench(fn, grad_to_none=None):
         fn()
         return (time.perf_counter() - t0) * 1e3
     return triton.testing.do_bench(fn, warmup=25, rep=200, grad_to_none=grad_to_none, return_mode="median")
+
+
+def bench_graph(fn, grad_to_none=None):
+    """Median ms of fn replayed from a CUDA graph (see the module docstring); nan where the call
+    cannot be captured (the reason printed once)."""
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=100, grad_to_none=grad_to_none, return_mode="median")
+    except Exception as e:  # noqa: BLE001 - a capture failure is reported, not fatal to the table
+        print(f"CUDA graph capture failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        torch.cuda.synchronize()
+        return float("nan")
 
 
 def ceilings():
@@ -107,9 +122,10 @@ def ssd_case(batch, seqlen, h, p, g, n, with_ref, chunk=256):
             y.backward(gy)
 
         try:
-            rows[name] = (bench(fwd), bench(fwdbwd, grad_to_none=leaves))
+            rows[name] = (bench(fwd), bench(fwdbwd, grad_to_none=leaves),
+                          bench_graph(fwd), bench_graph(fwdbwd, grad_to_none=leaves))
         except torch.OutOfMemoryError:
-            rows[name] = (float("nan"), float("nan"))
+            rows[name] = (float("nan"),) * 4
         torch.cuda.empty_cache()
     return rows
 
@@ -129,7 +145,8 @@ def sdpa_case(batch, seqlen):
         def fwdbwd():
             f(q, k, v, is_causal=True).backward(go)
 
-        return bench(fwd), bench(fwdbwd, grad_to_none=[q, k, v])
+        return (bench(fwd), bench(fwdbwd, grad_to_none=[q, k, v]),
+                bench_graph(fwd), bench_graph(fwdbwd, grad_to_none=[q, k, v]))
 
 
 # the launches of one tuned forward + backward (the other rows time alternatives to some of them)
@@ -293,22 +310,22 @@ def main():
     print(f"measured ceilings: bf16 matmul 8192^3 {peak_tf:.0f} TFLOP/s, device copy {peak_gb:.0f} GB/s")
     print(first_call_seconds())
     hdr = (f"{'shape (b, L, HxP, G, N)':34s} {'impl':10s} {'fwd ms':>8s} {'tgt':>6s} {'TF/s':>6s} {'GB/s':>6s} "
-           f"{'f+b ms':>8s} {'tgt':>6s} {'TF/s':>6s} {'GB/s':>6s}")
+           f"{'f+b ms':>8s} {'tgt':>6s} {'TF/s':>6s} {'GB/s':>6s} {'graph f':>8s} {'graph f+b':>9s}")
     emit(hdr)
     for (b, L, h, p, g, n, tgt_fb, tgt_f) in TARGETS:
         shape = f"{b}, {L}, {h}x{p}, {g}, {n}"
         fl = ssd_flops(b, L, h, p, g, n, 256)
         by_f, by_fb = ssd_bytes(b, L, h, p, g, n), ssd_bytes(b, L, h, p, g, n, bwd=True)
         rows = ssd_case(b, L, h, p, g, n, not args.no_ref)
-        for name, (tf, tfb) in rows.items():
+        for name, (tf, tfb, gf, gfb) in rows.items():
             emit(
                 f"{shape:34s} {name:10s} {tf:8.3f} {tgt_f if name == 'triton' else '':>6} {fl / tf / 1e9:6.1f} "
                 f"{by_f / tf / 1e6:6.0f} {tfb:8.3f} {tgt_fb if name == 'triton' else '':>6} {3 * fl / tfb / 1e9:6.1f} "
-                f"{by_fb / tfb / 1e6:6.0f}")
-        sf, sfb = sdpa_case(b, L)
+                f"{by_fb / tfb / 1e6:6.0f} {gf:8.3f} {gfb:9.3f}")
+        sf, sfb, sgf, sgfb = sdpa_case(b, L)
         afl = 4 * b * 32 * L * L * 128 / 2
         emit(f"{shape:34s} {'SDPA 32x128':10s} {sf:8.3f} {'':>6} {afl / sf / 1e9:6.1f} {'':>6} {sfb:8.3f} "
-                     f"{'':>6} {3.5 * afl / sfb / 1e9:6.1f}")
+                     f"{'':>6} {3.5 * afl / sfb / 1e9:6.1f} {'':>6} {sgf:8.3f} {sgfb:9.3f}")
         torch.cuda.empty_cache()
     # conv1d and gated rmsnorm at the first shape's mixer sizes
     b, L, h, p, g, n = TARGETS[0][:6]
@@ -319,32 +336,45 @@ def main():
     gc = torch.randn_like(xc)
     by = 2 * xc.numel() * 2
     for name, fn in (("triton", kernels.causal_conv1d), ("torch ref", conv_ref)):
-        tf = bench(lambda: fn(xc, wc, bc, activation="silu"))
-        tfb = bench(lambda: fn(xc, wc, bc, activation="silu").backward(gc), grad_to_none=[xc, wc, bc])
+        def cf():
+            return fn(xc, wc, bc, activation="silu")
+
+        def cfb():
+            fn(xc, wc, bc, activation="silu").backward(gc)
+
+        tf, tfb = bench(cf), bench(cfb, grad_to_none=[xc, wc, bc])
+        gf, gfb = bench_graph(cf), bench_graph(cfb, grad_to_none=[xc, wc, bc])
         emit(f"{f'conv1d ({b}, {L}, {dim}) w4 silu':34s} {name:10s} {tf:8.3f} {'':>6} {'':>6} "
-                     f"{by / tf / 1e6:6.0f} {tfb:8.3f} {'':>6} {'':>6} {2.5 * by / tfb / 1e6:6.0f}")
+                     f"{by / tf / 1e6:6.0f} {tfb:8.3f} {'':>6} {'':>6} {2.5 * by / tfb / 1e6:6.0f} {gf:8.3f} {gfb:9.3f}")
     yr = torch.randn(b, L, h * p, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     zr = torch.randn_like(yr, requires_grad=True)
     wr = torch.ones(h * p, device="cuda", requires_grad=True)
     gr = torch.randn_like(yr)
     by = 3 * yr.numel() * 2
     for name, fn in (("triton", kernels.rmsnorm_gated), ("torch ref", rms_ref)):
-        tf = bench(lambda: fn(yr, zr, wr, group_size=h * p // g))
-        tfb = bench(lambda: fn(yr, zr, wr, group_size=h * p // g).backward(gr), grad_to_none=[yr, zr, wr])
+        def nf():
+            return fn(yr, zr, wr, group_size=h * p // g)
+
+        def nfb():
+            fn(yr, zr, wr, group_size=h * p // g).backward(gr)
+
+        tf, tfb = bench(nf), bench(nfb, grad_to_none=[yr, zr, wr])
+        gf, gfb = bench_graph(nf), bench_graph(nfb, grad_to_none=[yr, zr, wr])
         emit(f"{f'rmsnorm_gated ({b}, {L}, {h * p})':34s} {name:10s} {tf:8.3f} {'':>6} {'':>6} "
-                     f"{by / tf / 1e6:6.0f} {tfb:8.3f} {'':>6} {'':>6} {7 / 3 * by / tfb / 1e6:6.0f}")
+                     f"{by / tf / 1e6:6.0f} {tfb:8.3f} {'':>6} {'':>6} {7 / 3 * by / tfb / 1e6:6.0f} {gf:8.3f} {gfb:9.3f}")
     if args.claim:
         emit("Mamba-2's claim, SSD (64x64, G1, N128, chunk 256) vs causal SDPA (32x128), 16384 tokens per batch:")
         for L in (2048, 4096, 8192, 16384):
             b = 16384 // L
-            ssd_f, ssd_fb = ssd_case(b, L, 64, 64, 1, 128, with_ref=False)["triton"]
-            sdpa_f, sdpa_fb = sdpa_case(b, L)
+            ssd_f, ssd_fb, _, ssd_gfb = ssd_case(b, L, 64, 64, 1, 128, with_ref=False)["triton"]
+            sdpa_f, sdpa_fb, _, sdpa_gfb = sdpa_case(b, L)
             emit(f"  seqlen {L:5d} x batch {b}: SSD f+b {ssd_fb:.3f} ms, SDPA f+b {sdpa_fb:.3f} ms "
-                         f"({sdpa_fb / ssd_fb:.2f}x); fwd {ssd_f:.3f} vs {sdpa_f:.3f} ms")
+                         f"({sdpa_fb / ssd_fb:.2f}x); fwd {ssd_f:.3f} vs {sdpa_f:.3f} ms; from CUDA graphs f+b "
+                         f"{ssd_gfb:.3f} vs {sdpa_gfb:.3f} ms ({sdpa_gfb / ssd_gfb:.2f}x)")
     if args.chunk_sweep:
         for name, shape in CHUNK_SWEEP:
             for q in (64, 128, 256):
-                tf, tfb = ssd_case(*shape, with_ref=False, chunk=q)["triton"]
+                tf, tfb = ssd_case(*shape, with_ref=False, chunk=q)["triton"][:2]
                 fl = ssd_flops(*shape, q)
                 emit(f"{f'{name} {shape} chunk {q}':34s} {'triton':10s} {tf:8.3f} {'':>6} "
                              f"{fl / tf / 1e9:6.1f} {'':>6} {tfb:8.3f} {'':>6} {3 * fl / tfb / 1e9:6.1f}")
