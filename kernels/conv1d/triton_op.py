@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import INTERPRET, autotune
+from kernels._autograd_op import with_autograd
+from kernels._triton_utils import INTERPRET, autotune, cdiv, next_power_of_2
 
 
 @triton.jit
@@ -242,7 +243,7 @@ _conv_bwd_tuned = autotune(
 
 def _blocks(seqlen, dim):
     """Forward (BLOCK_L, BLOCK_D) in the interpreter: whole-tensor tiles."""
-    return triton.next_power_of_2(max(seqlen, 2)), triton.next_power_of_2(max(dim, 2))
+    return next_power_of_2(max(seqlen, 2)), next_power_of_2(max(dim, 2))
 
 
 # Forward on CUDA: (BLOCK_L, BLOCK_D) tiles; the first is the fixed one (kernels.deterministic; the
@@ -266,9 +267,9 @@ def _seg_len(batch, seqlen, dim):
     dpre rows per segment). Interpreter: 16 (several segments in the tests)."""
     if INTERPRET:
         return 16
-    rows = batch * triton.cdiv(dim, 128)
+    rows = batch * cdiv(dim, 128)
     seg = 32
-    while seg < 1024 and rows * triton.cdiv(seqlen, 2 * seg) >= 8192:
+    while seg < 1024 and rows * cdiv(seqlen, 2 * seg) >= 8192:
         seg *= 2
     return seg
 
@@ -288,10 +289,10 @@ def conv_forward(x, weight, bias, seq_idx, silu: bool, schedule=None) -> torch.T
         BL, BD = _blocks(seqlen, dim)
         schedule = triton.Config({"BLOCK_L": BL, "BLOCK_D": BD}, num_warps=4, num_stages=1)
     if schedule is None:
-        _conv_fwd_tuned[lambda meta: (triton.cdiv(seqlen, meta["BLOCK_L"]), triton.cdiv(dim, meta["BLOCK_D"]), batch)](
+        _conv_fwd_tuned[lambda meta: (cdiv(seqlen, meta["BLOCK_L"]), cdiv(dim, meta["BLOCK_D"]), batch)](
             *args, **flags)
     else:
-        grid = (triton.cdiv(seqlen, schedule.kwargs["BLOCK_L"]), triton.cdiv(dim, schedule.kwargs["BLOCK_D"]), batch)
+        grid = (cdiv(seqlen, schedule.kwargs["BLOCK_L"]), cdiv(dim, schedule.kwargs["BLOCK_D"]), batch)
         _conv_fwd_kernel[grid](*args, **flags, **schedule.kwargs, num_warps=schedule.num_warps,
                                num_stages=schedule.num_stages)
     return out
@@ -302,12 +303,12 @@ def conv_backward(dout, x, weight, bias, seq_idx, silu: bool):
     batch, seqlen, dim = x.shape
     width = weight.shape[1]
     seg = _seg_len(batch, seqlen, dim)
-    nseg = triton.cdiv(seqlen, seg)
+    nseg = cdiv(seqlen, seg)
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     dw = torch.empty(batch * nseg, width, dim, device=x.device, dtype=torch.float32)
     db = torch.empty(batch * nseg, dim, device=x.device, dtype=torch.float32) if bias is not None else dw
     seq = seq_idx if seq_idx is not None else x
-    _conv_bwd_tuned[lambda meta: (nseg, triton.cdiv(dim, meta["BLOCK_D"]), batch)](
+    _conv_bwd_tuned[lambda meta: (nseg, cdiv(dim, meta["BLOCK_D"]), batch)](
         x, weight, bias if bias is not None else weight, seq, dout, dx, dw, db, seqlen, dim, nseg,
         *x.stride(), *weight.stride(), *(seq_idx.stride() if seq_idx is not None else (0, 0)),
         *dout.stride(), *dx.stride(),
@@ -357,7 +358,7 @@ def _conv_grads(ctx, dout):
     return dx, dweight, dbias if bias is not None else None, None, None
 
 
-_conv_fwd_op.register_autograd(_conv_grads, setup_context=_conv_setup)
+_conv_fwd = with_autograd(_conv_fwd_op, _conv_grads, _conv_setup)
 
 
 def causal_conv1d(x, weight, bias=None, *, seq_idx=None, activation=None):
@@ -365,4 +366,4 @@ def causal_conv1d(x, weight, bias=None, *, seq_idx=None, activation=None):
     from kernels.conv1d.reference import _check
 
     _check(x, weight, bias, activation)
-    return _conv_fwd_op(x, weight, bias, seq_idx, activation is not None)
+    return _conv_fwd(x, weight, bias, seq_idx, activation is not None)

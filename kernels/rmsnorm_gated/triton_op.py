@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import INTERPRET, autotune
+from kernels._autograd_op import with_autograd
+from kernels._triton_utils import INTERPRET, autotune, cdiv, next_power_of_2
 from kernels.rmsnorm_gated.reference import check_args
 
 
@@ -151,7 +152,7 @@ def _block_r(nrows, group_size):
     """Forward rows per program: about 4096 elements per program."""
     if INTERPRET:
         return 4  # small blocks so that the tests walk several row blocks per program
-    return max(1, min(16, 4096 // triton.next_power_of_2(group_size)))
+    return max(1, min(16, 4096 // next_power_of_2(group_size)))
 
 
 # the backward's rows per program is a multiple of this (the largest BLOCK_R of any schedule), so the
@@ -202,13 +203,13 @@ def rmsnorm_gated_bwd(y2, z2, weight, rstd, dout2, group_size, norm_before_gate,
     dy = torch.empty(y2.shape, device=y2.device, dtype=y2.dtype)
     dz = torch.empty(z2.shape, device=z2.device, dtype=z2.dtype) if z2 is not None else None
     # a bounded number of programs per group, each walking many rows: dweight partials stay small
-    nprog = min(triton.cdiv(nrows, _ROW_ALIGN), 2 if INTERPRET else max(1, 1024 // ngroups))
-    rows_per_prog = triton.cdiv(triton.cdiv(nrows, nprog), _ROW_ALIGN) * _ROW_ALIGN
-    nprog = triton.cdiv(nrows, rows_per_prog)
+    nprog = min(cdiv(nrows, _ROW_ALIGN), 2 if INTERPRET else max(1, 1024 // ngroups))
+    rows_per_prog = cdiv(cdiv(nrows, nprog), _ROW_ALIGN) * _ROW_ALIGN
+    nprog = cdiv(nrows, rows_per_prog)
     dw = torch.empty(nprog, d, device=y2.device, dtype=torch.float32)
     zz = z2 if z2 is not None else y2
     dzz = dz if dz is not None else dy
-    block_g = triton.next_power_of_2(group_size)
+    block_g = next_power_of_2(group_size)
     args = (y2, zz, weight, rstd, dout2, dy, dzz, dw, nrows, d, group_size, ngroups, rows_per_prog,
             y2.stride(0), zz.stride(0), dout2.stride(0), dy.stride(0), dzz.stride(0))
     flags = dict(HAS_Z=z2 is not None, NORM_BEFORE_GATE=norm_before_gate, BLOCK_G=block_g)
@@ -229,11 +230,11 @@ def rmsnorm_gated_fwd(y, z, weight, group_size, eps, norm_before_gate):
     out = torch.empty(y2.shape, device=y.device, dtype=y.dtype)
     rstd = torch.empty(nrows, ngroups, device=y.device, dtype=torch.float32)
     BR = _block_r(nrows, group_size)
-    _rms_fwd_kernel[(triton.cdiv(nrows, BR), ngroups)](
+    _rms_fwd_kernel[(cdiv(nrows, BR), ngroups)](
         y2, z2 if z2 is not None else y2, weight, out, rstd, nrows, d, group_size, ngroups, eps,
         y2.stride(0), (z2 if z2 is not None else y2).stride(0), out.stride(0),
         HAS_Z=z is not None, NORM_BEFORE_GATE=norm_before_gate, BLOCK_R=BR,
-        BLOCK_G=triton.next_power_of_2(group_size), num_warps=4,
+        BLOCK_G=next_power_of_2(group_size), num_warps=4,
     )
     return out.reshape(y.shape), rstd
 
@@ -290,13 +291,13 @@ def _grads(ctx, dout, _drstd):
     return dy, dz if z is not None else None, dw, None, None, None, None
 
 
-_fwd_op.register_autograd(_grads, setup_context=_setup)
+_norm_fwd = with_autograd(_fwd_op, _grads, _setup)
 
 
 def rmsnorm_gated(y, z, weight, *, group_size, eps=1e-5, norm_before_gate=False):
     """Triton gated grouped RMSNorm; same contract as kernels.rmsnorm_gated.reference."""
     check_args(y, z, weight, group_size)
-    return _fwd_op(y, z, weight.contiguous(), int(group_size), float(eps), bool(norm_before_gate))[0]
+    return _norm_fwd(y, z, weight.contiguous(), int(group_size), float(eps), bool(norm_before_gate), False)[0]
 
 
 def rmsnorm_gated_with_vjp(y, z, weight, *, group_size, eps=1e-5, norm_before_gate=False):

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import INTERPRET, autotune_per_chunk, next_pow2
+from kernels._triton_utils import INTERPRET, autotune_per_chunk, cdiv, next_pow2
 from kernels.ssd.triton_fwd import _dot_f32_operand, seq_args
 
 
@@ -461,9 +461,9 @@ def chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec, config
     (benchmarks; ignored by the interpreter)."""
     batch, seqlen, nheads, hdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
-    nchunks = triton.cdiv(seqlen, chunk_size)
+    nchunks = cdiv(seqlen, chunk_size)
     bs = _blocks(chunk_size, hdim, dstate)
-    nblk = triton.cdiv(chunk_size, bs["J"])
+    nblk = cdiv(chunk_size, bs["J"])
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     ddtp = torch.empty_like(dtp)
     dcs = torch.empty_like(dtp)
@@ -499,18 +499,18 @@ def chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, chunk_size, dot_prec, head_p
     first such config of the given decay form (benchmarks and tests; the interpreter then splits
     headdim into blocks of 16)."""
     batch, seqlen, nheads, hdim = x.shape
-    nchunks = triton.cdiv(seqlen, chunk_size)
+    nchunks = cdiv(seqlen, chunk_size)
     bs = _blocks(chunk_size, hdim, 16)
     BI = BJ = bs["I"]
     nsplit = _nsplit(nheads // ngroups)
     dcb = torch.empty(batch, nchunks, nsplit, ngroups, chunk_size, chunk_size, device=x.device, dtype=torch.float32)
-    nj = triton.cdiv(chunk_size, BJ)
+    nj = cdiv(chunk_size, BJ)
     rows = torch.zeros(batch, nheads, nchunks, nj, chunk_size, device=x.device, dtype=torch.float32)
     seq, seq_s = seq_args(seq_idx, cs)
     args = (x, dy, dtp, cs, seq, cb, dcb, rows, seqlen, nheads, nchunks, chunk_size, hdim, nheads // ngroups,
             ngroups, nsplit, *x.stride(), *dy.stride(), *seq_s)
     kw = dict(HAS_SEQ=seq_idx is not None, BLOCK_I=BI, BLOCK_J=BJ, DOT_PREC=dot_prec, HDIM_BLOCK=next_pow2(hdim))
-    grid = (triton.cdiv(chunk_size, BI) * nj, batch * nchunks, ngroups * nsplit)
+    grid = (cdiv(chunk_size, BI) * nj, batch * nchunks, ngroups * nsplit)
     if INTERPRET:
         pipe = True if head_pipe is None else head_pipe
         _chunk_dcb_kernel[grid](*args, **kw, BLOCK_P=bs["P"] if pipe else 16, HEAD_PIPE=pipe,
@@ -529,12 +529,12 @@ def chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, chunk_size, dot_prec
     head_pipe: as in chunk_dcb."""
     batch, seqlen, nheads, hdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
-    nchunks = triton.cdiv(seqlen, chunk_size)
+    nchunks = cdiv(seqlen, chunk_size)
     bs = _blocks(chunk_size, hdim, dstate)
     nsplit = dcb.shape[2]
     dB = torch.empty(batch, seqlen, nsplit, ngroups, dstate, device=B.device, dtype=torch.float32)
     dC = torch.empty_like(dB)
-    nn = triton.cdiv(dstate, bs["N"])
+    nn = cdiv(dstate, bs["N"])
     offd = torch.empty(batch, nheads, nchunks, nn, chunk_size, device=x.device, dtype=torch.float32)
     seq, seq_s = seq_args(seq_idx, cs)
     args = (x, dy, B, C, prev, dS, dcb, dtp, cs, seq, dB, dC, offd,
@@ -543,17 +543,17 @@ def chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, chunk_size, dot_prec
     kw = dict(HAS_SEQ=seq_idx is not None, BLOCK_N=bs["N"], DOT_PREC=dot_prec, HDIM_BLOCK=next_pow2(hdim))
     if INTERPRET:
         pipe = True if head_pipe is None else head_pipe
-        grid = (triton.cdiv(chunk_size, bs["R"]) * nn, batch * nchunks, ngroups * nsplit)
+        grid = (cdiv(chunk_size, bs["R"]) * nn, batch * nchunks, ngroups * nsplit)
         _chunk_dbc_kernel[grid](*args, **kw, BLOCK_R=bs["R"], BLOCK_K=bs["K"], BLOCK_P=bs["P"] if pipe else 16,
                                 HEAD_PIPE=pipe, num_warps=4)
     elif head_pipe is None:
         def grid(meta):
-            return (triton.cdiv(chunk_size, meta["BLOCK_R"]) * nn, batch * nchunks, ngroups * nsplit)
+            return (cdiv(chunk_size, meta["BLOCK_R"]) * nn, batch * nchunks, ngroups * nsplit)
 
         _chunk_dbc_tuned(chunk_size)[grid](*args, **kw)
     else:
         cfg, warps, stages = _first_with(_DBC_SPACE, head_pipe, chunk_size)
-        grid = (triton.cdiv(chunk_size, cfg["BLOCK_R"]) * nn, batch * nchunks, ngroups * nsplit)
+        grid = (cdiv(chunk_size, cfg["BLOCK_R"]) * nn, batch * nchunks, ngroups * nsplit)
         _chunk_dbc_kernel[grid](*args, **kw, **cfg, num_warps=warps, num_stages=stages)
     if nsplit == 1:
         return dB[:, :, 0].to(B.dtype), dC[:, :, 0].to(C.dtype), offd

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import INTERPRET, autotune_per_chunk, choose_structure, next_pow2
+from kernels._triton_utils import INTERPRET, autotune_per_chunk, cdiv, choose_structure, next_pow2, next_power_of_2
 from kernels.ssd import triton_states as states
 from kernels.ssd.triton_fwd import _softplus, seq_args
 from kernels.ssd.triton_states import _chunk_scale, _flat_block_start, _outer_chunk, _state_tile, _store_state
@@ -161,12 +161,12 @@ def dprev_and_pass_bwd(dy, C, cs, seq_idx, prev, final, dfinal, chunk_size, dot_
     if not fused:
         dprev = states.chunk_outer(dy, C, cs, cs, seq_idx, chunk_size, 1, dot_prec)
         return state_pass_bwd(dprev, prev, final, dfinal, cs, seq_idx, seqlen, chunk_size, dy.dtype)
-    nchunks = triton.cdiv(seqlen, chunk_size)
+    nchunks = cdiv(seqlen, chunk_size)
     if INTERPRET:
         BP, BN = next_pow2(hdim), next_pow2(dstate)
     else:
         BP, BN = min(64, next_pow2(hdim)), min(64, next_pow2(dstate))
-    ntiles = triton.cdiv(hdim, BP) * triton.cdiv(dstate, BN)
+    ntiles = cdiv(hdim, BP) * cdiv(dstate, BN)
     dS = torch.empty(prev.shape, device=dy.device, dtype=torch.float32)
     store_lp = dy.dtype != torch.float32
     dS_lp = torch.empty(prev.shape, device=dy.device, dtype=dy.dtype) if store_lp else dS
@@ -192,8 +192,8 @@ def state_pass_bwd(dprev, prev, final, dfinal, cs, seq_idx, seqlen, chunk_size, 
     <dS_c, S_c> (batch, nheads, nchunks, nblocks)."""
     batch, nchunks, nheads, hdim, dstate = dprev.shape
     dim = hdim * dstate
-    BLOCK = triton.next_power_of_2(dim) if INTERPRET else min(1024, triton.next_power_of_2(dim))
-    nblocks = triton.cdiv(dim, BLOCK)
+    BLOCK = next_power_of_2(dim) if INTERPRET else min(1024, next_power_of_2(dim))
+    nblocks = cdiv(dim, BLOCK)
     dS = torch.empty_like(dprev)
     store_lp = lp_dtype != torch.float32
     dS_lp = torch.empty(dprev.shape, device=dprev.device, dtype=lp_dtype) if store_lp else dS
@@ -212,16 +212,16 @@ def dt_bwd(dcs, rows, offd, dcs_last, ddtp, dtp, dt, dt_bias, A, dt_softplus, dt
     """Fused tail: -> ddt (batch, seqlen, nheads) in dt's dtype, dA (nheads,), d dt_bias (nheads,) float32."""
     batch, nheads, nchunks, chunk_size = dcs.shape
     seqlen = dt.shape[1]
-    BLOCK_H = triton.next_power_of_2(nheads) if INTERPRET else min(8, triton.next_power_of_2(nheads))
+    BLOCK_H = next_power_of_2(nheads) if INTERPRET else min(8, next_power_of_2(nheads))
     ddt = torch.empty(dt.shape, device=dt.device, dtype=dt.dtype)
     dA = torch.empty(batch * nchunks, nheads, device=dt.device, dtype=torch.float32)
     dbias = torch.empty(batch * nchunks, nheads, device=dt.device, dtype=torch.float32) if dt_bias is not None else dA
     has_limit = tuple(dt_limit) != (0.0, float("inf"))
-    _dt_bwd_kernel[(batch, nchunks, triton.cdiv(nheads, BLOCK_H))](
+    _dt_bwd_kernel[(batch, nchunks, cdiv(nheads, BLOCK_H))](
         dcs, rows, offd, dcs_last, ddtp, dtp, dt, dt_bias if dt_bias is not None else dt, A, ddt, dA, dbias,
         seqlen, nheads, nchunks, chunk_size, rows.shape[3], offd.shape[3], dcs_last.shape[3],
         float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)), *dt.stride(), *ddt.stride(),
         HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit,
-        BLOCK_H=BLOCK_H, BLOCK_Q=triton.next_power_of_2(chunk_size), num_warps=4,
+        BLOCK_H=BLOCK_H, BLOCK_Q=next_power_of_2(chunk_size), num_warps=4,
     )
     return ddt, dA.sum(0), (dbias.sum(0) if dt_bias is not None else None)

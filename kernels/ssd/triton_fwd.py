@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import INTERPRET, autotune_per_chunk, next_pow2
+from kernels._triton_utils import INTERPRET, autotune_per_chunk, cdiv, next_pow2, next_power_of_2
 
 
 @triton.jit
@@ -267,17 +267,17 @@ def _blocks(chunk_size, hdim, dstate):
 
 def dt_cumsum(dt, dt_bias, A, chunk_size, dt_softplus, dt_limit):
     batch, seqlen, nheads = dt.shape
-    nchunks = triton.cdiv(seqlen, chunk_size)
+    nchunks = cdiv(seqlen, chunk_size)
     dtp = torch.empty(batch, nheads, nchunks, chunk_size, device=dt.device, dtype=torch.float32)
     cs = torch.empty_like(dtp)
     has_limit = tuple(dt_limit) != (0.0, float("inf"))
-    BLOCK_H = min(8, triton.next_power_of_2(nheads)) if not INTERPRET else triton.next_power_of_2(nheads)
-    grid = (batch, nchunks, triton.cdiv(nheads, BLOCK_H))
+    BLOCK_H = min(8, next_power_of_2(nheads)) if not INTERPRET else next_power_of_2(nheads)
+    grid = (batch, nchunks, cdiv(nheads, BLOCK_H))
     _dt_cumsum_kernel[grid](
         dt, dt_bias if dt_bias is not None else dt, A, dtp, cs, seqlen, nheads, nchunks, chunk_size,
         dt.stride(0), dt.stride(1), dt.stride(2), float(dt_limit[0]), float(min(dt_limit[1], 3.0e38)),
         HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit,
-        BLOCK_H=BLOCK_H, BLOCK_Q=triton.next_power_of_2(chunk_size),
+        BLOCK_H=BLOCK_H, BLOCK_Q=next_power_of_2(chunk_size),
     )
     return dtp, cs
 
@@ -289,12 +289,12 @@ def seq_args(seq_idx, fallback):
 
 def compute_cb(C, B, chunk_size, dot_prec):
     batch, seqlen, ngroups, dstate = B.shape
-    nchunks = triton.cdiv(seqlen, chunk_size)
+    nchunks = cdiv(seqlen, chunk_size)
     cb = torch.empty(batch, nchunks, ngroups, chunk_size, chunk_size, device=B.device, dtype=torch.float32)
     bs = _blocks(chunk_size, 1, dstate)
     BM = bs["M"]
     BK = min(64, next_pow2(dstate)) if not INTERPRET else next_pow2(dstate)
-    grid = (triton.cdiv(chunk_size, BM) ** 2, batch * nchunks, ngroups)
+    grid = (cdiv(chunk_size, BM) ** 2, batch * nchunks, ngroups)
     _cb_kernel[grid](
         C, B, cb, seqlen, nchunks, chunk_size, dstate, ngroups, *C.stride(), *B.stride(),
         BLOCK_M=BM, BLOCK_N=BM, BLOCK_K=BK, DOT_PREC=dot_prec, num_warps=bs["warps"],
@@ -308,7 +308,7 @@ def chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq_idx, chunk_size, store_ypre, d
     that config (benchmarks; ignored by the interpreter)."""
     batch, seqlen, nheads, hdim = x.shape
     ngroups, dstate = C.shape[2], C.shape[3]
-    nchunks = triton.cdiv(seqlen, chunk_size)
+    nchunks = cdiv(seqlen, chunk_size)
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     ypre = torch.empty_like(out) if store_ypre else out
     bs = _blocks(chunk_size, hdim, dstate)
@@ -326,7 +326,7 @@ def chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq_idx, chunk_size, store_ypre, d
               DOT_PREC=dot_prec)
 
     def grid(meta):
-        return (triton.cdiv(chunk_size, meta["BLOCK_M"]) * triton.cdiv(hdim, meta["BLOCK_P"]), batch * nchunks, nheads)
+        return (cdiv(chunk_size, meta["BLOCK_M"]) * cdiv(hdim, meta["BLOCK_P"]), batch * nchunks, nheads)
 
     if INTERPRET:
         _chunk_scan_fwd_kernel[grid](*args, **kw, BLOCK_M=bs["M"], BLOCK_P=bs["P"], BLOCK_K=bs["K"], BLOCK_N=bs["N"],

@@ -1,5 +1,5 @@
 """Triton SSD scan wired into autograd: a forward and a backward torch.library custom op (opaque to
-torch.compile, kernels/__init__.py) joined by register_autograd.
+torch.compile, kernels/__init__.py) joined by register_autograd (kernels/_autograd_op.py).
 
 Owns `ssd_scan` for the Triton path: argument checks that only the Triton path needs (chunk
 size a power of two >= 16), the forward (triton_fwd, triton_states) and backward (triton_bwd,
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels._autograd_op import with_autograd
 from kernels._triton_utils import dot_precision
 from kernels.ssd import triton_bwd as bwd
 from kernels.ssd import triton_bwd_scan as bwd_scan
@@ -172,7 +173,7 @@ def _grads(ctx, dout, dfinal, *_not_differentiable):
             dinit if has_init else None, *(None,) * 9)
 
 
-_fwd_op.register_autograd(_grads, setup_context=_setup)
+_ssd_fwd = with_autograd(_fwd_op, _grads, _setup)
 
 
 def ssd_scan(
@@ -198,7 +199,7 @@ def ssd_scan(
     dt_bias = dt_bias.contiguous() if dt_bias is not None else None
     if initial_states is not None:
         initial_states = initial_states.float().contiguous()
-    out, final = _fwd_op(x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states, Q, bool(dt_softplus),
+    out, final = _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states, Q, bool(dt_softplus),
                          float(dt_limit[0]), float(dt_limit[1]), not recompute_states, *conv)[:2]
     return (out, final) if return_final_states else out
 

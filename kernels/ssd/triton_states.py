@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import INTERPRET, autotune_per_chunk, choose_structure, next_pow2
+from kernels._triton_utils import INTERPRET, autotune_per_chunk, cdiv, choose_structure, next_pow2, next_power_of_2
 from kernels.ssd.triton_fwd import _blocks, _cfgs, _dot_f32_operand, seq_args
 
 
@@ -234,7 +234,7 @@ def chunk_outer(a, b, dtp, cs, seq_idx, chunk_size, mode, dot_prec):
     """MODE 0: chunk states from (x, B); MODE 1: dprev from (dy, C). -> (batch, nchunks, nheads, hdim, dstate)."""
     batch, seqlen, nheads, hdim = a.shape
     ngroups, dstate = b.shape[2], b.shape[3]
-    nchunks = triton.cdiv(seqlen, chunk_size)
+    nchunks = cdiv(seqlen, chunk_size)
     out = torch.empty(batch, nchunks, nheads, hdim, dstate, device=a.device, dtype=torch.float32)
     bs = _blocks(chunk_size, hdim, dstate)
     seq, seq_s = seq_args(seq_idx, dtp)
@@ -243,11 +243,11 @@ def chunk_outer(a, b, dtp, cs, seq_idx, chunk_size, mode, dot_prec):
     kw = dict(MODE=mode, HAS_SEQ=seq_idx is not None, DOT_PREC=dot_prec, SPLIT=b.dtype != torch.float32)
     if INTERPRET:
         BP, BN = bs["P"], bs["N"]
-        grid = (triton.cdiv(hdim, BP) * triton.cdiv(dstate, BN), batch * nchunks, nheads)
+        grid = (cdiv(hdim, BP) * cdiv(dstate, BN), batch * nchunks, nheads)
         _chunk_outer_kernel[grid](*args, **kw, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=bs["K"], num_warps=4)
     else:
         def grid(meta):
-            return (triton.cdiv(hdim, meta["BLOCK_P"]) * triton.cdiv(dstate, meta["BLOCK_N"]), batch * nchunks, nheads)
+            return (cdiv(hdim, meta["BLOCK_P"]) * cdiv(dstate, meta["BLOCK_N"]), batch * nchunks, nheads)
 
         _chunk_outer_tuned(chunk_size)[grid](*args, **kw)
     return out
@@ -274,7 +274,7 @@ def states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, dot_prec
         prev, prev_lp, final = state_pass(states, cs, seq_idx, initial_states, seqlen, chunk_size,
                                           x.dtype if lp else torch.float32)
         return prev, (prev_lp if store_lp else None), final
-    nchunks = triton.cdiv(seqlen, chunk_size)
+    nchunks = cdiv(seqlen, chunk_size)
     prev = torch.empty(batch, nchunks, nheads, hdim, dstate, device=x.device, dtype=torch.float32)
     if lp:
         prev_lp = torch.empty(prev.shape, device=x.device, dtype=x.dtype)
@@ -289,11 +289,11 @@ def states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, dot_prec
               DOT_PREC=dot_prec, SPLIT=B.dtype != torch.float32)
     if INTERPRET:
         bs = _blocks(chunk_size, hdim, dstate)
-        grid = (triton.cdiv(hdim, bs["P"]) * triton.cdiv(dstate, bs["N"]), batch, nheads)
+        grid = (cdiv(hdim, bs["P"]) * cdiv(dstate, bs["N"]), batch, nheads)
         _states_pass_kernel[grid](*args, **kw, BLOCK_P=bs["P"], BLOCK_N=bs["N"], BLOCK_K=bs["K"], num_warps=4)
     else:
         def grid(meta):
-            return (triton.cdiv(hdim, meta["BLOCK_P"]) * triton.cdiv(dstate, meta["BLOCK_N"]), batch, nheads)
+            return (cdiv(hdim, meta["BLOCK_P"]) * cdiv(dstate, meta["BLOCK_N"]), batch, nheads)
 
         _states_pass_tuned(chunk_size, next_pow2(dstate))[grid](*args, **kw)
     return prev, (prev_lp if store_lp else None), final
@@ -308,10 +308,10 @@ def state_pass(states, cs, seq_idx, initial_states, seqlen, chunk_size, lp_dtype
     store_lp = lp_dtype != torch.float32
     prev_lp = torch.empty(states.shape, device=states.device, dtype=lp_dtype) if store_lp else prev
     final = torch.empty(batch, nheads, hdim, dstate, device=states.device, dtype=torch.float32)
-    BLOCK = triton.next_power_of_2(dim) if INTERPRET else min(1024, triton.next_power_of_2(dim))
+    BLOCK = next_power_of_2(dim) if INTERPRET else min(1024, next_power_of_2(dim))
     init = initial_states.contiguous() if initial_states is not None else states
     seq, seq_s = seq_args(seq_idx, cs)
-    grid = (triton.cdiv(dim, BLOCK), batch, nheads)
+    grid = (cdiv(dim, BLOCK), batch, nheads)
     _state_pass_fwd_kernel[grid](
         states, cs, seq, init, prev, prev_lp, final, seqlen, nheads, nchunks, chunk_size, dim, *seq_s,
         HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, STORE_LP=store_lp, BLOCK=BLOCK,
