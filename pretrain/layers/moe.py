@@ -100,17 +100,26 @@ def route_and_count(moe: "MoE", x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     if is_recomputing():  # the forward is rerun for the backward pass (trainer.recompute): counted already
         return indices, weights, keep
     with torch.no_grad():
-        moe.tokens_per_expert += torch.bincount(indices.flatten(), minlength=moe.cfg.num_experts).float()
+        moe.tokens_per_expert += slots_per_expert(indices, moe.cfg.num_experts).float()
         if keep is not None:
-            moe.dropped_per_expert += torch.bincount(indices[~keep], minlength=moe.cfg.num_experts).float()
+            moe.dropped_per_expert += slots_per_expert(indices, moe.cfg.num_experts, ~keep).float()
     return indices, weights, keep
+
+
+def slots_per_expert(indices: torch.Tensor, num_experts: int, where: torch.Tensor | None = None) -> torch.Tensor:
+    """indices (any shape) of experts -> int64 (num_experts,): how many of them (only those where
+    `where`, a bool mask of the same shape) name each expert. A scatter-add into a fixed-size tensor,
+    not torch.bincount, whose output size depends on the data (a graph break under torch.compile)
+    and which has no deterministic CUDA kernel; integer sums are exact in any order."""
+    flat = indices.reshape(-1)
+    ones = torch.ones_like(flat) if where is None else where.reshape(-1).to(flat.dtype)
+    return torch.zeros(num_experts, dtype=flat.dtype, device=flat.device).scatter_add_(0, flat, ones)
 
 
 def sort_slots_by_expert(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """indices (tokens, k) -> (order, counts): the routed slots (flat, token-major) sorted by expert
     (stable), and the slots of each expert (num_experts,). Slot s belongs to token s // k."""
-    flat = indices.reshape(-1)
-    return torch.argsort(flat, stable=True), torch.bincount(flat, minlength=num_experts)
+    return torch.argsort(indices.reshape(-1), stable=True), slots_per_expert(indices, num_experts)
 
 
 def combine_slots(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None,

@@ -102,6 +102,35 @@ def test_moe_load_counts_and_bias_update():
     assert moe.tokens_per_expert.sum() == 0
 
 
+def test_moe_slot_counts_match_a_loop_and_compile_without_breaks():
+    """The per-expert counts (load, dropped slots, dispatch sizes) against counting by hand, and the
+    router with its bookkeeping under torch.compile is one graph: the counts have a fixed size (with
+    torch.bincount, a data-dependent size, dynamo broke the MoE block at each count)."""
+    import torch._dynamo
+
+    from pretrain.layers.moe import route_and_count, slots_per_expert, sort_slots_by_expert
+
+    gen = torch.Generator().manual_seed(1)
+    indices = torch.randint(0, 5, (13, 2), generator=gen)
+    where = torch.rand(13, 2, generator=gen) > 0.5
+    by_hand = [int((indices == e).sum()) for e in range(6)]
+    assert slots_per_expert(indices, 6).tolist() == by_hand
+    assert slots_per_expert(indices, 6, where).tolist() == [int(((indices == e) & where).sum()) for e in range(6)]
+    order, counts = sort_slots_by_expert(indices, 6)
+    assert counts.tolist() == by_hand and torch.equal(indices.flatten()[order], indices.flatten().sort().values)
+
+    moe = _moe("sigmoid_bias", capacity_factor=1.0)
+    x = torch.randn(12, 32)
+
+    def routing(x):
+        indices, weights, keep = route_and_count(moe, x)
+        return sort_slots_by_expert(indices, moe.cfg.num_experts)[1], keep
+
+    explained = torch._dynamo.explain(routing)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert moe.tokens_per_expert.sum() == 12 * 2 and moe.dropped_per_expert.sum() > 0
+
+
 def test_softmax_aux_loss_value():
     moe = _moe("softmax_aux", aux_loss_coeff=0.1)
     x = torch.randn(1, 16, 32)
