@@ -56,8 +56,9 @@ class Engine:
             for chunk in self.chunks:
                 for block in chunk.blocks():
                     block.compile()
+        for chunk in self.chunks:  # the parallel build chunks its loss at tp = cp = 1 only (ParallelHybridLM.loss)
+            chunk.loss_chunk_tokens = resolve_chunk_tokens(cfg.trainer.loss_chunk_tokens, device)
         if not self.parallel:
-            self.model.loss_chunk_tokens = resolve_chunk_tokens(cfg.trainer.loss_chunk_tokens, device)
             self.optimizer = build_optimizer(self.model, cfg.optim)
             return
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig

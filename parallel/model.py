@@ -21,6 +21,7 @@ from parallel.common import megatron_config, replicated_part, set_spec, shard_fu
 from parallel.mamba import ParallelMamba2Mixer
 from parallel.mlp import ParallelMLP
 from parallel.moe import ParallelMoE
+from pretrain.chunked_loss import chunked_lm_loss
 from pretrain.config import Derived, ModelConfig
 from pretrain.layers.attention import block_layout
 from pretrain.loss import IGNORE_INDEX
@@ -196,7 +197,14 @@ class ParallelHybridLM(HybridLM):
         means divide this shard's sums by the whole sequence's label count, and the loss to optimise
         is cp x that share (megatron DDP averages gradients over dp x cp); the returned cross-entropy
         is summed over cp, i.e. the replica's. MoE balancing losses are not in it: megatron's router
-        sends their gradient into the backward pass itself (parallel.moe.set_aux_loss_scale)."""
+        sends their gradient into the backward pass itself (parallel.moe.set_aux_loss_scale).
+        At tp = cp = 1 (data parallelism only, or the megatron engine on one GPU) this rank holds the
+        whole vocabulary and sequence: with loss_chunk_tokens > 0 the head and cross-entropy run in
+        chunks as in the single-process build (pretrain/chunked_loss.py), without the float32
+        (tokens, vocab) logits that megatron's vocab-parallel cross-entropy needs."""
+        if self.loss_chunk_tokens > 0 and state.tp_size() == 1 and state.cp_size() == 1:
+            hidden = self.hidden_states(tokens, seq_idx)  # (seqlen, batch, d_model)
+            return chunked_lm_loss(hidden, self.output_weight(), labels.t(), z_loss_coeff, self.loss_chunk_tokens)
         return self.loss_from_logits(self.vocab_parallel_logits(tokens, seq_idx), labels, z_loss_coeff)
 
     def loss_from_logits(self, logits: torch.Tensor, labels: torch.Tensor, z_loss_coeff: float = 0.0):

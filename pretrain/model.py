@@ -69,7 +69,8 @@ class HybridLM(nn.Module):
 
     `loss_chunk_tokens` > 0 (set by the engine from trainer.loss_chunk_tokens): `loss` computes the
     head and cross-entropy in chunks of that many tokens (pretrain/chunked_loss.py) instead of
-    materialising the logits; the parallel build keeps its own vocab-parallel loss. `recompute_kinds`
+    materialising the logits; the parallel build does too at tp = cp = 1, and otherwise keeps its
+    vocab-parallel loss. `recompute_kinds`
     (set by the engine from trainer.recompute): blocks of these kinds recompute their activations in
     the backward pass (pretrain/recompute.py; both builds)."""
 

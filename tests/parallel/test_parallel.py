@@ -41,6 +41,8 @@ TWO_RANK_CASES = {
     # without SP every tp rank routes the same tokens: megatron's router must not sum its statistics over tp
     "tp2_softmax_aux": (["parallel.tp=2", "model.moe.router=softmax_aux"], 5),
     "dp2": (["data.global_batch_size=4"], 20),
+    # tp = cp = 1: the parallel build's loss runs chunked like the single-process one (ParallelHybridLM.loss)
+    "dp2_chunked_loss": (["data.global_batch_size=4", "trainer.loss_chunk_tokens=10"], 5),
     # every block recomputed in backward: the collectives of tp + sp and the MoE run again there
     "tp2_sp_recompute_full": (["parallel.tp=2", "parallel.sequence_parallel=true", "trainer.recompute=full"], 5),
     # the mamba_conv and mamba_states parts in the parallel mixer (memory hints there: the CPU runs the
