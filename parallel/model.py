@@ -140,11 +140,21 @@ class ParallelHybridLM(HybridLM):
 
     def stage_forward(self, tokens: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
         """This chunk's part of the forward: (seqlen/cp[/tp], batch, d) hidden states to the next stage,
-        or, on the last stage, the (seqlen/cp, batch, vocab/tp) vocab-parallel logits."""
+        or, on the last stage, the (seqlen/cp, batch, vocab/tp) vocab-parallel logits; with
+        chunks_loss(), the final-normed (seqlen, batch, d) hidden states instead (see stage_loss)."""
         hidden = self._embed(tokens) if self.pre_process else self.input_tensor
         for layer in self.blocks():
             hidden = layer(hidden, seq_idx)
-        return self._logits(self.norm_f(hidden)) if self.post_process else hidden
+        if not self.post_process:
+            return hidden
+        hidden = self.norm_f(hidden)
+        return hidden if self.chunks_loss() else self._logits(hidden)
+
+    def stage_loss(self, output: torch.Tensor, labels: torch.Tensor, z_loss_coeff: float = 0.0):
+        """The last stage's (loss, cross-entropy) from its stage_forward output."""
+        if self.chunks_loss():
+            return self.chunked_loss(output, labels, z_loss_coeff)
+        return self.loss_from_logits(output, labels, z_loss_coeff)
 
     def local_num_parameters(self) -> dict[str, int]:
         """This chunk's parameters (global counts over tp); a tied head copy counts on the first stage."""
@@ -202,10 +212,18 @@ class ParallelHybridLM(HybridLM):
         whole vocabulary and sequence: with loss_chunk_tokens > 0 the head and cross-entropy run in
         chunks as in the single-process build (pretrain/chunked_loss.py), without the float32
         (tokens, vocab) logits that megatron's vocab-parallel cross-entropy needs."""
-        if self.loss_chunk_tokens > 0 and state.tp_size() == 1 and state.cp_size() == 1:
-            hidden = self.hidden_states(tokens, seq_idx)  # (seqlen, batch, d_model)
-            return chunked_lm_loss(hidden, self.output_weight(), labels.t(), z_loss_coeff, self.loss_chunk_tokens)
+        if self.chunks_loss():
+            return self.chunked_loss(self.hidden_states(tokens, seq_idx), labels, z_loss_coeff)
         return self.loss_from_logits(self.vocab_parallel_logits(tokens, seq_idx), labels, z_loss_coeff)
+
+    def chunks_loss(self) -> bool:
+        """Whether the loss runs chunked: loss_chunk_tokens > 0 and tp = cp = 1 (the whole vocabulary
+        and sequence on this rank)."""
+        return self.loss_chunk_tokens > 0 and state.tp_size() == 1 and state.cp_size() == 1
+
+    def chunked_loss(self, hidden: torch.Tensor, labels: torch.Tensor, z_loss_coeff: float = 0.0):
+        """loss() from the final-normed (seqlen, batch, d_model) hidden states, with chunks_loss()."""
+        return chunked_lm_loss(hidden, self.output_weight(), labels.t(), z_loss_coeff, self.loss_chunk_tokens)
 
     def loss_from_logits(self, logits: torch.Tensor, labels: torch.Tensor, z_loss_coeff: float = 0.0):
         """loss() from the (seqlen/cp, batch, vocab/tp) vocab-parallel logits and the whole labels."""

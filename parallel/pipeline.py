@@ -166,8 +166,8 @@ def run_schedule(ddp_chunks: list, chunks: list[nn.Module], batches: list[dict[s
         if not inner.post_process:
             return output, None
 
-        def loss_func(logits):
-            loss, ce = inner.loss_from_logits(logits, batch["labels"], z_loss_coeff)
+        def loss_func(output):  # the vocab-parallel logits, or the hidden states of a chunked loss
+            loss, ce = inner.stage_loss(output, batch["labels"], z_loss_coeff)
             # megatron multiplies by cp and divides by num_microbatches; our loss holds the cp factor already
             return loss / cp, {"ce": ce}
 

@@ -2,7 +2,8 @@
 
 Two launches (a launch costs 10-25 s of imports per rank): 2 ranks run pp=2 with 1F1B (4 micro-batches
 per step), pp=2 split at `|` into uneven stages with the softmax router's aux loss on the first stage
-and z-loss, pp=2 x virtual_pp=2 (4 chunks, interleaved schedule), and a pp2 -> pp1 checkpoint reload; 4
+and z-loss, pp=2 x virtual_pp=2 (4 chunks, interleaved schedule), pp=2 with the chunked loss (tp = cp = 1:
+the last stage hands hidden states, not logits, to the loss), and a pp2 -> pp1 checkpoint reload; 4
 ranks run pp2 x dp2 x ep2, tp2 x pp2 with sequence parallelism and pp2 x cp2 x ep2 (softmax router); 8
 ranks run the issue's example tp2 x pp2 x ep2 (x dp2). Every batch is packed (two documents per row,
 seq_idx). For each: the global batch's loss and every gradient after one step equal the single-process
@@ -44,6 +45,8 @@ TWO_RANK_CASES = {
                                     "trainer.z_loss_coeff=1e-3", "data.global_batch_size=6"], 6),
     "pp2_vpp2_interleaved": (["parallel.pp=2", "parallel.virtual_pp=2", "data.global_batch_size=8"], 20),
     "pp2_tied_embeddings": (["parallel.pp=2", "model.tie_embeddings=true", "data.global_batch_size=6"], 6),
+    # tp = cp = 1: the last stage hands its hidden states to the chunked loss (ParallelHybridLM.stage_loss)
+    "pp2_chunked_loss": (["parallel.pp=2", "data.global_batch_size=8", "trainer.loss_chunk_tokens=10"], 5),
 }
 FOUR_RANK_CASES = {
     # experts over the 2 dp replicas (expert dp 1 != dense dp 2: needs the pipeline-last rank order)
