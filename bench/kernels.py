@@ -71,6 +71,12 @@ def bench_graph(fn, grad_to_none=None):
         return float("nan")
 
 
+def timings(fwd, fwdbwd, leaves):
+    """(fwd ms, fwd+bwd ms, the same two replayed from a CUDA graph); leaves: the gradients to reset."""
+    return (bench(fwd), bench(fwdbwd, grad_to_none=leaves),
+            bench_graph(fwd), bench_graph(fwdbwd, grad_to_none=leaves))
+
+
 def ceilings():
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -122,8 +128,7 @@ def ssd_case(batch, seqlen, h, p, g, n, with_ref, chunk=256):
             y.backward(gy)
 
         try:
-            rows[name] = (bench(fwd), bench(fwdbwd, grad_to_none=leaves),
-                          bench_graph(fwd), bench_graph(fwdbwd, grad_to_none=leaves))
+            rows[name] = timings(fwd, fwdbwd, leaves)
         except torch.OutOfMemoryError:
             rows[name] = (float("nan"),) * 4
         torch.cuda.empty_cache()
@@ -145,8 +150,7 @@ def sdpa_case(batch, seqlen):
         def fwdbwd():
             f(q, k, v, is_causal=True).backward(go)
 
-        return (bench(fwd), bench(fwdbwd, grad_to_none=[q, k, v]),
-                bench_graph(fwd), bench_graph(fwdbwd, grad_to_none=[q, k, v]))
+        return timings(fwd, fwdbwd, [q, k, v])
 
 
 # the launches of one tuned forward + backward (the other rows time alternatives to some of them)
@@ -342,8 +346,7 @@ def main():
         def cfb():
             fn(xc, wc, bc, activation="silu").backward(gc)
 
-        tf, tfb = bench(cf), bench(cfb, grad_to_none=[xc, wc, bc])
-        gf, gfb = bench_graph(cf), bench_graph(cfb, grad_to_none=[xc, wc, bc])
+        tf, tfb, gf, gfb = timings(cf, cfb, [xc, wc, bc])
         emit(f"{f'conv1d ({b}, {L}, {dim}) w4 silu':34s} {name:10s} {tf:8.3f} {'':>6} {'':>6} "
                      f"{by / tf / 1e6:6.0f} {tfb:8.3f} {'':>6} {'':>6} {2.5 * by / tfb / 1e6:6.0f} {gf:8.3f} {gfb:9.3f}")
     yr = torch.randn(b, L, h * p, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -358,8 +361,7 @@ def main():
         def nfb():
             fn(yr, zr, wr, group_size=h * p // g).backward(gr)
 
-        tf, tfb = bench(nf), bench(nfb, grad_to_none=[yr, zr, wr])
-        gf, gfb = bench_graph(nf), bench_graph(nfb, grad_to_none=[yr, zr, wr])
+        tf, tfb, gf, gfb = timings(nf, nfb, [yr, zr, wr])
         emit(f"{f'rmsnorm_gated ({b}, {L}, {h * p})':34s} {name:10s} {tf:8.3f} {'':>6} {'':>6} "
                      f"{by / tf / 1e6:6.0f} {tfb:8.3f} {'':>6} {'':>6} {7 / 3 * by / tfb / 1e6:6.0f} {gf:8.3f} {gfb:9.3f}")
     if args.claim:

@@ -56,8 +56,9 @@ class Engine:
             for chunk in self.chunks:
                 for block in chunk.blocks():
                     block.compile()
+        chunk_tokens = resolve_chunk_tokens(cfg.trainer.loss_chunk_tokens, device)
         for chunk in self.chunks:  # the parallel build chunks its loss at tp = cp = 1 only (ParallelHybridLM.loss)
-            chunk.loss_chunk_tokens = resolve_chunk_tokens(cfg.trainer.loss_chunk_tokens, device)
+            chunk.loss_chunk_tokens = chunk_tokens
         if not self.parallel:
             self.optimizer = build_optimizer(self.model, cfg.optim)
             return

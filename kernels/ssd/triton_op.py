@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from kernels._autograd_op import with_autograd
-from kernels._triton_utils import dot_precision
+from kernels._triton_utils import cdiv, dot_precision
 from kernels.ssd import triton_bwd as bwd
 from kernels.ssd import triton_bwd_scan as bwd_scan
 from kernels.ssd import triton_fwd as fwd
@@ -108,7 +108,7 @@ def _(x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states, chunk_size, dt_sof
       conv_x, conv_w, conv_b, conv_silu):
     batch, seqlen, nheads, hdim = x.shape
     ngroups, dstate = B.shape[2:]
-    nchunks = -(-seqlen // chunk_size)
+    nchunks = cdiv(seqlen, chunk_size)
     f32 = torch.float32
     return (x.new_empty(x.shape), x.new_empty(batch, nheads, hdim, dstate, dtype=f32),
             x.new_empty(x.shape) if z is not None else x.new_empty(0),

@@ -93,10 +93,12 @@ class Mamba2Mixer(nn.Module):
                                         self.out_proj.bias, fn_with_vjp=with_vjp)
         return self.out_proj(self._gated_norm(y, z, self.norm_weight))
 
+    def _norm_kwargs(self) -> dict:
+        return {"group_size": self.d_inner // self.num_groups, "eps": self.norm_eps,
+                "norm_before_gate": self.cfg.norm_before_gate}
+
     def _gated_norm(self, y, z, weight):
-        return rmsnorm_gated(y, z, weight, group_size=self.d_inner // self.num_groups, eps=self.norm_eps,
-                             norm_before_gate=self.cfg.norm_before_gate)
+        return rmsnorm_gated(y, z, weight, **self._norm_kwargs())
 
     def _gated_norm_with_vjp(self, y, z, weight):
-        return rmsnorm_gated_with_vjp(y, z, weight, group_size=self.d_inner // self.num_groups, eps=self.norm_eps,
-                                      norm_before_gate=self.cfg.norm_before_gate)
+        return rmsnorm_gated_with_vjp(y, z, weight, **self._norm_kwargs())
