@@ -216,6 +216,13 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
                                                       head_pipe=True)),
         ("bwd dt tail", lambda: bwd_scan.dt_bwd(dcs, rows, offd, last, ddtp, dtp, dt, bias, A, True, lim)),
     ]
+    # dCB and dB/dC with k programs sharing a group's heads (float32 partial sums of dCB, dB and dC
+    # that many times over, summed afterwards): more programs against more partial-sum traffic
+    for k in (1, 2, 4, 8, 16):
+        if (h // g) % k == 0:
+            parts.append((f"bwd dCB+dB/dC nsplit={k}", lambda k=k: bwd.chunk_dbc(
+                x, dy, B, C, prev, dS_lp, bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, prec, nsplit=k)[0],
+                dtp, cs, None, q, prec)))
     return [(name, bench(fn)) for name, fn in parts]
 
 

@@ -492,17 +492,22 @@ def chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec, config
     return dx, ddtp, dcs, dD
 
 
-def chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, chunk_size, dot_prec, head_pipe=None, split_decay=False):
+def chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, chunk_size, dot_prec, head_pipe=None, split_decay=False,
+              nsplit=None):
     """-> dCB partials (batch, nchunks, nsplit, ngroups, Q, Q) and per-head row terms of dcs
     (batch, nheads, nchunks, nj, Q). head_pipe None: the autotuned schedule on CUDA (the
     head-pipelined loop, unsplit decay, in the interpreter); True/False: that loop structure with the
     first such config of the given decay form (benchmarks and tests; the interpreter then splits
-    headdim into blocks of 16)."""
+    headdim into blocks of 16). nsplit None: _nsplit's choice; otherwise that many programs share a
+    group's heads here and in chunk_dbc (a divisor of the heads per group; benchmarks)."""
     batch, seqlen, nheads, hdim = x.shape
     nchunks = cdiv(seqlen, chunk_size)
     bs = _blocks(chunk_size, hdim, 16)
     BI = BJ = bs["I"]
-    nsplit = _nsplit(nheads // ngroups)
+    if nsplit is None:
+        nsplit = _nsplit(nheads // ngroups)
+    elif (nheads // ngroups) % nsplit:
+        raise ValueError(f"nsplit {nsplit} does not divide the {nheads // ngroups} heads per group")
     dcb = torch.empty(batch, nchunks, nsplit, ngroups, chunk_size, chunk_size, device=x.device, dtype=torch.float32)
     nj = cdiv(chunk_size, BJ)
     rows = torch.zeros(batch, nheads, nchunks, nj, chunk_size, device=x.device, dtype=torch.float32)

@@ -201,6 +201,44 @@ def run_ssd_head_pipe(name, batch=2, seqlen=45, h=4, p=24, g=2, n=8, q=16):
     return name, res
 
 
+def run_ssd_nsplit(name, batch=2, seqlen=45, h=8, p=16, g=2, n=8, q=16):
+    """dCB and dB/dC with 1, 2 (the interpreter's default) and 4 programs sharing a group's 4 heads,
+    documents cut inside chunks: relative differences of the sums over the splits against the
+    default's (float32: only the order of the head sums differs)."""
+    from kernels.ssd import triton_bwd as bwd
+    from kernels.ssd import triton_fwd as fwd
+    from kernels.ssd import triton_states as states
+
+    prec = "ieee"
+    x, dy = torch.randn(batch, seqlen, h, p), torch.randn(batch, seqlen, h, p)
+    dt = torch.randn(batch, seqlen, h) - 1
+    A = -torch.exp(torch.rand(h) * 2 - 1)
+    B, C = torch.randn(batch, seqlen, g, n), torch.randn(batch, seqlen, g, n)
+    seq = torch.zeros(batch, seqlen, dtype=torch.int32)
+    seq[0, 9:] += 1
+    seq[1, 20:] += 1
+    dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, (0.0, math.inf))
+    cb = fwd.compute_cb(C, B, q, prec)
+    prev = states.state_pass(states.chunk_outer(x, B, dtp, cs, seq, q, 0, prec), cs, seq, None, seqlen, q)[0]
+    dS = torch.randn_like(prev)
+    outs = {}
+    for k in (None, 1, 4):
+        dcb, rows = bwd.chunk_dcb(x, dy, dtp, cs, seq, cb, g, q, prec, nsplit=k)
+        dB, dC, offd = bwd.chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq, q, prec)
+        outs[k] = dict(nsplit=float(dcb.shape[2]), dcb=dcb.sum(2), rows=rows, dB=dB, dC=dC, offd=offd)
+    res = {}
+    for k in (1, 4):
+        res[f"nsplit_{k}"] = outs[k]["nsplit"]
+        for what in ("dcb", "rows", "dB", "dC", "offd"):
+            res[f"{what}_{k}"] = rel(outs[k][what], outs[None][what])
+    try:
+        bwd.chunk_dcb(x, dy, dtp, cs, seq, cb, g, q, prec, nsplit=3)
+        res["rejects_3"] = 0.0
+    except ValueError:
+        res["rejects_3"] = 1.0
+    return name, res
+
+
 def run_ssd_dcb_split_decay(name, batch=2, seqlen=70, h=4, p=24, g=2, n=8, q=32):
     """The dCB kernel's split decay against its unsplit form (one more rounding: relative
     differences), in both loop structures, with documents cut inside chunks, at ordinary decays and
@@ -370,6 +408,7 @@ def main():
     out.update([run_rms_schedules("rms_bwd_schedules")])
     out.update([run_ssd_head_pipe("ssd_head_pipe")])
     out.update([run_ssd_dcb_split_decay("ssd_dcb_split_decay")])
+    out.update([run_ssd_nsplit("ssd_nsplit")])
     out.update([run_ssd_states_fused("ssd_states_fused")])
     out.update([run_conv_fwd_schedules("conv_fwd_schedules")])
     print("JSON:" + json.dumps(out))

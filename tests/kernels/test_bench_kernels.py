@@ -36,7 +36,8 @@ def test_breakdown_runs_every_kernel_launch_under_the_interpreter():
         "fwd states+pass chosen", "fwd chunk scan", "fwd chunk scan fixed", "bwd dprev", "bwd state passing",
         "bwd dprev+pass fused", "bwd dprev+pass chosen", "bwd dx/ddt", "bwd dx/ddt fixed", "bwd dCB", "bwd dB/dC",
         "bwd dCB blocked", "bwd dCB head-pipe",
-        "bwd dCB head-pipe split", "bwd dB/dC blocked", "bwd dB/dC head-pipe", "bwd dt tail"]
+        "bwd dCB head-pipe split", "bwd dB/dC blocked", "bwd dB/dC head-pipe", "bwd dt tail",
+        "bwd dCB+dB/dC nsplit=1", "bwd dCB+dB/dC nsplit=2"]  # 4 heads, 2 groups: 2 heads per group
     assert all(ms > 0 for _, ms in parts)
     from kernels.conv1d.triton_op import FWD_SCHEDULES
     from kernels.rmsnorm_gated.triton_op import bwd_schedules

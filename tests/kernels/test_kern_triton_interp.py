@@ -114,6 +114,15 @@ def test_ssd_head_pipelined_loops_match_the_blocked_loops(results):
     assert all(v <= 1e-5 for v in res.values()), res  # float32, two summation orders over headdim
 
 
+def test_ssd_head_splits_sum_to_the_same_gradients(results):
+    """However many programs share a group's heads in dCB and dB/dC (their float32 partial sums
+    added afterwards), dCB, dB, dC and the dcs terms are the same up to float32 summation order;
+    a split that does not divide the heads per group is refused."""
+    res = results["ssd_nsplit"]
+    assert res["nsplit_1"] == 1.0 and res["nsplit_4"] == 4.0 and res["rejects_3"] == 1.0, res
+    assert all(v <= 1e-5 for k, v in res.items() if not k.startswith(("nsplit", "rejects"))), res
+
+
 def test_ssd_dcb_split_decay_matches_the_unsplit_form(results):
     """The dCB kernel's split decay (both loop structures) stays finite and within float32 rounding
     of the unsplit form, also where the decay spans ~2600 in the exponent within a chunk."""
