@@ -1,6 +1,6 @@
 """Kernel benchmark: one command on the GPU machine prints one table.
 
-    PYTHONPATH=$PWD python bench/kernels.py [--no-ref] [--breakdown] [--claim] [--chunk-sweep]
+    PYTHONPATH=$PWD python bench/kernels.py [--no-ref] [--breakdown] [--claim] [--chunk-sweep] [--splits]
 
 For each SSD shape of issue 3's target table (bf16, chunk 256, D and dt_bias, no z): forward and
 forward+backward median time (triton.testing.do_bench, CUDA events, median), achieved TFLOP/s
@@ -13,7 +13,8 @@ is what a step costs when the host runs ahead of the GPU, as in training. The fi
 the host's time to launch the op's ~11 kernels and ~30 small torch ops, which dominates at small shapes.
 `--breakdown` adds each SSD kernel's time, and the time of every launch schedule the autotuner
 picks from for the gated-norm backward and the conv forward at the presets' mixer sizes (the
-first schedule is the fixed one: the A/B of each autotuned list in one run).
+first schedule is the fixed one: the A/B of each autotuned list in one run), and dCB + dB/dC at
+every split of a group's heads over programs; `--splits` times only those, also at the presets' shapes.
 
 FLOP model of the SSD (useful work, causal halves counted once):
   fwd = 2*T*H*P*N (chunk states) + 2*T*H*P*N (state read-out) + T*Q*H*P (intra-chunk, causal)
@@ -216,14 +217,38 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
                                                       head_pipe=True)),
         ("bwd dt tail", lambda: bwd_scan.dt_bwd(dcs, rows, offd, last, ddtp, dtp, dt, bias, A, True, lim)),
     ]
-    # dCB and dB/dC with k programs sharing a group's heads (float32 partial sums of dCB, dB and dC
-    # that many times over, summed afterwards): more programs against more partial-sum traffic
-    for k in (1, 2, 4, 8, 16):
-        if (h // g) % k == 0:
-            parts.append((f"bwd dCB+dB/dC nsplit={k}", lambda k=k: bwd.chunk_dbc(
-                x, dy, B, C, prev, dS_lp, bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, prec, nsplit=k)[0],
-                dtp, cs, None, q, prec)))
+    parts += split_parts(x, dy, B, C, prev, dS_lp, dtp, cs, cb, h, g, q, prec)
     return [(name, bench(fn)) for name, fn in parts]
+
+
+def split_parts(x, dy, B, C, prev, dS_lp, dtp, cs, cb, h, g, q, prec):
+    """dCB then dB/dC with k programs sharing a group's heads, k = 1, 2, 4, ... dividing the heads
+    per group (float32 partial sums of dCB, dB and dC k times over, summed afterwards): more
+    programs against more partial-sum traffic. [(name, fn)], the default split marked."""
+    from kernels.ssd import triton_bwd as bwd
+
+    default = bwd._nsplit(h // g)
+    return [(f"bwd dCB+dB/dC nsplit={k}{' (default)' if k == default else ''}", lambda k=k: bwd.chunk_dbc(
+                x, dy, B, C, prev, dS_lp, bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, prec, nsplit=k)[0],
+                dtp, cs, None, q, prec))
+            for k in (1, 2, 4, 8, 16, 32, 64) if (h // g) % k == 0]
+
+
+def split_sweep(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
+    """[(name, ms)] of split_parts at one shape (the inputs made as breakdown makes them)."""
+    from kernels._triton_utils import dot_precision
+    from kernels.ssd import triton_bwd_scan as bwd_scan
+    from kernels.ssd import triton_fwd as fwd
+    from kernels.ssd import triton_states as states
+
+    prec = dot_precision(dt_)
+    x, dt, A, B, C, D, bias = ssd_inputs(batch, seqlen, h, p, g, n, dev, dt_)
+    dy = torch.randn_like(x)
+    dtp, cs = fwd.dt_cumsum(dt, bias, A, q, True, (0.0, float("inf")))
+    cb = fwd.compute_cb(C, B, q, prec)
+    prev, _, final = states.states_and_pass(x, B, dtp, cs, None, None, q, prec)
+    dS_lp = bwd_scan.dprev_and_pass_bwd(dy, C, cs, None, prev, final, None, q, prec)[1]
+    return [(name, bench(fn)) for name, fn in split_parts(x, dy, B, C, prev, dS_lp, dtp, cs, cb, h, g, q, prec)]
 
 
 def schedules(batch, seqlen, d_inner, conv_dim, dev="cuda", dt_=torch.bfloat16):
@@ -311,9 +336,17 @@ def main():
                          "is the one the kernels read first)")
     ap.add_argument("--chunk-sweep", action="store_true",
                     help="also time the SSD of the presets' mixers (one layer, training micro batch) at chunk 64-256")
+    ap.add_argument("--splits", action="store_true",
+                    help="only time dCB + dB/dC at every head split, at the target and the presets' shapes "
+                         "(nothing else)")
     args = ap.parse_args()
     if args.write_tuned:
         record_tuning()
+    if args.splits:
+        print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}")
+        for shape in [t[:6] for t in TARGETS] + [s for _, s in CHUNK_SWEEP]:
+            emit(f"dCB + dB/dC, shape {shape}: " + ", ".join(f"{k} {ms:.3f}" for k, ms in split_sweep(*shape)))
+        return
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     peak_tf, peak_gb = ceilings()

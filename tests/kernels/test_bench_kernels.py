@@ -20,7 +20,8 @@ parts = mod.breakdown(1, 40, 4, 8, 2, 8, q=16, dev="cpu", dt_=torch.float32)
 sched = mod.schedules(1, 40, 64, 80, dev="cpu", dt_=torch.float32)
 first = mod.first_call_seconds(dev="cpu", ssd_shape=(1, 40, 4, 8, 2, 8), mixer=(1, 20, 32, 48), q=16,
                                dt_=torch.float32)
-print("JSON:" + json.dumps({"parts": parts, "schedules": sched, "first": first}))
+splits = mod.split_sweep(1, 40, 4, 8, 2, 8, q=16, dev="cpu", dt_=torch.float32)
+print("JSON:" + json.dumps({"parts": parts, "schedules": sched, "first": first, "splits": splits}))
 """
 
 
@@ -37,7 +38,8 @@ def test_breakdown_runs_every_kernel_launch_under_the_interpreter():
         "bwd dprev+pass fused", "bwd dprev+pass chosen", "bwd dx/ddt", "bwd dx/ddt fixed", "bwd dCB", "bwd dB/dC",
         "bwd dCB blocked", "bwd dCB head-pipe",
         "bwd dCB head-pipe split", "bwd dB/dC blocked", "bwd dB/dC head-pipe", "bwd dt tail",
-        "bwd dCB+dB/dC nsplit=1", "bwd dCB+dB/dC nsplit=2"]  # 4 heads, 2 groups: 2 heads per group
+        "bwd dCB+dB/dC nsplit=1", "bwd dCB+dB/dC nsplit=2 (default)"]  # 4 heads, 2 groups: 2 per group
+    assert [name for name, _ in out["splits"]] == ["bwd dCB+dB/dC nsplit=1", "bwd dCB+dB/dC nsplit=2 (default)"]
     assert all(ms > 0 for _, ms in parts)
     from kernels.conv1d.triton_op import FWD_SCHEDULES
     from kernels.rmsnorm_gated.triton_op import bwd_schedules
