@@ -22,7 +22,9 @@ Precision: for bf16/fp16 inputs the two float32 operands of the dx kernel's prod
 CB matrix and dS) are fed to the tensor cores as a hi + lo pair of the input dtype (two dots);
 rounding them to bf16 once made ddt/ddt_bias lose the cancellation between the row and column
 parts of dcs (GPU run 1: ddt 1.5e-2 relative vs the fp32 reference; hi+lo: ~4e-4 in fp16).
-dCB and dB/dC loop over a group's heads inside each program; on CUDA the autotuner also tries a
+dCB and dB/dC loop over a group's heads inside each program (the heads of a group split over a few
+programs whose float32 partial sums are added afterwards: chunk_dcb_dbc times the splits of
+split_candidates once per shape on CUDA and keeps the fastest); on CUDA the autotuner also tries a
 variant whose head loop is the innermost loop (HEAD_PIPE: the pipeliner prefetches the next heads'
 tiles). dCB also has a split-decay schedule (SPLIT_DECAY: tiles off the diagonal factor
 exp(cs_i - cs_j) through a position between them, one exp per row and column instead of per
@@ -37,8 +39,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import INTERPRET, autotune_per_chunk, cdiv, next_pow2
+from kernels._triton_utils import INTERPRET, autotune_per_chunk, cdiv, choose_structure, next_pow2
 from kernels.ssd.triton_fwd import _dot_f32_operand, seq_args
+from kernels.ssd.triton_states import structure_key
 
 
 @triton.jit
@@ -445,7 +448,9 @@ def _blocks(chunk_size, hdim, dstate):
 
 
 def _nsplit(heads_per_group):
-    """Programs that share the heads of one group in dCB / dB, dC (partial sums, fixed order)."""
+    """Programs that share the heads of one group in dCB / dB, dC (partial sums, fixed order): the
+    default split (kernels.deterministic, KERNELS_AUTOTUNE=0, the interpreter), and the largest one
+    split_choice times on CUDA."""
     if INTERPRET:
         return 2 if heads_per_group % 2 == 0 else 1  # exercise the split path at tiny sizes
     n = 1
@@ -453,6 +458,30 @@ def _nsplit(heads_per_group):
         if heads_per_group % d == 0 and heads_per_group // d >= 8:
             n = d
     return n
+
+
+def split_candidates(heads_per_group):
+    """The head splits split_choice times: the default and every power of two below it that divides
+    the heads per group (fewer programs, less float32 partial-sum traffic, never more memory)."""
+    default = _nsplit(heads_per_group)
+    return tuple(k for k in (1, 2, 4, 8, 16, 32, 64) if k < default and heads_per_group % k == 0) + (default,)
+
+
+def chunk_dcb_dbc(x, dy, B, C, prev, dS, dtp, cs, seq_idx, cb, chunk_size, dot_prec, nsplit=None):
+    """Steps 4 and 5: -> dB, dC (input dtype) and the per-head row and off-diagonal terms of dcs
+    (chunk_dcb's rows, chunk_dbc's offd). nsplit None: on CUDA the fastest of split_candidates,
+    timed once per shape (choose_structure: the split trades programs for partial-sum traffic, which
+    depends on the GPU and the shape); _nsplit's where nothing is timed. The bits depend on the split
+    (the order of the head sums), so kernels.deterministic keeps the default."""
+    ngroups = B.shape[2]
+    if nsplit is None:
+        nsplit = choose_structure(
+            "dcb_dbc_split", structure_key(x, B, seq_idx, chunk_size), split_candidates(x.shape[2] // ngroups),
+            lambda k: chunk_dcb_dbc(x, dy, B, C, prev, dS, dtp, cs, seq_idx, cb, chunk_size, dot_prec, nsplit=k),
+            lambda: _nsplit(x.shape[2] // ngroups), x.device)
+    dcb, rows = chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, chunk_size, dot_prec, nsplit=nsplit)
+    dB, dC, offd = chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, chunk_size, dot_prec)
+    return dB, dC, rows, offd
 
 
 def chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec, config=None):

@@ -55,7 +55,6 @@ def _backward(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre, cb, pr
     """Every input gradient: dx, ddt, dA, dB, dC, dD, dz, ddt_bias (None where the input is), dinit.
     cb and prev None: rerun their forward kernels (the same bits)."""
     Q = chunk_size
-    ngroups = B.shape[2]
     prec = dot_precision(x.dtype)
     if cb is None:
         cb = fwd.compute_cb(C, B, Q, prec)
@@ -71,9 +70,8 @@ def _backward(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre, cb, pr
         dy = dout.to(x.dtype)
     dS, dS_lp, dinit, dcs_last = bwd_scan.dprev_and_pass_bwd(dy, C, cs, seq_idx, prev, final, dfinal, Q, prec)
     dx, ddtp, dcs, dD = bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, Q, prec)
-    dcb, dcs_rows = bwd.chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, Q, prec)
-    dB, dC, dcs_offd = bwd.chunk_dbc(x, dy, B, C, prev, dS_lp, dcb, dtp, cs, seq_idx, Q, prec)
-    del dcb, dS, dS_lp
+    dB, dC, dcs_rows, dcs_offd = bwd.chunk_dcb_dbc(x, dy, B, C, prev, dS_lp, dtp, cs, seq_idx, cb, Q, prec)
+    del dS, dS_lp
     ddt, dA, ddt_bias = bwd_scan.dt_bwd(dcs, dcs_rows, dcs_offd, dcs_last, ddtp, dtp, dt, dt_bias, A,
                                         dt_softplus, (dt_lo, dt_hi))
     dA = dA.to(A.dtype)

@@ -231,6 +231,18 @@ def run_ssd_nsplit(name, batch=2, seqlen=45, h=8, p=16, g=2, n=8, q=16):
         res[f"nsplit_{k}"] = outs[k]["nsplit"]
         for what in ("dcb", "rows", "dB", "dC", "offd"):
             res[f"{what}_{k}"] = rel(outs[k][what], outs[None][what])
+    # the op's entry: with the choice made (choose_structure stubbed: it takes the first candidate
+    # here, as a GPU that timed 1 split fastest would), the gradients of that split
+    asked = []
+    real = bwd.choose_structure
+    bwd.choose_structure = lambda name, key, labels, run, default, device: asked.append(labels) or labels[0]
+    try:
+        dB, dC, rows, offd = bwd.chunk_dcb_dbc(x, dy, B, C, prev, dS, dtp, cs, seq, cb, q, prec)
+    finally:
+        bwd.choose_structure = real
+    res["asked"] = float(asked == [bwd.split_candidates(h // g)] == [(1, 2)])
+    for what, v in (("dB", dB), ("dC", dC), ("rows", rows), ("offd", offd)):
+        res[f"entry_{what}"] = rel(v, outs[1][what])
     try:
         bwd.chunk_dcb(x, dy, dtp, cs, seq, cb, g, q, prec, nsplit=3)
         res["rejects_3"] = 0.0

@@ -69,3 +69,18 @@ def test_hot_path_calls_neither_run_nor_default_once_timed(timer):
     timer.clear()
     assert tu.choose_structure("op", (5,), LABELS, run, counting_default, CUDA) == "b"
     assert timer == [] and counted == []
+
+
+def test_ssd_head_split_candidates_never_exceed_the_default():
+    """The SSD backward times the default split of a group's heads and the powers of two below it
+    that divide them (fewer partial sums, never more memory than the default)."""
+    from kernels.ssd import triton_bwd as bwd
+
+    if tu.INTERPRET:
+        pytest.skip("the interpreter's default split is 2 for even head counts")
+    assert [bwd._nsplit(h) for h in (64, 32, 16, 12, 7)] == [8, 4, 2, 1, 1]
+    assert bwd.split_candidates(64) == (1, 2, 4, 8)
+    assert bwd.split_candidates(32) == (1, 2, 4)
+    assert bwd.split_candidates(16) == (1, 2)
+    assert bwd.split_candidates(12) == (1,)
+    assert bwd.split_candidates(7) == (1,)

@@ -373,6 +373,41 @@ def test_ssd_dcb_dbc_loop_structures_same_bits_bf16(shape):
 
 
 @pytest.mark.parametrize("shape", [(2, 4096, 64, 64, 1, 128), (1, 8192, 128, 64, 8, 128)])
+def test_ssd_every_head_split_agrees_bf16(shape):
+    """dCB + dB/dC at every head split the backward chooses from (bwd.split_candidates), outputs
+    poisoned first: dB and dC within one bf16 ulp of the default split's (the float32 partial sums
+    differ only in the order of the head sums, then round to bf16), the dcs terms within 1e-5."""
+    from kernels.ssd import triton_bwd as bwd
+    from kernels.ssd import triton_fwd as fwd
+    from kernels.ssd import triton_states as states
+
+    batch, seqlen, h, p, g, n = shape
+    q, prec, dt_ = 256, "tf32", torch.bfloat16
+    x, dy = (torch.randn(batch, seqlen, h, p, device="cuda", dtype=dt_) for _ in range(2))
+    dt = (torch.randn(batch, seqlen, h, device="cuda") - 1).to(dt_)
+    A = -torch.exp(torch.rand(h, device="cuda") * 2 - 1)
+    B, C = (torch.randn(batch, seqlen, g, n, device="cuda", dtype=dt_) for _ in range(2))
+    seq = seq_idx_random(batch, seqlen)
+    dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, (0.0, math.inf))
+    cb = fwd.compute_cb(C, B, q, prec)
+    prev = states.state_pass(states.chunk_outer(x, B, dtp, cs, seq, q, 0, prec), cs, seq, None, seqlen, q)[0]
+    dS = torch.randn_like(prev)
+    splits = bwd.split_candidates(h // g)
+    outs = {}
+    for k in splits:
+        poison()
+        outs[k] = bwd.chunk_dcb_dbc(x, dy, B, C, prev, dS, dtp, cs, seq, cb, q, prec, nsplit=k)
+    ref = outs[splits[-1]]
+    for k in splits[:-1]:
+        for name, a, b in zip(("dB", "dC", "rows", "offd"), outs[k], ref):
+            assert torch.isfinite(a).all(), (k, name)
+            assert rel(a, b) < (4e-3 if name in ("dB", "dC") else 1e-5), (k, name, rel(a, b))  # 1 bf16 ulp
+    poison()
+    chosen = bwd.chunk_dcb_dbc(x, dy, B, C, prev, dS, dtp, cs, seq, cb, q, prec)  # the timed choice
+    assert all(rel(a, b) < (4e-3 if i < 2 else 1e-5) for i, (a, b) in enumerate(zip(chosen, ref)))
+
+
+@pytest.mark.parametrize("shape", [(2, 4096, 64, 64, 1, 128), (1, 8192, 128, 64, 8, 128)])
 def test_ssd_every_config_agrees_bf16(shape):
     """Every config of the chunk scan and of dx against the first (the fixed one), with z, D and
     documents, outputs poisoned first: other tiles sum in another order (bf16 outputs within a few

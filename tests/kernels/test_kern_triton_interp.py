@@ -120,7 +120,9 @@ def test_ssd_head_splits_sum_to_the_same_gradients(results):
     a split that does not divide the heads per group is refused."""
     res = results["ssd_nsplit"]
     assert res["nsplit_1"] == 1.0 and res["nsplit_4"] == 4.0 and res["rejects_3"] == 1.0, res
-    assert all(v <= 1e-5 for k, v in res.items() if not k.startswith(("nsplit", "rejects"))), res
+    assert res["asked"] == 1.0, res  # the op's entry asks choose_structure among split_candidates
+    assert all(v == 0.0 for k, v in res.items() if k.startswith("entry_")), res  # and runs that split
+    assert all(v <= 1e-5 for k, v in res.items() if not k.startswith(("nsplit", "rejects", "asked", "entry"))), res
 
 
 def test_ssd_dcb_split_decay_matches_the_unsplit_form(results):
