@@ -449,8 +449,8 @@ def _blocks(chunk_size, hdim, dstate):
 
 def _nsplit(heads_per_group):
     """Programs that share the heads of one group in dCB / dB, dC (partial sums, fixed order): the
-    default split (kernels.deterministic, KERNELS_AUTOTUNE=0, the interpreter), and the largest one
-    split_choice times on CUDA."""
+    default split (kernels.deterministic, KERNELS_AUTOTUNE=0, the interpreter), and the largest split
+    chunk_dcb_dbc times on CUDA."""
     if INTERPRET:
         return 2 if heads_per_group % 2 == 0 else 1  # exercise the split path at tiny sizes
     n = 1
@@ -461,7 +461,7 @@ def _nsplit(heads_per_group):
 
 
 def split_candidates(heads_per_group):
-    """The head splits split_choice times: the default and every power of two below it that divides
+    """The head splits chunk_dcb_dbc times: the default and every power of two below it that divides
     the heads per group (fewer programs, less float32 partial-sum traffic, never more memory)."""
     default = _nsplit(heads_per_group)
     return tuple(k for k in (1, 2, 4, 8, 16, 32, 64) if k < default and heads_per_group % k == 0) + (default,)
