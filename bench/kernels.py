@@ -180,7 +180,11 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
     dprev = states.chunk_outer(dy, C, dtp, cs, None, q, 1, prec)
     dS, dS_lp, dinit, last = bwd_scan.state_pass_bwd(dprev, prev, final, None, cs, None, seqlen, q, dt_)
     dx, ddtp, dcs, dD = bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, prec)
-    dcb, rows = bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, prec)
+    # the head split the training backward takes at this shape (timed on the first call): the dCB
+    # and dB/dC rows below run it
+    k = bwd.head_split(x, B, None, q, lambda k: bwd.chunk_dcb_dbc(x, dy, B, C, prev, dS_lp, dtp, cs, None, cb, q,
+                                                                   prec, nsplit=k))
+    dcb, rows = bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, prec, nsplit=k)
     # as the training backward calls it: the float32 prev, rounded by the kernel as it loads it
     _, _, offd = bwd.chunk_dbc(x, dy, B, C, prev, dS_lp, dcb, dtp, cs, None, q, prec)
     parts = [
@@ -204,13 +208,13 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
         ("bwd dprev+pass chosen", lambda: bwd_scan.dprev_and_pass_bwd(dy, C, cs, None, prev, final, None, q, prec)),
         ("bwd dx/ddt", lambda: bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, prec)),
         ("bwd dx/ddt fixed", lambda: bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, prec, config=0)),
-        ("bwd dCB", lambda: bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, prec)),
+        ("bwd dCB", lambda: bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, prec, nsplit=k)),
         ("bwd dB/dC", lambda: bwd.chunk_dbc(x, dy, B, C, prev, dS_lp, dcb, dtp, cs, None, q, prec)),
         # the two loop structures the autotuner chooses between (each with its first config)
-        ("bwd dCB blocked", lambda: bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, prec, head_pipe=False)),
-        ("bwd dCB head-pipe", lambda: bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, prec, head_pipe=True)),
+        ("bwd dCB blocked", lambda: bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, prec, head_pipe=False, nsplit=k)),
+        ("bwd dCB head-pipe", lambda: bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, prec, head_pipe=True, nsplit=k)),
         ("bwd dCB head-pipe split", lambda: bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, prec, head_pipe=True,
-                                                          split_decay=True)),
+                                                          split_decay=True, nsplit=k)),
         ("bwd dB/dC blocked", lambda: bwd.chunk_dbc(x, dy, B, C, prev, dS_lp, dcb, dtp, cs, None, q, prec,
                                                     head_pipe=False)),
         ("bwd dB/dC head-pipe", lambda: bwd.chunk_dbc(x, dy, B, C, prev, dS_lp, dcb, dtp, cs, None, q, prec,
@@ -428,8 +432,9 @@ def main():
                          + f"; sum of the tuned path's launches {total:.3f} ms")
         from kernels._triton_utils import _structures
 
-        emit("structures chosen (timed): " + ", ".join(f"{name} {key[:4]}: {'fused' if v else 'two kernels'}"
-                                                          for (name, key), v in _structures.items()))
+        emit("structures chosen (timed): " + ", ".join(
+            f"{name} {key[:4]}: " + (f"{v} head splits" if name == "dcb_dbc_split" else "fused" if v else "two kernels")
+            for (name, key), v in _structures.items()))
         for name, (b, L, h, p, g, n) in CHUNK_SWEEP:
             for kname, ms, nbytes in schedules(b, L, h * p, h * p + 2 * g * n):
                 emit(f"{f'{name} {kname}':50s} {ms:8.3f} ms {nbytes / ms / 1e6:6.0f} GB/s")

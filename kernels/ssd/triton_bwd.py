@@ -467,6 +467,14 @@ def split_candidates(heads_per_group):
     return tuple(k for k in (1, 2, 4, 8, 16, 32, 64) if k < default and heads_per_group % k == 0) + (default,)
 
 
+def head_split(x, B, seq_idx, chunk_size, run) -> int:
+    """The split chunk_dcb_dbc uses for these shapes: `run(k)` computes dCB + dB/dC with split k and
+    is timed for each of split_candidates on the first call per shape (CUDA); _nsplit's otherwise."""
+    heads_per_group = x.shape[2] // B.shape[2]
+    return choose_structure("dcb_dbc_split", structure_key(x, B, seq_idx, chunk_size),
+                            split_candidates(heads_per_group), run, lambda: _nsplit(heads_per_group), x.device)
+
+
 def chunk_dcb_dbc(x, dy, B, C, prev, dS, dtp, cs, seq_idx, cb, chunk_size, dot_prec, nsplit=None):
     """Steps 4 and 5: -> dB, dC (input dtype) and the per-head row and off-diagonal terms of dcs
     (chunk_dcb's rows, chunk_dbc's offd). nsplit None: on CUDA the fastest of split_candidates,
@@ -475,10 +483,8 @@ def chunk_dcb_dbc(x, dy, B, C, prev, dS, dtp, cs, seq_idx, cb, chunk_size, dot_p
     (the order of the head sums), so kernels.deterministic keeps the default."""
     ngroups = B.shape[2]
     if nsplit is None:
-        nsplit = choose_structure(
-            "dcb_dbc_split", structure_key(x, B, seq_idx, chunk_size), split_candidates(x.shape[2] // ngroups),
-            lambda k: chunk_dcb_dbc(x, dy, B, C, prev, dS, dtp, cs, seq_idx, cb, chunk_size, dot_prec, nsplit=k),
-            lambda: _nsplit(x.shape[2] // ngroups), x.device)
+        nsplit = head_split(x, B, seq_idx, chunk_size, lambda k: chunk_dcb_dbc(
+            x, dy, B, C, prev, dS, dtp, cs, seq_idx, cb, chunk_size, dot_prec, nsplit=k))
     dcb, rows = chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, chunk_size, dot_prec, nsplit=nsplit)
     dB, dC, offd = chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, chunk_size, dot_prec)
     return dB, dC, rows, offd
