@@ -159,10 +159,11 @@ PIPELINE = ("fwd dt_cumsum", "fwd CB", "fwd states+pass chosen", "fwd chunk scan
             "bwd dx/ddt", "bwd dCB", "bwd dB/dC", "bwd dt tail")
 
 
-def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
+def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16, splits_only=False):
     """Median time of each SSD kernel launch (forward and backward pieces) at one shape, called as
     kernels/ssd/triton_op.py calls them (tests/kernels/test_bench_kernels.py runs it on the CPU under
-    the interpreter, so that a change there cannot leave this behind unnoticed)."""
+    the interpreter, so that a change there cannot leave this behind unnoticed). splits_only: only
+    split_parts' rows (`--splits`)."""
     from kernels._triton_utils import dot_precision
     from kernels.ssd import triton_bwd as bwd
     from kernels.ssd import triton_bwd_scan as bwd_scan
@@ -187,6 +188,8 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
     dcb, rows = bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, prec, nsplit=k)
     # as the training backward calls it: the float32 prev, rounded by the kernel as it loads it
     _, _, offd = bwd.chunk_dbc(x, dy, B, C, prev, dS_lp, dcb, dtp, cs, None, q, prec)
+    if splits_only:
+        return [(name, bench(fn)) for name, fn in split_parts(x, dy, B, C, prev, dS_lp, dtp, cs, cb, h, g, q, prec)]
     parts = [
         ("fwd dt_cumsum", lambda: fwd.dt_cumsum(dt, bias, A, q, True, lim)),
         ("fwd CB", lambda: fwd.compute_cb(C, B, q, prec)),
@@ -236,23 +239,6 @@ def split_parts(x, dy, B, C, prev, dS_lp, dtp, cs, cb, h, g, q, prec):
                 x, dy, B, C, prev, dS_lp, bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, prec, nsplit=k)[0],
                 dtp, cs, None, q, prec))
             for k in (1, 2, 4, 8, 16, 32, 64) if (h // g) % k == 0]
-
-
-def split_sweep(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
-    """[(name, ms)] of split_parts at one shape (the inputs made as breakdown makes them)."""
-    from kernels._triton_utils import dot_precision
-    from kernels.ssd import triton_bwd_scan as bwd_scan
-    from kernels.ssd import triton_fwd as fwd
-    from kernels.ssd import triton_states as states
-
-    prec = dot_precision(dt_)
-    x, dt, A, B, C, D, bias = ssd_inputs(batch, seqlen, h, p, g, n, dev, dt_)
-    dy = torch.randn_like(x)
-    dtp, cs = fwd.dt_cumsum(dt, bias, A, q, True, (0.0, float("inf")))
-    cb = fwd.compute_cb(C, B, q, prec)
-    prev, _, final = states.states_and_pass(x, B, dtp, cs, None, None, q, prec)
-    dS_lp = bwd_scan.dprev_and_pass_bwd(dy, C, cs, None, prev, final, None, q, prec)[1]
-    return [(name, bench(fn)) for name, fn in split_parts(x, dy, B, C, prev, dS_lp, dtp, cs, cb, h, g, q, prec)]
 
 
 def schedules(batch, seqlen, d_inner, conv_dim, dev="cuda", dt_=torch.bfloat16):
@@ -349,7 +335,7 @@ def main():
     if args.splits:
         print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}")
         for shape in [t[:6] for t in TARGETS] + [s for _, s in CHUNK_SWEEP]:
-            emit(f"dCB + dB/dC, shape {shape}: " + ", ".join(f"{k} {ms:.3f}" for k, ms in split_sweep(*shape)))
+            emit(f"dCB + dB/dC, shape {shape}: " + ", ".join(f"{k} {ms:.3f}" for k, ms in breakdown(*shape, splits_only=True)))
         return
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)

@@ -168,15 +168,12 @@ def run_rms(name, group_size, before, with_z):
     return name, res
 
 
-def run_ssd_head_pipe(name, batch=2, seqlen=45, h=4, p=24, g=2, n=8, q=16):
-    """The dCB and dB/dC kernels with the head loop innermost (HEAD_PIPE, what the SSD cases run in
-    the interpreter) against the loop over headdim blocks (16 of p = 24: two blocks, the second
-    partial), on the same inputs with documents cut inside chunks: relative differences."""
-    from kernels.ssd import triton_bwd as bwd
+def dcb_dbc_inputs(batch, seqlen, h, p, g, n, q, prec):
+    """What dCB and dB/dC take, float32, with documents cut inside chunks (row 0 at 9 and 37, row 1
+    at 20): x, dy, B, C, seq_idx, dtp, cs, cb, prev (from the forward kernels) and a random dS."""
     from kernels.ssd import triton_fwd as fwd
     from kernels.ssd import triton_states as states
 
-    prec = "ieee"
     x, dy = torch.randn(batch, seqlen, h, p), torch.randn(batch, seqlen, h, p)
     dt = torch.randn(batch, seqlen, h) - 1
     A = -torch.exp(torch.rand(h) * 2 - 1)
@@ -185,11 +182,20 @@ def run_ssd_head_pipe(name, batch=2, seqlen=45, h=4, p=24, g=2, n=8, q=16):
     seq[0, 9:] += 1
     seq[0, 37:] += 1
     seq[1, 20:] += 1
-    lim = (0.0, math.inf)
-    dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, lim)
+    dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, (0.0, math.inf))
     cb = fwd.compute_cb(C, B, q, prec)
     prev = states.state_pass(states.chunk_outer(x, B, dtp, cs, seq, q, 0, prec), cs, seq, None, seqlen, q)[0]
-    dS = torch.randn_like(prev)
+    return x, dy, B, C, seq, dtp, cs, cb, prev, torch.randn_like(prev)
+
+
+def run_ssd_head_pipe(name, batch=2, seqlen=45, h=4, p=24, g=2, n=8, q=16):
+    """The dCB and dB/dC kernels with the head loop innermost (HEAD_PIPE, what the SSD cases run in
+    the interpreter) against the loop over headdim blocks (16 of p = 24: two blocks, the second
+    partial), on the same inputs with documents cut inside chunks: relative differences."""
+    from kernels.ssd import triton_bwd as bwd
+
+    prec = "ieee"
+    x, dy, B, C, seq, dtp, cs, cb, prev, dS = dcb_dbc_inputs(batch, seqlen, h, p, g, n, q, prec)
     res = {}
     outs = {}
     for pipe in (True, False):
@@ -206,21 +212,9 @@ def run_ssd_nsplit(name, batch=2, seqlen=45, h=8, p=16, g=2, n=8, q=16):
     documents cut inside chunks: relative differences of the sums over the splits against the
     default's (float32: only the order of the head sums differs)."""
     from kernels.ssd import triton_bwd as bwd
-    from kernels.ssd import triton_fwd as fwd
-    from kernels.ssd import triton_states as states
 
     prec = "ieee"
-    x, dy = torch.randn(batch, seqlen, h, p), torch.randn(batch, seqlen, h, p)
-    dt = torch.randn(batch, seqlen, h) - 1
-    A = -torch.exp(torch.rand(h) * 2 - 1)
-    B, C = torch.randn(batch, seqlen, g, n), torch.randn(batch, seqlen, g, n)
-    seq = torch.zeros(batch, seqlen, dtype=torch.int32)
-    seq[0, 9:] += 1
-    seq[1, 20:] += 1
-    dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, (0.0, math.inf))
-    cb = fwd.compute_cb(C, B, q, prec)
-    prev = states.state_pass(states.chunk_outer(x, B, dtp, cs, seq, q, 0, prec), cs, seq, None, seqlen, q)[0]
-    dS = torch.randn_like(prev)
+    x, dy, B, C, seq, dtp, cs, cb, prev, dS = dcb_dbc_inputs(batch, seqlen, h, p, g, n, q, prec)
     outs = {}
     for k in (None, 1, 4):
         dcb, rows = bwd.chunk_dcb(x, dy, dtp, cs, seq, cb, g, q, prec, nsplit=k)

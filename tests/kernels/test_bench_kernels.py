@@ -20,7 +20,7 @@ parts = mod.breakdown(1, 40, 4, 8, 2, 8, q=16, dev="cpu", dt_=torch.float32)
 sched = mod.schedules(1, 40, 64, 80, dev="cpu", dt_=torch.float32)
 first = mod.first_call_seconds(dev="cpu", ssd_shape=(1, 40, 4, 8, 2, 8), mixer=(1, 20, 32, 48), q=16,
                                dt_=torch.float32)
-splits = mod.split_sweep(1, 40, 4, 8, 2, 8, q=16, dev="cpu", dt_=torch.float32)
+splits = mod.breakdown(1, 40, 4, 8, 2, 8, q=16, dev="cpu", dt_=torch.float32, splits_only=True)
 print("JSON:" + json.dumps({"parts": parts, "schedules": sched, "first": first, "splits": splits}))
 """
 

@@ -339,16 +339,13 @@ def test_rmsnorm_gated_bf16_vs_reference(before):
     assert all(rel(a, c) < 1e-2 for a, c in zip(g, g0))
 
 
-@pytest.mark.parametrize("shape", [(2, 4096, 64, 64, 1, 128), (1, 8192, 128, 64, 8, 128)])
-def test_ssd_dcb_dbc_loop_structures_same_bits_bf16(shape):
-    """The dCB and dB/dC kernels with the head loop innermost (HEAD_PIPE) and with the loop over
-    headdim blocks, at headdim 64 (one block): the same bits, outputs poisoned first."""
-    from kernels.ssd import triton_bwd as bwd
+def dcb_dbc_inputs(shape, q, prec, dt_=torch.bfloat16):
+    """What dCB and dB/dC take at `shape` (batch, seqlen, heads, headdim, groups, dstate), with random
+    documents: x, dy, B, C, seq_idx, dtp, cs, cb, prev (from the forward kernels) and a random dS."""
     from kernels.ssd import triton_fwd as fwd
     from kernels.ssd import triton_states as states
 
     batch, seqlen, h, p, g, n = shape
-    q, prec, dt_ = 256, "tf32", torch.bfloat16
     x, dy = (torch.randn(batch, seqlen, h, p, device="cuda", dtype=dt_) for _ in range(2))
     dt = (torch.randn(batch, seqlen, h, device="cuda") - 1).to(dt_)
     A = -torch.exp(torch.rand(h, device="cuda") * 2 - 1)
@@ -357,7 +354,17 @@ def test_ssd_dcb_dbc_loop_structures_same_bits_bf16(shape):
     dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, (0.0, math.inf))
     cb = fwd.compute_cb(C, B, q, prec)
     prev = states.state_pass(states.chunk_outer(x, B, dtp, cs, seq, q, 0, prec), cs, seq, None, seqlen, q)[0]
-    dS = torch.randn_like(prev)
+    return x, dy, B, C, seq, dtp, cs, cb, prev, torch.randn_like(prev)
+
+
+@pytest.mark.parametrize("shape", [(2, 4096, 64, 64, 1, 128), (1, 8192, 128, 64, 8, 128)])
+def test_ssd_dcb_dbc_loop_structures_same_bits_bf16(shape):
+    """The dCB and dB/dC kernels with the head loop innermost (HEAD_PIPE) and with the loop over
+    headdim blocks, at headdim 64 (one block): the same bits, outputs poisoned first."""
+    from kernels.ssd import triton_bwd as bwd
+
+    q, prec, g = 256, "tf32", shape[4]
+    x, dy, B, C, seq, dtp, cs, cb, prev, dS = dcb_dbc_inputs(shape, q, prec)
     outs = []
     for pipe in (False, True):
         poison()
@@ -378,20 +385,9 @@ def test_ssd_every_head_split_agrees_bf16(shape):
     poisoned first: dB and dC within one bf16 ulp of the default split's (the float32 partial sums
     differ only in the order of the head sums, then round to bf16), the dcs terms within 1e-5."""
     from kernels.ssd import triton_bwd as bwd
-    from kernels.ssd import triton_fwd as fwd
-    from kernels.ssd import triton_states as states
 
-    batch, seqlen, h, p, g, n = shape
-    q, prec, dt_ = 256, "tf32", torch.bfloat16
-    x, dy = (torch.randn(batch, seqlen, h, p, device="cuda", dtype=dt_) for _ in range(2))
-    dt = (torch.randn(batch, seqlen, h, device="cuda") - 1).to(dt_)
-    A = -torch.exp(torch.rand(h, device="cuda") * 2 - 1)
-    B, C = (torch.randn(batch, seqlen, g, n, device="cuda", dtype=dt_) for _ in range(2))
-    seq = seq_idx_random(batch, seqlen)
-    dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, (0.0, math.inf))
-    cb = fwd.compute_cb(C, B, q, prec)
-    prev = states.state_pass(states.chunk_outer(x, B, dtp, cs, seq, q, 0, prec), cs, seq, None, seqlen, q)[0]
-    dS = torch.randn_like(prev)
+    q, prec, h, g = 256, "tf32", shape[2], shape[4]
+    x, dy, B, C, seq, dtp, cs, cb, prev, dS = dcb_dbc_inputs(shape, q, prec)
     splits = bwd.split_candidates(h // g)
     outs = {}
     for k in splits:
