@@ -47,7 +47,6 @@ def evaluate(model, loader, num_batches: int, device: torch.device, cross_entrop
     dp_group: sum over these ranks."""
     moe = [m for m in getattr(model, "moe_layers", lambda: [])()]
     saved_load = [m.tokens_per_expert.clone() for m in moe]
-    saved_aux = [getattr(m, "aux_loss", None) for m in moe]
     was_training = model.training
     model.eval()
     ce_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -66,9 +65,8 @@ def evaluate(model, loader, num_batches: int, device: torch.device, cross_entrop
         del batches
     finally:
         model.train(was_training)
-        for m, load, aux in zip(moe, saved_load, saved_aux):
+        for m, load in zip(moe, saved_load):
             m.tokens_per_expert.copy_(load)
-            m.aux_loss = aux
     stats = torch.stack([ce_sum, tokens])
     if dp_group is not None:
         torch.distributed.all_reduce(stats, group=dp_group)

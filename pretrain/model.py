@@ -126,17 +126,19 @@ class HybridLM(nn.Module):
         return self.norm_f(hidden)
 
     def forward(self, tokens: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        return nn.functional.linear(self.hidden_states(tokens, seq_idx), self.output_weight())
+        logits = nn.functional.linear(self.hidden_states(tokens, seq_idx), self.output_weight())
+        self.take_aux_loss()  # logits only: no MoE may keep this forward's autograd graph alive
+        return logits
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor, seq_idx: torch.Tensor | None = None,
              z_loss_coeff: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss to optimise incl. the MoE aux loss, cross-entropy for logging) of one micro-batch."""
+        hidden = self.hidden_states(tokens, seq_idx)
         if self.loss_chunk_tokens > 0:
-            loss, ce = chunked_lm_loss(self.hidden_states(tokens, seq_idx), self.output_weight(), labels,
-                                       z_loss_coeff, self.loss_chunk_tokens)
+            loss, ce = chunked_lm_loss(hidden, self.output_weight(), labels, z_loss_coeff, self.loss_chunk_tokens)
         else:
-            loss, ce = lm_loss(self(tokens, seq_idx), labels, z_loss_coeff)
-        aux = self.aux_loss()
+            loss, ce = lm_loss(nn.functional.linear(hidden, self.output_weight()), labels, z_loss_coeff)
+        aux = self.take_aux_loss()
         return (loss if aux is None else loss + aux), ce
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata: dict | None = None) -> dict:
@@ -169,7 +171,13 @@ class HybridLM(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if hasattr(m, "update_expert_bias")]
 
-    def aux_loss(self) -> torch.Tensor | None:
-        """Sum of the MoE load-balancing losses of the last forward (None without softmax_aux MoE)."""
-        losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None and m.cfg.router == "softmax_aux"]
+    def take_aux_loss(self) -> torch.Tensor | None:
+        """Sum of the MoE load-balancing losses of the last forward (None without softmax_aux MoE), taken:
+        the layers drop theirs. A loss tensor held by a module would keep its forward's whole autograd
+        graph (every block's saved activations before that layer) alive after a forward without
+        backward, into the next forward."""
+        layers = self.moe_layers()
+        losses = [m.aux_loss for m in layers if m.aux_loss is not None and m.cfg.router == "softmax_aux"]
+        for m in layers:
+            m.aux_loss = None
         return torch.stack(losses).sum() if losses else None
