@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from saved_tensor_count import SavedTensorCount
 from tiny_models import tiny_config, tiny_model
 from pretrain.config import validate
 from pretrain.layers.moe import MoE
@@ -146,26 +147,6 @@ def test_tied_embeddings_share_the_weight():
     assert model.lm_head is None and model.output_weight() is model.embeddings.weight
 
 
-class _SavedTensorCount:
-    """Counts the tensors autograd saved for backward that are still alive (each wrapped in a holder
-    object whose lifetime is tracked), the saved activations of every graph that something still holds."""
-
-    class _Holder:
-        def __init__(self, tensor):
-            self.tensor = tensor.detach()  # a saved output would otherwise hold its own graph: a cycle through C++
-
-    def __init__(self):
-        import weakref
-        self.alive = weakref.WeakSet()
-
-    def hooks(self):
-        def pack(tensor):
-            holder = self._Holder(tensor)
-            self.alive.add(holder)
-            return holder
-        return torch.autograd.graph.saved_tensors_hooks(pack, lambda holder: holder.tensor)
-
-
 @pytest.mark.parametrize("entry", ["loss", "forward"])
 def test_a_forward_without_backward_leaves_no_graph_alive(entry):
     """After a forward under grad mode whose results are dropped (bench/train.py's forward timing, a
@@ -175,7 +156,7 @@ def test_a_forward_without_backward_leaves_no_graph_alive(entry):
 
     cfg, model = tiny_model("model.pattern=M*-E", "model.moe.router=softmax_aux")
     tokens = torch.randint(0, 64, (2, 32))
-    count = _SavedTensorCount()
+    count = SavedTensorCount()
     with count.hooks():
         out = model.loss(tokens, tokens) if entry == "loss" else model(tokens)
     assert len(count.alive) > 0  # the graph saved activations
