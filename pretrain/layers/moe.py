@@ -133,7 +133,8 @@ def combine_slots(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, k
 
 
 class MoE(nn.Module):
-    """Input/output (batch, seqlen, d_model). After forward: `aux_loss` and the running `tokens_per_expert`."""
+    """Input/output (batch, seqlen, d_model). After forward: `aux_loss` (HybridLM.loss and forward take it
+    off the layer: held here it would keep the forward's graph alive) and the running `tokens_per_expert`."""
 
     def __init__(self, d_model: int, cfg: MoEConfig, shared_d_ff: int):
         super().__init__()
