@@ -183,8 +183,7 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16, 
     dx, ddtp, dcs, dD = bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, prec)
     # the head split the training backward takes at this shape (timed on the first call): the dCB
     # and dB/dC rows below run it
-    k = bwd.head_split(x, B, None, q, lambda k: bwd.chunk_dcb_dbc(x, dy, B, C, prev, dS_lp, dtp, cs, None, cb, q,
-                                                                   prec, nsplit=k))
+    k = bwd.head_split(x, dy, B, C, prev, dS_lp, dtp, cs, None, cb, q, prec)
     dcb, rows = bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, prec, nsplit=k)
     # as the training backward calls it: the float32 prev, rounded by the kernel as it loads it
     _, _, offd = bwd.chunk_dbc(x, dy, B, C, prev, dS_lp, dcb, dtp, cs, None, q, prec)
@@ -229,16 +228,15 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16, 
 
 
 def split_parts(x, dy, B, C, prev, dS_lp, dtp, cs, cb, h, g, q, prec):
-    """dCB then dB/dC with k programs sharing a group's heads, k = 1, 2, 4, ... dividing the heads
-    per group (float32 partial sums of dCB, dB and dC k times over, summed afterwards): more
-    programs against more partial-sum traffic. [(name, fn)], the default split marked."""
+    """dCB then dB/dC with k programs sharing a group's heads, every dividing split k (float32
+    partial sums of dCB, dB and dC k times over, summed afterwards): more programs against more
+    partial-sum traffic. [(name, fn)], the default split marked."""
     from kernels.ssd import triton_bwd as bwd
 
     default = bwd._nsplit(h // g)
-    return [(f"bwd dCB+dB/dC nsplit={k}{' (default)' if k == default else ''}", lambda k=k: bwd.chunk_dbc(
-                x, dy, B, C, prev, dS_lp, bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, prec, nsplit=k)[0],
-                dtp, cs, None, q, prec))
-            for k in (1, 2, 4, 8, 16, 32, 64) if (h // g) % k == 0]
+    return [(f"bwd dCB+dB/dC nsplit={k}{' (default)' if k == default else ''}",
+             lambda k=k: bwd.chunk_dcb_dbc(x, dy, B, C, prev, dS_lp, dtp, cs, None, cb, q, prec, nsplit=k))
+            for k in bwd.dividing_splits(h // g)]
 
 
 def schedules(batch, seqlen, d_inner, conv_dim, dev="cuda", dt_=torch.bfloat16):

@@ -460,32 +460,36 @@ def _nsplit(heads_per_group):
     return n
 
 
+def dividing_splits(heads_per_group):
+    """Every power-of-two split (1..64 programs) that divides a group's heads."""
+    return tuple(k for k in (1, 2, 4, 8, 16, 32, 64) if heads_per_group % k == 0)
+
+
 def split_candidates(heads_per_group):
-    """The head splits chunk_dcb_dbc times: the default and every power of two below it that divides
-    the heads per group (fewer programs, less float32 partial-sum traffic, never more memory)."""
+    """The head splits chunk_dcb_dbc times: the default and every dividing split below it (fewer
+    programs, less float32 partial-sum traffic, never more memory)."""
     default = _nsplit(heads_per_group)
-    return tuple(k for k in (1, 2, 4, 8, 16, 32, 64) if k < default and heads_per_group % k == 0) + (default,)
+    return tuple(k for k in dividing_splits(heads_per_group) if k < default) + (default,)
 
 
-def head_split(x, B, seq_idx, chunk_size, run) -> int:
-    """The split chunk_dcb_dbc uses for these shapes: `run(k)` computes dCB + dB/dC with split k and
-    is timed for each of split_candidates on the first call per shape (CUDA); _nsplit's otherwise."""
+def head_split(x, dy, B, C, prev, dS, dtp, cs, seq_idx, cb, chunk_size, dot_prec) -> int:
+    """The split chunk_dcb_dbc uses for these arguments (its own): each of split_candidates timed on
+    the first call per shape (CUDA; choose_structure: the split trades programs for partial-sum
+    traffic, which depends on the GPU and the shape); _nsplit's where nothing is timed."""
     heads_per_group = x.shape[2] // B.shape[2]
-    return choose_structure("dcb_dbc_split", structure_key(x, B, seq_idx, chunk_size),
-                            split_candidates(heads_per_group), run, lambda: _nsplit(heads_per_group), x.device)
+    return choose_structure(
+        "dcb_dbc_split", structure_key(x, B, seq_idx, chunk_size), split_candidates(heads_per_group),
+        lambda k: chunk_dcb_dbc(x, dy, B, C, prev, dS, dtp, cs, seq_idx, cb, chunk_size, dot_prec, nsplit=k),
+        lambda: _nsplit(heads_per_group), x.device)
 
 
 def chunk_dcb_dbc(x, dy, B, C, prev, dS, dtp, cs, seq_idx, cb, chunk_size, dot_prec, nsplit=None):
     """Steps 4 and 5: -> dB, dC (input dtype) and the per-head row and off-diagonal terms of dcs
-    (chunk_dcb's rows, chunk_dbc's offd). nsplit None: on CUDA the fastest of split_candidates,
-    timed once per shape (choose_structure: the split trades programs for partial-sum traffic, which
-    depends on the GPU and the shape); _nsplit's where nothing is timed. The bits depend on the split
-    (the order of the head sums), so kernels.deterministic keeps the default."""
-    ngroups = B.shape[2]
+    (chunk_dcb's rows, chunk_dbc's offd). nsplit None: head_split's choice. The bits depend on the
+    split (the order of the head sums), so kernels.deterministic keeps the default."""
     if nsplit is None:
-        nsplit = head_split(x, B, seq_idx, chunk_size, lambda k: chunk_dcb_dbc(
-            x, dy, B, C, prev, dS, dtp, cs, seq_idx, cb, chunk_size, dot_prec, nsplit=k))
-    dcb, rows = chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, chunk_size, dot_prec, nsplit=nsplit)
+        nsplit = head_split(x, dy, B, C, prev, dS, dtp, cs, seq_idx, cb, chunk_size, dot_prec)
+    dcb, rows = chunk_dcb(x, dy, dtp, cs, seq_idx, cb, B.shape[2], chunk_size, dot_prec, nsplit=nsplit)
     dB, dC, offd = chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, chunk_size, dot_prec)
     return dB, dC, rows, offd
 
