@@ -3,8 +3,8 @@
 CPU: float32, the losses of a few optimizer steps equal the eager engine's to float32 rounding
 (inductor reorders sums). GPU (`-m gpu`): bf16 autocast with the Triton kernels inside the compiled
 blocks, within bf16 noise of eager. Both also with the recompute parts (trainer.recompute=mlp_act,...),
-whose autograd functions run outside the compiled graphs. The first compile of the tiny model takes
-10-100 s on CPU.
+whose autograd functions run outside the compiled graphs, and with whole blocks recomputed (full).
+The first compile of the tiny model takes 10-100 s on CPU.
 """
 from __future__ import annotations
 
@@ -36,12 +36,15 @@ def _losses(compile_blocks: bool, device: torch.device, steps: int, extra: tuple
     return losses
 
 
-# the recompute parts change what is kept, not the math: compiled with them trains like eager without
+# recomputation changes what is kept, not the math: compiled with it trains like eager without.
+# The parts' autograd functions run outside the compiled graphs; recompute=full checkpoints whole
+# compiled blocks (the policy bench/loss_parity.py trains hybrid_460m with).
 PARTS = ("trainer.recompute=mlp_act,mamba_norm,mamba_conv,mamba_states",)
+FULL = ("trainer.recompute=full",)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parts", [(), PARTS], ids=["plain", "recompute_parts"])
+@pytest.mark.parametrize("parts", [(), PARTS, FULL], ids=["plain", "recompute_parts", "recompute_full"])
 def test_compiled_blocks_train_like_eager_on_cpu(parts):
     torch._dynamo.reset()
     eager, compiled = _losses(False, torch.device("cpu"), 4), _losses(True, torch.device("cpu"), 4, parts)
@@ -50,7 +53,7 @@ def test_compiled_blocks_train_like_eager_on_cpu(parts):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("parts", [(), PARTS], ids=["plain", "recompute_parts"])
+@pytest.mark.parametrize("parts", [(), PARTS, FULL], ids=["plain", "recompute_parts", "recompute_full"])
 def test_compiled_blocks_train_like_eager_on_gpu_bf16(parts):
     torch._dynamo.reset()
     extra = ("model.d_model=64", "model.mamba.head_dim=16", "model.mamba.d_state=16", "model.mamba.chunk_size=16",
