@@ -166,6 +166,7 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16, 
     split_parts' rows (`--splits`)."""
     from kernels._triton_utils import dot_precision
     from kernels.ssd import triton_bwd as bwd
+    from kernels.ssd import triton_bwd_dx as bwd_dx
     from kernels.ssd import triton_bwd_scan as bwd_scan
     from kernels.ssd import triton_fwd as fwd
     from kernels.ssd import triton_states as states
@@ -180,7 +181,7 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16, 
     prev, prev_lp, final = states.state_pass(st, cs, None, None, seqlen, q, dt_)
     dprev = states.chunk_outer(dy, C, dtp, cs, None, q, 1, prec)
     dS, dS_lp, dinit, last = bwd_scan.state_pass_bwd(dprev, prev, final, None, cs, None, seqlen, q, dt_)
-    dx, ddtp, dcs, dD = bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, prec)
+    dx, ddtp, dcs, dD = bwd_dx.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, prec)
     # the head split the training backward takes at this shape (timed on the first call): the dCB
     # and dB/dC rows below run it
     k = bwd.head_split(x, dy, B, C, prev, dS_lp, dtp, cs, None, cb, q, prec)
@@ -208,8 +209,8 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16, 
         ("bwd dprev+pass fused", lambda: bwd_scan.dprev_and_pass_bwd(dy, C, cs, None, prev, final, None, q, prec,
                                                                      fused=True)),
         ("bwd dprev+pass chosen", lambda: bwd_scan.dprev_and_pass_bwd(dy, C, cs, None, prev, final, None, q, prec)),
-        ("bwd dx/ddt", lambda: bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, prec)),
-        ("bwd dx/ddt fixed", lambda: bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, prec, config=0)),
+        ("bwd dx/ddt", lambda: bwd_dx.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, prec)),
+        ("bwd dx/ddt fixed", lambda: bwd_dx.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, prec, config=0)),
         ("bwd dCB", lambda: bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, prec, nsplit=k)),
         ("bwd dB/dC", lambda: bwd.chunk_dbc(x, dy, B, C, prev, dS_lp, dcb, dtp, cs, None, q, prec)),
         # the two loop structures the autotuner chooses between (each with its first config)

@@ -229,6 +229,11 @@ def choose_structure(name: str, key: tuple, labels: tuple, run, default, device:
     return chosen
 
 
+def configs_of(space) -> list:
+    """A launch-config space written as [(kwargs, num_warps, num_stages)] as triton.Configs."""
+    return [triton.Config(kw, num_warps=w, num_stages=st) for kw, w, st in space]
+
+
 def autotune_per_chunk(kernel, configs, key, chunk_params, state_params=()):
     """`autotune(configs, key)(kernel)` per chunk size: call the result with the chunk size to get the
     launcher. The block sizes named in `chunk_params` tile a chunk's positions and must not exceed the

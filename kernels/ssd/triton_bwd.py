@@ -1,13 +1,14 @@
-"""Triton backward kernels of the chunked SSD scan within chunks (dx, dCB, dB/dC), and their launchers.
+"""Triton backward kernels of the chunked SSD scan within chunks that sum over a group's heads (dCB,
+dB/dC), their launchers and the timed choice of their head split.
 
 Describes the whole backward decomposition (notation of triton_fwd.py; dy is the gradient of the
-pre-gate output y_pre = y_ssd + D x, already multiplied by silu(z)); steps 3-5 are here, step 2 and
-the dt tail in triton_bwd_scan.py:
+pre-gate output y_pre = y_ssd + D x, already multiplied by silu(z)); steps 4-5 are here, step 3 in
+triton_bwd_dx.py, step 2 and the dt tail in triton_bwd_scan.py:
   1. dprev_c = sum_i exp(cs_i)[doc] dy_i C_i^T            (triton_states._chunk_outer, MODE 1)
   2. _state_pass_bwd (triton_bwd_scan): reverse loop over chunks: dS_c (gradient of the state after chunk c,
      = gradient of states_c), d initial_states, and <dS_c, S_c> which is the gradient of cs at
      the chunk's last position through scale_c and the chunk-state weights
-  3. _chunk_dx: per chunk, head and block of positions j (all of headdim):
+  3. _chunk_dx (triton_bwd_dx): per chunk, head and block of positions j (all of headdim):
         acc_j = exp(cs_last - cs_j)[doc] dS_c B_j + sum_{i>=j} CB_ij exp(cs_i - cs_j)[doc] dy_i
         dx_j = dtp_j acc_j + D dy_j,   ddtp_j = x_j . acc_j,
         dcs_j = dy_j . y_ssd_j - dtp_j ddtp_j      (all gradients of cs folded into per-position
@@ -18,18 +19,15 @@ the dt tail in triton_bwd_scan.py:
         dB_r = sum_h w_r x_r dS_c + sum_{k>=r} dCB_kr C_k
   Then the dt tail (triton_bwd_scan.dt_bwd, one fused kernel): dA_t = reverse cumsum of dcs within
   each chunk, ddtp += dA_t A, dA = sum dA_t dtp, and the dt processing (bias, softplus, clamp).
-Precision: for bf16/fp16 inputs the two float32 operands of the dx kernel's products (the decayed
-CB matrix and dS) are fed to the tensor cores as a hi + lo pair of the input dtype (two dots);
-rounding them to bf16 once made ddt/ddt_bias lose the cancellation between the row and column
-parts of dcs (GPU run 1: ddt 1.5e-2 relative vs the fp32 reference; hi+lo: ~4e-4 in fp16).
 dCB and dB/dC loop over a group's heads inside each program (the heads of a group split over a few
 programs whose float32 partial sums are added afterwards: chunk_dcb_dbc times the splits of
 split_candidates once per shape on CUDA and keeps the fastest); on CUDA the autotuner also tries a
 variant whose head loop is the innermost loop (HEAD_PIPE: the pipeliner prefetches the next heads'
 tiles). dCB also has a split-decay schedule (SPLIT_DECAY: tiles off the diagonal factor
 exp(cs_i - cs_j) through a position between them, one exp per row and column instead of per
-element; tried in dx and the chunk scan too and removed there, slower: bench/NOTES_kernels.md Run 9). No atomics anywhere: every output element is written by exactly one program, and partial sums
-are reduced by torch in a fixed order, so the backward is deterministic run to run.
+element; tried in dx and the chunk scan too and removed there, slower: bench/NOTES_kernels.md Run 9).
+No atomics anywhere: every output element is written by exactly one program, and partial sums are
+reduced by torch in a fixed order, so the backward is deterministic run to run.
 All offsets are 64-bit (program ids cast to int64 before stride products).
 """
 
@@ -39,96 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import INTERPRET, autotune_per_chunk, cdiv, choose_structure, next_pow2
-from kernels.ssd.triton_fwd import _dot_f32_operand, seq_args
+from kernels._triton_utils import INTERPRET, autotune_per_chunk, cdiv, choose_structure, configs_of, next_pow2
+from kernels.ssd.triton_fwd import seq_args
 from kernels.ssd.triton_states import structure_key
-
-
-@triton.jit
-def _chunk_dx_kernel(
-    x_ptr, dy_ptr, D_ptr, B_ptr, cb_ptr, dS_ptr, dtp_ptr, cs_ptr, seq_ptr,
-    dx_ptr, ddtp_ptr, dcs_ptr, dD_ptr,
-    seqlen, nheads, nchunks, chunk_size, hdim, dstate, heads_per_group, ngroups, nblk_max,
-    s_dx_b, s_dx_l, s_dx_h, s_dx_p, s_x_b, s_x_l, s_x_h, s_x_p, s_dy_b, s_dy_l, s_dy_h, s_dy_p,
-    s_b_b, s_b_l, s_b_g, s_b_n, s_seq_b, s_seq_l, s_D_h, s_D_p,
-    HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr,
-    BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
-):
-    """Grid (column blocks of BLOCK_J positions, batch * nchunks, nheads): dx and ddtp of each
-    position j of the block, and the column part of dcs; dx (batch, seqlen, nheads, headdim)."""
-    pid_j = tl.program_id(0).to(tl.int64)
-    pid_bc = tl.program_id(1).to(tl.int64)
-    pid_h = tl.program_id(2).to(tl.int64)
-    pid_b = pid_bc // nchunks
-    pid_c = pid_bc % nchunks
-    pid_g = pid_h // heads_per_group
-    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    offs_p = tl.arange(0, BLOCK_P)
-    pmask = offs_p < hdim
-    t0 = pid_c * chunk_size
-    t_j = t0 + offs_j
-    jvalid = t_j < seqlen
-    cs_base = ((pid_b * nheads + pid_h) * nchunks + pid_c) * chunk_size
-    cs_j = tl.load(cs_ptr + cs_base + offs_j)
-    dtp_j = tl.load(dtp_ptr + cs_base + offs_j)
-    cs_last = tl.load(cs_ptr + cs_base + chunk_size - 1)
-    w = tl.exp(cs_last - cs_j)
-    if HAS_SEQ:
-        seq_base = seq_ptr + pid_b * s_seq_b
-        seq_j = tl.load(seq_base + tl.minimum(t_j, seqlen - 1) * s_seq_l)
-        seq_end = tl.load(seq_base + tl.minimum(t0 + chunk_size - 1, seqlen - 1) * s_seq_l)
-        w = tl.where(seq_j == seq_end, w, 0.0)
-    # through the chunk state: exp(cs_last - cs_j) dS_c B_j
-    acc = tl.zeros((BLOCK_J, BLOCK_P), dtype=tl.float32)
-    dS_base = ((pid_b * nchunks + pid_c) * nheads + pid_h) * hdim * dstate
-    for n0 in range(0, dstate, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        bj = tl.load(B_ptr + pid_b * s_b_b + pid_g * s_b_g + t_j[:, None] * s_b_l + offs_n[None, :] * s_b_n,
-                     mask=jvalid[:, None] & (offs_n < dstate)[None, :], other=0.0)
-        dST = tl.load(dS_ptr + dS_base + offs_p[None, :] * dstate + offs_n[:, None],
-                      mask=pmask[None, :] & (offs_n < dstate)[:, None], other=0.0)
-        acc = _dot_f32_operand(acc, dST, bj, False, SPLIT, DOT_PREC)
-    acc = acc * w[:, None]
-    # within the chunk: sum_{i >= j} CB_ij exp(cs_i - cs_j) dy_i; the row tiles on the diagonal
-    # need the causal mask, those wholly below it do not
-    cb_base = (pid_bc * ngroups + pid_g) * chunk_size * chunk_size
-    j_end = tl.minimum(pid_j * BLOCK_J + BLOCK_J, chunk_size)
-    for i0 in range(pid_j * BLOCK_J, chunk_size, BLOCK_I):
-        offs_i = i0 + tl.arange(0, BLOCK_I)
-        t_i = t0 + offs_i
-        cbT = tl.load(cb_ptr + cb_base + offs_i[None, :] * chunk_size + offs_j[:, None])
-        cs_i = tl.load(cs_ptr + cs_base + offs_i)
-        if i0 < j_end:
-            keep = offs_i[None, :] >= offs_j[:, None]
-            if HAS_SEQ:
-                seq_i = tl.load(seq_base + tl.minimum(t_i, seqlen - 1) * s_seq_l)
-                keep = keep & (seq_i[None, :] == seq_j[:, None])
-            mT = tl.where(keep, cbT * tl.exp(tl.where(keep, cs_i[None, :] - cs_j[:, None], 0.0)), 0.0)
-        else:
-            mT = cbT * tl.exp(cs_i[None, :] - cs_j[:, None])
-            if HAS_SEQ:
-                seq_i = tl.load(seq_base + tl.minimum(t_i, seqlen - 1) * s_seq_l)
-                mT = tl.where(seq_i[None, :] == seq_j[:, None], mT, 0.0)
-        dyi = tl.load(dy_ptr + pid_b * s_dy_b + pid_h * s_dy_h + t_i[:, None] * s_dy_l + offs_p[None, :] * s_dy_p,
-                      mask=(t_i < seqlen)[:, None] & pmask[None, :], other=0.0)
-        acc = _dot_f32_operand(acc, mT, dyi, True, SPLIT, DOT_PREC)
-    jp = jvalid[:, None] & pmask[None, :]
-    xj = tl.load(x_ptr + pid_b * s_x_b + pid_h * s_x_h + t_j[:, None] * s_x_l + offs_p[None, :] * s_x_p,
-                 mask=jp, other=0.0).to(tl.float32)
-    dyj = tl.load(dy_ptr + pid_b * s_dy_b + pid_h * s_dy_h + t_j[:, None] * s_dy_l + offs_p[None, :] * s_dy_p,
-                  mask=jp, other=0.0).to(tl.float32)
-    ddtp = tl.sum(acc * xj, axis=1)
-    dx = acc * dtp_j[:, None]
-    if HAS_D:
-        d = tl.load(D_ptr + pid_h * s_D_h + offs_p * s_D_p, mask=pmask, other=0.0).to(tl.float32)
-        dx += dyj * d[None, :]
-        tl.store(dD_ptr + ((pid_bc * nblk_max + pid_j) * nheads + pid_h) * BLOCK_P + offs_p, tl.sum(dyj * xj, axis=0))
-    dcs = -dtp_j * ddtp  # column part; the row part dy_i . y_ssd_i comes from _chunk_dcb/_chunk_dbc
-    tl.store(dx_ptr + pid_b * s_dx_b + pid_h * s_dx_h + t_j[:, None] * s_dx_l + offs_p[None, :] * s_dx_p,
-             dx.to(dx_ptr.dtype.element_ty), mask=jp)
-    tl.store(ddtp_ptr + cs_base + offs_j, ddtp)
-    tl.store(dcs_ptr + cs_base + offs_j, dcs)
 
 
 @triton.jit
@@ -374,26 +285,9 @@ def _chunk_dbc_kernel(
 # launchers
 
 
-def _cfgs(space):
-    return [triton.Config(kw, num_warps=w, num_stages=st) for kw, w, st in space]
-
-
 # Autotuned variants for CUDA (a few configs each; results cached on disk by Triton). Tile sizes
-# that decide which partial-sum rows a program writes (BLOCK_J of dx, the dCB/dBC tiles) stay
-# fixed, so every config writes the same elements and autotuning reruns are harmless.
-# dx: the first is the fixed one (kernels.deterministic): the H200's choice at the bench shapes and
-# the presets' training shapes, 1.16x faster at the bench shapes than the tile that came first before
-# (which spills 116/220 bytes: bench/kernels_static.py; bench/NOTES_kernels.md Run 9).
-_DX_SPACE = [
-    (dict(BLOCK_I=32, BLOCK_N=32), 4, 3), (dict(BLOCK_I=64, BLOCK_N=64), 4, 2), (dict(BLOCK_I=64, BLOCK_N=64), 4, 3),
-    (dict(BLOCK_I=32, BLOCK_N=64), 4, 2), (dict(BLOCK_I=64, BLOCK_N=128), 8, 2),
-    (dict(BLOCK_I=64, BLOCK_N=64), 8, 3), (dict(BLOCK_I=128, BLOCK_N=64), 8, 2),
-    (dict(BLOCK_I=128, BLOCK_N=128), 8, 2), (dict(BLOCK_I=64, BLOCK_N=128), 4, 3),
-    (dict(BLOCK_I=64, BLOCK_N=32), 4, 4),
-    (dict(BLOCK_I=32, BLOCK_N=64), 8, 2), (dict(BLOCK_I=32, BLOCK_N=128), 8, 2), (dict(BLOCK_I=32, BLOCK_N=32), 8, 3),
-]
-_chunk_dx_tuned = autotune_per_chunk(_chunk_dx_kernel, _cfgs(_DX_SPACE),
-                                     key=["chunk_size", "hdim", "dstate", "HAS_SEQ", "SPLIT"], chunk_params=("BLOCK_I",))
+# that decide which partial-sum rows a program writes (the dCB/dBC tiles; BLOCK_J of dx,
+# triton_bwd_dx.py) stay fixed, so every config writes the same elements and autotuning reruns are harmless.
 # dCB and dB/dC: the first configs (HEAD_PIPE False) are the schedules before the head-pipelined
 # loop; the autotuner chooses between both (the first stays the fixed one)
 _DCB_SPACE = [
@@ -423,9 +317,9 @@ _DBC_SPACE = [
     (dict(BLOCK_R=64, BLOCK_K=32, BLOCK_P=64, HEAD_PIPE=True), 8, 2),
     (dict(BLOCK_R=64, BLOCK_K=32, BLOCK_P=64, HEAD_PIPE=True), 8, 3),
 ]
-_chunk_dcb_tuned = autotune_per_chunk(_chunk_dcb_kernel, _cfgs(_DCB_SPACE), key=["chunk_size", "hdim", "HAS_SEQ"],
+_chunk_dcb_tuned = autotune_per_chunk(_chunk_dcb_kernel, configs_of(_DCB_SPACE), key=["chunk_size", "hdim", "HAS_SEQ"],
                                       chunk_params=())
-_chunk_dbc_tuned = autotune_per_chunk(_chunk_dbc_kernel, _cfgs(_DBC_SPACE),
+_chunk_dbc_tuned = autotune_per_chunk(_chunk_dbc_kernel, configs_of(_DBC_SPACE),
                                       key=["chunk_size", "hdim", "dstate", "HAS_SEQ"],
                                       chunk_params=("BLOCK_R", "BLOCK_K"))
 
@@ -440,6 +334,8 @@ def _first_with(space, head_pipe, chunk_size, split_decay=False):
 
 
 def _blocks(chunk_size, hdim, dstate):
+    """Fixed tiles of the backward kernels within chunks (dx's J, I, N, P: triton_bwd_dx.py; dCB's I, P;
+    dB/dC's R, K, N, P). Interpreter: 16-position tiles, so the tile loops run on CPU."""
     if INTERPRET:
         q = min(chunk_size, 16)  # several tiles per chunk when Q > 16 (tile loops exercised on CPU)
         return dict(J=q, I=q, P=next_pow2(hdim), N=next_pow2(dstate), R=q, K=q, warps=4, stages=1)
@@ -492,43 +388,6 @@ def chunk_dcb_dbc(x, dy, B, C, prev, dS, dtp, cs, seq_idx, cb, chunk_size, dot_p
     dcb, rows = chunk_dcb(x, dy, dtp, cs, seq_idx, cb, B.shape[2], chunk_size, dot_prec, nsplit=nsplit)
     dB, dC, offd = chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, chunk_size, dot_prec)
     return dB, dC, rows, offd
-
-
-def chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec, config=None):
-    """-> dx (like x), ddtp and dcs's column part (like dtp), dD (or None). config None: the
-    autotuned schedule on CUDA (the interpreter: its own tiles); an index into _DX_SPACE: that config
-    (benchmarks; ignored by the interpreter)."""
-    batch, seqlen, nheads, hdim = x.shape
-    ngroups, dstate = B.shape[2], B.shape[3]
-    nchunks = cdiv(seqlen, chunk_size)
-    bs = _blocks(chunk_size, hdim, dstate)
-    nblk = cdiv(chunk_size, bs["J"])
-    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    ddtp = torch.empty_like(dtp)
-    dcs = torch.empty_like(dtp)
-    dD = torch.empty(batch * nchunks, nblk, nheads, bs["P"], device=x.device, dtype=torch.float32) if D is not None else None
-    Ds = (D.stride(0), D.stride(1) if D.dim() == 2 else 0) if D is not None else (0, 0)
-    seq, seq_s = seq_args(seq_idx, cs)
-    args = (
-        x, dy, D if D is not None else x, B, cb, dS, dtp, cs, seq, dx, ddtp, dcs, dD if dD is not None else dx,
-        seqlen, nheads, nchunks, chunk_size, hdim, dstate, nheads // ngroups, ngroups, nblk,
-        *dx.stride(), *x.stride(), *dy.stride(), *B.stride(), *seq_s, *Ds,
-    )
-    kw = dict(HAS_D=D is not None, HAS_SEQ=seq_idx is not None, BLOCK_J=bs["J"], BLOCK_P=bs["P"],
-              DOT_PREC=dot_prec, SPLIT=x.dtype != torch.float32)
-    grid = (nblk, batch * nchunks, nheads)
-    if INTERPRET:
-        _chunk_dx_kernel[grid](*args, **kw, BLOCK_I=bs["I"], BLOCK_N=bs["N"], num_warps=4)
-    elif config is None:
-        _chunk_dx_tuned(chunk_size)[grid](*args, **kw)
-    else:
-        cfg, warps, stages = _DX_SPACE[config]
-        cfg = dict(cfg, BLOCK_I=min(cfg["BLOCK_I"], chunk_size))
-        _chunk_dx_kernel[grid](*args, **kw, **cfg, num_warps=warps, num_stages=stages)
-    if dD is not None:
-        dD = dD.sum((0, 1))[:, :hdim]
-        dD = dD if D.dim() == 2 else dD.sum(-1)
-    return dx, ddtp, dcs, dD
 
 
 def chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, chunk_size, dot_prec, head_pipe=None, split_decay=False,

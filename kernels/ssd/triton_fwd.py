@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import INTERPRET, autotune_per_chunk, cdiv, next_pow2, next_power_of_2
+from kernels._triton_utils import INTERPRET, autotune_per_chunk, cdiv, configs_of, next_pow2, next_power_of_2
 
 
 @triton.jit
@@ -224,10 +224,6 @@ def _chunk_scan_fwd_kernel(
 # launchers
 
 
-def _cfgs(space):
-    return [triton.Config(kw, num_warps=w, num_stages=st) for kw, w, st in space]
-
-
 # CUDA: a few configs each, cached on disk by Triton (outputs are fully rewritten by any config);
 # the first is the fixed one (kernels.deterministic): the H200's choice at the three bench shapes,
 # 1.27x faster there than the tile that came first before (bench/NOTES_kernels.md Run 9).
@@ -241,7 +237,7 @@ _CHUNK_SCAN_SPACE = [
     (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=32, BLOCK_N=128), 4, 2),
 ]
 _chunk_scan_tuned = autotune_per_chunk(
-    _chunk_scan_fwd_kernel, _cfgs(_CHUNK_SCAN_SPACE), key=["chunk_size", "hdim", "dstate", "HAS_SEQ", "HAS_Z"],
+    _chunk_scan_fwd_kernel, configs_of(_CHUNK_SCAN_SPACE), key=["chunk_size", "hdim", "dstate", "HAS_SEQ", "HAS_Z"],
     chunk_params=("BLOCK_M", "BLOCK_K"), state_params=("BLOCK_N",))
 
 

@@ -2,7 +2,7 @@
 torch.compile, kernels/__init__.py) joined by register_autograd (kernels/_autograd_op.py).
 
 Owns `ssd_scan` for the Triton path: argument checks that only the Triton path needs (chunk
-size a power of two >= 16), the forward (triton_fwd, triton_states) and backward (triton_bwd,
+size a power of two >= 16), the forward (triton_fwd, triton_states) and backward (triton_bwd, triton_bwd_dx,
 triton_bwd_scan) orchestration,
 what the backward keeps (x, B, C, or with `conv_source` the conv's input, rerun in the backward;
 the CB matrices and chunk states, or with `recompute_states` neither: the backward reruns the
@@ -19,6 +19,7 @@ import torch
 from kernels._autograd_op import with_autograd
 from kernels._triton_utils import cdiv, dot_precision
 from kernels.ssd import triton_bwd as bwd
+from kernels.ssd import triton_bwd_dx as bwd_dx
 from kernels.ssd import triton_bwd_scan as bwd_scan
 from kernels.ssd import triton_fwd as fwd
 from kernels.ssd import triton_states as states
@@ -69,7 +70,7 @@ def _backward(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre, cb, pr
     else:
         dy = dout.to(x.dtype)
     dS, dS_lp, dinit, dcs_last = bwd_scan.dprev_and_pass_bwd(dy, C, cs, seq_idx, prev, final, dfinal, Q, prec)
-    dx, ddtp, dcs, dD = bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, Q, prec)
+    dx, ddtp, dcs, dD = bwd_dx.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, Q, prec)
     dB, dC, dcs_rows, dcs_offd = bwd.chunk_dcb_dbc(x, dy, B, C, prev, dS_lp, dtp, cs, seq_idx, cb, Q, prec)
     del dS, dS_lp
     ddt, dA, ddt_bias = bwd_scan.dt_bwd(dcs, dcs_rows, dcs_offd, dcs_last, ddtp, dtp, dt, dt_bias, A,

@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import INTERPRET, autotune_per_chunk, cdiv, choose_structure, next_pow2, next_power_of_2
-from kernels.ssd.triton_fwd import _blocks, _cfgs, _dot_f32_operand, seq_args
+from kernels._triton_utils import INTERPRET, autotune_per_chunk, cdiv, configs_of, choose_structure, next_pow2, next_power_of_2
+from kernels.ssd.triton_fwd import _blocks, _dot_f32_operand, seq_args
 
 
 @triton.jit
@@ -197,7 +197,7 @@ def _state_pass_fwd_kernel(
 # launchers
 
 
-_chunk_outer_tuned = autotune_per_chunk(_chunk_outer_kernel, _cfgs([
+_chunk_outer_tuned = autotune_per_chunk(_chunk_outer_kernel, configs_of([
     (dict(BLOCK_P=64, BLOCK_N=64, BLOCK_K=64), 4, 2), (dict(BLOCK_P=64, BLOCK_N=128, BLOCK_K=64), 4, 3),
     (dict(BLOCK_P=64, BLOCK_N=128, BLOCK_K=32), 4, 3), (dict(BLOCK_P=64, BLOCK_N=128, BLOCK_K=64), 8, 2),
     (dict(BLOCK_P=64, BLOCK_N=64, BLOCK_K=32), 4, 3),
@@ -206,7 +206,7 @@ _chunk_outer_tuned = autotune_per_chunk(_chunk_outer_kernel, _cfgs([
 
 # states + state passing fused: configs that keep the running state and the chunk's tile product
 # in registers without spilling at the presets' shapes (bench/kernels_static.py, Triton 3.6)
-_states_pass_tuned = autotune_per_chunk(_states_pass_kernel, _cfgs([
+_states_pass_tuned = autotune_per_chunk(_states_pass_kernel, configs_of([
     (dict(BLOCK_P=64, BLOCK_N=64, BLOCK_K=32), 8, 3), (dict(BLOCK_P=64, BLOCK_N=32, BLOCK_K=64), 8, 3),
     (dict(BLOCK_P=32, BLOCK_N=64, BLOCK_K=64), 8, 2), (dict(BLOCK_P=64, BLOCK_N=32, BLOCK_K=32), 4, 3),
     (dict(BLOCK_P=32, BLOCK_N=64, BLOCK_K=32), 4, 3), (dict(BLOCK_P=64, BLOCK_N=64, BLOCK_K=64), 8, 2),

@@ -410,6 +410,7 @@ def test_ssd_every_config_agrees_bf16(shape):
     ulps, 2^-8 relative each; float32 outputs ~1e-5). Then the dCB kernel's two decay forms: the
     split one's weights differ by one float32 rounding."""
     from kernels.ssd import triton_bwd as bwd
+    from kernels.ssd import triton_bwd_dx as bwd_dx
     from kernels.ssd import triton_fwd as fwd
     from kernels.ssd import triton_states as states
 
@@ -432,9 +433,9 @@ def test_ssd_every_config_agrees_bf16(shape):
     dy = torch.randn_like(x)
     dS = torch.randn(prev.shape, device="cuda")
     dxs = []
-    for i in range(len(bwd._DX_SPACE)):
+    for i in range(len(bwd_dx._DX_SPACE)):
         poison()
-        dxs.append(bwd.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq, q, prec, config=i))
+        dxs.append(bwd_dx.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq, q, prec, config=i))
     for i, got in enumerate(dxs[1:], 1):
         for what, a, b, tol in zip(("dx", "ddtp", "dcs", "dD"), dxs[0], got, (4e-3, 1e-4, 1e-4, 1e-5)):
             assert torch.isfinite(b.float()).all(), (i, what)

@@ -95,6 +95,7 @@ def test_shipped_table_entries_name_known_kernels_and_configs():
     importlib.import_module("kernels.conv1d.triton_op")
     rms = importlib.import_module("kernels.rmsnorm_gated.triton_op")
     bwd = importlib.import_module("kernels.ssd.triton_bwd")
+    bwd_dx = importlib.import_module("kernels.ssd.triton_bwd_dx")
     fwd = importlib.import_module("kernels.ssd.triton_fwd")
     states = importlib.import_module("kernels.ssd.triton_states")
     bwd_scan = importlib.import_module("kernels.ssd.triton_bwd_scan")
@@ -102,7 +103,7 @@ def test_shipped_table_entries_name_known_kernels_and_configs():
     for block_g in (1024, 2048, 4096):
         rms._bwd_launcher(block_g)
     for chunk in (64, 128, 256):
-        for per_chunk in (fwd._chunk_scan_tuned, states._chunk_outer_tuned, states._states_pass_tuned, bwd._chunk_dx_tuned,
+        for per_chunk in (fwd._chunk_scan_tuned, states._chunk_outer_tuned, states._states_pass_tuned, bwd_dx._chunk_dx_tuned,
                           bwd._chunk_dcb_tuned, bwd._chunk_dbc_tuned, bwd_scan._dprev_pass_tuned):
             per_chunk(chunk)
     names = {launcher.name for launcher in tu._launchers}
@@ -136,7 +137,8 @@ def test_the_shipped_table_names_only_parameters_the_kernels_have():
     import importlib
 
     modules = [importlib.import_module(m) for m in (
-        "kernels.ssd.triton_fwd", "kernels.ssd.triton_bwd", "kernels.ssd.triton_bwd_scan", "kernels.ssd.triton_states",
+        "kernels.ssd.triton_fwd", "kernels.ssd.triton_bwd", "kernels.ssd.triton_bwd_dx", "kernels.ssd.triton_bwd_scan",
+        "kernels.ssd.triton_states",
         "kernels.conv1d.triton_op", "kernels.rmsnorm_gated.triton_op")]
     path = tu.Path(tu.__file__).with_name("tuned_configs.json")
     table = json.loads(path.read_text())
