@@ -1,6 +1,6 @@
 """Kernel benchmark: one command on the GPU machine prints one table.
 
-    PYTHONPATH=$PWD python bench/kernels.py [--no-ref] [--breakdown] [--claim] [--chunk-sweep] [--splits]
+    PYTHONPATH=$PWD python bench/kernels.py [--no-ref] [--breakdown] [--claim] [--chunk-sweep] [--splits] [--order]
 
 For each SSD shape of issue 3's target table (bf16, chunk 256, D and dt_bias, no z): forward and
 forward+backward median time (triton.testing.do_bench, CUDA events, median), achieved TFLOP/s
@@ -15,6 +15,7 @@ the host's time to launch the op's ~11 kernels and ~30 small torch ops, which do
 picks from for the gated-norm backward and the conv forward at the presets' mixer sizes (the
 first schedule is the fixed one: the A/B of each autotuned list in one run), and dCB + dB/dC at
 every split of a group's heads over programs; `--splits` times only those, also at the presets' shapes.
+`--order` times only the chunk scan and dx in both launch orders (kernels._triton_utils.head_chunk_grid).
 
 FLOP model of the SSD (useful work, causal halves counted once):
   fwd = 2*T*H*P*N (chunk states) + 2*T*H*P*N (state read-out) + T*Q*H*P (intra-chunk, causal)
@@ -228,6 +229,34 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16, 
     return [(name, bench(fn)) for name, fn in parts]
 
 
+def launch_order(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
+    """The chunk scan and dx kernels (the two that read a per-group float32 CB tile per (chunk,
+    head)) launched heads-fast (the default: a chunk's heads run together and share the tile in L2)
+    and chunks-fast (the order before), each with the tuned config and the fixed one (config 0).
+    -> [(name, ms)]."""
+    from kernels._triton_utils import dot_precision
+    from kernels.ssd import triton_bwd_dx as bwd_dx
+    from kernels.ssd import triton_fwd as fwd
+    from kernels.ssd import triton_states as states
+
+    prec = dot_precision(dt_)
+    x, dt, A, B, C, D, bias = ssd_inputs(batch, seqlen, h, p, g, n, dev, dt_)
+    dy = torch.randn_like(x)
+    dtp, cs = fwd.dt_cumsum(dt, bias, A, q, True, (0.0, float("inf")))
+    cb = fwd.compute_cb(C, B, q, prec)
+    prev, prev_lp, _ = states.states_and_pass(x, B, dtp, cs, None, None, q, prec)
+    dS = torch.randn_like(prev)
+    rows = []
+    for config in (None, 0):
+        for order in (True, False):
+            tag = f"{'tuned' if config is None else 'fixed'} {'heads-fast' if order else 'chunks-fast'}"
+            rows.append((f"chunk scan {tag}", bench(lambda: fwd.chunk_scan(
+                cb, x, None, D, C, prev_lp, dtp, cs, None, q, False, prec, config=config, heads_fast=order))))
+            rows.append((f"dx {tag}", bench(lambda: bwd_dx.chunk_dx(
+                x, dy, D, B, cb, dS, dtp, cs, None, q, prec, config=config, heads_fast=order))))
+    return rows
+
+
 def split_parts(x, dy, B, C, prev, dS_lp, dtp, cs, cb, h, g, q, prec):
     """dCB then dB/dC with k programs sharing a group's heads, every dividing split k (float32
     partial sums of dCB, dB and dC k times over, summed afterwards): more programs against more
@@ -325,6 +354,9 @@ def main():
                          "is the one the kernels read first)")
     ap.add_argument("--chunk-sweep", action="store_true",
                     help="also time the SSD of the presets' mixers (one layer, training micro batch) at chunk 64-256")
+    ap.add_argument("--order", action="store_true",
+                    help="only time the chunk scan and dx launched heads-fast and chunks-fast, at the target "
+                         "and the presets' shapes (nothing else)")
     ap.add_argument("--splits", action="store_true",
                     help="only time dCB + dB/dC at every head split, at the target and the presets' shapes "
                          "(nothing else)")
@@ -335,6 +367,13 @@ def main():
         print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}")
         for shape in [t[:6] for t in TARGETS] + [s for _, s in CHUNK_SWEEP]:
             emit(f"dCB + dB/dC, shape {shape}: " + ", ".join(f"{k} {ms:.3f}" for k, ms in breakdown(*shape, splits_only=True)))
+        return
+    if args.order:
+        print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}")
+        for shape in [t[:6] for t in TARGETS] + [s for _, s in CHUNK_SWEEP]:
+            emit(f"launch order, shape {shape}: " + ", ".join(f"{k} {ms:.3f}" for k, ms in launch_order(*shape)))
+        if args.write_tuned:
+            print(f"{write_tuned_table(args.write_tuned)} autotuning choices written to {args.write_tuned}")
         return
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)

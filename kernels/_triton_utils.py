@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import triton
+import triton.language as tl
 
 from kernels.backend import get_deterministic
 
@@ -232,6 +233,29 @@ def choose_structure(name: str, key: tuple, labels: tuple, run, default, device:
 def configs_of(space) -> list:
     """A launch-config space written as [(kwargs, num_warps, num_stages)] as triton.Configs."""
     return [triton.Config(kw, num_warps=w, num_stages=st) for kw, w, st in space]
+
+
+# The launch order of the SSD kernels whose programs run per (chunk, head) and read a per-group
+# float32 CB tile (chunk scan, dx): with the heads in grid axis 1 and the chunks in axis 2, the
+# programs the GPU runs together are the heads of one chunk, which share the chunk's CB tile (and
+# B, C rows) in L2. With the chunks in axis 1 a head walks every chunk before the next head starts,
+# and once a batch's CB matrices outgrow L2 (4 x 4096 tokens at chunk 256: 64 MiB) each head reads
+# them from memory again. A benchmark flag (heads_fast=False) keeps the other order for the A/B.
+def head_chunk_grid(tiles: int, nheads: int, nchunks_total: int, heads_fast: bool) -> tuple[int, int, int]:
+    """The 3-D grid (tiles per (chunk, head), then heads and batch * nchunks in the order chosen)."""
+    return (tiles, nheads, nchunks_total) if heads_fast else (tiles, nchunks_total, nheads)
+
+
+@triton.jit
+def head_chunk_pids(HEADS_FAST: tl.constexpr):
+    """(pid_bc, pid_h) as int64 for a grid made by head_chunk_grid with the same order."""
+    if HEADS_FAST:
+        pid_h = tl.program_id(1).to(tl.int64)
+        pid_bc = tl.program_id(2).to(tl.int64)
+    else:
+        pid_bc = tl.program_id(1).to(tl.int64)
+        pid_h = tl.program_id(2).to(tl.int64)
+    return pid_bc, pid_h
 
 
 def autotune_per_chunk(kernel, configs, key, chunk_params, state_params=()):

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import INTERPRET, autotune_per_chunk, cdiv, configs_of
+from kernels._triton_utils import INTERPRET, autotune_per_chunk, cdiv, configs_of, head_chunk_grid, head_chunk_pids
 from kernels.ssd.triton_bwd import _blocks
 from kernels.ssd.triton_fwd import _dot_f32_operand, seq_args
 
@@ -33,13 +33,13 @@ def _chunk_dx_kernel(
     s_b_b, s_b_l, s_b_g, s_b_n, s_seq_b, s_seq_l, s_D_h, s_D_p,
     HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, HEADS_FAST: tl.constexpr,
 ):
-    """Grid (column blocks of BLOCK_J positions, batch * nchunks, nheads): dx and ddtp of each
-    position j of the block, and the column part of dcs; dx (batch, seqlen, nheads, headdim)."""
+    """Grid (column blocks of BLOCK_J positions, nheads, batch * nchunks) with HEADS_FAST, else
+    (column blocks, batch * nchunks, nheads): dx and ddtp of each position j of the block, and the
+    column part of dcs; dx (batch, seqlen, nheads, headdim)."""
     pid_j = tl.program_id(0).to(tl.int64)
-    pid_bc = tl.program_id(1).to(tl.int64)
-    pid_h = tl.program_id(2).to(tl.int64)
+    pid_bc, pid_h = head_chunk_pids(HEADS_FAST)
     pid_b = pid_bc // nchunks
     pid_c = pid_bc % nchunks
     pid_g = pid_h // heads_per_group
@@ -128,10 +128,11 @@ _chunk_dx_tuned = autotune_per_chunk(_chunk_dx_kernel, configs_of(_DX_SPACE),
                                      key=["chunk_size", "hdim", "dstate", "HAS_SEQ", "SPLIT"], chunk_params=("BLOCK_I",))
 
 
-def chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec, config=None):
+def chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec, config=None, heads_fast=True):
     """-> dx (like x), ddtp and dcs's column part (like dtp), dD (or None). config None: the
     autotuned schedule on CUDA (the interpreter: its own tiles); an index into _DX_SPACE: that config
-    (benchmarks; ignored by the interpreter)."""
+    (benchmarks; ignored by the interpreter). heads_fast: the launch order
+    (kernels._triton_utils.head_chunk_grid; the other order for benchmarks)."""
     batch, seqlen, nheads, hdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     nchunks = cdiv(seqlen, chunk_size)
@@ -149,8 +150,8 @@ def chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec, config
         *dx.stride(), *x.stride(), *dy.stride(), *B.stride(), *seq_s, *Ds,
     )
     kw = dict(HAS_D=D is not None, HAS_SEQ=seq_idx is not None, BLOCK_J=bs["J"], BLOCK_P=bs["P"],
-              DOT_PREC=dot_prec, SPLIT=x.dtype != torch.float32)
-    grid = (nblk, batch * nchunks, nheads)
+              DOT_PREC=dot_prec, SPLIT=x.dtype != torch.float32, HEADS_FAST=heads_fast)
+    grid = head_chunk_grid(nblk, nheads, batch * nchunks, heads_fast)
     if INTERPRET:
         _chunk_dx_kernel[grid](*args, **kw, BLOCK_I=bs["I"], BLOCK_N=bs["N"], num_warps=4)
     elif config is None:

@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import INTERPRET, autotune_per_chunk, cdiv, configs_of, next_pow2, next_power_of_2
+from kernels._triton_utils import (INTERPRET, autotune_per_chunk, cdiv, configs_of, head_chunk_grid, head_chunk_pids,
+                                   next_pow2, next_power_of_2)
 
 
 @triton.jit
@@ -131,13 +132,13 @@ def _chunk_scan_fwd_kernel(
     s_c_b, s_c_l, s_c_g, s_c_n, s_seq_b, s_seq_l, s_D_h, s_D_p,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, STORE_YPRE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, HEADS_FAST: tl.constexpr,
 ):
-    """Grid (row tiles x headdim tiles, batch * nchunks, nheads). out, ypre (batch, seqlen, nheads,
-    headdim); cb (batch, nchunks, ngroups, Q, Q); prev (batch, nchunks, nheads, headdim, dstate)."""
+    """Grid (row tiles x headdim tiles, nheads, batch * nchunks) with HEADS_FAST, else (row tiles x
+    headdim tiles, batch * nchunks, nheads). out, ypre (batch, seqlen, nheads, headdim); cb (batch,
+    nchunks, ngroups, Q, Q); prev (batch, nchunks, nheads, headdim, dstate)."""
     pid_mp = tl.program_id(0)
-    pid_bc = tl.program_id(1).to(tl.int64)
-    pid_h = tl.program_id(2).to(tl.int64)
+    pid_bc, pid_h = head_chunk_pids(HEADS_FAST)
     num_p = tl.cdiv(hdim, BLOCK_P)
     pid_m = pid_mp // num_p
     pid_p = pid_mp % num_p
@@ -298,10 +299,12 @@ def compute_cb(C, B, chunk_size, dot_prec):
     return cb
 
 
-def chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq_idx, chunk_size, store_ypre, dot_prec, config=None):
+def chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq_idx, chunk_size, store_ypre, dot_prec, config=None,
+               heads_fast=True):
     """-> out (and ypre, the output before the gate, when store_ypre), shaped like x. config None: the
     autotuned schedule on CUDA (the interpreter: its own tiles); an index into _CHUNK_SCAN_SPACE:
-    that config (benchmarks; ignored by the interpreter)."""
+    that config (benchmarks; ignored by the interpreter). heads_fast: the launch order
+    (kernels._triton_utils.head_chunk_grid; the other order for benchmarks)."""
     batch, seqlen, nheads, hdim = x.shape
     ngroups, dstate = C.shape[2], C.shape[3]
     nchunks = cdiv(seqlen, chunk_size)
@@ -319,10 +322,11 @@ def chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq_idx, chunk_size, store_ypre, d
             *x.stride(), *zz.stride(), *out.stride(), *C.stride(),
             *seq_s, *Ds)
     kw = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_SEQ=seq_idx is not None, STORE_YPRE=store_ypre,
-              DOT_PREC=dot_prec)
+              DOT_PREC=dot_prec, HEADS_FAST=heads_fast)
 
     def grid(meta):
-        return (cdiv(chunk_size, meta["BLOCK_M"]) * cdiv(hdim, meta["BLOCK_P"]), batch * nchunks, nheads)
+        tiles = cdiv(chunk_size, meta["BLOCK_M"]) * cdiv(hdim, meta["BLOCK_P"])
+        return head_chunk_grid(tiles, nheads, batch * nchunks, heads_fast)
 
     if INTERPRET:
         _chunk_scan_fwd_kernel[grid](*args, **kw, BLOCK_M=bs["M"], BLOCK_P=bs["P"], BLOCK_K=bs["K"], BLOCK_N=bs["N"],

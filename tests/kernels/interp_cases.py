@@ -245,6 +245,26 @@ def run_ssd_nsplit(name, batch=2, seqlen=45, h=8, p=16, g=2, n=8, q=16):
     return name, res
 
 
+def run_ssd_launch_order(name, batch=2, seqlen=45, h=8, p=16, g=2, n=8, q=16):
+    """The chunk scan and dx kernels launched chunks-fast (the benchmarks' A/B) against heads-fast
+    (the default, what the SSD cases above check against the reference), with groups, documents cut
+    inside chunks, D and z: each program computes the same tile either way, so the same bits."""
+    from kernels.ssd import triton_bwd_dx as bwd_dx
+    from kernels.ssd import triton_fwd as fwd
+
+    prec = "ieee"
+    x, dy, B, C, seq, dtp, cs, cb, prev, dS = dcb_dbc_inputs(batch, seqlen, h, p, g, n, q, prec)
+    z, D = torch.randn_like(x), torch.randn(h)
+    res = {}
+    outs = {order: fwd.chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq, q, True, prec, heads_fast=order)
+            + bwd_dx.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq, q, prec, heads_fast=order)
+            for order in (True, False)}
+    for what, a, b in zip(("out", "ypre", "dx", "ddtp", "dcs", "dD"), outs[True], outs[False]):
+        res[f"bits_{what}"] = float((a - b).abs().max())
+        res[f"nonzero_{what}"] = float(a.abs().max() > 0)
+    return name, res
+
+
 def run_ssd_dcb_split_decay(name, batch=2, seqlen=70, h=4, p=24, g=2, n=8, q=32):
     """The dCB kernel's split decay against its unsplit form (one more rounding: relative
     differences), in both loop structures, with documents cut inside chunks, at ordinary decays and
@@ -415,6 +435,7 @@ def main():
     out.update([run_ssd_head_pipe("ssd_head_pipe")])
     out.update([run_ssd_dcb_split_decay("ssd_dcb_split_decay")])
     out.update([run_ssd_nsplit("ssd_nsplit")])
+    out.update([run_ssd_launch_order("ssd_launch_order")])
     out.update([run_ssd_states_fused("ssd_states_fused")])
     out.update([run_conv_fwd_schedules("conv_fwd_schedules")])
     print("JSON:" + json.dumps(out))

@@ -1,4 +1,4 @@
-"""bench/kernels.py's `--breakdown` calls the SSD kernels' launchers directly and launches the gated-norm
+"""bench/kernels.py's `--breakdown` (and `--order`) calls the SSD kernels' launchers directly and launches the gated-norm
 backward and the conv forward under each schedule the autotuner chooses from; this runs both on the
 CPU under the Triton interpreter (float32, tiny shapes) in a subprocess, so that a change to a
 launcher's signature or return values shows in CI, not in a short GPU session."""
@@ -21,7 +21,8 @@ sched = mod.schedules(1, 40, 64, 80, dev="cpu", dt_=torch.float32)
 first = mod.first_call_seconds(dev="cpu", ssd_shape=(1, 40, 4, 8, 2, 8), mixer=(1, 20, 32, 48), q=16,
                                dt_=torch.float32)
 splits = mod.breakdown(1, 40, 4, 8, 2, 8, q=16, dev="cpu", dt_=torch.float32, splits_only=True)
-print("JSON:" + json.dumps({"parts": parts, "schedules": sched, "first": first, "splits": splits}))
+order = mod.launch_order(1, 40, 4, 8, 2, 8, q=16, dev="cpu", dt_=torch.float32)
+print("JSON:" + json.dumps({"parts": parts, "schedules": sched, "first": first, "splits": splits, "order": order}))
 """
 
 
@@ -41,6 +42,8 @@ def test_breakdown_runs_every_kernel_launch_under_the_interpreter():
         "bwd dCB+dB/dC nsplit=1", "bwd dCB+dB/dC nsplit=2 (default)"]  # 4 heads, 2 groups: 2 per group
     assert [name for name, _ in out["splits"]] == ["bwd dCB+dB/dC nsplit=1", "bwd dCB+dB/dC nsplit=2 (default)"]
     assert all(ms > 0 for _, ms in parts)
+    assert [name for name, _ in out["order"]] == [
+        f"{k} {c} {o}" for c in ("tuned", "fixed") for o in ("heads-fast", "chunks-fast") for k in ("chunk scan", "dx")]
     from kernels.conv1d.triton_op import FWD_SCHEDULES
     from kernels.rmsnorm_gated.triton_op import bwd_schedules
 

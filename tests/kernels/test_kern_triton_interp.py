@@ -125,6 +125,14 @@ def test_ssd_head_splits_sum_to_the_same_gradients(results):
     assert all(v <= 1e-5 for k, v in res.items() if not k.startswith(("nsplit", "rejects", "asked", "entry"))), res
 
 
+def test_ssd_launch_order_same_bits(results):
+    """Chunk scan and dx give the same bits launched heads-fast (the default) or chunks-fast."""
+    res = results["ssd_launch_order"]
+    assert {k for k in res if k.startswith("bits_")} == {f"bits_{w}" for w in ("out", "ypre", "dx", "ddtp", "dcs", "dD")}
+    assert all(v == 1.0 for k, v in res.items() if k.startswith("nonzero_")), res
+    assert all(v == 0.0 for k, v in res.items() if k.startswith("bits_")), res
+
+
 def test_ssd_dcb_split_decay_matches_the_unsplit_form(results):
     """The dCB kernel's split decay (both loop structures) stays finite and within float32 rounding
     of the unsplit form, also where the decay spans ~2600 in the exponent within a chunk."""
