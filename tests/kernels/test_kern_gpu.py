@@ -452,6 +452,34 @@ def test_ssd_every_config_agrees_bf16(shape):
     assert rel(b[..., written], a[..., written]) < 1e-5 and rel(rb, ra) < 1e-5
 
 
+def test_ssd_launch_order_same_bits_bf16():
+    """The chunk scan and dx launched heads-fast (the default) and chunks-fast, same config, with z,
+    D, groups and documents, outputs poisoned first: each program computes the same tile, so the
+    same bits. 2 x 8192 at chunk 256 with 16 heads: 64 chunks in grid axis 2, then axis 1."""
+    from kernels.ssd import triton_bwd_dx as bwd_dx
+    from kernels.ssd import triton_fwd as fwd
+    from kernels.ssd import triton_states as states
+
+    batch, seqlen, h, p, g, n = 2, 8192, 16, 64, 2, 128
+    q, prec, dt_ = 256, "tf32", torch.bfloat16
+    x, z, dy = (torch.randn(batch, seqlen, h, p, device="cuda", dtype=dt_) for _ in range(3))
+    dt = (torch.randn(batch, seqlen, h, device="cuda") - 1).to(dt_)
+    A, D = -torch.exp(torch.rand(h, device="cuda") * 2 - 1), torch.randn(h, device="cuda")
+    B, C = (torch.randn(batch, seqlen, g, n, device="cuda", dtype=dt_) for _ in range(2))
+    seq = seq_idx_random(batch, seqlen)
+    dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, (0.0, math.inf))
+    cb = fwd.compute_cb(C, B, q, prec)
+    prev = states.state_pass(states.chunk_outer(x, B, dtp, cs, seq, q, 0, prec), cs, seq, None, seqlen, q, dt_)[1]
+    dS = torch.randn(prev.shape, device="cuda")
+    outs = {}
+    for order in (True, False):
+        poison()
+        outs[order] = (fwd.chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq, q, True, prec, config=0, heads_fast=order)
+                       + bwd_dx.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq, q, prec, config=0, heads_fast=order))
+    for what, a, b in zip(("out", "ypre", "dx", "ddtp", "dcs", "dD"), outs[True], outs[False]):
+        assert torch.isfinite(a.float()).all() and torch.equal(a, b), what
+
+
 @pytest.mark.parametrize("shape", [(2, 4096, 64, 64, 1, 128), (1, 8192, 128, 64, 8, 128), (1, 16384, 64, 64, 1, 128)])
 def test_ssd_states_pass_fused_bf16(shape):
     """Chunk states + state passing in one kernel against the two kernels, with documents and
