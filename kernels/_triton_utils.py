@@ -235,6 +235,9 @@ def configs_of(space) -> list:
     return [triton.Config(kw, num_warps=w, num_stages=st) for kw, w, st in space]
 
 
+MAX_GRID_YZ = 65535  # CUDA's limit on a grid's second and third axes (the first allows 2^31 - 1)
+
+
 # The launch order of the SSD kernels whose programs run per (chunk, head) and read a per-group
 # float32 CB tile (chunk scan, dx): with the heads in grid axis 1 and the chunks in axis 2, the
 # programs the GPU runs together are the heads of one chunk, which share the chunk's CB tile (and

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from kernels._autograd_op import with_autograd
-from kernels._triton_utils import cdiv, dot_precision
+from kernels._triton_utils import MAX_GRID_YZ, cdiv, dot_precision
 from kernels.ssd import triton_bwd as bwd
 from kernels.ssd import triton_bwd_dx as bwd_dx
 from kernels.ssd import triton_bwd_scan as bwd_scan
@@ -188,6 +188,11 @@ def ssd_scan(
     Q = int(chunk_size)
     if Q < 16 or Q & (Q - 1):
         raise ValueError(f"the Triton SSD scan needs chunk_size a power of two >= 16, got {chunk_size}")
+    nbc = x.shape[0] * cdiv(x.shape[1], Q)
+    if nbc > MAX_GRID_YZ:
+        raise ValueError(f"the Triton SSD scan launches batch * ceil(seqlen / chunk_size) = {x.shape[0]} * "
+                         f"{cdiv(x.shape[1], Q)} = {nbc} programs along one CUDA grid axis, above its limit of "
+                         f"{MAX_GRID_YZ}: use a larger chunk_size or fewer sequences per call")
     if B.dtype != x.dtype or C.dtype != x.dtype:
         if conv_source is not None:
             raise ValueError("conv_source: x, B and C must be slices of one conv output (one dtype), got "

@@ -128,3 +128,18 @@ def test_trainer_applies_the_kernels_config():
     finally:
         backend.set_backend(old)
         backend.set_deterministic(False)
+
+
+def test_triton_ssd_refuses_a_launch_past_the_cuda_grid_limit():
+    """batch * nchunks programs share one CUDA grid axis (limit 65535): past it the Triton SSD scan
+    raises before launching anything, naming the numbers, instead of a CUDA launch error."""
+    from kernels.ssd.triton_op import ssd_scan
+
+    seqlen = 16 * 65536  # 65536 chunks of 16: one over the limit, with one head of width one
+    x = torch.zeros(1, seqlen, 1, 1)
+    dt, A = torch.zeros(1, seqlen, 1), -torch.ones(1)
+    B = C = torch.zeros(1, seqlen, 1, 1)
+    with pytest.raises(ValueError, match=r"1 \* 65536 = 65536 programs .* limit of 65535"):
+        ssd_scan(x, dt, A, B, C, chunk_size=16)
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        ssd_scan(x[:, :64], dt[:, :64], A, B[:, :64], C[:, :64], chunk_size=24)
