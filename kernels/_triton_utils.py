@@ -242,8 +242,10 @@ MAX_GRID_YZ = 65535  # CUDA's limit on a grid's second and third axes (the first
 # float32 CB tile (chunk scan, dx): with the heads in grid axis 1 and the chunks in axis 2, the
 # programs the GPU runs together are the heads of one chunk, which share the chunk's CB tile (and
 # B, C rows) in L2. With the chunks in axis 1 a head walks every chunk before the next head starts,
-# and once a batch's CB matrices outgrow L2 (4 x 4096 tokens at chunk 256: 64 MiB) each head reads
-# them from memory again. A benchmark flag (heads_fast=False) keeps the other order for the A/B.
+# and once a batch's CB matrices crowd L2 (256 KiB per chunk and group at chunk 256: 32 MiB for
+# 8 x 4096 tokens) the next head reads them from memory again: 9% of the chunk scan's time at
+# that shape on an H200, 1-2% where they are 16 MiB (bench/NOTES_kernels.md Run 12). A benchmark
+# flag (heads_fast=False) keeps the other order for the A/B.
 def head_chunk_grid(tiles: int, nheads: int, nchunks_total: int, heads_fast: bool) -> tuple[int, int, int]:
     """The 3-D grid (tiles per (chunk, head), then heads and batch * nchunks in the order chosen)."""
     return (tiles, nheads, nchunks_total) if heads_fast else (tiles, nchunks_total, nheads)
