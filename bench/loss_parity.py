@@ -16,7 +16,10 @@ The fast path is within bf16 noise when its distance to the reference stays with
 (max over steps, and the mean over the last 10 steps); the verdict line prints both and PASS/FAIL with
 `--factor` (default 2) of slack. The learning rate warms up over `--warmup-steps` (default 10) so the
 loss actually moves in N steps. On a machine without CUDA it runs the first two rows in float32 (the
-plumbing's check; tests/pretrain/test_loss_parity.py).
+plumbing's check; tests/pretrain/test_loss_parity.py). `--deterministic` runs every row with
+`trainer.deterministic=true`: bf16 GPU kernels are otherwise not bitwise reproducible (the same
+reference gave 4.296 and 4.361 at one step on one machine: bench/NOTES_train.md Run 17), so a
+verdict is a single draw; deterministic rows make it repeatable.
 """
 from __future__ import annotations
 
@@ -101,10 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fast", default="kernels.backend=triton,trainer.compile=true")
     parser.add_argument("--reference", default="kernels.backend=torch,trainer.compile=false")
     parser.add_argument("--factor", type=float, default=2.0)
+    parser.add_argument("--deterministic", action="store_true",
+                        help="every row with trainer.deterministic=true: each path gives the same bits run to run, "
+                             "so the rows differ only by their code paths (torch's mode is process-wide: all rows "
+                             "or none)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     cuda = torch.cuda.is_available()
-    variants = {"fast": split_overrides(args.fast), "reference": split_overrides(args.reference)}
+    extra = ["trainer.deterministic=true"] if args.deterministic else []
+    variants = {"fast": split_overrides(args.fast) + extra, "reference": split_overrides(args.reference) + extra}
     if cuda:
         variants["reference fp32"] = variants["reference"] + ["trainer.precision=fp32"]
     rows = {}
@@ -114,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {' '.join(f'{x:.4f}' for x in rows[name])}", flush=True)
     where = torch.cuda.get_device_name() if cuda else "CPU (float32)"
     print(f"\n{args.spec}, {args.steps} steps, {where}, torch {torch.__version__}; fast = {args.fast}; "
-          f"reference = {args.reference}\n")
+          f"reference = {args.reference}{'; every row trainer.deterministic=true' if args.deterministic else ''}\n")
     print_table(rows)
     verdict, ok = compare(rows["fast"], rows["reference"], rows.get("reference fp32"), args.factor)
     print("\n" + verdict)

@@ -171,6 +171,11 @@ class TrainerConfig:
     # torch.compile each residual block, in every build and parallel layout (the Triton kernels are opaque
     # torch.library custom ops: one graph per block, kernels launched by their own launcher)
     compile: bool = False
+    # true: the same bits run to run on the same machines and layout, at some speed: torch's
+    # deterministic algorithms (an op that has none raises at its first call, naming itself),
+    # cuBLAS's fixed workspace, no cuDNN autotuning, Inductor's deterministic mode where this torch
+    # has it, and kernels.deterministic's fixed Triton configs (pretrain/trainer.configure_kernels)
+    deterministic: bool = False
     eval_interval: int = 0  # > 0: evaluate on data.validation every this many steps (and at the end)
     eval_steps: int = 10  # micro-batches per dp rank in one evaluation
 

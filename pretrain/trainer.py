@@ -79,9 +79,25 @@ def _dp_rank(dist_info: DistInfo, derived: Derived) -> int:
 
 
 def configure_kernels(cfg: Config) -> None:
-    """Apply `kernels.*` to this process: the backend and the deterministic launch configs."""
+    """Apply `kernels.*` to this process: the backend and the deterministic launch configs; and
+    `trainer.deterministic`, which implies `kernels.deterministic`."""
     kernels.backend.set_backend(cfg.kernels.backend)
-    kernels.backend.set_deterministic(cfg.kernels.deterministic)
+    kernels.backend.set_deterministic(cfg.kernels.deterministic or cfg.trainer.deterministic)
+    if cfg.trainer.deterministic:
+        use_deterministic_torch()
+
+
+def use_deterministic_torch() -> None:
+    """torch's side of `trainer.deterministic`, for this process. CUBLAS_WORKSPACE_CONFIG is read
+    when cuBLAS starts, so it is set here (unless the user set it) before the first matmul."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    import torch._inductor.config as inductor_config
+
+    if hasattr(inductor_config, "deterministic"):  # where this torch has it: no on-device benchmarking
+        inductor_config.deterministic = True
 
 
 class Trainer:
