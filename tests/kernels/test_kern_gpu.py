@@ -339,9 +339,10 @@ def test_rmsnorm_gated_bf16_vs_reference(before):
     assert all(rel(a, c) < 1e-2 for a, c in zip(g, g0))
 
 
-def dcb_dbc_inputs(shape, q, prec, dt_=torch.bfloat16):
-    """What dCB and dB/dC take at `shape` (batch, seqlen, heads, headdim, groups, dstate), with random
-    documents: x, dy, B, C, seq_idx, dtp, cs, cb, prev (from the forward kernels) and a random dS."""
+def ssd_kernel_inputs(shape, q, prec, dt_=torch.bfloat16):
+    """What the SSD's within-chunk kernels (chunk scan, dx, dCB, dB/dC) take at `shape` (batch,
+    seqlen, heads, headdim, groups, dstate), with random documents: x, dy, B, C, seq_idx, dtp, cs, cb,
+    prev and prev_lp (float32 and rounded to dt_, from the forward kernels) and a random float32 dS."""
     from kernels.ssd import triton_fwd as fwd
     from kernels.ssd import triton_states as states
 
@@ -353,8 +354,9 @@ def dcb_dbc_inputs(shape, q, prec, dt_=torch.bfloat16):
     seq = seq_idx_random(batch, seqlen)
     dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, (0.0, math.inf))
     cb = fwd.compute_cb(C, B, q, prec)
-    prev = states.state_pass(states.chunk_outer(x, B, dtp, cs, seq, q, 0, prec), cs, seq, None, seqlen, q)[0]
-    return x, dy, B, C, seq, dtp, cs, cb, prev, torch.randn_like(prev)
+    prev, prev_lp, _ = states.state_pass(states.chunk_outer(x, B, dtp, cs, seq, q, 0, prec), cs, seq, None, seqlen,
+                                         q, dt_)
+    return x, dy, B, C, seq, dtp, cs, cb, prev, prev_lp, torch.randn_like(prev)
 
 
 @pytest.mark.parametrize("shape", [(2, 4096, 64, 64, 1, 128), (1, 8192, 128, 64, 8, 128)])
@@ -364,7 +366,7 @@ def test_ssd_dcb_dbc_loop_structures_same_bits_bf16(shape):
     from kernels.ssd import triton_bwd as bwd
 
     q, prec, g = 256, "tf32", shape[4]
-    x, dy, B, C, seq, dtp, cs, cb, prev, dS = dcb_dbc_inputs(shape, q, prec)
+    x, dy, B, C, seq, dtp, cs, cb, prev, _, dS = ssd_kernel_inputs(shape, q, prec)
     outs = []
     for pipe in (False, True):
         poison()
@@ -387,7 +389,7 @@ def test_ssd_every_head_split_agrees_bf16(shape):
     from kernels.ssd import triton_bwd as bwd
 
     q, prec, h, g = 256, "tf32", shape[2], shape[4]
-    x, dy, B, C, seq, dtp, cs, cb, prev, dS = dcb_dbc_inputs(shape, q, prec)
+    x, dy, B, C, seq, dtp, cs, cb, prev, _, dS = ssd_kernel_inputs(shape, q, prec)
     splits = bwd.split_candidates(h // g)
     outs = {}
     for k in splits:
@@ -412,26 +414,16 @@ def test_ssd_every_config_agrees_bf16(shape):
     from kernels.ssd import triton_bwd as bwd
     from kernels.ssd import triton_bwd_dx as bwd_dx
     from kernels.ssd import triton_fwd as fwd
-    from kernels.ssd import triton_states as states
 
-    batch, seqlen, h, p, g, n = shape
-    q, prec, dt_ = 256, "tf32", torch.bfloat16
-    x, z = (torch.randn(batch, seqlen, h, p, device="cuda", dtype=dt_) for _ in range(2))
-    dt = (torch.randn(batch, seqlen, h, device="cuda") - 1).to(dt_)
-    A, D = -torch.exp(torch.rand(h, device="cuda") * 2 - 1), torch.randn(h, device="cuda")
-    B, C = (torch.randn(batch, seqlen, g, n, device="cuda", dtype=dt_) for _ in range(2))
-    seq = seq_idx_random(batch, seqlen)
-    dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, (0.0, math.inf))
-    cb = fwd.compute_cb(C, B, q, prec)
-    prev = states.state_pass(states.chunk_outer(x, B, dtp, cs, seq, q, 0, prec), cs, seq, None, seqlen, q, dt_)[1]
+    q, prec, h, g = 256, "tf32", shape[2], shape[4]
+    x, dy, B, C, seq, dtp, cs, cb, _, prev_lp, dS = ssd_kernel_inputs(shape, q, prec)
+    z, D = torch.randn_like(x), torch.randn(h, device="cuda")
     outs = []
     for i in range(len(fwd._CHUNK_SCAN_SPACE)):
         poison()
-        outs.append(fwd.chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq, q, True, prec, config=i))
+        outs.append(fwd.chunk_scan(cb, x, z, D, C, prev_lp, dtp, cs, seq, q, True, prec, config=i))
     for i, (out, ypre) in enumerate(outs[1:], 1):
         assert rel(out, outs[0][0]) < 4e-3 and rel(ypre, outs[0][1]) < 4e-3, i
-    dy = torch.randn_like(x)
-    dS = torch.randn(prev.shape, device="cuda")
     dxs = []
     for i in range(len(bwd_dx._DX_SPACE)):
         poison()
@@ -458,23 +450,15 @@ def test_ssd_launch_order_same_bits_bf16():
     same bits. 2 x 8192 at chunk 256 with 16 heads: 64 chunks in grid axis 2, then axis 1."""
     from kernels.ssd import triton_bwd_dx as bwd_dx
     from kernels.ssd import triton_fwd as fwd
-    from kernels.ssd import triton_states as states
 
-    batch, seqlen, h, p, g, n = 2, 8192, 16, 64, 2, 128
-    q, prec, dt_ = 256, "tf32", torch.bfloat16
-    x, z, dy = (torch.randn(batch, seqlen, h, p, device="cuda", dtype=dt_) for _ in range(3))
-    dt = (torch.randn(batch, seqlen, h, device="cuda") - 1).to(dt_)
-    A, D = -torch.exp(torch.rand(h, device="cuda") * 2 - 1), torch.randn(h, device="cuda")
-    B, C = (torch.randn(batch, seqlen, g, n, device="cuda", dtype=dt_) for _ in range(2))
-    seq = seq_idx_random(batch, seqlen)
-    dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, (0.0, math.inf))
-    cb = fwd.compute_cb(C, B, q, prec)
-    prev = states.state_pass(states.chunk_outer(x, B, dtp, cs, seq, q, 0, prec), cs, seq, None, seqlen, q, dt_)[1]
-    dS = torch.randn(prev.shape, device="cuda")
+    q, prec, h = 256, "tf32", 16
+    x, dy, B, C, seq, dtp, cs, cb, _, prev_lp, dS = ssd_kernel_inputs((2, 8192, h, 64, 2, 128), q, prec)
+    z, D = torch.randn_like(x), torch.randn(h, device="cuda")
     outs = {}
     for order in (True, False):
         poison()
-        outs[order] = (fwd.chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq, q, True, prec, config=0, heads_fast=order)
+        outs[order] = (fwd.chunk_scan(cb, x, z, D, C, prev_lp, dtp, cs, seq, q, True, prec, config=0,
+                                      heads_fast=order)
                        + bwd_dx.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq, q, prec, config=0, heads_fast=order))
     for what, a, b in zip(("out", "ypre", "dx", "ddtp", "dcs", "dD"), outs[True], outs[False]):
         assert torch.isfinite(a.float()).all() and torch.equal(a, b), what
