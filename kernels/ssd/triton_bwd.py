@@ -4,18 +4,18 @@ dB/dC), their launchers and the timed choice of their head split.
 Describes the whole backward decomposition (notation of triton_fwd.py; dy is the gradient of the
 pre-gate output y_pre = y_ssd + D x, already multiplied by silu(z)); steps 4-5 are here, step 3 in
 triton_bwd_dx.py, step 2 and the dt tail in triton_bwd_scan.py:
-  1. dprev_c = sum_i exp(cs_i)[doc] dy_i C_i^T            (triton_states._chunk_outer, MODE 1)
+  1. dprev_c = sum_i exp2(cs_i)[doc] dy_i C_i^T            (triton_states._chunk_outer, MODE 1)
   2. _state_pass_bwd (triton_bwd_scan): reverse loop over chunks: dS_c (gradient of the state after chunk c,
      = gradient of states_c), d initial_states, and <dS_c, S_c> which is the gradient of cs at
      the chunk's last position through scale_c and the chunk-state weights
   3. _chunk_dx (triton_bwd_dx): per chunk, head and block of positions j (all of headdim):
-        acc_j = exp(cs_last - cs_j)[doc] dS_c B_j + sum_{i>=j} CB_ij exp(cs_i - cs_j)[doc] dy_i
+        acc_j = exp2(cs_last - cs_j)[doc] dS_c B_j + sum_{i>=j} CB_ij exp2(cs_i - cs_j)[doc] dy_i
         dx_j = dtp_j acc_j + D dy_j,   ddtp_j = x_j . acc_j,
         dcs_j = dy_j . y_ssd_j - dtp_j ddtp_j      (all gradients of cs folded into per-position
         dot products: no cross-program reduction), and per-block partial sums of dy * x for dD
-  4. _chunk_dcb: dCB_ij = sum over the group's heads of (dy_i . x_j) exp(cs_i - cs_j)[doc] dtp_j
+  4. _chunk_dcb: dCB_ij = sum over the group's heads of (dy_i . x_j) exp2(cs_i - cs_j)[doc] dtp_j
   5. _chunk_dbc: per group and block of positions r, looping over the group's heads:
-        dC_r = sum_h exp(cs_r)[doc] dy_r prev^T + sum_{k<=r} dCB_rk B_k
+        dC_r = sum_h exp2(cs_r)[doc] dy_r prev^T + sum_{k<=r} dCB_rk B_k
         dB_r = sum_h w_r x_r dS_c + sum_{k>=r} dCB_kr C_k
   Then the dt tail (triton_bwd_scan.dt_bwd, one fused kernel): dA_t = reverse cumsum of dcs within
   each chunk, ddtp += dA_t A, dA = sum dA_t dtp, and the dt processing (bias, softplus, clamp).
@@ -24,7 +24,7 @@ programs whose float32 partial sums are added afterwards: chunk_dcb_dbc times th
 split_candidates once per shape on CUDA and keeps the fastest); on CUDA the autotuner also tries a
 variant whose head loop is the innermost loop (HEAD_PIPE: the pipeliner prefetches the next heads'
 tiles). dCB also has a split-decay schedule (SPLIT_DECAY: tiles off the diagonal factor
-exp(cs_i - cs_j) through a position between them, one exp per row and column instead of per
+exp2(cs_i - cs_j) through a position between them, one exp per row and column instead of per
 element; tried in dx and the chunk scan too and removed there, slower: bench/NOTES_kernels.md Run 9).
 No atomics anywhere: every output element is written by exactly one program, and partial sums are
 reduced by torch in a fixed order, so the backward is deterministic run to run.
@@ -55,8 +55,9 @@ def _dcb_block(dy_h, x_h, t_i, t_j, offs_p, seqlen, hdim, s_dy_l, s_dy_p, s_x_l,
 
 @triton.jit
 def _dcb_decayed(g, keep, cs_i, cs_j, dtp_j):
-    """One head's dCB tile: g_ij exp(cs_i - cs_j) dtp_j where keep, 0 elsewhere (one exp per element)."""
-    return tl.where(keep, g * tl.exp(tl.where(keep, cs_i[:, None] - cs_j[None, :], 0.0)) * dtp_j[None, :], 0.0)
+    """One head's dCB tile: g_ij exp2(cs_i - cs_j) dtp_j where keep, 0 elsewhere (one exp2 per element;
+    where it overflows to inf, outside keep, the select drops it)."""
+    return tl.where(keep, g * tl.math.exp2(cs_i[:, None] - cs_j[None, :]) * dtp_j[None, :], 0.0)
 
 
 @triton.jit
@@ -82,7 +83,7 @@ def _dcb_heads(x_ptr, dy_ptr, dtp_ptr, cs_ptr, cb, keep, rows, offs_i, offs_j, t
                HDIM_BLOCK: tl.constexpr, SPLIT: tl.constexpr):
     """The dCB tile (BLOCK_I, BLOCK_J) float32 summed over heads h0 .. h0 + nhh - 1 (consecutive, one
     group), each head's row sums of dCB_h * CB stored at `rows` (+ its cs offset times num_j).
-    SPLIT (a tile wholly below the diagonal only): exp(cs_i - cs_j) = exp(cs_i - r) exp(r - cs_j)
+    SPLIT (a tile wholly below the diagonal only): exp2(cs_i - cs_j) = exp2(cs_i - r) exp2(r - cs_j)
     with r = cs at column r_col of the chunk."""
     acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
     for hh in range(nhh):
@@ -103,7 +104,7 @@ def _dcb_heads(x_ptr, dy_ptr, dtp_ptr, cs_ptr, cb, keep, rows, offs_i, offs_j, t
         dtp_j = tl.load(dtp_ptr + cs_base + offs_j)
         if SPLIT:
             r = tl.load(cs_ptr + cs_base + r_col)
-            dcb_h = g * tl.exp(cs_i - r)[:, None] * (tl.exp(r - cs_j) * dtp_j)[None, :]
+            dcb_h = g * tl.math.exp2(cs_i - r)[:, None] * (tl.math.exp2(r - cs_j) * dtp_j)[None, :]
             if HAS_SEQ:
                 dcb_h = tl.where(keep, dcb_h, 0.0)
         else:
@@ -122,8 +123,8 @@ def _chunk_dcb_kernel(
     HAS_SEQ: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr,
     DOT_PREC: tl.constexpr, HEAD_PIPE: tl.constexpr, HDIM_BLOCK: tl.constexpr, SPLIT_DECAY: tl.constexpr,
 ):
-    """SPLIT_DECAY: a tile wholly below the diagonal factors each head's decay, exp(cs_i - cs_j) =
-    exp(cs_i - r) exp(r - cs_j) with r = cs at the tile's last column (between cs_j and cs_i, cs being
+    """SPLIT_DECAY: a tile wholly below the diagonal factors each head's decay, exp2(cs_i - cs_j) =
+    exp2(cs_i - r) exp2(r - cs_j) with r = cs at the tile's last column (between cs_j and cs_i, cs being
     monotone within a chunk): BLOCK_I + BLOCK_J exps per head, not BLOCK_I x BLOCK_J.
     HEAD_PIPE: one dot per head over all of headdim (HDIM_BLOCK = next power of two >= hdim), so
     the loop over heads is the innermost loop and the software pipeliner issues the next heads' dy
@@ -222,8 +223,8 @@ def _chunk_dbc_kernel(
         cs_r = tl.load(cs_ptr + cs_base + offs_r)
         cs_last = tl.load(cs_ptr + cs_base + chunk_size - 1)
         dtp_r = tl.load(dtp_ptr + cs_base + offs_r)
-        u = tl.exp(cs_r)
-        w = tl.exp(cs_last - cs_r) * dtp_r
+        u = tl.math.exp2(cs_r)
+        w = tl.math.exp2(cs_last - cs_r) * dtp_r
         if HAS_SEQ:
             u = tl.where(seq_r == seq_in, u, 0.0)
             w = tl.where(seq_r == seq_end, w, 0.0)

@@ -1,6 +1,6 @@
 """Triton kernel of the SSD backward's step 3 (triton_bwd.py's decomposition): dx, ddtp, the column
 part of dcs and dD's partial sums, per chunk, head and block of positions j (all of headdim):
-    acc_j = exp(cs_last - cs_j)[doc] dS_c B_j + sum_{i>=j} CB_ij exp(cs_i - cs_j)[doc] dy_i
+    acc_j = exp2(cs_last - cs_j)[doc] dS_c B_j + sum_{i>=j} CB_ij exp2(cs_i - cs_j)[doc] dy_i
     dx_j = dtp_j acc_j + D dy_j,   ddtp_j = x_j . acc_j,   dcs_j = dy_j . y_ssd_j - dtp_j ddtp_j
 Shapes: x, dy, dx (batch, seqlen, nheads, headdim); B (batch, seqlen, ngroups, dstate); cb
 (batch, nchunks, ngroups, chunk, chunk) float32; dS (batch, nchunks, nheads, headdim, dstate)
@@ -53,13 +53,13 @@ def _chunk_dx_kernel(
     cs_j = tl.load(cs_ptr + cs_base + offs_j)
     dtp_j = tl.load(dtp_ptr + cs_base + offs_j)
     cs_last = tl.load(cs_ptr + cs_base + chunk_size - 1)
-    w = tl.exp(cs_last - cs_j)
+    w = tl.math.exp2(cs_last - cs_j)
     if HAS_SEQ:
         seq_base = seq_ptr + pid_b * s_seq_b
         seq_j = tl.load(seq_base + tl.minimum(t_j, seqlen - 1) * s_seq_l)
         seq_end = tl.load(seq_base + tl.minimum(t0 + chunk_size - 1, seqlen - 1) * s_seq_l)
         w = tl.where(seq_j == seq_end, w, 0.0)
-    # through the chunk state: exp(cs_last - cs_j) dS_c B_j
+    # through the chunk state: exp2(cs_last - cs_j) dS_c B_j
     acc = tl.zeros((BLOCK_J, BLOCK_P), dtype=tl.float32)
     dS_base = ((pid_b * nchunks + pid_c) * nheads + pid_h) * hdim * dstate
     for n0 in range(0, dstate, BLOCK_N):
@@ -70,10 +70,14 @@ def _chunk_dx_kernel(
                       mask=pmask[None, :] & (offs_n < dstate)[:, None], other=0.0)
         acc = _dot_f32_operand(acc, dST, bj, False, SPLIT, DOT_PREC)
     acc = acc * w[:, None]
-    # within the chunk: sum_{i >= j} CB_ij exp(cs_i - cs_j) dy_i; the row tiles on the diagonal
-    # need the causal mask, those wholly below it do not
+    # within the chunk: sum_{i >= j} CB_ij exp2(cs_i - cs_j) dy_i; the row tiles on the diagonal
+    # need the causal mask, those wholly below it do not. Documents: seq_idx is non-decreasing, so
+    # a tile's causal part (positions j0 .. its last row i) lies in one document when the seq_idx
+    # of both ends agree; only tiles where a document starts load the rows' seq_idx and mask.
     cb_base = (pid_bc * ngroups + pid_g) * chunk_size * chunk_size
     j_end = tl.minimum(pid_j * BLOCK_J + BLOCK_J, chunk_size)
+    if HAS_SEQ:
+        seq_j0 = tl.load(seq_base + tl.minimum(t0 + pid_j * BLOCK_J, seqlen - 1) * s_seq_l)
     for i0 in range(pid_j * BLOCK_J, chunk_size, BLOCK_I):
         offs_i = i0 + tl.arange(0, BLOCK_I)
         t_i = t0 + offs_i
@@ -82,14 +86,16 @@ def _chunk_dx_kernel(
         if i0 < j_end:
             keep = offs_i[None, :] >= offs_j[:, None]
             if HAS_SEQ:
-                seq_i = tl.load(seq_base + tl.minimum(t_i, seqlen - 1) * s_seq_l)
-                keep = keep & (seq_i[None, :] == seq_j[:, None])
-            mT = tl.where(keep, cbT * tl.exp(tl.where(keep, cs_i[None, :] - cs_j[:, None], 0.0)), 0.0)
+                if tl.load(seq_base + tl.minimum(t0 + i0 + BLOCK_I - 1, seqlen - 1) * s_seq_l) != seq_j0:
+                    seq_i = tl.load(seq_base + tl.minimum(t_i, seqlen - 1) * s_seq_l)
+                    keep = keep & (seq_i[None, :] == seq_j[:, None])
+            mT = tl.where(keep, cbT * tl.math.exp2(cs_i[None, :] - cs_j[:, None]), 0.0)  # inf dropped
         else:
-            mT = cbT * tl.exp(cs_i[None, :] - cs_j[:, None])
+            mT = cbT * tl.math.exp2(cs_i[None, :] - cs_j[:, None])
             if HAS_SEQ:
-                seq_i = tl.load(seq_base + tl.minimum(t_i, seqlen - 1) * s_seq_l)
-                mT = tl.where(seq_i[None, :] == seq_j[:, None], mT, 0.0)
+                if tl.load(seq_base + tl.minimum(t0 + i0 + BLOCK_I - 1, seqlen - 1) * s_seq_l) != seq_j0:
+                    seq_i = tl.load(seq_base + tl.minimum(t_i, seqlen - 1) * s_seq_l)
+                    mT = tl.where(seq_i[None, :] == seq_j[:, None], mT, 0.0)
         dyi = tl.load(dy_ptr + pid_b * s_dy_b + pid_h * s_dy_h + t_i[:, None] * s_dy_l + offs_p[None, :] * s_dy_p,
                       mask=(t_i < seqlen)[:, None] & pmask[None, :], other=0.0)
         acc = _dot_f32_operand(acc, mT, dyi, True, SPLIT, DOT_PREC)

@@ -2,14 +2,19 @@
 
 Owns the forward decomposition (chunk size Q, a power of two; c = ceil(seqlen / Q) chunks, the
 last one padded with dt = 0):
-  1. _dt_cumsum:   dt -> dtp = clamp(softplus(dt + dt_bias)) and cs = cumsum_Q(dtp * A)
-                   both (batch, nheads, nchunks, Q) float32
+  1. _dt_cumsum:   dt -> dtp = clamp(softplus(dt + dt_bias)) and cs = log2(e) cumsum_Q(dtp * A)
+                   both (batch, nheads, nchunks, Q) float32. cs is in base-2 units: every decay
+                   exp(sum of dtp * A) is then exp2 of a difference of cs, one ex2.approx.ftz
+                   instruction on the GPU (tl.exp is a multiply, a range test and two fix-up
+                   multiplies around the ex2, per element of every decay matrix). The formulas
+                   below write exp2(cs_i - cs_j) for that decay; gradients "of cs" are taken
+                   with respect to the natural-unit cumsum, as before.
   2. _cb:          CB[i, j] = C_i . B_j per chunk and group, (batch, nchunks, ngroups, Q, Q) float32
                    (lower-triangular blocks only; consumers mask with tl.where)
   3. chunk states: per chunk and head, sum_j w_j x_j B_j^T -> (batch, nchunks, nheads, headdim, dstate)
   4. state passing: S_c = scale_c S_{c-1} + states_c: the state entering each chunk (prev) and the
                    final state (3 and 4, fused or not: triton_states.py)
-  5. _chunk_scan:  y_i = exp(cs_i) [doc] C_i prev^T + sum_{j<=i} CB_ij exp(cs_i - cs_j) [doc] dtp_j x_j
+  5. _chunk_scan:  y_i = exp2(cs_i) [doc] C_i prev^T + sum_{j<=i} CB_ij exp2(cs_i - cs_j) [doc] dtp_j x_j
                    + D x_i, then * silu(z_i)
 All offsets are 64-bit: program ids and positions are cast to int64 before any stride product.
 """
@@ -29,18 +34,20 @@ def _dot_f32_operand(acc, f, lp, F_LEFT: tl.constexpr, SPLIT: tl.constexpr, DOT_
     """acc + (f @ lp) with F_LEFT, else acc + (lp @ f): f a float32 tile, lp one in the input dtype.
     SPLIT (bf16/fp16 inputs): f reaches the tensor cores as a hi + lo pair of lp's dtype, two dots,
     ~16 mantissa bits at tensor-core speed (one rounding of f to bf16 lost ddt's cancellation:
-    triton_bwd's docstring); otherwise f is cast once (float32 inputs: IEEE dots, DOT_PREC)."""
+    triton_bwd's docstring); otherwise f is cast once (float32 inputs: IEEE dots, DOT_PREC).
+    Each dot accumulates into acc in place (the tensor cores' own float32 accumulator): summing the
+    two products first and then adding them cost two float32 adds per accumulator element and dot."""
     if SPLIT:
         hi = f.to(lp.dtype)
         lo = (f - hi.to(tl.float32)).to(lp.dtype)
         if F_LEFT:
-            out = acc + (tl.dot(hi, lp) + tl.dot(lo, lp))
+            out = tl.dot(lo, lp, tl.dot(hi, lp, acc))
         else:
-            out = acc + (tl.dot(lp, hi) + tl.dot(lp, lo))
+            out = tl.dot(lp, lo, tl.dot(lp, hi, acc))
     elif F_LEFT:
-        out = acc + tl.dot(f.to(lp.dtype), lp, input_precision=DOT_PREC)
+        out = tl.dot(f.to(lp.dtype), lp, acc, input_precision=DOT_PREC)
     else:
-        out = acc + tl.dot(lp, f.to(lp.dtype), input_precision=DOT_PREC)
+        out = tl.dot(lp, f.to(lp.dtype), acc, input_precision=DOT_PREC)
     return out
 
 
@@ -78,7 +85,7 @@ def _dt_cumsum_kernel(
     if HAS_LIMIT:
         dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
     dt = tl.where(mask, dt, 0.0)
-    A = tl.load(A_ptr + offs_h, mask=hmask, other=0.0).to(tl.float32)
+    A = tl.load(A_ptr + offs_h, mask=hmask, other=0.0).to(tl.float32) * 1.4426950408889634  # log2(e)
     cs = tl.cumsum(dt * A[None, :], axis=0)
     out = ((pid_b * nheads + offs_h[None, :]) * nchunks + pid_c) * chunk_size + offs_q[:, None]
     smask = (offs_q < chunk_size)[:, None] & hmask[None, :]
@@ -153,7 +160,7 @@ def _chunk_scan_fwd_kernel(
     pmask = offs_p < hdim
     cs_base = ((pid_b * nheads + pid_h) * nchunks + pid_c) * chunk_size
     cs_m = tl.load(cs_ptr + cs_base + offs_m)
-    u = tl.exp(cs_m)
+    u = tl.math.exp2(cs_m)
     if HAS_SEQ:
         seq_base = seq_ptr + pid_b * s_seq_b
         seq_m = tl.load(seq_base + tl.minimum(t_m, seqlen - 1) * s_seq_l)
@@ -172,21 +179,27 @@ def _chunk_scan_fwd_kernel(
                         mask=pmask[None, :] & (offs_n < dstate)[:, None], other=0.0)
         acc += tl.dot(c, prevT.to(c.dtype), input_precision=DOT_PREC)
     acc = acc * u[:, None]
-    # diagonal block: sum_{j <= i} CB_ij exp(cs_i - cs_j) dtp_j x_j. Column tiles wholly left of
+    # diagonal block: sum_{j <= i} CB_ij exp2(cs_i - cs_j) dtp_j x_j. Column tiles wholly left of
     # this row tile need no causal mask (fewer elementwise ops); the tiles on the diagonal do.
+    # Documents: seq_idx is non-decreasing, so a tile's causal part (columns k0 .. last row) lies in
+    # one document when the seq_idx of column k0 equals that of the tile's last row; only tiles where
+    # a document starts load the columns' seq_idx and mask elementwise.
     cb_base = (pid_bc * ngroups + pid_g) * chunk_size * chunk_size
     m0 = pid_m * BLOCK_M
     hi = tl.minimum(m0 + BLOCK_M, chunk_size)
+    if HAS_SEQ:
+        seq_last = tl.load(seq_base + tl.minimum(t0 + hi - 1, seqlen - 1) * s_seq_l)
     for k0 in range(0, m0, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         t_k = t0 + offs_k
         cb = tl.load(cb_ptr + cb_base + offs_m[:, None] * chunk_size + offs_k[None, :])
         cs_k = tl.load(cs_ptr + cs_base + offs_k)
         dtp_k = tl.load(dtp_ptr + cs_base + offs_k)
-        m = cb * tl.exp(cs_m[:, None] - cs_k[None, :]) * dtp_k[None, :]
+        m = cb * tl.math.exp2(cs_m[:, None] - cs_k[None, :]) * dtp_k[None, :]
         if HAS_SEQ:
-            seq_k = tl.load(seq_base + tl.minimum(t_k, seqlen - 1) * s_seq_l)
-            m = tl.where(seq_m[:, None] == seq_k[None, :], m, 0.0)
+            if tl.load(seq_base + tl.minimum(t0 + k0, seqlen - 1) * s_seq_l) != seq_last:  # a document starts
+                seq_k = tl.load(seq_base + tl.minimum(t_k, seqlen - 1) * s_seq_l)
+                m = tl.where(seq_m[:, None] == seq_k[None, :], m, 0.0)
         xk = tl.load(x_ptr + pid_b * s_x_b + pid_h * s_x_h + t_k[:, None] * s_x_l + offs_p[None, :] * s_x_p,
                      mask=(t_k < seqlen)[:, None] & pmask[None, :], other=0.0)
         acc += tl.dot(m.to(xk.dtype), xk, input_precision=DOT_PREC)
@@ -198,10 +211,11 @@ def _chunk_scan_fwd_kernel(
         dtp_k = tl.load(dtp_ptr + cs_base + offs_k)
         keep = offs_m[:, None] >= offs_k[None, :]
         if HAS_SEQ:
-            seq_k = tl.load(seq_base + tl.minimum(t_k, seqlen - 1) * s_seq_l)
-            keep = keep & (seq_m[:, None] == seq_k[None, :])
-        decay = tl.exp(tl.where(keep, cs_m[:, None] - cs_k[None, :], 0.0))
-        m = tl.where(keep, cb * decay * dtp_k[None, :], 0.0)
+            if tl.load(seq_base + tl.minimum(t0 + k0, seqlen - 1) * s_seq_l) != seq_last:
+                seq_k = tl.load(seq_base + tl.minimum(t_k, seqlen - 1) * s_seq_l)
+                keep = keep & (seq_m[:, None] == seq_k[None, :])
+        # above the diagonal exp2 may overflow to inf: the select drops it (and no multiply by 0 follows)
+        m = tl.where(keep, cb * tl.math.exp2(cs_m[:, None] - cs_k[None, :]) * dtp_k[None, :], 0.0)
         xk = tl.load(x_ptr + pid_b * s_x_b + pid_h * s_x_h + t_k[:, None] * s_x_l + offs_p[None, :] * s_x_p,
                      mask=(t_k < seqlen)[:, None] & pmask[None, :], other=0.0)
         acc += tl.dot(m.to(xk.dtype), xk, input_precision=DOT_PREC)

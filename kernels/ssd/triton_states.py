@@ -1,9 +1,9 @@
 """Triton kernels of the SSD's chunk states and state passing (steps 3 and 4 of triton_fwd.py's
 decomposition; step 1 of the backward's, and its reverse walk's shared helpers), and their launchers:
-  _chunk_outer:   per chunk and head, states = sum_j w_j x_j B_j^T, w_j = exp(cs_last - cs_j) dtp_j
+  _chunk_outer:   per chunk and head, states = sum_j w_j x_j B_j^T, w_j = exp2(cs_last - cs_j) dtp_j
                   [same document as the chunk end] -> (batch, nchunks, nheads, headdim, dstate);
                   MODE 1 computes the backward's dprev with the same loop (_outer_chunk)
-  _state_pass:    S_c = scale_c S_{c-1} + states_c, scale_c = exp(cs_last) [no document start in
+  _state_pass:    S_c = scale_c S_{c-1} + states_c, scale_c = exp2(cs_last) [no document start in
                   chunk c] (_chunk_scale); writes the state entering each chunk (prev) and the final state
   _states_pass:   both in one kernel that walks the chunks in order with the state in registers (the
                   chunk states never reach memory); `states_and_pass` times both ways once per shape
@@ -24,10 +24,10 @@ from kernels.ssd.triton_fwd import _blocks, _dot_f32_operand, seq_args
 @triton.jit
 def _chunk_scale(cs_ptr, seq_ptr, pid_b, pid_h, c, nheads, nchunks, chunk_size, seqlen, s_seq_b, s_seq_l,
                  HAS_SEQ: tl.constexpr):
-    """How much of the state entering chunk c survives it: exp(cs at the chunk's last position), or 0
+    """How much of the state entering chunk c survives it: exp2(cs at the chunk's last position), or 0
     when a document starts inside the chunk (the seq_idx at its end differs from the one just before
     it). Shared by the forward and backward state passing, fused or not."""
-    scale = tl.exp(tl.load(cs_ptr + ((pid_b * nheads + pid_h) * nchunks + c) * chunk_size + chunk_size - 1))
+    scale = tl.math.exp2(tl.load(cs_ptr + ((pid_b * nheads + pid_h) * nchunks + c) * chunk_size + chunk_size - 1))
     if HAS_SEQ:
         seq_end = tl.load(seq_ptr + pid_b * s_seq_b + tl.minimum((c + 1) * chunk_size - 1, seqlen - 1) * s_seq_l)
         seq_in = tl.load(seq_ptr + pid_b * s_seq_b + tl.maximum(c * chunk_size - 1, 0) * s_seq_l)
@@ -80,8 +80,8 @@ def _outer_chunk(a_ptr, b_ptr, dtp_ptr, cs_ptr, seq_ptr, pid_b, pid_c, pid_h, pi
                  BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
     """(BLOCK_P, BLOCK_N) float32 tile of sum_k a[k, p] wt_k b[k, n] over chunk pid_c's positions k.
 
-    MODE 0 (chunk states): a = x, b = B, wt = exp(cs_last - cs_k) dtp_k [seq_k == seq_end].
-    MODE 1 (backward dprev): a = dy, b = C, wt = exp(cs_k) [seq_k == seq of the state entering].
+    MODE 0 (chunk states): a = x, b = B, wt = exp2(cs_last - cs_k) dtp_k [seq_k == seq_end].
+    MODE 1 (backward dprev): a = dy, b = C, wt = exp2(cs_k) [seq_k == seq of the state entering].
     """
     t0 = tl.cast(pid_c, tl.int64) * chunk_size  # 64-bit: the fused kernels pass a 32-bit loop index
     cs_base = ((pid_b * nheads + pid_h) * nchunks + pid_c) * chunk_size
@@ -107,9 +107,9 @@ def _outer_chunk(a_ptr, b_ptr, dtp_ptr, cs_ptr, seq_ptr, pid_b, pid_c, pid_h, pi
         )
         cs_k = tl.load(cs_ptr + cs_base + offs_k)
         if MODE == 0:
-            wt = tl.exp(cs_last - cs_k) * tl.load(dtp_ptr + cs_base + offs_k)
+            wt = tl.math.exp2(cs_last - cs_k) * tl.load(dtp_ptr + cs_base + offs_k)
         else:
-            wt = tl.exp(cs_k)
+            wt = tl.math.exp2(cs_k)
         if HAS_SEQ:
             seq_k = tl.load(seq_base + tl.minimum(t, seqlen - 1) * s_seq_l)
             wt = tl.where(seq_k == seq_ref, wt, 0.0)
