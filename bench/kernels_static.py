@@ -56,7 +56,7 @@ def specs():
         "chunk_states": (states._chunk_outer_kernel, states._chunk_outer_tuned(Q), dict(common, MODE=0, SPLIT=True), {}),
         "dprev": (states._chunk_outer_kernel, states._chunk_outer_tuned(Q), dict(common, MODE=1, SPLIT=True), {}),
         "states_pass": (states._states_pass_kernel, states._states_pass_tuned(Q, N),
-                        dict(common, HAS_INIT=False, STORE_LP=True, SPLIT=True), {}),
+                        dict(common, HAS_INIT=False, STORE_LP=True, STORE_F32=False, SPLIT=True), {}),
         "dprev_pass": (bwd_scan._dprev_pass_bwd_kernel, bwd_scan._dprev_pass_tuned(Q),
                        dict(common, HAS_DFINAL=True, STORE_LP=True, BLOCK_P=64, BLOCK_N=64, SPLIT=True), {}),
         "dx": (bwd_dx._chunk_dx_kernel, bwd_dx._chunk_dx_tuned(Q),

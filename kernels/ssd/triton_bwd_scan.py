@@ -27,7 +27,7 @@ def _state_pass_bwd_kernel(
     for i in range(nchunks):
         c = nchunks - 1 - i
         off = ((pid_b * nchunks + c) * nheads + pid_h) * dim + offs
-        _store_state(dS_ptr, dS_lp_ptr, off, g, mask, STORE_LP)
+        _store_state(dS_ptr, dS_lp_ptr, off, g, mask, STORE_LP, True)
         tl.store(dcs_last_ptr + ((pid_b * nheads + pid_h) * nchunks + c) * nblocks + pid_blk, tl.sum(g * s_after))
         scale = _chunk_scale(cs_ptr, seq_ptr, pid_b, pid_h, c, nheads, nchunks, chunk_size, seqlen, s_seq_b, s_seq_l,
                              HAS_SEQ)
@@ -65,7 +65,7 @@ def _dprev_pass_bwd_kernel(
     for i in range(nchunks):
         c = nchunks - 1 - i
         off = ((pid_b * nchunks + c) * nheads + pid_h) * hdim * dstate + tile
-        _store_state(dS_ptr, dS_lp_ptr, off, g, mask, STORE_LP)
+        _store_state(dS_ptr, dS_lp_ptr, off, g, mask, STORE_LP, True)
         tl.store(dcs_last_ptr + ((pid_b * nheads + pid_h) * nchunks + c) * ntiles + pid_pn,
                  tl.sum(tl.sum(g * s_after, axis=1), axis=0))
         scale = _chunk_scale(cs_ptr, seq_ptr, pid_b, pid_h, c, nheads, nchunks, chunk_size, seqlen, s_seq_b, s_seq_l,

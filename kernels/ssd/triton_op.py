@@ -43,7 +43,9 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states, chunk_size,
     prec = dot_precision(x.dtype)
     dtp, cs = fwd.dt_cumsum(dt, dt_bias, A, chunk_size, dt_softplus, (dt_lo, dt_hi))
     cb = fwd.compute_cb(C, B, chunk_size, prec)
-    prev, prev_lp, final = states.states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, prec)
+    # without keep_states the float32 prev is not written at all (bf16/fp16 x): the chunk scan reads prev_lp
+    prev, prev_lp, final = states.states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, prec,
+                                                  store_f32=keep_states)
     out, ypre = fwd.chunk_scan(cb, x, z, D, C, prev_lp, dtp, cs, seq_idx, chunk_size, z is not None, prec)
     # prev_lp is not kept: the dB/dC kernel rounds the float32 prev to the input dtype as it loads
     # it (the same bits as prev_lp), which saves a (batch, nchunks, nheads, headdim, dstate) tensor
@@ -182,7 +184,9 @@ def ssd_scan(
 ):
     """Triton SSD scan; same contract as kernels.ssd.reference.ssd_scan (final states float32).
     With conv_source, x, B and C are not kept for the backward: it reruns the conv instead. With
-    recompute_states, neither are the CB matrices and the float32 chunk states: it reruns their kernels."""
+    recompute_states, neither are the CB matrices and the float32 chunk states: it reruns their kernels
+    (and for bf16/fp16 x the forward writes the chunk states only in x's dtype, for its own scan), as
+    in no-grad mode, where there is no backward."""
     _check_shapes(x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states)
     conv = _check_conv_source(conv_source, x, B)
     Q = int(chunk_size)
@@ -203,8 +207,10 @@ def ssd_scan(
     dt_bias = dt_bias.contiguous() if dt_bias is not None else None
     if initial_states is not None:
         initial_states = initial_states.float().contiguous()
+    # nothing to keep for a backward that will not run (no grad mode: inference, the benchmark's forward)
+    keep_states = not recompute_states and torch.is_grad_enabled()
     out, final = _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states, Q, bool(dt_softplus),
-                         float(dt_limit[0]), float(dt_limit[1]), not recompute_states, *conv)[:2]
+                         float(dt_limit[0]), float(dt_limit[1]), keep_states, *conv)[:2]
     return (out, final) if return_final_states else out
 
 

@@ -55,9 +55,11 @@ def _flat_block_start(start_ptr, nheads, dim, HAS_START: tl.constexpr, BLOCK: tl
 
 
 @triton.jit
-def _store_state(ptr, lp_ptr, off, value, mask, STORE_LP: tl.constexpr):
-    """Store a float32 state (or state gradient) tile, and with STORE_LP its copy in lp_ptr's dtype."""
-    tl.store(ptr + off, value, mask=mask)
+def _store_state(ptr, lp_ptr, off, value, mask, STORE_LP: tl.constexpr, STORE_F32: tl.constexpr):
+    """Store a float32 state (or state gradient) tile (unless not STORE_F32: only the copy is wanted),
+    and with STORE_LP its copy in lp_ptr's dtype."""
+    if STORE_F32:
+        tl.store(ptr + off, value, mask=mask)
     if STORE_LP:
         tl.store(lp_ptr + off, value.to(lp_ptr.dtype.element_ty), mask=mask)
 
@@ -145,7 +147,7 @@ def _states_pass_kernel(
     x_ptr, b_ptr, dtp_ptr, cs_ptr, seq_ptr, init_ptr, prev_ptr, prev_lp_ptr, final_ptr,
     seqlen, nheads, nchunks, chunk_size, hdim, dstate, heads_per_group,
     s_a_b, s_a_l, s_a_h, s_a_p, s_b_b, s_b_l, s_b_g, s_b_n, s_seq_b, s_seq_l,
-    HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, STORE_LP: tl.constexpr,
+    HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, STORE_LP: tl.constexpr, STORE_F32: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
@@ -165,7 +167,7 @@ def _states_pass_kernel(
         s = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     for c in range(nchunks):
         off = ((pid_b * nchunks + c) * nheads + pid_h) * hdim * dstate + tile
-        _store_state(prev_ptr, prev_lp_ptr, off, s, mask, STORE_LP)
+        _store_state(prev_ptr, prev_lp_ptr, off, s, mask, STORE_LP, STORE_F32)
         st = _outer_chunk(x_ptr, b_ptr, dtp_ptr, cs_ptr, seq_ptr, pid_b, c, pid_h, pid_h // heads_per_group,
                           offs_p, offs_n, seqlen, nheads, nchunks, chunk_size, hdim, dstate,
                           s_a_b, s_a_l, s_a_h, s_a_p, s_b_b, s_b_l, s_b_g, s_b_n, s_seq_b, s_seq_l,
@@ -180,12 +182,13 @@ def _states_pass_kernel(
 def _state_pass_fwd_kernel(
     states_ptr, cs_ptr, seq_ptr, init_ptr, prev_ptr, prev_lp_ptr, final_ptr,
     seqlen, nheads, nchunks, chunk_size, dim, s_seq_b, s_seq_l,
-    HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, STORE_LP: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, STORE_LP: tl.constexpr, STORE_F32: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     _, pid_b, pid_h, offs, mask, bh, s = _flat_block_start(init_ptr, nheads, dim, HAS_INIT, BLOCK)
     for c in range(nchunks):
         off = ((pid_b * nchunks + c) * nheads + pid_h) * dim + offs
-        _store_state(prev_ptr, prev_lp_ptr, off, s, mask, STORE_LP)
+        _store_state(prev_ptr, prev_lp_ptr, off, s, mask, STORE_LP, STORE_F32)
         st = tl.load(states_ptr + off, mask=mask, other=0.0)
         scale = _chunk_scale(cs_ptr, seq_ptr, pid_b, pid_h, c, nheads, nchunks, chunk_size, seqlen, s_seq_b, s_seq_l,
                              HAS_SEQ)
@@ -253,10 +256,14 @@ def chunk_outer(a, b, dtp, cs, seq_idx, chunk_size, mode, dot_prec):
     return out
 
 
-def states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, dot_prec, store_lp=True, fused=None):
+def states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, dot_prec, store_lp=True, fused=None,
+                    store_f32=True):
     """Steps 3 and 4: -> prev (the state entering each chunk, (batch, nchunks, nheads, headdim,
     dstate) float32), prev_lp (the same in x's dtype, for the chunk scan; None without store_lp, and
     prev itself for float32 x), final state (batch, nheads, headdim, dstate) float32.
+    store_f32 False (bf16/fp16 x with store_lp: a forward whose backward will not read the float32
+    prev): prev is not written (None), only prev_lp, saving a float32 state per chunk and head of
+    writes (and its memory).
     fused None: the faster of the two, timed once per shape (choose_structure; fuse_states's rule
     where nothing is timed); True: one kernel, the chunk states never stored; False: chunk_outer
     then state_pass. With or without store_lp the autotuner sees the same key, and the choice is
@@ -266,18 +273,21 @@ def states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, dot_prec
     if fused is None:
         fused = choose_structure(
             "states_and_pass", structure_key(x, B, seq_idx, chunk_size, (initial_states is not None,)), (True, False),
-            lambda v: states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, dot_prec, store_lp, fused=v),
+            lambda v: states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, dot_prec, store_lp, fused=v,
+                                      store_f32=store_f32),
             lambda: fuse_states(x.device), x.device)
     lp = store_lp and x.dtype != torch.float32
+    f32 = store_f32 or not lp  # without a low-precision copy the float32 prev is the only output
     if not fused:
         states = chunk_outer(x, B, dtp, cs, seq_idx, chunk_size, 0, dot_prec)
         prev, prev_lp, final = state_pass(states, cs, seq_idx, initial_states, seqlen, chunk_size,
-                                          x.dtype if lp else torch.float32)
+                                          x.dtype if lp else torch.float32, store_f32=f32)
         return prev, (prev_lp if store_lp else None), final
     nchunks = cdiv(seqlen, chunk_size)
-    prev = torch.empty(batch, nchunks, nheads, hdim, dstate, device=x.device, dtype=torch.float32)
+    shape = (batch, nchunks, nheads, hdim, dstate)
+    prev = torch.empty(shape if f32 else 1, device=x.device, dtype=torch.float32)
     if lp:
-        prev_lp = torch.empty(prev.shape, device=x.device, dtype=x.dtype)
+        prev_lp = torch.empty(shape, device=x.device, dtype=x.dtype)
     else:  # not written: prev itself (float32 x) or a placeholder of x's dtype (the same autotuner key)
         prev_lp = prev if x.dtype == torch.float32 else torch.empty(1, device=x.device, dtype=x.dtype)
     final = torch.empty(batch, nheads, hdim, dstate, device=x.device, dtype=torch.float32)
@@ -285,7 +295,7 @@ def states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, dot_prec
     seq, seq_s = seq_args(seq_idx, cs)
     args = (x, B, dtp, cs, seq, init, prev, prev_lp, final, seqlen, nheads, nchunks, chunk_size, hdim, dstate,
             nheads // ngroups, *x.stride(), *B.stride(), *seq_s)
-    kw = dict(HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, STORE_LP=lp,
+    kw = dict(HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, STORE_LP=lp, STORE_F32=f32,
               DOT_PREC=dot_prec, SPLIT=B.dtype != torch.float32)
     if INTERPRET:
         bs = _blocks(chunk_size, hdim, dstate)
@@ -296,16 +306,19 @@ def states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, dot_prec
             return (cdiv(hdim, meta["BLOCK_P"]) * cdiv(dstate, meta["BLOCK_N"]), batch, nheads)
 
         _states_pass_tuned(chunk_size, next_pow2(dstate))[grid](*args, **kw)
-    return prev, (prev_lp if store_lp else None), final
+    return (prev if f32 else None), (prev_lp if store_lp else None), final
 
 
-def state_pass(states, cs, seq_idx, initial_states, seqlen, chunk_size, lp_dtype=torch.float32):
-    """-> prev (state entering each chunk, float32), prev_lp (the same in lp_dtype: the chunk scan
-    rounds it to the input dtype for its dots anyway, so it reads half the bytes), final state."""
+def state_pass(states, cs, seq_idx, initial_states, seqlen, chunk_size, lp_dtype=torch.float32, store_f32=True):
+    """-> prev (state entering each chunk, float32; None when not store_f32, which needs a
+    low-precision lp_dtype), prev_lp (the same in lp_dtype: the chunk scan rounds it to the input
+    dtype for its dots anyway, so it reads half the bytes), final state."""
     batch, nchunks, nheads, hdim, dstate = states.shape
     dim = hdim * dstate
-    prev = torch.empty_like(states)
     store_lp = lp_dtype != torch.float32
+    if not (store_f32 or store_lp):
+        raise ValueError("state_pass: store_f32=False needs a low-precision lp_dtype (else nothing is stored)")
+    prev = torch.empty_like(states) if store_f32 else states.new_empty(1)
     prev_lp = torch.empty(states.shape, device=states.device, dtype=lp_dtype) if store_lp else prev
     final = torch.empty(batch, nheads, hdim, dstate, device=states.device, dtype=torch.float32)
     BLOCK = next_power_of_2(dim) if INTERPRET else min(1024, next_power_of_2(dim))
@@ -314,7 +327,7 @@ def state_pass(states, cs, seq_idx, initial_states, seqlen, chunk_size, lp_dtype
     grid = (cdiv(dim, BLOCK), batch, nheads)
     _state_pass_fwd_kernel[grid](
         states, cs, seq, init, prev, prev_lp, final, seqlen, nheads, nchunks, chunk_size, dim, *seq_s,
-        HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, STORE_LP=store_lp, BLOCK=BLOCK,
-        num_warps=4,
+        HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, STORE_LP=store_lp, STORE_F32=store_f32,
+        BLOCK=BLOCK, num_warps=4,
     )
-    return prev, prev_lp, final
+    return (prev if store_f32 else None), prev_lp, final

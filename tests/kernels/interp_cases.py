@@ -127,6 +127,43 @@ def run_ssd_recompute_states(name, batch=2, seqlen=45, nheads=4, hdim=5, ngroups
     return name, res
 
 
+def run_ssd_states_lp_only(name, batch=2, seqlen=70, h=4, p=24, g=2, n=40, q=16):
+    """Chunk states + state passing (fused and two kernels) for float16 x with store_f32=False (a
+    forward whose backward will not read the float32 prev) against store_f32=True: prev_lp and the
+    final state the same bits, prev not written; and the SSD op's no-grad forward (which keeps
+    nothing for a backward) against its grad-mode forward: the same output and final state bits."""
+    from kernels.ssd import triton_fwd as fwd
+    from kernels.ssd import triton_states as states
+
+    prec = "ieee"
+    x = torch.randn(batch, seqlen, h, p).half()
+    dt = torch.randn(batch, seqlen, h) - 1
+    A = -torch.exp(torch.rand(h) * 2 - 1)
+    B = torch.randn(batch, seqlen, g, n).half()
+    seq = torch.zeros(batch, seqlen, dtype=torch.int32)
+    seq[0, 21:] += 1
+    init = torch.randn(batch, h, p, n)
+    dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, (0.0, math.inf))
+    res = {}
+    for fused in (True, False):
+        full = states.states_and_pass(x, B, dtp, cs, seq, init, q, prec, fused=fused)
+        lp_only = states.states_and_pass(x, B, dtp, cs, seq, init, q, prec, fused=fused, store_f32=False)
+        res[f"fused{fused}_prev_none"] = float(lp_only[0] is None and full[0] is not None)
+        res[f"fused{fused}_bits_prev_lp"] = float(torch.equal(full[1], lp_only[1]) and full[1].dtype == torch.float16)
+        res[f"fused{fused}_bits_final"] = float(torch.equal(full[2], lp_only[2]))
+    try:
+        states.state_pass(torch.zeros(1, 2, h, p, n), cs, None, None, seqlen, q, torch.float32, store_f32=False)
+        res["lp_only_needs_lp_dtype"] = 0.0
+    except ValueError:
+        res["lp_only_needs_lp_dtype"] = 1.0
+    t, opt = make_inputs(2, 45, 4, 5, 2, 6, dtype=torch.float32, grad=True)
+    y1, f1 = kernels.ssd_scan(**t, **opt, chunk_size=16, return_final_states=True)
+    with torch.no_grad():
+        y0, f0 = kernels.ssd_scan(**t, **opt, chunk_size=16, return_final_states=True)
+    res["no_grad_bits"] = float(torch.equal(y0, y1.detach()) and torch.equal(f0, f1.detach()))
+    return name, res
+
+
 def run_conv(name, width, act, batch=2, seqlen=37, dim=24, cuts=((5, 6, 20), (31,)), bias=True, strided=False):
     """cuts[row]: positions where a new document starts (None: no seq_idx). strided: x is a
     (batch, dim, seqlen) tensor transposed and the output gradient a (seqlen, batch, dim) one."""
@@ -437,6 +474,7 @@ def main():
     out.update([run_ssd_nsplit("ssd_nsplit")])
     out.update([run_ssd_launch_order("ssd_launch_order")])
     out.update([run_ssd_states_fused("ssd_states_fused")])
+    out.update([run_ssd_states_lp_only("ssd_states_lp_only")])
     out.update([run_conv_fwd_schedules("conv_fwd_schedules")])
     print("JSON:" + json.dumps(out))
 

@@ -244,6 +244,45 @@ def test_ssd_recompute_states_same_bits_bf16():
     assert all(torch.isfinite(g).all() for g in g1.values())
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_ssd_states_without_float32_prev_same_bits_bf16(fused):
+    """Chunk states + state passing with store_f32=False (what a forward that keeps nothing for a
+    backward runs) against store_f32=True: the same bf16 copy and final state bits, no float32 prev;
+    both structures, documents and initial states, outputs poisoned first."""
+    from kernels.ssd import triton_fwd as fwd
+    from kernels.ssd import triton_states as states
+
+    batch, seqlen, h, p, g, n, q = 2, 3000, 16, 64, 2, 128, 256
+    x = torch.randn(batch, seqlen, h, p, device="cuda", dtype=torch.bfloat16)
+    dt = (torch.randn(batch, seqlen, h, device="cuda") - 1).to(torch.bfloat16)
+    A = -torch.exp(torch.rand(h, device="cuda") * 2 - 1)
+    B = torch.randn(batch, seqlen, g, n, device="cuda", dtype=torch.bfloat16)
+    seq = seq_idx_random(batch, seqlen)
+    init = torch.randn(batch, h, p, n, device="cuda")
+    dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, (0.0, math.inf))
+    outs = []
+    for store_f32 in (True, False):
+        poison()
+        outs.append(states.states_and_pass(x, B, dtp, cs, seq, init, q, "tf32", fused=fused, store_f32=store_f32))
+    (pa, la, fa), (pb, lb, fb) = outs
+    assert pb is None and pa is not None
+    assert torch.isfinite(lb).all() and torch.isfinite(fb).all()
+    assert torch.equal(la, lb) and torch.equal(fa, fb)
+
+
+def test_ssd_no_grad_forward_same_bits_bf16():
+    """The op's no-grad forward (nothing kept for a backward) against its grad-mode forward: the same
+    output and final-state bits."""
+    t, opt = ssd_inputs(2, 1500, 16, 64, 2, 128, torch.bfloat16)
+    poison()
+    y1, f1, _, _ = run_ssd(kernels.ssd_scan, t, opt, 256)
+    poison()
+    with torch.no_grad():
+        y0, f0 = kernels.ssd_scan(**t, **opt, chunk_size=256, return_final_states=True)
+    assert torch.isfinite(y0).all() and torch.isfinite(f0).all()
+    assert torch.equal(y0, y1.detach()) and torch.equal(f0, f1.detach())
+
+
 @pytest.mark.parametrize("width", [2, 3, 4])
 def test_conv1d_bf16_vs_reference(width):
     x = torch.randn(2, 3001, 768, device="cuda", dtype=torch.bfloat16)
