@@ -244,22 +244,31 @@ def test_ssd_recompute_states_same_bits_bf16():
     assert all(torch.isfinite(g).all() for g in g1.values())
 
 
+def state_pass_inputs(shape, q, dt_):
+    """x, B (dt_), seq_idx (random documents), float32 initial states and dt_cumsum's dtp, cs for
+    the state-passing tests at shape (batch, seqlen, nheads, headdim, ngroups, dstate), chunk q."""
+    from kernels.ssd import triton_fwd as fwd
+
+    batch, seqlen, h, p, g, n = shape
+    x = torch.randn(batch, seqlen, h, p, device="cuda", dtype=dt_)
+    dt = (torch.randn(batch, seqlen, h, device="cuda") - 1).to(dt_)
+    A = -torch.exp(torch.rand(h, device="cuda") * 2 - 1)
+    B = torch.randn(batch, seqlen, g, n, device="cuda", dtype=dt_)
+    seq = seq_idx_random(batch, seqlen)
+    init = torch.randn(batch, h, p, n, device="cuda")
+    dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, (0.0, math.inf))
+    return x, B, seq, init, dtp, cs
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_ssd_states_without_float32_prev_same_bits_bf16(fused):
     """Chunk states + state passing with store_f32=False (what a forward that keeps nothing for a
     backward runs) against store_f32=True: the same bf16 copy and final state bits, no float32 prev;
     both structures, documents and initial states, outputs poisoned first."""
-    from kernels.ssd import triton_fwd as fwd
     from kernels.ssd import triton_states as states
 
-    batch, seqlen, h, p, g, n, q = 2, 3000, 16, 64, 2, 128, 256
-    x = torch.randn(batch, seqlen, h, p, device="cuda", dtype=torch.bfloat16)
-    dt = (torch.randn(batch, seqlen, h, device="cuda") - 1).to(torch.bfloat16)
-    A = -torch.exp(torch.rand(h, device="cuda") * 2 - 1)
-    B = torch.randn(batch, seqlen, g, n, device="cuda", dtype=torch.bfloat16)
-    seq = seq_idx_random(batch, seqlen)
-    init = torch.randn(batch, h, p, n, device="cuda")
-    dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, (0.0, math.inf))
+    q = 256
+    x, B, seq, init, dtp, cs = state_pass_inputs((2, 3000, 16, 64, 2, 128), q, torch.bfloat16)
     outs = []
     for store_f32 in (True, False):
         poison()
@@ -268,6 +277,7 @@ def test_ssd_states_without_float32_prev_same_bits_bf16(fused):
     assert pb is None and pa is not None
     assert torch.isfinite(lb).all() and torch.isfinite(fb).all()
     assert torch.equal(la, lb) and torch.equal(fa, fb)
+
 
 
 def test_ssd_no_grad_forward_same_bits_bf16():
@@ -509,18 +519,10 @@ def test_ssd_states_pass_fused_bf16(shape):
     initial states, outputs poisoned first. The autotuner may pick other tiles for each (another
     summation order over a chunk's positions): float32 results within 1e-5; prev_lp is prev rounded.
     Then the backward's fused dprev + reverse state passing against its two kernels likewise."""
-    from kernels.ssd import triton_fwd as fwd
     from kernels.ssd import triton_states as states
 
-    batch, seqlen, h, p, g, n = shape
     q, prec, dt_ = 256, "tf32", torch.bfloat16
-    x = torch.randn(batch, seqlen, h, p, device="cuda", dtype=dt_)
-    dt = (torch.randn(batch, seqlen, h, device="cuda") - 1).to(dt_)
-    A = -torch.exp(torch.rand(h, device="cuda") * 2 - 1)
-    B = torch.randn(batch, seqlen, g, n, device="cuda", dtype=dt_)
-    seq = seq_idx_random(batch, seqlen)
-    init = torch.randn(batch, h, p, n, device="cuda")
-    dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, (0.0, math.inf))
+    x, B, seq, init, dtp, cs = state_pass_inputs(shape, q, dt_)
     outs = []
     for fused in (False, True):
         poison()
