@@ -6,6 +6,9 @@ A config that spills registers to local memory is slow whatever the tuner measur
 interpreter (the CPU tests) cannot show it. Run it on the CPU with the GPU machine's Triton:
     python -m pip install --target /tmp/triton36 --no-deps triton==3.6.0
     PYTHONPATH=/tmp/triton36:$PWD python bench/kernels_static.py [--kernel chunk_scan]
+`--loops` prints, for each kernel's fixed config, the SASS instruction count of every loop (a
+backward branch) and of the blocks a forward branch inside it skips: the instructions a step costs
+on each path (bench/NOTES_kernels.md Run 13 counts them per element of a decay matrix).
 Shapes: headdim 64, dstate 128, chunk 256, bf16 inputs, documents (seq_idx) on: the presets'; the
 conv at width 4 with bias and SiLU, the gated norm over one group of 4096 channels with z.
 The first config of each list is the fixed one (kernels.deterministic) and the tuner's fallback.
@@ -32,6 +35,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from sass_loops import print_loops  # noqa: E402  (this folder)
 from kernels.conv1d import triton_op as conv  # noqa: E402
 from kernels.rmsnorm_gated import triton_op as rms  # noqa: E402
 from kernels.ssd import triton_bwd as bwd  # noqa: E402
@@ -117,6 +121,8 @@ def main():
                     help="only the first config of each combination of schedule flags and pipeline stages (a quick "
                          "compile check: "
                          "tests/kernels/test_sm90_compile.py); exit status 1 if one fails to compile")
+    ap.add_argument("--loops", action="store_true",
+                    help="also print the SASS instruction counts of the fixed config's loops (Triton's nvdisasm)")
     args = ap.parse_args()
     errors = 0
     print(f"Triton {triton.__version__}, sm_90a; headdim {P}, dstate {N}, chunk {Q}, bf16, seq_idx on")
@@ -141,6 +147,8 @@ def main():
                 row = f"compile error: {type(e).__name__}: {str(e)[:2000]} | | "
             desc = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in kw.items())
             print(f"| {name} | {i} | {desc} | {cfg.num_warps} | {cfg.num_stages} | {row} |", flush=True)
+            if args.loops and i == 0 and "compile error" not in row:
+                print_loops(name, k.asm["cubin"], PTXAS.with_name("nvdisasm"))
     return 1 if errors else 0
 
 

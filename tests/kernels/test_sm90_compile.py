@@ -33,3 +33,30 @@ def test_every_schedule_of_the_ssd_kernels_compiles_for_sm90():
     kernels = {row.split("|")[1].strip() for row in rows}
     assert {"chunk_scan", "states_pass", "dprev_pass", "dx", "dcb", "dbc", "conv_fwd", "norm_bwd"} <= kernels, proc.stdout
     assert all("registers" not in row and int(row.split("|")[6]) > 0 for row in rows), proc.stdout
+
+
+def test_sass_loops_counts_loop_steps_and_skipped_blocks():
+    """bench/sass_loops.sass_loops on a hand-written nvdisasm-style listing: one loop of 6
+    instructions (label at index 1, backward branch at 6) holding a forward branch that skips 2, and
+    a branch out of the loop that is not a loop."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from sass_loops import sass_loops
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    listing = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0010*/                   FADD R2, R2, R3 ;
+        /*0020*/               @P0 BRA `(.L_x_2) ;
+        /*0030*/                   FMUL R2, R2, R4 ;
+        /*0040*/                   FMUL R2, R2, R5 ;
+.L_x_2:
+        /*0050*/                   MUFU.EX2 R2, R2 ;
+        /*0060*/               @P1 BRA `(.L_x_1) ;
+        /*0070*/               @P2 BRA `(.L_x_3) ;
+        /*0080*/                   EXIT ;
+.L_x_3:
+        /*0090*/                   BRA `(.L_x_3);
+"""
+    assert sass_loops(listing) == [(1, 6, [(2, 2)]), (9, 9, [])]
