@@ -177,7 +177,7 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16, 
     dy = torch.randn_like(x)
     lim = (0.0, float("inf"))
     dtp, cs = fwd.dt_cumsum(dt, bias, A, q, True, lim)
-    cb = fwd.compute_cb(C, B, q, prec)
+    cb = fwd.compute_cb(C, B, None, q, prec)
     st = states.chunk_outer(x, B, dtp, cs, None, q, 0, prec)
     prev, prev_lp, final = states.state_pass(st, cs, None, None, seqlen, q, dt_)
     dprev = states.chunk_outer(dy, C, dtp, cs, None, q, 1, prec)
@@ -193,7 +193,7 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16, 
         return [(name, bench(fn)) for name, fn in split_parts(x, dy, B, C, prev, dS_lp, dtp, cs, cb, h, g, q, prec)]
     parts = [
         ("fwd dt_cumsum", lambda: fwd.dt_cumsum(dt, bias, A, q, True, lim)),
-        ("fwd CB", lambda: fwd.compute_cb(C, B, q, prec)),
+        ("fwd CB", lambda: fwd.compute_cb(C, B, None, q, prec)),
         ("fwd chunk states", lambda: states.chunk_outer(x, B, dtp, cs, None, q, 0, prec)),
         ("fwd state passing", lambda: states.state_pass(st, cs, None, None, seqlen, q, dt_)),
         # the two above in one kernel (the chunk states never stored), and the faster of the two ways
@@ -243,7 +243,7 @@ def launch_order(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat1
     x, dt, A, B, C, D, bias = ssd_inputs(batch, seqlen, h, p, g, n, dev, dt_)
     dy = torch.randn_like(x)
     dtp, cs = fwd.dt_cumsum(dt, bias, A, q, True, (0.0, float("inf")))
-    cb = fwd.compute_cb(C, B, q, prec)
+    cb = fwd.compute_cb(C, B, None, q, prec)
     prev, prev_lp, _ = states.states_and_pass(x, B, dtp, cs, None, None, q, prec)
     dS = torch.randn_like(prev)
     rows = []

@@ -3,9 +3,7 @@
 Same signature and shapes as kernels.ssd.reference.ssd_scan (see there):
 x (batch, seqlen, nheads, headdim), dt (batch, seqlen, nheads), A (nheads,),
 B/C (batch, seqlen, ngroups, dstate), states (batch, nheads, headdim, dstate).
-seq_idx (batch, seqlen) int32 must be non-decreasing along each row (packed documents, as the data
-path builds it): the Triton kernels treat a tile whose first and last positions share a seq_idx as
-one document and skip the elementwise document mask there.
+seq_idx (batch, seqlen) int32, non-decreasing along each row (packed documents).
 """
 
 from __future__ import annotations

@@ -70,32 +70,16 @@ def _chunk_dx_kernel(
                       mask=pmask[None, :] & (offs_n < dstate)[:, None], other=0.0)
         acc = _dot_f32_operand(acc, dST, bj, False, SPLIT, DOT_PREC)
     acc = acc * w[:, None]
-    # within the chunk: sum_{i >= j} CB_ij exp2(cs_i - cs_j) dy_i; the row tiles on the diagonal
-    # need the causal mask, those wholly below it do not. Documents: seq_idx is non-decreasing, so
-    # a tile's causal part (positions j0 .. its last row i) lies in one document when the seq_idx
-    # of both ends agree; only tiles where a document starts load the rows' seq_idx and mask.
+    # within the chunk: sum_{i >= j} CB_ij exp2(cs_i - cs_j) dy_i. CB is 0 above the diagonal and
+    # across documents (triton_fwd.compute_cb): no tile needs a mask; the exponent is clamped at 126
+    # so that the decay above the diagonal (exponent >= 0) cannot overflow to inf (0 * inf)
     cb_base = (pid_bc * ngroups + pid_g) * chunk_size * chunk_size
-    j_end = tl.minimum(pid_j * BLOCK_J + BLOCK_J, chunk_size)
-    if HAS_SEQ:
-        seq_j0 = tl.load(seq_base + tl.minimum(t0 + pid_j * BLOCK_J, seqlen - 1) * s_seq_l)
     for i0 in range(pid_j * BLOCK_J, chunk_size, BLOCK_I):
         offs_i = i0 + tl.arange(0, BLOCK_I)
         t_i = t0 + offs_i
         cbT = tl.load(cb_ptr + cb_base + offs_i[None, :] * chunk_size + offs_j[:, None])
         cs_i = tl.load(cs_ptr + cs_base + offs_i)
-        if i0 < j_end:
-            keep = offs_i[None, :] >= offs_j[:, None]
-            if HAS_SEQ:
-                if tl.load(seq_base + tl.minimum(t0 + i0 + BLOCK_I - 1, seqlen - 1) * s_seq_l) != seq_j0:
-                    seq_i = tl.load(seq_base + tl.minimum(t_i, seqlen - 1) * s_seq_l)
-                    keep = keep & (seq_i[None, :] == seq_j[:, None])
-            mT = tl.where(keep, cbT * tl.math.exp2(cs_i[None, :] - cs_j[:, None]), 0.0)  # inf dropped
-        else:
-            mT = cbT * tl.math.exp2(cs_i[None, :] - cs_j[:, None])
-            if HAS_SEQ:
-                if tl.load(seq_base + tl.minimum(t0 + i0 + BLOCK_I - 1, seqlen - 1) * s_seq_l) != seq_j0:
-                    seq_i = tl.load(seq_base + tl.minimum(t_i, seqlen - 1) * s_seq_l)
-                    mT = tl.where(seq_i[None, :] == seq_j[:, None], mT, 0.0)
+        mT = cbT * tl.math.exp2(tl.minimum(cs_i[None, :] - cs_j[:, None], 126.0))
         dyi = tl.load(dy_ptr + pid_b * s_dy_b + pid_h * s_dy_h + t_i[:, None] * s_dy_l + offs_p[None, :] * s_dy_p,
                       mask=(t_i < seqlen)[:, None] & pmask[None, :], other=0.0)
         acc = _dot_f32_operand(acc, mT, dyi, True, SPLIT, DOT_PREC)

@@ -9,8 +9,13 @@ last one padded with dt = 0):
                    multiplies around the ex2, per element of every decay matrix). The formulas
                    below write exp2(cs_i - cs_j) for that decay; gradients "of cs" are taken
                    with respect to the natural-unit cumsum, as before.
-  2. _cb:          CB[i, j] = C_i . B_j per chunk and group, (batch, nchunks, ngroups, Q, Q) float32
-                   (lower-triangular blocks only; consumers mask with tl.where)
+  2. _cb:          CB[i, j] = C_i . B_j per chunk and group, (batch, nchunks, ngroups, Q, Q) float32,
+                   and 0 where j > i or i and j lie in different documents: CB carries the causal
+                   and document structure, so its consumers (chunk scan, dx) need no elementwise
+                   masks; they clamp the decay's exponent at 126 instead (exp2(cs_i - cs_j) for
+                   j > i may overflow, and 0 * inf is NaN; for j <= i the exponent is <= 0 with
+                   A < 0, so the clamp changes nothing there). Only lower-triangular blocks are
+                   written; consumers never read the others.
   3. chunk states: per chunk and head, sum_j w_j x_j B_j^T -> (batch, nchunks, nheads, headdim, dstate)
   4. state passing: S_c = scale_c S_{c-1} + states_c: the state entering each chunk (prev) and the
                    final state (3 and 4, fused or not: triton_states.py)
@@ -95,10 +100,11 @@ def _dt_cumsum_kernel(
 
 @triton.jit
 def _cb_kernel(
-    C_ptr, B_ptr, cb_ptr,
+    C_ptr, B_ptr, seq_ptr, cb_ptr,
     seqlen, nchunks, chunk_size, dstate, ngroups,
-    s_c_b, s_c_l, s_c_g, s_c_n, s_b_b, s_b_l, s_b_g, s_b_n,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
+    s_c_b, s_c_l, s_c_g, s_c_n, s_b_b, s_b_l, s_b_g, s_b_n, s_seq_b, s_seq_l,
+    HAS_SEQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     pid_mn = tl.program_id(0)
     pid_bc = tl.program_id(1).to(tl.int64)
@@ -106,8 +112,6 @@ def _cb_kernel(
     num_n = tl.cdiv(chunk_size, BLOCK_N)
     pid_m = pid_mn // num_n
     pid_n = pid_mn % num_n
-    if pid_n * BLOCK_N > pid_m * BLOCK_M + BLOCK_M - 1:
-        return
     pid_b = pid_bc // nchunks
     pid_c = pid_bc % nchunks
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -115,7 +119,10 @@ def _cb_kernel(
     t_m = pid_c * chunk_size + offs_m
     t_n = pid_c * chunk_size + offs_n
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, dstate, BLOCK_K):
+    # blocks wholly above the diagonal are written as zeros (consumers' tiles may be larger than
+    # these blocks and read into them, multiplying rather than selecting): no products there
+    upper = pid_n * BLOCK_N > pid_m * BLOCK_M + BLOCK_M - 1
+    for k0 in range(0, tl.where(upper, 0, dstate), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         c = tl.load(
             C_ptr + pid_b * s_c_b + pid_g * s_c_g + t_m[:, None] * s_c_l + offs_k[None, :] * s_c_n,
@@ -126,6 +133,13 @@ def _cb_kernel(
             mask=(t_n < seqlen)[None, :] & (offs_k < dstate)[:, None], other=0.0,
         )
         acc += tl.dot(c, bT, input_precision=DOT_PREC)
+    keep = offs_m[:, None] >= offs_n[None, :]
+    if HAS_SEQ:
+        seq_base = seq_ptr + pid_b * s_seq_b
+        seq_m = tl.load(seq_base + tl.minimum(t_m, seqlen - 1) * s_seq_l)
+        seq_n = tl.load(seq_base + tl.minimum(t_n, seqlen - 1) * s_seq_l)
+        keep = keep & (seq_m[:, None] == seq_n[None, :])
+    acc = tl.where(keep, acc, 0.0)
     base = (pid_bc * ngroups + pid_g) * chunk_size * chunk_size
     tl.store(cb_ptr + base + offs_m[:, None] * chunk_size + offs_n[None, :], acc,
              mask=(offs_m < chunk_size)[:, None] & (offs_n < chunk_size)[None, :])
@@ -179,43 +193,18 @@ def _chunk_scan_fwd_kernel(
                         mask=pmask[None, :] & (offs_n < dstate)[:, None], other=0.0)
         acc += tl.dot(c, prevT.to(c.dtype), input_precision=DOT_PREC)
     acc = acc * u[:, None]
-    # diagonal block: sum_{j <= i} CB_ij exp2(cs_i - cs_j) dtp_j x_j. Column tiles wholly left of
-    # this row tile need no causal mask (fewer elementwise ops); the tiles on the diagonal do.
-    # Documents: seq_idx is non-decreasing, so a tile's causal part (columns k0 .. last row) lies in
-    # one document when the seq_idx of column k0 equals that of the tile's last row; only tiles where
-    # a document starts load the columns' seq_idx and mask elementwise.
+    # the chunk's own terms: sum_{j <= i} CB_ij exp2(cs_i - cs_j) dtp_j x_j. CB is 0 above the
+    # diagonal and across documents (compute_cb), so no tile needs a mask; the exponent is clamped
+    # at 126 so that the decay above the diagonal (exponent >= 0) cannot overflow to inf (0 * inf).
     cb_base = (pid_bc * ngroups + pid_g) * chunk_size * chunk_size
-    m0 = pid_m * BLOCK_M
-    hi = tl.minimum(m0 + BLOCK_M, chunk_size)
-    if HAS_SEQ:
-        seq_last = tl.load(seq_base + tl.minimum(t0 + hi - 1, seqlen - 1) * s_seq_l)
-    for k0 in range(0, m0, BLOCK_K):
+    hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, chunk_size)
+    for k0 in range(0, hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         t_k = t0 + offs_k
         cb = tl.load(cb_ptr + cb_base + offs_m[:, None] * chunk_size + offs_k[None, :])
         cs_k = tl.load(cs_ptr + cs_base + offs_k)
         dtp_k = tl.load(dtp_ptr + cs_base + offs_k)
-        m = cb * tl.math.exp2(cs_m[:, None] - cs_k[None, :]) * dtp_k[None, :]
-        if HAS_SEQ:
-            if tl.load(seq_base + tl.minimum(t0 + k0, seqlen - 1) * s_seq_l) != seq_last:  # a document starts
-                seq_k = tl.load(seq_base + tl.minimum(t_k, seqlen - 1) * s_seq_l)
-                m = tl.where(seq_m[:, None] == seq_k[None, :], m, 0.0)
-        xk = tl.load(x_ptr + pid_b * s_x_b + pid_h * s_x_h + t_k[:, None] * s_x_l + offs_p[None, :] * s_x_p,
-                     mask=(t_k < seqlen)[:, None] & pmask[None, :], other=0.0)
-        acc += tl.dot(m.to(xk.dtype), xk, input_precision=DOT_PREC)
-    for k0 in range(m0, hi, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        t_k = t0 + offs_k
-        cb = tl.load(cb_ptr + cb_base + offs_m[:, None] * chunk_size + offs_k[None, :])
-        cs_k = tl.load(cs_ptr + cs_base + offs_k)
-        dtp_k = tl.load(dtp_ptr + cs_base + offs_k)
-        keep = offs_m[:, None] >= offs_k[None, :]
-        if HAS_SEQ:
-            if tl.load(seq_base + tl.minimum(t0 + k0, seqlen - 1) * s_seq_l) != seq_last:
-                seq_k = tl.load(seq_base + tl.minimum(t_k, seqlen - 1) * s_seq_l)
-                keep = keep & (seq_m[:, None] == seq_k[None, :])
-        # above the diagonal exp2 may overflow to inf: the select drops it (and no multiply by 0 follows)
-        m = tl.where(keep, cb * tl.math.exp2(cs_m[:, None] - cs_k[None, :]) * dtp_k[None, :], 0.0)
+        m = cb * tl.math.exp2(tl.minimum(cs_m[:, None] - cs_k[None, :], 126.0)) * dtp_k[None, :]
         xk = tl.load(x_ptr + pid_b * s_x_b + pid_h * s_x_h + t_k[:, None] * s_x_l + offs_p[None, :] * s_x_p,
                      mask=(t_k < seqlen)[:, None] & pmask[None, :], other=0.0)
         acc += tl.dot(m.to(xk.dtype), xk, input_precision=DOT_PREC)
@@ -298,7 +287,9 @@ def seq_args(seq_idx, fallback):
     return (seq_idx if seq_idx is not None else fallback), (seq_idx.stride() if seq_idx is not None else (0, 0))
 
 
-def compute_cb(C, B, chunk_size, dot_prec):
+def compute_cb(C, B, seq_idx, chunk_size, dot_prec):
+    """-> CB (batch, nchunks, ngroups, Q, Q) float32 with the causal and document zeros (seq_idx or
+    None: no documents); see _cb in the module docstring."""
     batch, seqlen, ngroups, dstate = B.shape
     nchunks = cdiv(seqlen, chunk_size)
     cb = torch.empty(batch, nchunks, ngroups, chunk_size, chunk_size, device=B.device, dtype=torch.float32)
@@ -306,9 +297,10 @@ def compute_cb(C, B, chunk_size, dot_prec):
     BM = bs["M"]
     BK = min(64, next_pow2(dstate)) if not INTERPRET else next_pow2(dstate)
     grid = (cdiv(chunk_size, BM) ** 2, batch * nchunks, ngroups)
+    seq, seq_s = seq_args(seq_idx, C)
     _cb_kernel[grid](
-        C, B, cb, seqlen, nchunks, chunk_size, dstate, ngroups, *C.stride(), *B.stride(),
-        BLOCK_M=BM, BLOCK_N=BM, BLOCK_K=BK, DOT_PREC=dot_prec, num_warps=bs["warps"],
+        C, B, seq, cb, seqlen, nchunks, chunk_size, dstate, ngroups, *C.stride(), *B.stride(), *seq_s,
+        HAS_SEQ=seq_idx is not None, BLOCK_M=BM, BLOCK_N=BM, BLOCK_K=BK, DOT_PREC=dot_prec, num_warps=bs["warps"],
     )
     return cb
 

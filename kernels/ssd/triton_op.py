@@ -42,7 +42,7 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states, chunk_size,
     cb and prev (with keep_states), dtp and cs. What is not kept is an empty tensor."""
     prec = dot_precision(x.dtype)
     dtp, cs = fwd.dt_cumsum(dt, dt_bias, A, chunk_size, dt_softplus, (dt_lo, dt_hi))
-    cb = fwd.compute_cb(C, B, chunk_size, prec)
+    cb = fwd.compute_cb(C, B, seq_idx, chunk_size, prec)
     # without keep_states the float32 prev is not written at all (bf16/fp16 x): the chunk scan reads prev_lp
     prev, prev_lp, final = states.states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, prec,
                                                   store_f32=keep_states)
@@ -60,7 +60,7 @@ def _backward(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre, cb, pr
     Q = chunk_size
     prec = dot_precision(x.dtype)
     if cb is None:
-        cb = fwd.compute_cb(C, B, Q, prec)
+        cb = fwd.compute_cb(C, B, seq_idx, Q, prec)
         prev = states.states_and_pass(x, B, dtp, cs, seq_idx, init, Q, prec, store_lp=False)[0]
     dz = None
     if z is not None:

@@ -164,6 +164,31 @@ def run_ssd_states_lp_only(name, batch=2, seqlen=70, h=4, p=24, g=2, n=40, q=16)
     return name, res
 
 
+def run_ssd_cb_structure(name, batch=2, seqlen=45, g=2, n=8, q=32):
+    """compute_cb against C_i . B_j per chunk with the causal and document zeros (documents cut
+    inside chunks, the last chunk partial): every element of the (Q, Q) blocks, the upper ones too
+    (consumers multiply by CB instead of masking, with tiles that may reach into them on a GPU)."""
+    from kernels.ssd import triton_fwd as fwd
+
+    B, C = torch.randn(batch, seqlen, g, n), torch.randn(batch, seqlen, g, n)
+    seq = torch.zeros(batch, seqlen, dtype=torch.int32)
+    seq[0, 9:] += 1
+    seq[0, 40:] += 1
+    seq[1, 33:] += 1
+    cb = fwd.compute_cb(C, B, seq, q, "ieee")
+    nchunks = -(-seqlen // q)
+    pad = nchunks * q - seqlen
+    Bp, Cp = (torch.nn.functional.pad(t, (0, 0, 0, 0, 0, pad)) for t in (B, C))
+    sp = torch.nn.functional.pad(seq, (0, pad), value=-1).reshape(batch, nchunks, q)
+    ref = torch.einsum("bcign,bcjgn->bcgij", Cp.reshape(batch, nchunks, q, g, n), Bp.reshape(batch, nchunks, q, g, n))
+    keep = torch.ones(q, q, dtype=torch.bool).tril() & (sp[:, :, :, None] == sp[:, :, None, :])
+    ref = ref * keep[:, :, None]
+    valid = torch.arange(nchunks * q).reshape(nchunks, q) < seqlen  # padding rows/columns: not compared
+    v = (valid[:, :, None] & valid[:, None, :])[None, :, None]
+    return name, {"rel": rel(cb[v.expand_as(cb)], ref[v.expand_as(ref)]),
+                  "zeros_exact": float(bool((cb[(~keep[:, :, None]).expand_as(cb) & v.expand_as(cb)] == 0).all()))}
+
+
 def run_conv(name, width, act, batch=2, seqlen=37, dim=24, cuts=((5, 6, 20), (31,)), bias=True, strided=False):
     """cuts[row]: positions where a new document starts (None: no seq_idx). strided: x is a
     (batch, dim, seqlen) tensor transposed and the output gradient a (seqlen, batch, dim) one."""
@@ -220,7 +245,7 @@ def dcb_dbc_inputs(batch, seqlen, h, p, g, n, q, prec):
     seq[0, 37:] += 1
     seq[1, 20:] += 1
     dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, (0.0, math.inf))
-    cb = fwd.compute_cb(C, B, q, prec)
+    cb = fwd.compute_cb(C, B, seq, q, prec)
     prev = states.state_pass(states.chunk_outer(x, B, dtp, cs, seq, q, 0, prec), cs, seq, None, seqlen, q)[0]
     return x, dy, B, C, seq, dtp, cs, cb, prev, torch.randn_like(prev)
 
@@ -323,7 +348,7 @@ def run_ssd_dcb_split_decay(name, batch=2, seqlen=70, h=4, p=24, g=2, n=8, q=32)
         seq[0, 40:] += 1
         seq[1, 20:] += 1
         dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, (0.0, math.inf))
-        cb = fwd.compute_cb(C, B, q, prec)
+        cb = fwd.compute_cb(C, B, seq, q, prec)
         # dCB is written in the block-lower-triangular 16 x 16 tiles only, which is what consumers read
         blk = torch.arange(q) // 16
         written = blk[None, :] <= blk[:, None]
@@ -475,6 +500,7 @@ def main():
     out.update([run_ssd_launch_order("ssd_launch_order")])
     out.update([run_ssd_states_fused("ssd_states_fused")])
     out.update([run_ssd_states_lp_only("ssd_states_lp_only")])
+    out.update([run_ssd_cb_structure("ssd_cb_structure")])
     out.update([run_conv_fwd_schedules("conv_fwd_schedules")])
     print("JSON:" + json.dumps(out))
 

@@ -402,7 +402,7 @@ def ssd_kernel_inputs(shape, q, prec, dt_=torch.bfloat16):
     B, C = (torch.randn(batch, seqlen, g, n, device="cuda", dtype=dt_) for _ in range(2))
     seq = seq_idx_random(batch, seqlen)
     dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, (0.0, math.inf))
-    cb = fwd.compute_cb(C, B, q, prec)
+    cb = fwd.compute_cb(C, B, seq, q, prec)
     prev, prev_lp, _ = states.state_pass(states.chunk_outer(x, B, dtp, cs, seq, q, 0, prec), cs, seq, None, seqlen,
                                          q, dt_)
     return x, dy, B, C, seq, dtp, cs, cb, prev, prev_lp, torch.randn_like(prev)

@@ -164,3 +164,10 @@ def test_ssd_states_without_float32_prev_same_bits(results):
     assert set(res) == {"fusedTrue_prev_none", "fusedTrue_bits_prev_lp", "fusedTrue_bits_final", "fusedFalse_prev_none",
                         "fusedFalse_bits_prev_lp", "fusedFalse_bits_final", "lp_only_needs_lp_dtype", "no_grad_bits"}
     assert all(v == 1.0 for v in res.values()), res
+
+
+def test_ssd_cb_holds_the_causal_and_document_zeros(results):
+    """CB is C_i . B_j within a chunk where j <= i in one document, and exactly 0 elsewhere (the
+    chunk scan and dx multiply by it instead of masking)."""
+    res = results["ssd_cb_structure"]
+    assert res["zeros_exact"] == 1.0 and res["rel"] <= 1e-6, res
