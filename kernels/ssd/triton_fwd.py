@@ -14,8 +14,8 @@ last one padded with dt = 0):
                    and document structure, so its consumers (chunk scan, dx) need no elementwise
                    masks; they clamp the decay's exponent at 126 instead (exp2(cs_i - cs_j) for
                    j > i may overflow, and 0 * inf is NaN; for j <= i the exponent is <= 0 with
-                   A < 0, so the clamp changes nothing there). Only lower-triangular blocks are
-                   written; consumers never read the others.
+                   A < 0, so the clamp changes nothing there). Blocks wholly above the
+                   diagonal are written as zeros without computing them.
   3. chunk states: per chunk and head, sum_j w_j x_j B_j^T -> (batch, nchunks, nheads, headdim, dstate)
   4. state passing: S_c = scale_c S_{c-1} + states_c: the state entering each chunk (prev) and the
                    final state (3 and 4, fused or not: triton_states.py)
