@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from kernels._triton_utils import INTERPRET, autotune_per_chunk, cdiv, choose_structure, configs_of, next_pow2
-from kernels.ssd.triton_fwd import seq_args
+from kernels.ssd.triton_fwd import causal_document_keep, seq_args
 from kernels.ssd.triton_states import structure_key
 
 
@@ -149,15 +149,9 @@ def _chunk_dcb_kernel(
     t0 = pid_c * chunk_size
     t_i = t0 + offs_i
     t_j = t0 + offs_j
-    keep = offs_i[:, None] >= offs_j[None, :]
-    if HAS_SEQ:
-        seq_base = seq_ptr + pid_b * s_seq_b
-        seq_i = tl.load(seq_base + tl.minimum(t_i, seqlen - 1) * s_seq_l)
-        seq_j = tl.load(seq_base + tl.minimum(t_j, seqlen - 1) * s_seq_l)
-        keep = keep & (seq_i[:, None] == seq_j[None, :])
+    keep = causal_document_keep(offs_i, offs_j, t_i, t_j, seq_ptr, pid_b, seqlen, s_seq_b, s_seq_l, HAS_SEQ)
     base = (pid_bc * ngroups + pid_g) * chunk_size * chunk_size
-    cb = tl.load(cb_ptr + base + offs_i[:, None] * chunk_size + offs_j[None, :])
-    cb = tl.where(keep, cb, 0.0)
+    cb = tl.load(cb_ptr + base + offs_i[:, None] * chunk_size + offs_j[None, :])  # zero outside keep already
     below = pid_j * BLOCK_J + BLOCK_J <= pid_i * BLOCK_I  # every column before every row: no causal mask
     h0 = pid_g * heads_per_group + pid_s * heads_per_split
     cs_row = (pid_b * nheads + h0) * nchunks + pid_c  # head h0's chunk in cs, dtp (batch, nheads, nchunks, Q)

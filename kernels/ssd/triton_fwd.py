@@ -99,6 +99,20 @@ def _dt_cumsum_kernel(
 
 
 @triton.jit
+def causal_document_keep(offs_i, offs_j, t_i, t_j, seq_ptr, pid_b, seqlen, s_seq_b, s_seq_l, HAS_SEQ: tl.constexpr):
+    """(len(offs_i), len(offs_j)) mask of the pairs (i, j) of one chunk with j <= i in one document
+    (positions t_i, t_j; past seqlen they count as the last position): CB's zeros (_cb_kernel) and
+    dCB's (triton_bwd._chunk_dcb_kernel)."""
+    keep = offs_i[:, None] >= offs_j[None, :]
+    if HAS_SEQ:
+        seq_base = seq_ptr + pid_b * s_seq_b
+        seq_i = tl.load(seq_base + tl.minimum(t_i, seqlen - 1) * s_seq_l)
+        seq_j = tl.load(seq_base + tl.minimum(t_j, seqlen - 1) * s_seq_l)
+        keep = keep & (seq_i[:, None] == seq_j[None, :])
+    return keep
+
+
+@triton.jit
 def _cb_kernel(
     C_ptr, B_ptr, seq_ptr, cb_ptr,
     seqlen, nchunks, chunk_size, dstate, ngroups,
@@ -133,12 +147,7 @@ def _cb_kernel(
             mask=(t_n < seqlen)[None, :] & (offs_k < dstate)[:, None], other=0.0,
         )
         acc += tl.dot(c, bT, input_precision=DOT_PREC)
-    keep = offs_m[:, None] >= offs_n[None, :]
-    if HAS_SEQ:
-        seq_base = seq_ptr + pid_b * s_seq_b
-        seq_m = tl.load(seq_base + tl.minimum(t_m, seqlen - 1) * s_seq_l)
-        seq_n = tl.load(seq_base + tl.minimum(t_n, seqlen - 1) * s_seq_l)
-        keep = keep & (seq_m[:, None] == seq_n[None, :])
+    keep = causal_document_keep(offs_m, offs_n, t_m, t_n, seq_ptr, pid_b, seqlen, s_seq_b, s_seq_l, HAS_SEQ)
     acc = tl.where(keep, acc, 0.0)
     base = (pid_bc * ngroups + pid_g) * chunk_size * chunk_size
     tl.store(cb_ptr + base + offs_m[:, None] * chunk_size + offs_n[None, :], acc,
