@@ -39,10 +39,12 @@ def _check(res):
     assert not bad, f"relative errors above tolerance: {bad} (all: {res})"
 
 
-@pytest.mark.parametrize("case", ["ssd_full", "ssd_groups", "ssd_one_chunk", "ssd_many_chunks"])
+@pytest.mark.parametrize("case", ["ssd_full", "ssd_groups", "ssd_one_chunk", "ssd_many_chunks", "ssd_steep",
+                                  "ssd_tile_steep"])
 def test_ssd_triton_matches_reference(results, case):
     res = results[case]
-    expected = {"y", "final_states", "dx", "ddt", "dA", "dB", "dC", "y_vs_sequential", "final_vs_sequential"}
+    expected = {"y", "final_states", "dx", "ddt", "dB", "dC", "y_vs_sequential", "final_vs_sequential"}
+    expected |= set() if case == "ssd_steep" else {"dA"}  # ill-conditioned there: interp_cases.SSD_CASES
     assert expected <= set(res)
     _check(res)
 
