@@ -269,11 +269,12 @@ def _chunk_dbc_kernel(
             ck = tl.load(C_ptr + pid_b * s_c_b + pid_g * s_c_g + t_k[:, None] * s_c_l + offs_n[None, :] * s_c_n,
                          mask=(t_k < seqlen)[:, None] & nmask[None, :], other=0.0)
             dB += tl.dot(dT.to(ck.dtype), ck, input_precision=DOT_PREC)
-    # partial sums over this split's heads: (batch, seqlen, nsplit, ngroups, dstate) float32
+    # partial sums over this split's heads: (batch, seqlen, nsplit, ngroups, dstate), float32, or
+    # with one split the gradients themselves in B's and C's dtypes
     rn = rvalid[:, None] & nmask[None, :]
     o = ((pid_b * seqlen + t_r[:, None]) * nsplit + pid_s) * ngroups * dstate + pid_g * dstate + offs_n[None, :]
-    tl.store(dB_ptr + o, dB, mask=rn)
-    tl.store(dC_ptr + o, dC, mask=rn)
+    tl.store(dB_ptr + o, dB.to(dB_ptr.dtype.element_ty), mask=rn)
+    tl.store(dC_ptr + o, dC.to(dC_ptr.dtype.element_ty), mask=rn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,8 +431,10 @@ def chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, chunk_size, dot_prec
     nchunks = cdiv(seqlen, chunk_size)
     bs = _blocks(chunk_size, hdim, dstate)
     nsplit = dcb.shape[2]
-    dB = torch.empty(batch, seqlen, nsplit, ngroups, dstate, device=B.device, dtype=torch.float32)
-    dC = torch.empty_like(dB)
+    # one split: the kernel writes dB and dC in their own dtypes (no float32 copy and cast pass)
+    shape = (batch, seqlen, nsplit, ngroups, dstate)
+    dB = torch.empty(shape, device=B.device, dtype=B.dtype if nsplit == 1 else torch.float32)
+    dC = torch.empty(shape, device=C.device, dtype=C.dtype if nsplit == 1 else torch.float32)
     nn = cdiv(dstate, bs["N"])
     offd = torch.empty(batch, nheads, nchunks, nn, chunk_size, device=x.device, dtype=torch.float32)
     seq, seq_s = seq_args(seq_idx, cs)
@@ -454,5 +457,5 @@ def chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, chunk_size, dot_prec
         grid = (cdiv(chunk_size, cfg["BLOCK_R"]) * nn, batch * nchunks, ngroups * nsplit)
         _chunk_dbc_kernel[grid](*args, **kw, **cfg, num_warps=warps, num_stages=stages)
     if nsplit == 1:
-        return dB[:, :, 0].to(B.dtype), dC[:, :, 0].to(C.dtype), offd
+        return dB[:, :, 0], dC[:, :, 0], offd
     return dB.sum(2).to(B.dtype), dC.sum(2).to(C.dtype), offd
