@@ -130,23 +130,33 @@ def run_ssd_recompute_states(name, batch=2, seqlen=45, nheads=4, hdim=5, ngroups
     return name, res
 
 
+def state_pass_inputs(batch, seqlen, h, p, g, n, q, dtype, cuts):
+    """x, B (dtype), seq_idx (row r's documents start at cuts[r]), float32 initial states and
+    dt_cumsum's dtp, cs (chunk q): what the chunk-states and state-passing cases take."""
+    from kernels.ssd import triton_fwd as fwd
+
+    x = torch.randn(batch, seqlen, h, p).to(dtype)
+    dt = torch.randn(batch, seqlen, h) - 1
+    A = -torch.exp(torch.rand(h) * 2 - 1)
+    B = torch.randn(batch, seqlen, g, n).to(dtype)
+    seq = torch.zeros(batch, seqlen, dtype=torch.int32)
+    for row, starts in enumerate(cuts):
+        for t in starts:
+            seq[row, t:] += 1
+    init = torch.randn(batch, h, p, n)
+    dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, (0.0, math.inf))
+    return x, B, seq, init, dtp, cs
+
+
 def run_ssd_states_lp_only(name, batch=2, seqlen=70, h=4, p=24, g=2, n=40, q=16):
     """Chunk states + state passing (fused and two kernels) for float16 x with store_f32=False (a
     forward whose backward will not read the float32 prev) against store_f32=True: prev_lp and the
     final state the same bits, prev not written; and the SSD op's no-grad forward (which keeps
     nothing for a backward) against its grad-mode forward: the same output and final state bits."""
-    from kernels.ssd import triton_fwd as fwd
     from kernels.ssd import triton_states as states
 
     prec = "ieee"
-    x = torch.randn(batch, seqlen, h, p).half()
-    dt = torch.randn(batch, seqlen, h) - 1
-    A = -torch.exp(torch.rand(h) * 2 - 1)
-    B = torch.randn(batch, seqlen, g, n).half()
-    seq = torch.zeros(batch, seqlen, dtype=torch.int32)
-    seq[0, 21:] += 1
-    init = torch.randn(batch, h, p, n)
-    dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, (0.0, math.inf))
+    x, B, seq, init, dtp, cs = state_pass_inputs(batch, seqlen, h, p, g, n, q, torch.float16, ((21,), ()))
     res = {}
     for fused in (True, False):
         full = states.states_and_pass(x, B, dtp, cs, seq, init, q, prec, fused=fused)
@@ -382,19 +392,10 @@ def run_ssd_states_fused(name, batch=2, seqlen=70, h=4, p=24, g=2, n=40, q=16):
     state tiles (32 x 64); 70 positions = five chunks of 16, the last partial. Likewise the
     backward's dprev + reverse state passing fused against its two kernels."""
     from kernels.ssd import triton_bwd_scan as bwd_scan
-    from kernels.ssd import triton_fwd as fwd
     from kernels.ssd import triton_states as states
 
     prec = "ieee"
-    x = torch.randn(batch, seqlen, h, p)
-    dt = torch.randn(batch, seqlen, h) - 1
-    A = -torch.exp(torch.rand(h) * 2 - 1)
-    B = torch.randn(batch, seqlen, g, n)
-    seq = torch.zeros(batch, seqlen, dtype=torch.int32)
-    seq[0, 32:] += 1
-    seq[1, 21:] += 1
-    init = torch.randn(batch, h, p, n)
-    dtp, cs = fwd.dt_cumsum(dt, None, A, q, True, (0.0, math.inf))
+    x, B, seq, init, dtp, cs = state_pass_inputs(batch, seqlen, h, p, g, n, q, torch.float32, ((32,), (21,)))
     res = {}
     for tag, sq, ini in (("", seq, init), ("noseq_", None, None)):
         a = states.states_and_pass(x, B, dtp, cs, sq, ini, q, prec, fused=False)
