@@ -1,6 +1,6 @@
 """Kernel benchmark: one command on the GPU machine prints one table.
 
-    PYTHONPATH=$PWD python bench/kernels.py [--no-ref] [--breakdown] [--claim] [--chunk-sweep] [--splits] [--order]
+    PYTHONPATH=$PWD python bench/kernels.py [--no-ref] [--breakdown] [--claim] [--chunk-sweep] [--splits] [--order] [--configs]
 
 For each SSD shape of issue 3's target table (bf16, chunk 256, D and dt_bias, no z): forward and
 forward+backward median time (triton.testing.do_bench, CUDA events, median), achieved TFLOP/s
@@ -15,7 +15,9 @@ the host's time to launch the op's ~11 kernels and ~30 small torch ops, which do
 picks from for the gated-norm backward and the conv forward at the presets' mixer sizes (the
 first schedule is the fixed one: the A/B of each autotuned list in one run), and dCB + dB/dC at
 every split of a group's heads over programs; `--splits` times only those, also at the presets' shapes.
-`--order` times only the chunk scan and dx in both launch orders (kernels._triton_utils.head_chunk_grid).
+`--order` times only the chunk scan and dx in both launch orders (kernels._triton_utils.head_chunk_grid);
+`--configs` only those two at every config of their autotuning lists (with `--write-tuned`, the
+tuned rows' choices are recorded).
 
 FLOP model of the SSD (useful work, causal halves counted once):
   fwd = 2*T*H*P*N (chunk states) + 2*T*H*P*N (state read-out) + T*Q*H*P (intra-chunk, causal)
@@ -257,6 +259,42 @@ def launch_order(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat1
     return rows
 
 
+def config_sweep(batch, seqlen, h, p, g, n, q=256, documents=0, dev="cuda", dt_=torch.bfloat16):
+    """The chunk scan and dx at the autotuned schedule ("tuned", which autotunes the shape's key when
+    the table lacks it, so `--write-tuned` records it) and at every config of their lists, heads-fast.
+    documents: that many equal documents per row (seq_idx), as training on packed data calls them
+    (the key differs). -> [(name, ms)]; the interpreter runs its own tiles for every row."""
+    from kernels._triton_utils import dot_precision
+    from kernels.ssd import triton_bwd_dx as bwd_dx
+    from kernels.ssd import triton_fwd as fwd
+    from kernels.ssd import triton_states as states
+
+    prec = dot_precision(dt_)
+    x, dt, A, B, C, D, bias = ssd_inputs(batch, seqlen, h, p, g, n, dev, dt_)
+    seq = None
+    if documents:
+        seq = (torch.arange(seqlen, device=dev, dtype=torch.int32) * documents // seqlen).expand(batch, seqlen)
+        seq = seq.contiguous()
+    dy = torch.randn_like(x)
+    dtp, cs = fwd.dt_cumsum(dt, bias, A, q, True, (0.0, float("inf")))
+    cb = fwd.compute_cb(C, B, seq, q, prec)
+    prev, prev_lp, _ = states.states_and_pass(x, B, dtp, cs, seq, None, q, prec)
+    dS = torch.randn_like(prev)
+
+    def label(space, i):
+        kw, warps, stages = space[i]
+        return f"#{i} " + ",".join(f"{k[6:]}{v}" for k, v in kw.items()) + f",w{warps},s{stages}"
+
+    rows = []
+    for i in [None] + list(range(len(fwd._CHUNK_SCAN_SPACE))):
+        rows.append((f"chunk scan {'tuned' if i is None else label(fwd._CHUNK_SCAN_SPACE, i)}", bench(
+            lambda: fwd.chunk_scan(cb, x, None, D, C, prev_lp, dtp, cs, seq, q, False, prec, config=i))))
+    for i in [None] + list(range(len(bwd_dx._DX_SPACE))):
+        rows.append((f"dx {'tuned' if i is None else label(bwd_dx._DX_SPACE, i)}", bench(
+            lambda: bwd_dx.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq, q, prec, config=i))))
+    return rows
+
+
 def split_parts(x, dy, B, C, prev, dS_lp, dtp, cs, cb, h, g, q, prec):
     """dCB then dB/dC with k programs sharing a group's heads, every dividing split k (float32
     partial sums of dCB, dB and dC k times over, summed afterwards): more programs against more
@@ -357,6 +395,9 @@ def main():
     ap.add_argument("--order", action="store_true",
                     help="only time the chunk scan and dx launched heads-fast and chunks-fast, at the target "
                          "and the presets' shapes (nothing else)")
+    ap.add_argument("--configs", action="store_true",
+                    help="only time the chunk scan and dx at every config of their lists, at the target shapes "
+                         "and the presets' (with 4 documents a row, as training packs them)")
     ap.add_argument("--splits", action="store_true",
                     help="only time dCB + dB/dC at every head split, at the target and the presets' shapes "
                          "(nothing else)")
@@ -367,6 +408,15 @@ def main():
         print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}")
         for shape in [t[:6] for t in TARGETS] + [s for _, s in CHUNK_SWEEP]:
             emit(f"dCB + dB/dC, shape {shape}: " + ", ".join(f"{k} {ms:.3f}" for k, ms in breakdown(*shape, splits_only=True)))
+        return
+    if args.configs:
+        print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}")
+        shapes = [(t[:6], 0) for t in TARGETS] + [(s, 4) for _, s in CHUNK_SWEEP]
+        for shape, docs in shapes:
+            for name, ms in config_sweep(*shape, documents=docs):
+                emit(f"shape {shape} documents {docs}: {name} {ms:.3f}")
+        if args.write_tuned:
+            print(f"{write_tuned_table(args.write_tuned)} autotuning choices written to {args.write_tuned}")
         return
     if args.order:
         print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}")

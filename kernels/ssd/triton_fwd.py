@@ -238,30 +238,26 @@ def _chunk_scan_fwd_kernel(
 
 
 # CUDA: a few configs each, cached on disk by Triton (outputs are fully rewritten by any config);
-# the first is the fixed one (kernels.deterministic): the H200's choice at the three bench shapes,
-# 1.27x faster there than the tile that came first before (bench/NOTES_kernels.md Run 9).
-# (Split-decay, heads-inner and 8-warp dstate-tiled schedules were tried and removed: 26-48% slower.)
+# the first is the fixed one (kernels.deterministic). dstate in tiles of 64 or 32 (BLOCK_N): the
+# C . prev part is then a loop of 2-4 pipelined steps, where a single step of 128 (the tiles before)
+# kept two 32 KB buffers for one iteration, and 64 KB of shared memory allowed 3 programs per SM
+# (18.75% occupancy; the profile had 41% of the warps' stalls on global loads). The first config
+# takes 48 KB, 4 programs per SM: 16-20% faster than the best of the tiles before at the three
+# bench shapes and the presets' training shapes on an H100 (bench/NOTES_kernels.md Run 15).
+# (Split-decay, heads-inner and 8-warp dstate-tiled schedules were tried and removed: 26-48% slower;
+# 128-row and 32-column tiles were 1.3-1.9x slower than the first config in Run 15.)
 _CHUNK_SCAN_SPACE = [
+    (dict(BLOCK_M=64, BLOCK_K=32, BLOCK_P=64, BLOCK_N=64), 4, 3),
     (dict(BLOCK_M=64, BLOCK_K=32, BLOCK_P=64, BLOCK_N=128), 4, 2),
     (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, BLOCK_N=128), 4, 2),
-    (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, BLOCK_N=128), 4, 3),
-    (dict(BLOCK_M=128, BLOCK_K=64, BLOCK_P=64, BLOCK_N=128), 8, 2),
-    (dict(BLOCK_M=128, BLOCK_K=32, BLOCK_P=64, BLOCK_N=128), 4, 3),
-    (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=32, BLOCK_N=128), 4, 2),
+    (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, BLOCK_N=64), 4, 2),
+    (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, BLOCK_N=64), 4, 3),
+    (dict(BLOCK_M=64, BLOCK_K=32, BLOCK_P=64, BLOCK_N=32), 4, 4),
+    (dict(BLOCK_M=64, BLOCK_K=64, BLOCK_P=64, BLOCK_N=32), 4, 2),
 ]
 _chunk_scan_tuned = autotune_per_chunk(
     _chunk_scan_fwd_kernel, configs_of(_CHUNK_SCAN_SPACE), key=["chunk_size", "hdim", "dstate", "HAS_SEQ", "HAS_Z"],
     chunk_params=("BLOCK_M", "BLOCK_K"), state_params=("BLOCK_N",))
-
-
-def config_index(space, **want) -> int:
-    """Index of the first (kwargs, warps, stages) of `space` whose kwargs include `want`, and whose
-    warps/stages match `num_warps`/`num_stages` when given (benchmarks and tests name configs so)."""
-    warps, stages = want.pop("num_warps", None), want.pop("num_stages", None)
-    for i, (kw, w, st) in enumerate(space):
-        if all(kw.get(k) == v for k, v in want.items()) and warps in (None, w) and stages in (None, st):
-            return i
-    raise KeyError(f"no config with {want} (warps {warps}, stages {stages})")
 
 
 def _blocks(chunk_size, hdim, dstate):

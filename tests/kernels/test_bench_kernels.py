@@ -1,4 +1,4 @@
-"""bench/kernels.py's `--breakdown` (and `--order`) calls the SSD kernels' launchers directly and launches the gated-norm
+"""bench/kernels.py's `--breakdown` (and `--order`, `--configs`) calls the SSD kernels' launchers directly and launches the gated-norm
 backward and the conv forward under each schedule the autotuner chooses from; this runs both on the
 CPU under the Triton interpreter (float32, tiny shapes) in a subprocess, so that a change to a
 launcher's signature or return values shows in CI, not in a short GPU session."""
@@ -22,7 +22,9 @@ first = mod.first_call_seconds(dev="cpu", ssd_shape=(1, 40, 4, 8, 2, 8), mixer=(
                                dt_=torch.float32)
 splits = mod.breakdown(1, 40, 4, 8, 2, 8, q=16, dev="cpu", dt_=torch.float32, splits_only=True)
 order = mod.launch_order(1, 40, 4, 8, 2, 8, q=16, dev="cpu", dt_=torch.float32)
-print("JSON:" + json.dumps({"parts": parts, "schedules": sched, "first": first, "splits": splits, "order": order}))
+configs = mod.config_sweep(1, 40, 4, 8, 2, 8, q=16, documents=2, dev="cpu", dt_=torch.float32)
+print("JSON:" + json.dumps({"parts": parts, "schedules": sched, "first": first, "splits": splits, "order": order,
+                            "configs": configs}))
 """
 
 
@@ -44,6 +46,14 @@ def test_breakdown_runs_every_kernel_launch_under_the_interpreter():
     assert all(ms > 0 for _, ms in parts)
     assert [name for name, _ in out["order"]] == [
         f"{k} {c} {o}" for c in ("tuned", "fixed") for o in ("heads-fast", "chunks-fast") for k in ("chunk scan", "dx")]
+    from kernels.ssd.triton_bwd_dx import _DX_SPACE
+    from kernels.ssd.triton_fwd import _CHUNK_SCAN_SPACE
+
+    names = [name for name, _ in out["configs"]]
+    assert names[0] == "chunk scan tuned" and names[1] == "chunk scan #0 M64,K32,P64,N64,w4,s3"
+    assert names[1 + len(_CHUNK_SCAN_SPACE)] == "dx tuned"
+    assert len(names) == 2 + len(_CHUNK_SCAN_SPACE) + len(_DX_SPACE)
+    assert all(ms > 0 for _, ms in out["configs"])
     from kernels.conv1d.triton_op import FWD_SCHEDULES
     from kernels.rmsnorm_gated.triton_op import bwd_schedules
 
