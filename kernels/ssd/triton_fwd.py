@@ -340,8 +340,10 @@ def chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq_idx, chunk_size, store_ypre, d
         return head_chunk_grid(tiles, nheads, batch * nchunks, heads_fast)
 
     if INTERPRET:
-        _chunk_scan_fwd_kernel[grid](*args, **kw, BLOCK_M=bs["M"], BLOCK_P=bs["P"], BLOCK_K=bs["K"], BLOCK_N=bs["N"],
-                                     num_warps=4)
+        # dstate in steps of 16, so that the C . prev loop runs several steps (the last one masked
+        # where dstate is no multiple of 16) as it does on the GPU (BLOCK_N 64 or 32 there)
+        _chunk_scan_fwd_kernel[grid](*args, **kw, BLOCK_M=bs["M"], BLOCK_P=bs["P"], BLOCK_K=bs["K"],
+                                     BLOCK_N=min(bs["N"], 16), num_warps=4)
     elif config is None:
         _chunk_scan_tuned(chunk_size, next_pow2(dstate))[grid](*args, **kw)
     else:

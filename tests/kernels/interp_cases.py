@@ -489,6 +489,9 @@ SSD_CASES = {
     # reference itself is up to 1e9 relative off the float64 one), so it is not compared
     "ssd_steep": (dict(batch=2, seqlen=70, nheads=4, headdim=8, ngroups=2, dstate=8), 32,
                   dict(a_scale=20.0, dt_shift=5.0, skip=("dA",))),
+    # dstate 40: the chunk scan's C . prev loop takes three steps of 16 in the interpreter, the last
+    # one masked (on the GPU its configs step through dstate by 64 or 32)
+    "ssd_wide_state": (dict(batch=1, seqlen=50, nheads=2, headdim=8, ngroups=1, dstate=40), 32, dict()),
 }
 
 

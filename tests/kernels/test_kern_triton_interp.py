@@ -47,7 +47,8 @@ def _check(res, looser=None):
     assert not bad, f"relative errors above tolerance: {bad} (all: {res})"
 
 
-@pytest.mark.parametrize("case", ["ssd_full", "ssd_groups", "ssd_one_chunk", "ssd_many_chunks", "ssd_steep"])
+@pytest.mark.parametrize("case", ["ssd_full", "ssd_groups", "ssd_one_chunk", "ssd_many_chunks", "ssd_steep",
+                                  "ssd_wide_state"])
 def test_ssd_triton_matches_reference(results, case):
     res = results[case]
     expected = {"y", "final_states", "dx", "ddt", "dB", "dC", "y_vs_sequential", "final_vs_sequential"}
