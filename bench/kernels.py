@@ -231,39 +231,9 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16, 
     return [(name, bench(fn)) for name, fn in parts]
 
 
-def launch_order(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
-    """The chunk scan and dx kernels (the two that read a per-group float32 CB tile per (chunk,
-    head)) launched heads-fast (the default: a chunk's heads run together and share the tile in L2)
-    and chunks-fast (the order before), each with the tuned config and the fixed one (config 0).
-    -> [(name, ms)]."""
-    from kernels._triton_utils import dot_precision
-    from kernels.ssd import triton_bwd_dx as bwd_dx
-    from kernels.ssd import triton_fwd as fwd
-    from kernels.ssd import triton_states as states
-
-    prec = dot_precision(dt_)
-    x, dt, A, B, C, D, bias = ssd_inputs(batch, seqlen, h, p, g, n, dev, dt_)
-    dy = torch.randn_like(x)
-    dtp, cs = fwd.dt_cumsum(dt, bias, A, q, True, (0.0, float("inf")))
-    cb = fwd.compute_cb(C, B, None, q, prec)
-    prev, prev_lp, _ = states.states_and_pass(x, B, dtp, cs, None, None, q, prec)
-    dS = torch.randn_like(prev)
-    rows = []
-    for config in (None, 0):
-        for order in (True, False):
-            tag = f"{'tuned' if config is None else 'fixed'} {'heads-fast' if order else 'chunks-fast'}"
-            rows.append((f"chunk scan {tag}", bench(lambda: fwd.chunk_scan(
-                cb, x, None, D, C, prev_lp, dtp, cs, None, q, False, prec, config=config, heads_fast=order))))
-            rows.append((f"dx {tag}", bench(lambda: bwd_dx.chunk_dx(
-                x, dy, D, B, cb, dS, dtp, cs, None, q, prec, config=config, heads_fast=order))))
-    return rows
-
-
-def config_sweep(batch, seqlen, h, p, g, n, q=256, documents=0, dev="cuda", dt_=torch.bfloat16):
-    """The chunk scan and dx at the autotuned schedule ("tuned", which autotunes the shape's key when
-    the table lacks it, so `--write-tuned` records it) and at every config of their lists, heads-fast.
-    documents: that many equal documents per row (seq_idx), as training on packed data calls them
-    (the key differs). -> [(name, ms)]; the interpreter runs its own tiles for every row."""
+def _scan_dx_calls(batch, seqlen, h, p, g, n, q, documents, dev, dt_):
+    """The chunk scan and dx as callables of (config, heads_fast) on one set of inputs (bench/kernels.py's
+    SSD inputs, their CB, states and a random dS; `documents` equal documents per row, or none)."""
     from kernels._triton_utils import dot_precision
     from kernels.ssd import triton_bwd_dx as bwd_dx
     from kernels.ssd import triton_fwd as fwd
@@ -281,17 +251,49 @@ def config_sweep(batch, seqlen, h, p, g, n, q=256, documents=0, dev="cuda", dt_=
     prev, prev_lp, _ = states.states_and_pass(x, B, dtp, cs, seq, None, q, prec)
     dS = torch.randn_like(prev)
 
+    def scan(config, heads_fast=True):
+        return fwd.chunk_scan(cb, x, None, D, C, prev_lp, dtp, cs, seq, q, False, prec, config=config,
+                              heads_fast=heads_fast)
+
+    def dx(config, heads_fast=True):
+        return bwd_dx.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq, q, prec, config=config, heads_fast=heads_fast)
+
+    return scan, dx
+
+
+def launch_order(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
+    """The chunk scan and dx kernels (the two that read a per-group float32 CB tile per (chunk,
+    head)) launched heads-fast (the default: a chunk's heads run together and share the tile in L2)
+    and chunks-fast (the order before), each with the tuned config and the fixed one (config 0).
+    -> [(name, ms)]."""
+    scan, dx = _scan_dx_calls(batch, seqlen, h, p, g, n, q, 0, dev, dt_)
+    rows = []
+    for config in (None, 0):
+        for order in (True, False):
+            tag = f"{'tuned' if config is None else 'fixed'} {'heads-fast' if order else 'chunks-fast'}"
+            rows.append((f"chunk scan {tag}", bench(lambda: scan(config, order))))
+            rows.append((f"dx {tag}", bench(lambda: dx(config, order))))
+    return rows
+
+
+def config_sweep(batch, seqlen, h, p, g, n, q=256, documents=0, dev="cuda", dt_=torch.bfloat16):
+    """The chunk scan and dx at the autotuned schedule ("tuned", which autotunes the shape's key when
+    the table lacks it, so `--write-tuned` records it) and at every config of their lists, heads-fast.
+    documents: that many equal documents per row (seq_idx), as training on packed data calls them
+    (the key differs). -> [(name, ms)]; the interpreter runs its own tiles for every row."""
+    from kernels.ssd.triton_bwd_dx import _DX_SPACE
+    from kernels.ssd.triton_fwd import _CHUNK_SCAN_SPACE
+
+    scan, dx = _scan_dx_calls(batch, seqlen, h, p, g, n, q, documents, dev, dt_)
+
     def label(space, i):
         kw, warps, stages = space[i]
         return f"#{i} " + ",".join(f"{k[6:]}{v}" for k, v in kw.items()) + f",w{warps},s{stages}"
 
     rows = []
-    for i in [None] + list(range(len(fwd._CHUNK_SCAN_SPACE))):
-        rows.append((f"chunk scan {'tuned' if i is None else label(fwd._CHUNK_SCAN_SPACE, i)}", bench(
-            lambda: fwd.chunk_scan(cb, x, None, D, C, prev_lp, dtp, cs, seq, q, False, prec, config=i))))
-    for i in [None] + list(range(len(bwd_dx._DX_SPACE))):
-        rows.append((f"dx {'tuned' if i is None else label(bwd_dx._DX_SPACE, i)}", bench(
-            lambda: bwd_dx.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq, q, prec, config=i))))
+    for name, call, space in (("chunk scan", scan, _CHUNK_SCAN_SPACE), ("dx", dx, _DX_SPACE)):
+        for i in [None] + list(range(len(space))):
+            rows.append((f"{name} {'tuned' if i is None else label(space, i)}", bench(lambda: call(i))))
     return rows
 
 
