@@ -3,7 +3,10 @@ forward and the gated-norm backward), compiled for Hopper (sm_90a) by the instal
 bundled ptxas: no GPU needed.
 
 A config that spills registers to local memory is slow whatever the tuner measures, and the
-interpreter (the CPU tests) cannot show it. Run it on the CPU with the GPU machine's Triton:
+interpreter (the CPU tests) cannot show it. The last column is how many programs of a config fit
+on an SM, by registers and by shared memory: a loop that Triton multi-buffers can make shared
+memory the limit (bench/NOTES_kernels.md Run 15: the chunk scan's one-step dstate loop took 64 KB,
+3 programs per SM where its registers allowed 4). Run it on the CPU with the GPU machine's Triton:
     python -m pip install --target /tmp/triton36 --no-deps triton==3.6.0
     PYTHONPATH=/tmp/triton36:$PWD python bench/kernels_static.py [--kernel chunk_scan]
 `--loops` prints, for each kernel's fixed config, the SASS instruction count of every loop (a
@@ -35,6 +38,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from occupancy import programs_per_sm  # noqa: E402  (this folder)
 from sass_loops import print_loops  # noqa: E402  (this folder)
 from kernels.conv1d import triton_op as conv  # noqa: E402
 from kernels.rmsnorm_gated import triton_op as rms  # noqa: E402
@@ -126,8 +130,9 @@ def main():
     args = ap.parse_args()
     errors = 0
     print(f"Triton {triton.__version__}, sm_90a; headdim {P}, dstate {N}, chunk {Q}, bf16, seq_idx on")
-    print("| kernel | # | config | warps | stages | registers | spill st/ld B | shared KB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| kernel | # | config | warps | stages | registers | spill st/ld B | shared KB | programs per SM "
+          "(by registers, by shared memory) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, (fn, launcher, fixed, ptrs) in specs().items():
         if args.kernel and name not in args.kernel:
             continue
@@ -141,10 +146,12 @@ def main():
             try:
                 k = compile_config(fn, dict(fixed, **kw), ptrs, cfg.num_warps, cfg.num_stages)
                 regs, st, ld = ptxas_report(k.asm["ptx"])
-                row = f"{regs} | {st}/{ld}{' SPILLS' if st or ld else ''} | {k.metadata.shared / 1024:.1f}"
+                by_regs, by_shared = programs_per_sm(regs, cfg.num_warps, k.metadata.shared)
+                row = (f"{regs} | {st}/{ld}{' SPILLS' if st or ld else ''} | {k.metadata.shared / 1024:.1f} | "
+                       f"{min(by_regs, by_shared)} ({by_regs}, {by_shared})")
             except Exception as e:  # a config that does not compile is a finding too
                 errors += 1
-                row = f"compile error: {type(e).__name__}: {str(e)[:2000]} | | "
+                row = f"compile error: {type(e).__name__}: {str(e)[:2000]} | | | "
             desc = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in kw.items())
             print(f"| {name} | {i} | {desc} | {cfg.num_warps} | {cfg.num_stages} | {row} |", flush=True)
             if args.loops and i == 0 and "compile error" not in row:

@@ -60,3 +60,22 @@ def test_sass_loops_counts_loop_steps_and_skipped_blocks():
         /*0090*/                   BRA `(.L_x_3);
 """
     assert sass_loops(listing) == [(1, 6, [(2, 2)]), (9, 9, [])]
+
+
+@pytest.mark.parametrize("kernel, registers, warps, shared, limits", [
+    # ncu's Launch Statistics / Occupancy of the SSD kernels on an H100 (bench/NOTES_kernels.md Run 15):
+    # registers per thread, dynamic shared memory, and its "Block Limit Registers / Shared Mem". (Not
+    # dx: registers allow it 2 programs, so the driver gave it a 132 KiB carveout, where ncu's shared
+    # limit is 2; programs_per_sm counts with the largest, 4.)
+    ("chunk scan, M64/K64/N128", 126, 4, 65536, (4, 3)),
+    ("chunk scan, M64/K32/N64", 112, 4, 49152, (4, 4)),
+    ("dCB, split decay", 121, 8, 98304, (2, 2)),
+    ("dB/dC", 255, 4, 114688, (2, 2)),
+])
+def test_programs_per_sm_agrees_with_ncu(kernel, registers, warps, shared, limits):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from occupancy import programs_per_sm
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    assert programs_per_sm(registers, warps, shared) == limits, kernel
