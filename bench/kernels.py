@@ -297,6 +297,22 @@ def config_sweep(batch, seqlen, h, p, g, n, q=256, documents=0, dev="cuda", dt_=
     return rows
 
 
+def config_table(times: dict[str, list[float]], columns: list[str]) -> str:
+    """`--configs`' rows as one markdown table: a row per kernel and config, a column per shape (ms),
+    the fastest config of each kernel at each shape in bold."""
+    best = {}
+    for name, row in times.items():
+        kernel = name.split(" #")[0].replace(" tuned", "")
+        for j, ms in enumerate(row):
+            best[kernel, j] = min(best.get((kernel, j), ms), ms)
+    lines = ["| kernel, config | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for name, row in times.items():
+        kernel = name.split(" #")[0].replace(" tuned", "")
+        cells = [f"**{ms:.3f}**" if ms == best[kernel, j] else f"{ms:.3f}" for j, ms in enumerate(row)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def split_parts(x, dy, B, C, prev, dS_lp, dtp, cs, cb, h, g, q, prec):
     """dCB then dB/dC with k programs sharing a group's heads, every dividing split k (float32
     partial sums of dCB, dB and dC k times over, summed afterwards): more programs against more
@@ -414,9 +430,13 @@ def main():
     if args.configs:
         print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}")
         shapes = [(t[:6], 0) for t in TARGETS] + [(s, 4) for _, s in CHUNK_SWEEP]
+        times = {}
         for shape, docs in shapes:
             for name, ms in config_sweep(*shape, documents=docs):
                 emit(f"shape {shape} documents {docs}: {name} {ms:.3f}")
+                times.setdefault(name, []).append(ms)
+        print(config_table(times, [f"{s[0]}x{s[1]} {s[2]}x{s[3]} G{s[4]}" + (f", {d} docs" if d else "")
+                                   for s, d in shapes]))
         if args.write_tuned:
             print(f"{write_tuned_table(args.write_tuned)} autotuning choices written to {args.write_tuned}")
         return

@@ -23,8 +23,9 @@ first = mod.first_call_seconds(dev="cpu", ssd_shape=(1, 40, 4, 8, 2, 8), mixer=(
 splits = mod.breakdown(1, 40, 4, 8, 2, 8, q=16, dev="cpu", dt_=torch.float32, splits_only=True)
 order = mod.launch_order(1, 40, 4, 8, 2, 8, q=16, dev="cpu", dt_=torch.float32)
 configs = mod.config_sweep(1, 40, 4, 8, 2, 8, q=16, documents=2, dev="cpu", dt_=torch.float32)
+table = mod.config_table({name: [ms, 2 * ms] for name, ms in configs}, ["one shape", "another"])
 print("JSON:" + json.dumps({"parts": parts, "schedules": sched, "first": first, "splits": splits, "order": order,
-                            "configs": configs}))
+                            "configs": configs, "table": table}))
 """
 
 
@@ -54,6 +55,12 @@ def test_breakdown_runs_every_kernel_launch_under_the_interpreter():
     assert names[1 + len(_CHUNK_SCAN_SPACE)] == "dx tuned"
     assert len(names) == 2 + len(_CHUNK_SCAN_SPACE) + len(_DX_SPACE)
     assert all(ms > 0 for _, ms in out["configs"])
+    lines = out["table"].splitlines()
+    assert lines[0] == "| kernel, config | one shape | another |" and len(lines) == 2 + len(names)
+    fastest = {k: min(ms for n, ms in out["configs"] if n.startswith(k)) for k in ("chunk scan", "dx")}
+    for line, (name, ms) in zip(lines[2:], out["configs"]):  # the fastest of each kernel in bold, per column
+        bold = ms == fastest["dx" if name.startswith("dx") else "chunk scan"]
+        assert line.startswith(f"| {name} | ") and line.count("**") == (4 if bold else 0), line
     from kernels.conv1d.triton_op import FWD_SCHEDULES
     from kernels.rmsnorm_gated.triton_op import bwd_schedules
 
