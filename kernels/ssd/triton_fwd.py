@@ -261,11 +261,13 @@ _chunk_scan_tuned = autotune_per_chunk(
 
 
 def _blocks(chunk_size, hdim, dstate):
-    """Fixed tile table. Interpreter: one tile per chunk (few program instances)."""
+    """Fixed tile table of the forward kernels (chunk scan, chunk states, state passing)."""
     if INTERPRET:
-        q = chunk_size
-        q = min(q, 16)  # several tiles per chunk when Q > 16, so the tile loops are exercised on CPU
-        return dict(M=q, K=q, P=next_pow2(hdim), N=next_pow2(dstate), warps=4, stages=1)
+        # tiles of 16 positions and 16 state columns: several tiles per chunk when Q > 16 and per
+        # state when dstate > 16, so the tile loops (and their masked last steps) run on CPU, as the
+        # GPU configs' loops do (the chunk scan steps through dstate by 64 or 32 there)
+        q = min(chunk_size, 16)
+        return dict(M=q, K=q, P=next_pow2(hdim), N=min(next_pow2(dstate), 16), warps=4, stages=1)
     return dict(M=min(64, chunk_size), K=min(64, chunk_size), P=min(64, next_pow2(hdim)),
                 N=min(128, next_pow2(dstate)), warps=4, stages=2)
 
@@ -340,10 +342,8 @@ def chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq_idx, chunk_size, store_ypre, d
         return head_chunk_grid(tiles, nheads, batch * nchunks, heads_fast)
 
     if INTERPRET:
-        # dstate in steps of 16, so that the C . prev loop runs several steps (the last one masked
-        # where dstate is no multiple of 16) as it does on the GPU (BLOCK_N 64 or 32 there)
-        _chunk_scan_fwd_kernel[grid](*args, **kw, BLOCK_M=bs["M"], BLOCK_P=bs["P"], BLOCK_K=bs["K"],
-                                     BLOCK_N=min(bs["N"], 16), num_warps=4)
+        _chunk_scan_fwd_kernel[grid](*args, **kw, BLOCK_M=bs["M"], BLOCK_P=bs["P"], BLOCK_K=bs["K"], BLOCK_N=bs["N"],
+                                     num_warps=4)
     elif config is None:
         _chunk_scan_tuned(chunk_size, next_pow2(dstate))[grid](*args, **kw)
     else:

@@ -389,7 +389,7 @@ def run_ssd_states_fused(name, batch=2, seqlen=70, h=4, p=24, g=2, n=40, q=16):
     """Chunk states and state passing fused (one kernel walking the chunks) against the two
     kernels, with documents (one starting on a chunk boundary, one inside a chunk) and initial
     states: the same tiles in the interpreter, hence the same bits. headdim 24 and dstate 40: partial
-    state tiles (32 x 64); 70 positions = five chunks of 16, the last partial. Likewise the
+    state tiles (32 x 16, the last of three partial); 70 positions = five chunks of 16, the last partial. Likewise the
     backward's dprev + reverse state passing fused against its two kernels."""
     from kernels.ssd import triton_bwd_scan as bwd_scan
     from kernels.ssd import triton_states as states
