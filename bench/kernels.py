@@ -300,15 +300,14 @@ def config_sweep(batch, seqlen, h, p, g, n, q=256, documents=0, dev="cuda", dt_=
 def config_table(times: dict[str, list[float]], columns: list[str]) -> str:
     """`--configs`' rows as one markdown table: a row per kernel and config, a column per shape (ms),
     the fastest config of each kernel at each shape in bold."""
+    kernel = {name: name.split(" #")[0].removesuffix(" tuned") for name in times}
     best = {}
     for name, row in times.items():
-        kernel = name.split(" #")[0].replace(" tuned", "")
         for j, ms in enumerate(row):
-            best[kernel, j] = min(best.get((kernel, j), ms), ms)
+            best[kernel[name], j] = min(best.get((kernel[name], j), ms), ms)
     lines = ["| kernel, config | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for name, row in times.items():
-        kernel = name.split(" #")[0].replace(" tuned", "")
-        cells = [f"**{ms:.3f}**" if ms == best[kernel, j] else f"{ms:.3f}" for j, ms in enumerate(row)]
+        cells = [f"**{ms:.3f}**" if ms == best[kernel[name], j] else f"{ms:.3f}" for j, ms in enumerate(row)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -100,8 +100,10 @@ def compare_seeds(runs: dict[int, dict[str, list[float]]], factor: float) -> tup
     if any("reference fp32" not in r for r in runs.values()):
         ok = all(verdicts.values())
         return text + f" (no float32 yardstick without CUDA): {'PASS' if ok else 'FAIL'}", ok
-    fast = statistics.mean(abs(a - b) for r in runs.values() for a, b in zip(r["fast"], r["reference fp32"]))
-    ref = statistics.mean(abs(a - b) for r in runs.values() for a, b in zip(r["reference"], r["reference fp32"]))
+    def to_fp32(path):  # mean |path - float32| over every step of every seed
+        return statistics.mean(abs(a - b) for r in runs.values() for a, b in zip(r[path], r["reference fp32"]))
+
+    fast, ref = to_fp32("fast"), to_fp32("reference")
     ok = fast <= factor * ref
     return (text + f"; fast vs float32 mean |d| {fast:.4f} against the reference's {ref:.4f} "
             f"(ratio {fast / max(ref, 1e-12):.2f}): within {factor:g}x: {'PASS' if ok else 'FAIL'}"), ok

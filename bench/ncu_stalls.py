@@ -61,8 +61,9 @@ def reasons(rows: list[dict[str, str]]) -> list[str]:
 def by_reason(rows: list[dict[str, str]]) -> list[tuple[str, int, float]]:
     """[(reason, samples, share of all samples)], most samples first."""
     totals = collections.Counter()
+    cols = reasons(rows)
     for r in rows:
-        for c in reasons(rows):
+        for c in cols:
             totals[c[len("stall_"):]] += _int(r.get(c))
     whole = sum(totals.values()) or 1
     return [(name, n, n / whole) for name, n in totals.most_common()]
