@@ -7,7 +7,8 @@ logits = hidden_chunk @ W^T in the compute dtype (autocast's when autocast is on
 nn.functional.linear would use; else the inputs'), upcast to at least float32, logsumexp,
 cross-entropy and z-loss sums, and at once the gradient of the micro-batch loss w.r.t. the
 chunk's logits, which is multiplied into d hidden (the chunk's rows) and accumulated into d W
-(float32, or float64 for float64 inputs). The per-row softmax, loss terms and logit gradient are
+(float32, or float64 for float64 inputs; on CUDA in bf16 inside the GEMM: pretrain/layers/linear.py's
+accumulate_wgrad_). The per-row softmax, loss terms and logit gradient are
 kernels.cross_entropy's `cross_entropy_rows` (a Triton kernel on CUDA: one read pass, one
 read-and-write pass over the compute-dtype logits; the PyTorch reference elsewhere). Backward only scales the stored gradients by the
 incoming gradient, so the head costs the same three matmuls as the unchunked path and the extra
@@ -27,6 +28,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels.cross_entropy.op import cross_entropy_rows
+from pretrain.layers.linear import accumulate_wgrad_, compute_dtype
 from pretrain.loss import IGNORE_INDEX
 
 AUTO_CHUNK_TOKENS = 4096  # trainer.loss_chunk_tokens=null on CUDA: 4096 x 50304 x 6 bytes ~ 1.2 GB per chunk
@@ -38,14 +40,6 @@ def resolve_chunk_tokens(setting: int | None, device: torch.device) -> int:
     if setting is None:
         return AUTO_CHUNK_TOKENS if device.type == "cuda" else 0
     return setting
-
-
-def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype nn.functional.linear(hidden, weight) would multiply in here (autocast's if enabled)."""
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return torch.promote_types(hidden.dtype, weight.dtype)
 
 
 def _chunk_pass(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, z_loss_coeff: float,
@@ -85,11 +79,8 @@ def _chunk_pass(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
             grad = logits  # (n, vocab) in the compute dtype, as the unchunked linear's backward sees it
             if want_d_hidden:
                 d_hidden[start:end] = torch.mm(grad, w)
-            if want_d_weight:
-                if dtype == acc:
-                    d_weight.addmm_(grad.t(), h)
-                else:  # low-precision product (fp32 accumulation inside the matmul), summed in float32
-                    d_weight += torch.mm(grad.t(), h)
+            if want_d_weight:  # bf16/fp16 on CUDA: one GEMM with a float32 output and beta = 1
+                accumulate_wgrad_(d_weight, grad, h)
         loss = ce_sum / count
         if z_loss_coeff > 0:
             loss = loss + z_loss_coeff * (z_sum / count)

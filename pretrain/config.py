@@ -171,6 +171,10 @@ class TrainerConfig:
     # torch.compile each residual block, in every build and parallel layout (the Triton kernels are opaque
     # torch.library custom ops: one graph per block, kernels launched by their own launcher)
     compile: bool = False
+    # the single-process engine's Linear layers sum their weight gradients into float32 buffers inside
+    # the weight-gradient GEMM (pretrain/layers/linear.py) instead of bf16 GEMM + cast + AccumulateGrad.
+    # null = on for CUDA, off elsewhere; true = on (also on the CPU); false = plain autograd
+    gradient_accumulation_fusion: Optional[bool] = None
     # true: the same bits run to run on the same machines and layout, at some speed: torch's
     # deterministic algorithms (an op that has none raises at its first call, naming itself),
     # cuBLAS's fixed workspace, no cuDNN autotuning, Inductor's deterministic mode where this torch
@@ -459,6 +463,10 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
     _need(t.precision in ("auto", "bf16", "fp32"), "trainer.precision", t.precision, "must be auto, bf16 or fp32")
     _need(t.device in ("auto", "cpu", "cuda"), "trainer.device", t.device, "must be auto, cpu or cuda")
     _need(t.engine in ("auto", "megatron"), "trainer.engine", t.engine, "must be auto or megatron")
+    _need(not (t.gradient_accumulation_fusion and (world_size > 1 or t.engine == "megatron")),
+          "trainer.gradient_accumulation_fusion", t.gradient_accumulation_fusion,
+          "applies to the single-process engine only (one process, trainer.engine=auto); the megatron engine "
+          "sums bf16 gradients into its own float32 buffers: use null or false")
     from pretrain.recompute import parse_policy
 
     try:

@@ -33,6 +33,8 @@ import contextlib
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from pretrain.layers.linear import accumulate_wgrad_
+
 KINDS = ("mamba", "attention", "mlp", "moe")
 PARTS = ("mlp_act", "mamba_norm", "mamba_conv", "mamba_states")
 # part -> the flag attribute that the layers implementing it declare (pretrain/layers, parallel/mamba.py)
@@ -86,7 +88,7 @@ def set_parts(module: torch.nn.Module, kinds: frozenset[str]) -> set[str]:
 
 
 def linear_of_recomputed(fn, inputs: tuple, weight: torch.Tensor, bias: torch.Tensor | None,
-                         fn_with_vjp=None) -> torch.Tensor:
+                         fn_with_vjp=None, main_grad: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(fn(*inputs), weight, bias), keeping `inputs` but not fn's output for the backward:
     there fn reruns (under the forward's autocast state: the same ops, the same bits) and autograd
     backprops through it. The parts mlp_act (fn = the MLP activation) and mamba_norm (fn = the gated
@@ -94,15 +96,17 @@ def linear_of_recomputed(fn, inputs: tuple, weight: torch.Tensor, bias: torch.Te
     `fn_with_vjp(*inputs) -> (fn(*inputs), vjp)`, where vjp(d_output) returns the inputs' gradients
     (None for None inputs), replaces that rerun under autograd (torch.autograd.grad inside a backward:
     a graph break under torch.compile) where an explicit backward exists (the MLP activations, the
-    Triton gated norm)."""
-    return _LinearOfRecomputed.apply(fn, fn_with_vjp, weight, bias, *inputs)
+    Triton gated norm). `main_grad`: the weight's gradient is added into it (gradient accumulation
+    fusion, pretrain/layers/linear.py) instead of going to autograd."""
+    return _LinearOfRecomputed.apply(fn, fn_with_vjp, weight, bias, main_grad, *inputs)
 
 
 class _LinearOfRecomputed(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, fn_with_vjp, weight, bias, *inputs):
+    def forward(ctx, fn, fn_with_vjp, weight, bias, main_grad, *inputs):
         ctx.fn, ctx.fn_with_vjp = fn, fn_with_vjp
-        ctx.save_for_backward(weight, *inputs)
+        ctx.fused = main_grad is not None
+        ctx.save_for_backward(weight, main_grad, *inputs)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         device = weight.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
@@ -110,7 +114,7 @@ class _LinearOfRecomputed(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        weight, *inputs = ctx.saved_tensors
+        weight, main_grad, *inputs = ctx.saved_tensors
         device, amp, amp_dtype = ctx.autocast
         if ctx.fn_with_vjp is not None:
             with torch.autocast(device, dtype=amp_dtype, enabled=amp):
@@ -121,16 +125,20 @@ class _LinearOfRecomputed(torch.autograd.Function):
                 h = ctx.fn(*leaves)
         # the linear's gradients as autocast's linear computes them: weight cast to the gradient's dtype
         dout2 = dout.reshape(-1, dout.shape[-1])
-        dweight = (dout2.t() @ h.detach().reshape(-1, h.shape[-1]).to(dout.dtype)).to(weight.dtype)
+        if ctx.fused:
+            accumulate_wgrad_(main_grad, dout, h.detach().to(dout.dtype))
+            dweight = None
+        else:
+            dweight = (dout2.t() @ h.detach().reshape(-1, h.shape[-1]).to(dout.dtype)).to(weight.dtype)
         dbias = dout2.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
         dh = (dout @ weight.to(dout.dtype)).to(h.dtype)
         if ctx.fn_with_vjp is not None:
-            dinputs = [g if need else None for g, need in zip(vjp(dh), ctx.needs_input_grad[4:])]
+            dinputs = [g if need else None for g, need in zip(vjp(dh), ctx.needs_input_grad[5:])]
         else:
             wanted = [t for t in leaves if t is not None and t.requires_grad]
             grads = iter(torch.autograd.grad(h, wanted, dh) if wanted else ())
             dinputs = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
-        return None, None, dweight, dbias, *dinputs
+        return None, None, dweight, dbias, None, *dinputs
 
 
 def is_recomputing() -> bool:

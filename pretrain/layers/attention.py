@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.config import AttentionConfig
+from pretrain.layers.linear import Linear
 
 
 def rope_tables(seqlen: int, head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,10 +157,10 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, head_dim
-        self.q_proj = nn.Linear(d_model, cfg.num_heads * head_dim, bias=cfg.bias)
-        self.k_proj = nn.Linear(d_model, cfg.num_kv_heads * head_dim, bias=cfg.bias)
-        self.v_proj = nn.Linear(d_model, cfg.num_kv_heads * head_dim, bias=cfg.bias)
-        self.o_proj = nn.Linear(cfg.num_heads * head_dim, d_model, bias=cfg.bias)
+        self.q_proj = Linear(d_model, cfg.num_heads * head_dim, bias=cfg.bias)
+        self.k_proj = Linear(d_model, cfg.num_kv_heads * head_dim, bias=cfg.bias)
+        self.v_proj = Linear(d_model, cfg.num_kv_heads * head_dim, bias=cfg.bias)
+        self.o_proj = Linear(cfg.num_heads * head_dim, d_model, bias=cfg.bias)
 
     def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None,
                 layout: DocumentLayout | None = None) -> torch.Tensor:

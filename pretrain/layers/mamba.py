@@ -21,6 +21,7 @@ from kernels.conv1d.op import causal_conv1d
 from kernels.rmsnorm_gated.op import rmsnorm_gated, rmsnorm_gated_with_vjp, runs_triton
 from kernels.ssd.op import ssd_scan
 from pretrain.config import MambaConfig
+from pretrain.layers.linear import Linear
 from pretrain.recompute import linear_of_recomputed
 
 
@@ -47,7 +48,7 @@ class Mamba2Mixer(nn.Module):
         self.conv_dim = self.d_inner + 2 * cfg.num_groups * cfg.d_state
         self.norm_eps = norm_eps
         d_in_proj = 2 * self.d_inner + 2 * cfg.num_groups * cfg.d_state + cfg.num_heads
-        self.in_proj = nn.Linear(d_model, d_in_proj, bias=cfg.proj_bias)
+        self.in_proj = Linear(d_model, d_in_proj, bias=cfg.proj_bias)
         self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, cfg.d_conv))
         self.conv_bias = nn.Parameter(torch.zeros(self.conv_dim)) if cfg.conv_bias else None
         self.dt_bias = nn.Parameter(init_dt_bias(cfg.num_heads, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor))
@@ -55,7 +56,7 @@ class Mamba2Mixer(nn.Module):
         self.A_log = nn.Parameter(torch.log(A))
         self.D = nn.Parameter(torch.ones(cfg.num_heads))
         self.norm_weight = nn.Parameter(torch.ones(self.d_inner))
-        self.out_proj = nn.Linear(self.d_inner, d_model, bias=cfg.proj_bias)
+        self.out_proj = Linear(self.d_inner, d_model, bias=cfg.proj_bias)
         # nn.Conv1d's default init for a depthwise kernel: U(-1/sqrt(width), 1/sqrt(width))
         bound = 1.0 / math.sqrt(cfg.d_conv)
         nn.init.uniform_(self.conv_weight, -bound, bound)
@@ -90,7 +91,7 @@ class Mamba2Mixer(nn.Module):
         if self.recompute_norm and torch.is_grad_enabled():
             with_vjp = self._gated_norm_with_vjp if runs_triton(y, z, self.norm_weight) else None
             return linear_of_recomputed(self._gated_norm, (y, z, self.norm_weight), self.out_proj.weight,
-                                        self.out_proj.bias, fn_with_vjp=with_vjp)
+                                        self.out_proj.bias, fn_with_vjp=with_vjp, main_grad=self.out_proj.main_grad)
         return self.out_proj(self._gated_norm(y, z, self.norm_weight))
 
     def _norm_kwargs(self) -> dict:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.layers.linear import Linear
 from pretrain.recompute import linear_of_recomputed
 
 
@@ -22,15 +23,15 @@ class MLP(nn.Module):
         if activation not in ("relu2", "swiglu"):
             raise ValueError(f"unknown MLP activation {activation!r}; use relu2 or swiglu")
         self.activation = activation
-        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
-        self.gate_proj = nn.Linear(d_model, d_ff, bias=bias) if activation == "swiglu" else None
-        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
+        self.up_proj = Linear(d_model, d_ff, bias=bias)
+        self.gate_proj = Linear(d_model, d_ff, bias=bias) if activation == "swiglu" else None
+        self.down_proj = Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         if self.recompute_act and torch.is_grad_enabled():
             gate = self.gate_proj(x) if self.gate_proj is not None else None
             return linear_of_recomputed(_act, (gate, self.up_proj(x)), self.down_proj.weight, self.down_proj.bias,
-                                        fn_with_vjp=_act_with_vjp)
+                                        fn_with_vjp=_act_with_vjp, main_grad=self.down_proj.main_grad)
         return mlp_forward(x, self.up_proj, self.gate_proj, self.down_proj)
 
 

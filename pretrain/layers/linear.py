@@ -1,0 +1,139 @@
+"""Linear layers whose weight gradient is summed into a float32 buffer inside the weight-gradient GEMM
+(gradient accumulation fusion, `trainer.gradient_accumulation_fusion`; Megatron-LM's name).
+
+Under bf16 autocast over float32 weights, plain autograd does per micro-batch and weight: the
+weight-gradient GEMM writes bf16, a kernel casts it to float32, and AccumulateGrad adds it into
+`.grad` (read twice, write once): ~20 bytes of traffic per weight element, rounded to bf16 on the
+way. Here the GEMM itself does `main_grad += grad_out^T @ input` with float32 output and beta = 1
+(cuBLAS's epilogue: 8 bytes per element, overlapped with the GEMM's math, no bf16 rounding), and
+autograd sees no weight gradient at all.
+
+    Linear                a drop-in nn.Linear (same parameters, state_dict and init); while its
+                          `main_grad` is a tensor and gradients are on, forward runs the fused path
+    MainGrads(model)      the buffers of one optimizer step for a model's Linear layers (those of
+                          routed MoE experts excepted: their GEMMs are grouped, pretrain/layers/grouped_mlp.py):
+                          `attach()` before each micro-batch's forward (zeros at the first),
+                          `release()` before clipping and the optimizer step (the sums become `.grad`)
+    accumulate_wgrad_     the in-place GEMM, a torch.library custom op: torch.compile keeps it as one
+                          in-place call in the backward graph (a mutation of a forward input)
+    compute_dtype         the dtype nn.functional.linear would multiply in (autocast's where it is on)
+
+pretrain/recompute.linear_of_recomputed (mamba_norm, mlp_act) takes the same buffer for its weight.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# cuBLAS GEMM with bf16/fp16 inputs and a float32 output and addend (torch >= 2.8, CUDA only)
+_HAS_ADDMM_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
+
+
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype nn.functional.linear(x, weight) would multiply in here (autocast's if enabled)."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(x.dtype, weight.dtype)
+
+
+@torch.library.custom_op("pretrain::accumulate_wgrad_", mutates_args=("main_grad",))
+def accumulate_wgrad_(main_grad: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tensor) -> None:
+    """main_grad (out, in) += grad_out (..., out)^T @ inp (..., in) over all leading positions, in
+    place, products summed in main_grad's dtype (float32 or wider). bf16/fp16 inputs on CUDA: one
+    cuBLAS GEMM with a float32 output and beta = 1; elsewhere the inputs are upcast first (the CPU's
+    float32 path: one addmm_). The callers pass their tensors unflattened: a reshape in a compiled
+    graph would make Inductor write the gradient twice, once for this op and once for the input's
+    gradient GEMM."""
+    if grad_out.shape[:-1] != inp.shape[:-1] or main_grad.shape != (grad_out.shape[-1], inp.shape[-1]):
+        raise ValueError(f"accumulate_wgrad_: main_grad {tuple(main_grad.shape)} += grad_out "
+                         f"{tuple(grad_out.shape)}^T @ inp {tuple(inp.shape)} does not fit")
+    grad_out, inp = grad_out.reshape(-1, grad_out.shape[-1]), inp.reshape(-1, inp.shape[-1])
+    low = grad_out.dtype in (torch.bfloat16, torch.float16)
+    if main_grad.is_cuda and low and inp.dtype == grad_out.dtype and main_grad.dtype == torch.float32 \
+            and _HAS_ADDMM_OUT_DTYPE:
+        torch.ops.aten.addmm.dtype_out(main_grad, grad_out.t(), inp, torch.float32, out=main_grad)
+    else:
+        main_grad.addmm_(grad_out.t().to(main_grad.dtype), inp.to(main_grad.dtype))
+
+
+@accumulate_wgrad_.register_fake
+def _(main_grad, grad_out, inp):
+    return None
+
+
+class _FusedLinear(torch.autograd.Function):
+    """(x (..., in), weight (out, in), bias (out,) | None, main_grad (out, in), dtype) -> (..., out) in
+    dtype; backward: d x, d bias, and d weight summed into main_grad (None to autograd)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, main_grad, dtype):
+        with torch.autocast(x.device.type, enabled=False):
+            xd, wd = x.to(dtype), weight.to(dtype)
+            out = F.linear(xd, wd, bias.to(dtype) if bias is not None else None)
+        ctx.save_for_backward(xd, wd, main_grad)
+        ctx.x_dtype = x.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xd, wd, main_grad = ctx.saved_tensors
+        grad_out = grad_out.to(wd.dtype)
+        accumulate_wgrad_(main_grad, grad_out, xd)
+        grad_x = (grad_out @ wd).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype) \
+            if ctx.bias_dtype is not None else None
+        return grad_x, None, grad_bias, None, None
+
+
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 main_grad: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight, bias) in compute_dtype(x, weight), whose weight gradient is added into
+    main_grad (weight's shape and dtype) instead of going to autograd."""
+    if main_grad.shape != weight.shape or main_grad.dtype != weight.dtype:
+        raise ValueError(f"main_grad {tuple(main_grad.shape)} {main_grad.dtype} does not match the weight "
+                         f"{tuple(weight.shape)} {weight.dtype}")
+    return _FusedLinear.apply(x, weight, bias, main_grad, compute_dtype(x, weight))
+
+
+class Linear(nn.Linear):
+    """nn.Linear that takes the fused path while `main_grad` is set (by MainGrads) and gradients are on."""
+
+    main_grad: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.main_grad is None or not torch.is_grad_enabled():
+            return F.linear(x, self.weight, self.bias)
+        return fused_linear(x, self.weight, self.bias, self.main_grad)
+
+
+class MainGrads:
+    """The float32 weight-gradient sums of a model's Linear layers over one optimizer step."""
+
+    def __init__(self, model: nn.Module):
+        experts = {id(m) for moe in model.modules() if hasattr(moe, "experts") for m in moe.experts.modules()}
+        self.layers = [m for m in model.modules() if isinstance(m, Linear) and id(m) not in experts]
+        for layer in self.layers:
+            if layer.weight.dtype not in (torch.float32, torch.float64):
+                raise ValueError(f"gradient accumulation fusion sums into the weights' dtype, which must be "
+                                 f"float32 or float64, not {layer.weight.dtype} (bf16 parameters: the megatron engine)")
+
+    def attach(self) -> None:
+        """Before a micro-batch's forward: every layer gets its buffer (zeros at the step's first)."""
+        for layer in self.layers:
+            if layer.main_grad is None:
+                layer.main_grad = torch.zeros_like(layer.weight, memory_format=torch.contiguous_format)
+
+    def release(self) -> None:
+        """Before clipping and the optimizer: each buffer becomes its weight's `.grad` (plus any gradient
+        autograd gave the weight by another path); the layers drop them (the next attach starts at zero)."""
+        for layer in self.layers:
+            buffer, layer.main_grad = layer.main_grad, None
+            if buffer is None:
+                continue
+            weight = layer.weight
+            if weight.grad is not None:
+                buffer += weight.grad
+            weight.grad = buffer
