@@ -110,6 +110,16 @@ def timed_steps(trainer: Trainer, steps: int) -> float:
     return start.elapsed_time(end) / 1e3 / steps
 
 
+def training_forward(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A training micro-batch's forward alone (graph kept, no backward): the loss. With the engine's
+    gradient accumulation fusion its buffers are attached as in forward_backward, so the compiled
+    blocks run the graphs training runs (the caller drops them with engine.zero_grad())."""
+    if engine.main_grads is not None:
+        engine.main_grads.attach()
+    with engine.autocast():
+        return engine.model.loss(batch["tokens"], batch["labels"], batch["seq_idx"], 0.0)[0]
+
+
 def phase_split(trainer: Trainer, steps: int) -> dict[str, float]:
     """Median seconds of each phase, synchronising between phases."""
     phases: dict[str, list[float]] = {"data": [], "fwd+bwd": [], "optimizer": [], "forward": []}
@@ -126,11 +136,11 @@ def phase_split(trainer: Trainer, steps: int) -> dict[str, float]:
         engine.step(trainer.cfg.optim.lr * 0.01)
         synchronize(dev)
         t3 = time.perf_counter()
-        with engine.autocast():
-            loss, _ = engine.model.loss(batch["tokens"], batch["labels"], batch["seq_idx"], 0.0)
+        loss = training_forward(engine, batch)
         synchronize(dev)
         t4 = time.perf_counter()
         del loss
+        engine.zero_grad()
         for key, value in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             phases[key].append(value)
     return {k: statistics.median(v) for k, v in phases.items()}
@@ -152,17 +162,16 @@ def block_activation_mb(trainer: Trainer) -> dict[str, float]:
         hooks.append(layer.register_forward_hook(lambda m, a, o: sizes.setdefault(m.kind, []).append(
             (torch.cuda.memory_allocated() - before.pop()) / 2**20)))
     try:
-        batch = trainer.next_batch()
-        with engine.autocast():
-            loss, _ = engine.model.loss(batch["tokens"], batch["labels"], batch["seq_idx"], 0.0)
+        loss = training_forward(engine, trainer.next_batch())
         del loss
+        engine.zero_grad()
     finally:
         for hook in hooks:
             hook.remove()
     return {kind: statistics.mean(v) for kind, v in sizes.items()}
 
 
-def print_profile(trainer: Trainer, steps: int, top: int = 40) -> None:
+def print_profile(trainer: Trainer, steps: int, top: int = 60) -> None:
     """torch.profiler over `steps` training steps: the GPU kernels with the most total time, and
     the share of the step that no kernel covers (host-bound gaps)."""
     from torch.profiler import ProfilerActivity, profile
