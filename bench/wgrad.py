@@ -1,6 +1,6 @@
 """The weight-gradient GEMM with gradient accumulation, fused or not, at a preset's linear shapes; one table.
 
-    python bench/wgrad.py configs/hybrid_1b3.yaml [--iters 50]
+    python bench/wgrad.py configs/hybrid_1b3.yaml[:key=value,...] [--iters 50]
 
 Per Linear shape of the preset's Mamba, attention and MLP layers (out, in), over the micro-batch's
 rows (micro_batch_size x seq_len), the median time (CUDA events) of:
@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.train import split_overrides  # noqa: E402
 from pretrain.config import load_config, validate  # noqa: E402
 from pretrain.layers.linear import Linear, accumulate_wgrad_  # noqa: E402
 from pretrain.model import HybridLM  # noqa: E402
@@ -32,7 +33,8 @@ from pretrain.model import HybridLM  # noqa: E402
 def linear_shapes(spec: str) -> tuple[dict[tuple[int, int], int], int]:
     """({(out, in): how many of the preset's fused Linear layers have it}, rows per micro-batch); the
     model is built on the meta device."""
-    cfg = load_config([spec])
+    path, _, extra = spec.partition(":")
+    cfg = load_config([path], split_overrides(extra))
     derived = validate(cfg, 1)
     with torch.device("meta"):
         model = HybridLM(cfg.model, derived, parallel=False)
