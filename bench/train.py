@@ -114,8 +114,8 @@ def training_forward(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """A training micro-batch's forward alone (graph kept, no backward): the loss. With the engine's
     gradient accumulation fusion its buffers are attached as in forward_backward, so the compiled
     blocks run the graphs training runs (the caller drops them with engine.zero_grad())."""
-    if engine.main_grads is not None:
-        engine.main_grads.attach()
+    if engine.fused_linears is not None:
+        engine.fused_linears.attach(engine.amp_dtype)
     with engine.autocast():
         return engine.model.loss(batch["tokens"], batch["labels"], batch["seq_idx"], 0.0)[0]
 

@@ -24,7 +24,7 @@ from parallel import state
 from parallel.grads import clipped_norm_step
 from pretrain.chunked_loss import resolve_chunk_tokens
 from pretrain.config import Config, Derived
-from pretrain.layers.linear import MainGrads
+from pretrain.layers.linear import FusedLinears
 from pretrain.model import HybridLM
 from pretrain.optim import build_optimizer
 from pretrain.recompute import apply_policy, parse_policy
@@ -61,12 +61,12 @@ class Engine:
         chunk_tokens = resolve_chunk_tokens(cfg.trainer.loss_chunk_tokens, device)
         for chunk in self.chunks:  # the parallel build chunks its loss at tp = cp = 1 only (ParallelHybridLM.loss)
             chunk.loss_chunk_tokens = chunk_tokens
-        self.main_grads = None  # gradient accumulation fusion (single-process engine only)
+        self.fused_linears = None  # gradient accumulation fusion (single-process engine only)
         if not self.parallel:
             self.optimizer = build_optimizer(self.model, cfg.optim)
             fusion = cfg.trainer.gradient_accumulation_fusion
             if (device.type == "cuda") if fusion is None else fusion:
-                self.main_grads = MainGrads(self.model)
+                self.fused_linears = FusedLinears(self.model)
             return
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -106,8 +106,8 @@ class Engine:
         self.optimizer.prefer_fused_adam()
 
     def zero_grad(self) -> None:
-        if self.main_grads is not None:  # the fused layers' buffers become .grad, dropped below
-            self.main_grads.release()
+        if self.fused_linears is not None:  # the fused layers' buffers become .grad, dropped below
+            self.fused_linears.release()
         if self.ddp is not None:
             for ddp in self.ddp_chunks:
                 ddp.zero_grad_buffer()
@@ -128,8 +128,8 @@ class Engine:
             from parallel.moe import set_aux_loss_scale
 
             set_aux_loss_scale(scale * state.cp_size(), self.device)
-        if self.main_grads is not None:
-            self.main_grads.attach()
+        if self.fused_linears is not None:
+            self.fused_linears.attach(self.amp_dtype)
         with sync:
             with self.autocast():
                 loss, ce = self.model.loss(batch["tokens"], batch["labels"], batch["seq_idx"],
@@ -185,8 +185,8 @@ class Engine:
                 # applied by its scheduler in Megatron-LM; torch's Adam reads group["weight_decay"]
                 group["weight_decay"] = self.cfg.optim.weight_decay * group["wd_mult"]
         if self.ddp is None:
-            if self.main_grads is not None:
-                self.main_grads.release()
+            if self.fused_linears is not None:
+                self.fused_linears.release()
             max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
             self.optimizer.step()

@@ -172,7 +172,8 @@ class TrainerConfig:
     # torch.library custom ops: one graph per block, kernels launched by their own launcher)
     compile: bool = False
     # the single-process engine's Linear layers sum their weight gradients into float32 buffers inside
-    # the weight-gradient GEMM (pretrain/layers/linear.py) instead of bf16 GEMM + cast + AccumulateGrad.
+    # the weight-gradient GEMM (pretrain/layers/linear.py) instead of bf16 GEMM + cast + AccumulateGrad,
+    # and cast their weights to the autocast dtype once per optimizer step, not per micro-batch.
     # null = on for CUDA, off elsewhere; true = on (also on the CPU); false = plain autograd
     gradient_accumulation_fusion: Optional[bool] = None
     # true: the same bits run to run on the same machines and layout, at some speed: torch's

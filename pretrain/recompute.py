@@ -33,7 +33,7 @@ import contextlib
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from pretrain.layers.linear import accumulate_wgrad_
+from pretrain.layers.linear import accumulate_wgrad_, step_copy
 
 KINDS = ("mamba", "attention", "mlp", "moe")
 PARTS = ("mlp_act", "mamba_norm", "mamba_conv", "mamba_states")
@@ -87,34 +87,40 @@ def set_parts(module: torch.nn.Module, kinds: frozenset[str]) -> set[str]:
     return implemented
 
 
-def linear_of_recomputed(fn, inputs: tuple, weight: torch.Tensor, bias: torch.Tensor | None,
-                         fn_with_vjp=None, main_grad: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(fn(*inputs), weight, bias), keeping `inputs` but not fn's output for the backward:
-    there fn reruns (under the forward's autocast state: the same ops, the same bits) and autograd
-    backprops through it. The parts mlp_act (fn = the MLP activation) and mamba_norm (fn = the gated
-    RMSNorm) use it; fn's inputs are what fn's own backward would keep anyway. None inputs pass.
+def linear_of_recomputed(fn, inputs: tuple, linear: torch.nn.Linear, fn_with_vjp=None) -> torch.Tensor:
+    """linear(fn(*inputs)), keeping `inputs` but not fn's output for the backward: there fn reruns
+    (under the forward's autocast state: the same ops, the same bits) and autograd backprops through
+    it. The parts mlp_act (fn = the MLP activation) and mamba_norm (fn = the gated RMSNorm) use it;
+    fn's inputs are what fn's own backward would keep anyway. None inputs pass.
     `fn_with_vjp(*inputs) -> (fn(*inputs), vjp)`, where vjp(d_output) returns the inputs' gradients
     (None for None inputs), replaces that rerun under autograd (torch.autograd.grad inside a backward:
     a graph break under torch.compile) where an explicit backward exists (the MLP activations, the
-    Triton gated norm). `main_grad`: the weight's gradient is added into it (gradient accumulation
-    fusion, pretrain/layers/linear.py) instead of going to autograd."""
-    return _LinearOfRecomputed.apply(fn, fn_with_vjp, weight, bias, main_grad, *inputs)
+    Triton gated norm). A pretrain.layers.linear.Linear with its step's buffers attached (gradient
+    accumulation fusion) gets its weight gradient added into `main_grad` instead of autograd, and
+    multiplies with its step's weight copy."""
+    weight = linear.weight
+    device = weight.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    return _LinearOfRecomputed.apply(fn, fn_with_vjp, weight, linear.bias, getattr(linear, "main_grad", None),
+                                     step_copy(linear, dtype), *inputs)
 
 
 class _LinearOfRecomputed(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, fn_with_vjp, weight, bias, main_grad, *inputs):
+    def forward(ctx, fn, fn_with_vjp, weight, bias, main_grad, weight_copy, *inputs):
         ctx.fn, ctx.fn_with_vjp = fn, fn_with_vjp
         ctx.fused = main_grad is not None
-        ctx.save_for_backward(weight, main_grad, *inputs)
+        w = weight_copy if weight_copy is not None else weight
+        ctx.save_for_backward(w, main_grad, *inputs)
+        ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
         device = weight.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        return torch.nn.functional.linear(fn(*inputs), weight, bias)
+        return torch.nn.functional.linear(fn(*inputs), w, bias)
 
     @staticmethod
     def backward(ctx, dout):
-        weight, main_grad, *inputs = ctx.saved_tensors
+        weight, main_grad, *inputs = ctx.saved_tensors  # weight: the step's copy where there is one
         device, amp, amp_dtype = ctx.autocast
         if ctx.fn_with_vjp is not None:
             with torch.autocast(device, dtype=amp_dtype, enabled=amp):
@@ -129,16 +135,16 @@ class _LinearOfRecomputed(torch.autograd.Function):
             accumulate_wgrad_(main_grad, dout, h.detach().to(dout.dtype))
             dweight = None
         else:
-            dweight = (dout2.t() @ h.detach().reshape(-1, h.shape[-1]).to(dout.dtype)).to(weight.dtype)
+            dweight = (dout2.t() @ h.detach().reshape(-1, h.shape[-1]).to(dout.dtype)).to(ctx.weight_dtype)
         dbias = dout2.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
         dh = (dout @ weight.to(dout.dtype)).to(h.dtype)
         if ctx.fn_with_vjp is not None:
-            dinputs = [g if need else None for g, need in zip(vjp(dh), ctx.needs_input_grad[5:])]
+            dinputs = [g if need else None for g, need in zip(vjp(dh), ctx.needs_input_grad[6:])]
         else:
             wanted = [t for t in leaves if t is not None and t.requires_grad]
             grads = iter(torch.autograd.grad(h, wanted, dh) if wanted else ())
             dinputs = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
-        return None, None, dweight, dbias, None, *dinputs
+        return None, None, dweight, dbias, None, None, *dinputs
 
 
 def is_recomputing() -> bool:

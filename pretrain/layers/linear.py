@@ -5,20 +5,24 @@ Under bf16 autocast over float32 weights, plain autograd does per micro-batch an
 weight-gradient GEMM writes bf16, a kernel casts it to float32, and AccumulateGrad adds it into
 `.grad` (read twice, write once): ~20 bytes of traffic per weight element, rounded to bf16 on the
 way. Here the GEMM itself does `main_grad += grad_out^T @ input` with float32 output and beta = 1
-(cuBLAS's epilogue: 8 bytes per element, overlapped with the GEMM's math, no bf16 rounding), and
-autograd sees no weight gradient at all.
+(cuBLAS's epilogue: 8 bytes per element, no bf16 rounding), and autograd sees no weight gradient
+at all. Autocast also casts every weight to bf16 in every micro-batch's forward; here each weight is
+cast once per optimizer step and the copy serves the step's micro-batches (forward and input
+gradients). bench/NOTES_train.md Run 22 has the measurements.
 
     Linear                a drop-in nn.Linear (same parameters, state_dict and init); while its
                           `main_grad` is a tensor and gradients are on, forward runs the fused path
-    MainGrads(model)      the buffers of one optimizer step for a model's Linear layers (those of
+    FusedLinears(model)   the buffers of one optimizer step for a model's Linear layers (those of
                           routed MoE experts excepted: their GEMMs are grouped, pretrain/layers/grouped_mlp.py):
-                          `attach()` before each micro-batch's forward (zeros at the first),
+                          `attach(dtype)` before each micro-batch's forward (zeros at the first, and
+                          the weights cast to the autocast dtype once per step, not per micro-batch),
                           `release()` before clipping and the optimizer step (the sums become `.grad`)
     accumulate_wgrad_     the in-place GEMM, a torch.library custom op: torch.compile keeps it as one
                           in-place call in the backward graph (a mutation of a forward input)
     compute_dtype         the dtype nn.functional.linear would multiply in (autocast's where it is on)
+    step_copy             a layer's weight copy of this step in a given dtype, if there is one
 
-pretrain/recompute.linear_of_recomputed (mamba_norm, mlp_act) takes the same buffer for its weight.
+pretrain/recompute.linear_of_recomputed (mamba_norm, mlp_act) takes the same buffers for its linear.
 """
 from __future__ import annotations
 
@@ -64,13 +68,15 @@ def _(main_grad, grad_out, inp):
 
 
 class _FusedLinear(torch.autograd.Function):
-    """(x (..., in), weight (out, in), bias (out,) | None, main_grad (out, in), dtype) -> (..., out) in
-    dtype; backward: d x, d bias, and d weight summed into main_grad (None to autograd)."""
+    """(x (..., in), weight (out, in), bias (out,) | None, main_grad (out, in), dtype, weight_copy) ->
+    (..., out) in dtype; backward: d x, d bias, and d weight summed into main_grad (None to autograd).
+    weight_copy: weight already in dtype (the step's copy), or None to cast it here."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, main_grad, dtype):
+    def forward(ctx, x, weight, bias, main_grad, dtype, weight_copy):
         with torch.autocast(x.device.type, enabled=False):
-            xd, wd = x.to(dtype), weight.to(dtype)
+            xd = x.to(dtype)
+            wd = weight_copy if weight_copy is not None else weight.to(dtype)
             out = F.linear(xd, wd, bias.to(dtype) if bias is not None else None)
         ctx.save_for_backward(xd, wd, main_grad)
         ctx.x_dtype = x.dtype
@@ -85,32 +91,42 @@ class _FusedLinear(torch.autograd.Function):
         grad_x = (grad_out @ wd).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype) \
             if ctx.bias_dtype is not None else None
-        return grad_x, None, grad_bias, None, None
+        return grad_x, None, grad_bias, None, None, None
 
 
-def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 main_grad: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight, bias) in compute_dtype(x, weight), whose weight gradient is added into
-    main_grad (weight's shape and dtype) instead of going to autograd."""
+def step_copy(linear: nn.Linear, dtype: torch.dtype) -> torch.Tensor | None:
+    """The linear's weight copy of this step (FusedLinears.attach) if it is in dtype, else None."""
+    copy = getattr(linear, "weight_copy", None)
+    return copy if copy is not None and copy.dtype == dtype else None
+
+
+def fused_linear(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """linear(x) in compute_dtype(x, weight), whose weight gradient is added into `linear.main_grad`
+    (the weight's shape and dtype) instead of going to autograd; the weight is `linear.weight_copy`
+    where that is in the compute dtype."""
+    weight, main_grad = linear.weight, linear.main_grad
     if main_grad.shape != weight.shape or main_grad.dtype != weight.dtype:
         raise ValueError(f"main_grad {tuple(main_grad.shape)} {main_grad.dtype} does not match the weight "
                          f"{tuple(weight.shape)} {weight.dtype}")
-    return _FusedLinear.apply(x, weight, bias, main_grad, compute_dtype(x, weight))
+    dtype = compute_dtype(x, weight)
+    return _FusedLinear.apply(x, weight, linear.bias, main_grad, dtype, step_copy(linear, dtype))
 
 
 class Linear(nn.Linear):
-    """nn.Linear that takes the fused path while `main_grad` is set (by MainGrads) and gradients are on."""
+    """nn.Linear that takes the fused path while `main_grad` is set (by FusedLinears) and gradients are on."""
 
     main_grad: torch.Tensor | None = None
+    weight_copy: torch.Tensor | None = None  # the weight in the autocast dtype, made once per step
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.main_grad is None or not torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
-        return fused_linear(x, self.weight, self.bias, self.main_grad)
+        return fused_linear(x, self)
 
 
-class MainGrads:
-    """The float32 weight-gradient sums of a model's Linear layers over one optimizer step."""
+class FusedLinears:
+    """A model's fused Linear layers and their buffers for one optimizer step: the float32 weight-gradient
+    sums, and the weights cast once to the autocast dtype (not once per micro-batch)."""
 
     def __init__(self, model: nn.Module):
         experts = {id(m) for moe in model.modules() if hasattr(moe, "experts") for m in moe.experts.modules()}
@@ -120,17 +136,23 @@ class MainGrads:
                 raise ValueError(f"gradient accumulation fusion sums into the weights' dtype, which must be "
                                  f"float32 or float64, not {layer.weight.dtype} (bf16 parameters: the megatron engine)")
 
-    def attach(self) -> None:
-        """Before a micro-batch's forward: every layer gets its buffer (zeros at the step's first)."""
+    @torch.no_grad()
+    def attach(self, compute_dtype: torch.dtype | None = None) -> None:
+        """Before a micro-batch's forward: every layer gets its gradient buffer (zeros at the step's
+        first) and, with a compute_dtype (the engine's autocast dtype) other than the weight's, the
+        weight's copy in it (made at the step's first micro-batch)."""
         for layer in self.layers:
             if layer.main_grad is None:
                 layer.main_grad = torch.zeros_like(layer.weight, memory_format=torch.contiguous_format)
+            if compute_dtype is not None and compute_dtype != layer.weight.dtype and layer.weight_copy is None:
+                layer.weight_copy = layer.weight.to(compute_dtype)
 
     def release(self) -> None:
-        """Before clipping and the optimizer: each buffer becomes its weight's `.grad` (plus any gradient
-        autograd gave the weight by another path); the layers drop them (the next attach starts at zero)."""
+        """Before clipping and the optimizer: each gradient buffer becomes its weight's `.grad` (plus any
+        gradient autograd gave the weight by another path) and the weight copies are dropped (the
+        optimizer changes the weights); the next attach starts afresh."""
         for layer in self.layers:
-            buffer, layer.main_grad = layer.main_grad, None
+            buffer, layer.main_grad, layer.weight_copy = layer.main_grad, None, None
             if buffer is None:
                 continue
             weight = layer.weight

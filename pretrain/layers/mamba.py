@@ -90,8 +90,7 @@ class Mamba2Mixer(nn.Module):
         y = y.reshape(batch, seqlen, self.d_inner)
         if self.recompute_norm and torch.is_grad_enabled():
             with_vjp = self._gated_norm_with_vjp if runs_triton(y, z, self.norm_weight) else None
-            return linear_of_recomputed(self._gated_norm, (y, z, self.norm_weight), self.out_proj.weight,
-                                        self.out_proj.bias, fn_with_vjp=with_vjp, main_grad=self.out_proj.main_grad)
+            return linear_of_recomputed(self._gated_norm, (y, z, self.norm_weight), self.out_proj, fn_with_vjp=with_vjp)
         return self.out_proj(self._gated_norm(y, z, self.norm_weight))
 
     def _norm_kwargs(self) -> dict:

@@ -3,7 +3,8 @@
 CPU: float32, the losses of a few optimizer steps equal the eager engine's to float32 rounding
 (inductor reorders sums). GPU (`-m gpu`): bf16 autocast with the Triton kernels inside the compiled
 blocks, within bf16 noise of eager. Both also with the recompute parts (trainer.recompute=mlp_act,...),
-whose autograd functions run outside the compiled graphs, and with whole blocks recomputed (full).
+whose autograd functions run outside the compiled graphs, and with whole blocks recomputed (full); on
+the CPU also with gradient accumulation fusion (on by default on CUDA, so in the GPU rows).
 The first compile of the tiny model takes 10-100 s on CPU.
 """
 from __future__ import annotations
@@ -41,10 +42,14 @@ def _losses(compile_blocks: bool, device: torch.device, steps: int, extra: tuple
 # compiled blocks (the policy bench/loss_parity.py trains hybrid_460m with).
 PARTS = ("trainer.recompute=mlp_act,mamba_norm,mamba_conv,mamba_states",)
 FULL = ("trainer.recompute=full",)
+# gradient accumulation fusion (CUDA's default, off on the CPU unless asked): its in-place weight-gradient
+# op inside the compiled backward graphs, with and without the recomputed linears
+FUSED = ("trainer.gradient_accumulation_fusion=true",)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parts", [(), PARTS, FULL], ids=["plain", "recompute_parts", "recompute_full"])
+@pytest.mark.parametrize("parts", [(), PARTS, FULL, FUSED, PARTS + FUSED],
+                         ids=["plain", "recompute_parts", "recompute_full", "fused", "fused_recompute_parts"])
 def test_compiled_blocks_train_like_eager_on_cpu(parts):
     torch._dynamo.reset()
     eager, compiled = _losses(False, torch.device("cpu"), 4), _losses(True, torch.device("cpu"), 4, parts)

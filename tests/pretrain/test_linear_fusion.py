@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pretrain.config import ConfigError, validate
-from pretrain.layers.linear import Linear, MainGrads, accumulate_wgrad_
+from pretrain.layers.linear import Linear, FusedLinears, accumulate_wgrad_
 
 from tests.pretrain.tiny_models import tiny_config
 
@@ -85,33 +85,37 @@ def test_fused_linear_sums_what_autograd_accumulates(compiled, bias):
         assert torch.equal(fused.a.main_grad, before)
 
 
-def _engine_grads(fusion: bool, *overrides: str, micro_batches: int = 3):
+def _engine_grads(fusion: bool, *overrides: str, micro_batches: int = 3, steps: int = 1,
+                  amp_dtype: torch.dtype | None = None):
+    """(engine, every parameter's gradient at the last step, the parameters after it, the losses)."""
     from parallel.engine import Engine
 
     cfg = tiny_config("data.micro_batch_size=2", f"data.global_batch_size={2 * micro_batches}",
                       f"trainer.gradient_accumulation_fusion={str(fusion).lower()}", *overrides)
     torch.manual_seed(0)
-    engine = Engine(cfg, validate(cfg, 1), torch.device("cpu"))
+    engine = Engine(cfg, validate(cfg, 1), torch.device("cpu"), amp_dtype)
     g = torch.Generator().manual_seed(5)
-    for _ in range(micro_batches):
-        tokens = torch.randint(0, cfg.model.vocab_size, (2, cfg.data.seq_len + 1), generator=g)
-        seq_idx = (torch.arange(cfg.data.seq_len) >= 11).int().expand(2, -1).contiguous()  # two documents
-        engine.forward_backward({"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "seq_idx": seq_idx},
-                                1.0 / micro_batches)
-    if engine.main_grads is not None:
-        engine.main_grads.release()
-    grads = {n: p.grad.clone() for n, p in engine.model.named_parameters() if p.grad is not None}
-    engine.step(1e-3)
-    return engine, grads, {n: p.detach().clone() for n, p in engine.model.named_parameters()}
+    losses = []
+    for _ in range(steps):
+        for _ in range(micro_batches):
+            tokens = torch.randint(0, cfg.model.vocab_size, (2, cfg.data.seq_len + 1), generator=g)
+            seq_idx = (torch.arange(cfg.data.seq_len) >= 11).int().expand(2, -1).contiguous()  # two documents
+            losses.append(float(engine.forward_backward(
+                {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "seq_idx": seq_idx}, 1.0 / micro_batches)))
+        if engine.fused_linears is not None:
+            engine.fused_linears.release()
+        grads = {n: p.grad.clone() for n, p in engine.model.named_parameters() if p.grad is not None}
+        engine.step(1e-3)
+    return engine, grads, {n: p.detach().clone() for n, p in engine.model.named_parameters()}, losses
 
 
 @pytest.mark.parametrize("recompute", ["none", "mlp_act,mamba_norm", "full"])
 def test_engine_with_fusion_matches_plain_autograd(recompute):
     """Every parameter's gradient over 3 micro-batches, then the parameters after the step (AdamW)."""
-    fused, fused_grads, fused_params = _engine_grads(True, f"trainer.recompute={recompute}")
-    plain, plain_grads, plain_params = _engine_grads(False, f"trainer.recompute={recompute}")
-    assert plain.main_grads is None
-    names = {n for n, m in fused.model.named_modules() if m in fused.main_grads.layers}
+    fused, fused_grads, fused_params, _ = _engine_grads(True, f"trainer.recompute={recompute}")
+    plain, plain_grads, plain_params, _ = _engine_grads(False, f"trainer.recompute={recompute}")
+    assert plain.fused_linears is None
+    names = {n for n, m in fused.model.named_modules() if m in fused.fused_linears.layers}
     assert names and not any(".experts." in n for n in names)  # routed experts: grouped GEMMs, plain autograd
     assert any(n.endswith("in_proj") for n in names) and any(n.endswith("o_proj") for n in names)
     assert fused_grads.keys() == plain_grads.keys()
@@ -119,7 +123,49 @@ def test_engine_with_fusion_matches_plain_autograd(recompute):
         torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)
     for name in plain_params:
         torch.testing.assert_close(fused_params[name], plain_params[name], rtol=1e-5, atol=1e-6, msg=name)
-    assert all(layer.main_grad is None and layer.weight.grad is None for layer in fused.main_grads.layers)
+    assert all(layer.main_grad is None and layer.weight.grad is None for layer in fused.fused_linears.layers)
+
+
+@pytest.mark.parametrize("recompute", ["none", "mlp_act,mamba_norm"])
+def test_engine_with_fusion_under_bf16_autocast(recompute):
+    """CPU bf16 autocast, two optimizer steps of 3 micro-batches: the fused engine (each weight cast once
+    per step, FusedLinears.attach) follows plain autocast within bf16 noise: plain rounds each
+    micro-batch's weight gradient to bf16 (2^-9 relative), the fused sums do not. After the steps the
+    copies are gone, and the next micro-batch casts the weights as the optimizer left them."""
+    kw = {"steps": 2, "amp_dtype": torch.bfloat16}
+    fused, fused_grads, _, fused_losses = _engine_grads(True, f"trainer.recompute={recompute}", **kw)
+    _, plain_grads, _, plain_losses = _engine_grads(False, f"trainer.recompute={recompute}", **kw)
+    assert fused_losses == pytest.approx(plain_losses, rel=1e-2)
+    for name in plain_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=5e-2, atol=2e-3, msg=name)
+    layers = fused.fused_linears.layers
+    assert all(layer.weight_copy is None and layer.main_grad is None for layer in layers)
+    tokens = torch.randint(0, fused.cfg.model.vocab_size, (2, fused.cfg.data.seq_len + 1))
+    fused.forward_backward({"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "seq_idx": None}, 1.0)
+    assert all(torch.equal(layer.weight_copy, layer.weight.detach().to(torch.bfloat16)) for layer in layers)
+
+
+def test_the_step_copy_is_what_the_layer_multiplies_with():
+    """Under bf16 autocast a layer with its step's copy attached multiplies with the copy, not a new
+    cast of the weight (a doubled copy doubles the output); its recomputed-linear use does the same."""
+    torch.manual_seed(0)
+    pair = _Pair(Linear, False)
+    layers = FusedLinears(pair)
+    layers.attach(torch.bfloat16)
+    assert all(layer.weight_copy.dtype == torch.bfloat16 for layer in layers.layers)
+    x = torch.randn(3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        once = pair.a(x)
+        pair.a.weight_copy = pair.a.weight_copy * 2
+        twice = pair.a(x)
+        from pretrain.recompute import linear_of_recomputed
+
+        recomputed = linear_of_recomputed(torch.tanh, (x.requires_grad_(),), pair.a)
+    torch.testing.assert_close(twice.float(), 2 * once.float(), rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(recomputed.float(), 2 * (pair.a.weight @ torch.tanh(x).t()).t().detach(),
+                               rtol=2e-2, atol=1e-2)
+    layers.release()
+    assert pair.a.weight_copy is None and pair.a.main_grad is None
 
 
 def test_fusion_is_refused_outside_the_single_process_engine():
@@ -132,10 +178,10 @@ def test_fusion_is_refused_outside_the_single_process_engine():
     validate(tiny_config("data.global_batch_size=16"), 2)  # null (the default): fine anywhere
 
 
-def test_main_grads_refuse_low_precision_weights():
+def test_fused_linears_refuse_low_precision_weights():
     model = _Pair(Linear, False).to(torch.bfloat16)
     with pytest.raises(ValueError, match="float32 or float64, not torch.bfloat16"):
-        MainGrads(model)
+        FusedLinears(model)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
