@@ -74,6 +74,8 @@ class _FusedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, main_grad, dtype, weight_copy):
+        # weight is an input even where the copy is multiplied: it ties the output to the weight in
+        # autograd, so the backward (and the sum into main_grad) runs even if x needs no gradient
         with torch.autocast(x.device.type, enabled=False):
             xd = x.to(dtype)
             wd = weight_copy if weight_copy is not None else weight.to(dtype)
@@ -137,15 +139,15 @@ class FusedLinears:
                                  f"float32 or float64, not {layer.weight.dtype} (bf16 parameters: the megatron engine)")
 
     @torch.no_grad()
-    def attach(self, compute_dtype: torch.dtype | None = None) -> None:
+    def attach(self, dtype: torch.dtype | None = None) -> None:
         """Before a micro-batch's forward: every layer gets its gradient buffer (zeros at the step's
-        first) and, with a compute_dtype (the engine's autocast dtype) other than the weight's, the
-        weight's copy in it (made at the step's first micro-batch)."""
+        first) and, with a dtype (the engine's autocast dtype) other than the weight's, the weight's
+        copy in it (made at the step's first micro-batch)."""
         for layer in self.layers:
             if layer.main_grad is None:
                 layer.main_grad = torch.zeros_like(layer.weight, memory_format=torch.contiguous_format)
-            if compute_dtype is not None and compute_dtype != layer.weight.dtype and layer.weight_copy is None:
-                layer.weight_copy = layer.weight.to(compute_dtype)
+            if dtype is not None and dtype != layer.weight.dtype and layer.weight_copy is None:
+                layer.weight_copy = layer.weight.to(dtype)
 
     def release(self) -> None:
         """Before clipping and the optimizer: each gradient buffer becomes its weight's `.grad` (plus any

@@ -231,3 +231,16 @@ def test_fused_linear_under_bf16_autocast_on_gpu(compiled):
         f, p = getattr(fused, name), getattr(plain, name)
         torch.testing.assert_close(f.main_grad, p.weight.grad, rtol=2e-2, atol=1e-2)
         torch.testing.assert_close(f.bias.grad, p.bias.grad, rtol=2e-2, atol=1e-2)
+
+
+def test_the_sum_runs_when_the_input_needs_no_gradient():
+    """A fused layer fed by a tensor without gradient (a first layer): the weight's sum still happens."""
+    torch.manual_seed(0)
+    fused, plain = Linear(8, 4), nn.Linear(8, 4)
+    plain.load_state_dict(fused.state_dict())
+    fused.main_grad = torch.zeros_like(fused.weight)
+    x = torch.randn(5, 8)
+    fused(x).square().sum().backward()
+    plain(x).square().sum().backward()
+    torch.testing.assert_close(fused.main_grad, plain.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.bias.grad, plain.bias.grad, rtol=1e-5, atol=1e-6)
