@@ -8,7 +8,8 @@ Trains the preset three times from the same seed on the same real text (the offl
 byte tokens, at the preset's sequence length) through the trainer users run:
 
 - fast: `--fast` overrides (default kernels.backend=triton, trainer.compile=true), bf16 autocast;
-- reference: `--reference` overrides (default kernels.backend=torch, trainer.compile=false), bf16;
+- reference: `--reference` overrides (default kernels.backend=torch, trainer.compile=false,
+  trainer.gradient_accumulation_fusion=false: PyTorch kernels, eager, plain autograd), bf16;
 - yardstick: the reference in float32 (trainer.precision=fp32, CUDA only).
 
 bf16 noise is what the reference itself moves when only its precision changes: |reference - yardstick|.
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--fast", default="kernels.backend=triton,trainer.compile=true")
-    parser.add_argument("--reference", default="kernels.backend=torch,trainer.compile=false")
+    parser.add_argument("--reference",
+                        default="kernels.backend=torch,trainer.compile=false,trainer.gradient_accumulation_fusion=false")
     parser.add_argument("--factor", type=float, default=2.0)
     parser.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",") if x],
                         help="comma-separated run.seed values: the rows from each, and a verdict over them "
