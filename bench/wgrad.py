@@ -66,7 +66,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=50)
     args = parser.parse_args()
     shapes, rows = linear_shapes(args.config)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {rows} rows; ms per call (median of {args.iters})\n")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {rows} rows; "
+          f"ms per call (median of {args.iters})\n")
     print("| out x in | layers | bf16 mm | plain (mm + cast + add) | fused | mm fp32 out | fused TFLOP/s |")
     print("|---|---|---|---|---|---|---|")
     total = {"mm": 0.0, "plain": 0.0, "fused": 0.0, "mm32": 0.0}

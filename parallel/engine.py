@@ -1,18 +1,19 @@
 """Model + optimizer + one training step, for both builds (used by pretrain.trainer and the tests).
 
-Single process (no process groups): HybridLM from pretrain/layers, torch AdamW, torch's clipping,
-bf16 autocast on CUDA, the head + cross-entropy in chunks of trainer.loss_chunk_tokens tokens
+Single process (no process groups): HybridLM from pretrain/layers, torch AdamW, torch's clipping, bf16
+autocast on CUDA, the head + cross-entropy in chunks of trainer.loss_chunk_tokens tokens
 (pretrain/chunked_loss.py), the Linear layers' weight gradients summed inside their GEMMs
-(trainer.gradient_accumulation_fusion, pretrain/layers/linear.py). Parallel (parallel.state initialised, any world size > 1): the tensor /
-sequence-parallel HybridLM wrapped in megatron-core DistributedDataParallel (contiguous grad
-buffers, gradient reduction overlapped with backward, `no_sync` for all but the last micro-batch)
-and megatron-core's distributed optimizer (ZeRO-1: fp32 main weights and Adam state sharded over
-dp; gradients reduce-scattered, parameters all-gathered after the step); gradient clipping over all
-groups (megatron's norm over dp shards, with every tp replica counted once: parallel.grads). Context parallelism needs
-nothing here: megatron DDP and the distributed optimizer reduce and shard over its dp x cp group
-(parameters are replicated over cp) and parallel/model.py scales the loss for it. On CUDA the parameters are
-bf16 with fp32 main weights in the optimizer. `trainer.compile` compiles each residual block in both builds
-(megatron's tensor-parallel functions and the collectives inside a block included).
+(trainer.gradient_accumulation_fusion, pretrain/layers/linear.py). Parallel (parallel.state initialised,
+any world size > 1): the tensor / sequence-parallel HybridLM wrapped in megatron-core
+DistributedDataParallel (contiguous grad buffers, gradient reduction overlapped with backward, `no_sync`
+for all but the last micro-batch) and megatron-core's distributed optimizer (ZeRO-1: fp32 main weights
+and Adam state sharded over dp; gradients reduce-scattered, parameters all-gathered after the step);
+gradient clipping over all groups (megatron's norm over dp shards, with every tp replica counted once:
+parallel.grads). Context parallelism needs nothing here: megatron DDP and the distributed optimizer
+reduce and shard over its dp x cp group (parameters are replicated over cp) and parallel/model.py scales
+the loss for it. On CUDA the parameters are bf16 with fp32 main weights in the optimizer.
+`trainer.compile` compiles each residual block in both builds (megatron's tensor-parallel functions and
+the collectives inside a block included).
 """
 from __future__ import annotations
 
