@@ -25,7 +25,7 @@ from parallel import state
 from parallel.grads import clipped_norm_step
 from pretrain.chunked_loss import resolve_chunk_tokens
 from pretrain.config import Config, Derived
-from pretrain.layers.linear import FusedLinears
+from pretrain.layers.linear import FusedLinears, fusion_enabled
 from pretrain.model import HybridLM
 from pretrain.optim import build_optimizer
 from pretrain.recompute import apply_policy, parse_policy
@@ -65,8 +65,7 @@ class Engine:
         self.fused_linears = None  # gradient accumulation fusion (single-process engine only)
         if not self.parallel:
             self.optimizer = build_optimizer(self.model, cfg.optim)
-            fusion = cfg.trainer.gradient_accumulation_fusion
-            if (device.type == "cuda") if fusion is None else fusion:
+            if fusion_enabled(cfg.trainer.gradient_accumulation_fusion, device, derived.grad_accum_steps):
                 self.fused_linears = FusedLinears(self.model)
             return
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig

@@ -174,7 +174,8 @@ class TrainerConfig:
     # the single-process engine's Linear layers sum their weight gradients into float32 buffers inside
     # the weight-gradient GEMM (pretrain/layers/linear.py) instead of bf16 GEMM + cast + AccumulateGrad,
     # and cast their weights to the autocast dtype once per optimizer step, not per micro-batch.
-    # null = on for CUDA, off elsewhere; true = on (also on the CPU); false = plain autograd
+    # null = on for CUDA when a step accumulates two or more micro-batches (per dp rank), else off;
+    # true = on (also on the CPU); false = plain autograd
     gradient_accumulation_fusion: Optional[bool] = None
     # true: the same bits run to run on the same machines and layout, at some speed: torch's
     # deterministic algorithms (an op that has none raises at its first call, naming itself),

@@ -20,6 +20,7 @@ gradients). bench/NOTES_train.md Run 22 has the measurements.
     accumulate_wgrad_     the in-place GEMM, a torch.library custom op: torch.compile keeps it as one
                           in-place call in the backward graph (a mutation of a forward input)
     compute_dtype         the dtype nn.functional.linear would multiply in (autocast's where it is on)
+    fusion_enabled        the config setting resolved (null: CUDA and two or more micro-batches per step)
     step_copy             a layer's weight copy of this step in a given dtype, if there is one
 
 pretrain/recompute.linear_of_recomputed (mamba_norm, mlp_act) takes the same buffers for its linear.
@@ -124,6 +125,16 @@ class Linear(nn.Linear):
         if self.main_grad is None or not torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
         return fused_linear(x, self)
+
+
+def fusion_enabled(setting: bool | None, device: torch.device, micro_batches_per_step: int) -> bool:
+    """trainer.gradient_accumulation_fusion -> whether the engine fuses. null: on CUDA when a step sums
+    two or more micro-batches. With one there is nothing to accumulate: plain autograd's bf16 GEMM,
+    cast and AccumulateGrad (which takes the tensor, no add) move less memory than zeroed buffers and a
+    GEMM that reads them, and the buffers would exist from the forward on, not from the backward."""
+    if setting is None:
+        return device.type == "cuda" and micro_batches_per_step > 1
+    return setting
 
 
 class FusedLinears:

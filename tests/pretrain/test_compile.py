@@ -3,8 +3,8 @@
 CPU: float32, the losses of a few optimizer steps equal the eager engine's to float32 rounding
 (inductor reorders sums). GPU (`-m gpu`): bf16 autocast with the Triton kernels inside the compiled
 blocks, within bf16 noise of eager. Both also with the recompute parts (trainer.recompute=mlp_act,...),
-whose autograd functions run outside the compiled graphs, and with whole blocks recomputed (full); on
-the CPU also with gradient accumulation fusion (on by default on CUDA, so in the GPU rows).
+whose autograd functions run outside the compiled graphs, and with whole blocks recomputed (full); and
+with gradient accumulation fusion forced on (its default is off at one micro-batch per step).
 The first compile of the tiny model takes 10-100 s on CPU.
 """
 from __future__ import annotations
@@ -42,8 +42,8 @@ def _losses(compile_blocks: bool, device: torch.device, steps: int, extra: tuple
 # compiled blocks (the policy bench/loss_parity.py trains hybrid_460m with).
 PARTS = ("trainer.recompute=mlp_act,mamba_norm,mamba_conv,mamba_states",)
 FULL = ("trainer.recompute=full",)
-# gradient accumulation fusion (CUDA's default, off on the CPU unless asked): its in-place weight-gradient
-# op inside the compiled backward graphs, with and without the recomputed linears
+# gradient accumulation fusion (off by default here: one micro-batch per step): its in-place
+# weight-gradient op inside the compiled backward graphs, with and without the recomputed linears
 FUSED = ("trainer.gradient_accumulation_fusion=true",)
 
 
@@ -58,7 +58,8 @@ def test_compiled_blocks_train_like_eager_on_cpu(parts):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("parts", [(), PARTS, FULL], ids=["plain", "recompute_parts", "recompute_full"])
+@pytest.mark.parametrize("parts", [(), PARTS, FULL, FUSED, PARTS + FUSED],
+                         ids=["plain", "recompute_parts", "recompute_full", "fused", "fused_recompute_parts"])
 def test_compiled_blocks_train_like_eager_on_gpu_bf16(parts):
     torch._dynamo.reset()
     extra = ("model.d_model=64", "model.mamba.head_dim=16", "model.mamba.d_state=16", "model.mamba.chunk_size=16",

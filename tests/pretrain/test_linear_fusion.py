@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pretrain.config import ConfigError, validate
-from pretrain.layers.linear import Linear, FusedLinears, accumulate_wgrad_
+from pretrain.layers.linear import FusedLinears, Linear, accumulate_wgrad_, fusion_enabled
 
 from tests.pretrain.tiny_models import tiny_config
 
@@ -244,3 +244,9 @@ def test_the_sum_runs_when_the_input_needs_no_gradient():
     plain(x).square().sum().backward()
     torch.testing.assert_close(fused.main_grad, plain.weight.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused.bias.grad, plain.bias.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_the_default_fuses_on_cuda_when_a_step_accumulates():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert fusion_enabled(None, cuda, 16) and not fusion_enabled(None, cuda, 1) and not fusion_enabled(None, cpu, 16)
+    assert fusion_enabled(True, cpu, 1) and not fusion_enabled(False, cuda, 16)
