@@ -22,7 +22,8 @@ on one GPU (hybrid_460m: 256 / 8 = 32); "step ms" is then the whole step, the da
 columns stay per micro-batch.
 
 `--profile N` also runs N steps under torch.profiler per row and prints the GPU kernels with the
-most time and the launches per step (where the remaining time goes).
+most time, the launches per step and the kernel time by category (GEMMs, SSD kernels, Inductor's
+elementwise kernels, ...: where the remaining time goes).
 
 `--device cpu` runs the same rows on the CPU (float32, no memory figures): a smoke test of this
 script for CI (tests/pretrain/test_bench_train.py), not a measurement.
@@ -171,9 +172,29 @@ def block_activation_mb(trainer: Trainer) -> dict[str, float]:
     return {kind: statistics.mean(v) for kind, v in sizes.items()}
 
 
+# kernel name prefix or fragment -> category of bench/train.py's profile summary, first match wins
+KERNEL_CATEGORIES = (
+    ("GEMM (cuBLAS)", ("nvjet", "gemm", "cutlass", "sm90_xmma")),
+    ("SSD (Triton)", ("_chunk_", "_state_pass", "_dt_", "_cb_kernel")),
+    ("norm, conv, loss (Triton)", ("_rms_", "_conv_", "_ce_rows")),
+    ("attention (flash)", ("flash",)),
+    ("Inductor (compiled elementwise)", ("triton_",)),
+    ("optimizer (multi-tensor)", ("multi_tensor_apply",)),
+)
+
+
+def kernel_category(name: str) -> str:
+    """The summary category of a GPU kernel name (KERNEL_CATEGORIES), "other" when none matches."""
+    for category, fragments in KERNEL_CATEGORIES:
+        if any(fragment in name for fragment in fragments):
+            return category
+    return "other (aten elementwise, reductions, copies, memsets)"
+
+
 def print_profile(trainer: Trainer, steps: int, top: int = 60) -> None:
-    """torch.profiler over `steps` training steps: the GPU kernels with the most total time, and
-    the share of the step that no kernel covers (host-bound gaps)."""
+    """torch.profiler over `steps` training steps: the GPU kernels with the most total time, the time
+    by kernel category, and the step's wall time against the kernels' (host-bound gaps). User
+    annotations (the optimizer's step range) span kernels and are not counted."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -183,7 +204,8 @@ def print_profile(trainer: Trainer, steps: int, top: int = 60) -> None:
             trainer.train_step()
         torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t0) * 1e3 / steps
-    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not getattr(e, "is_user_annotation", False)]
     kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
     busy_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / steps
     print(f"\nprofile: {wall_ms:.0f} ms per step (profiled), GPU kernels {busy_ms:.0f} ms, "
@@ -191,6 +213,13 @@ def print_profile(trainer: Trainer, steps: int, top: int = 60) -> None:
     print("| kernel | ms/step | calls/step |\n|---|---|---|")
     for e in kernels[:top]:
         print(f"| {e.key[:90]} | {e.self_device_time_total / 1e3 / steps:.2f} | {e.count // steps} |")
+    by_category: dict[str, float] = {}
+    for e in kernels:
+        category = kernel_category(e.key)
+        by_category[category] = by_category.get(category, 0.0) + e.self_device_time_total / 1e3 / steps
+    print("\n| kernel category | ms/step | share of kernel time |\n|---|---|---|")
+    for category, ms in sorted(by_category.items(), key=lambda kv: -kv[1]):
+        print(f"| {category} | {ms:.2f} | {ms / busy_ms:.1%} |")
 
 
 def run_row(spec: str, backend: str, args, workdir: Path) -> dict:

@@ -67,3 +67,17 @@ def test_bad_accum_is_refused():
     proc = subprocess.run([sys.executable, "bench/train.py", SPEC, "--device", "cpu", "--accum", "0"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--accum must be >= 1, got 0" in proc.stderr
+
+
+def test_profile_categories_name_the_kernels_of_a_hybrid_step():
+    """Names as Run 22's H100 profile printed them."""
+    from train import kernel_category
+
+    assert kernel_category("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "GEMM (cuBLAS)"
+    assert kernel_category("_chunk_dx_kernel") == kernel_category("_state_pass_bwd_kernel") == "SSD (Triton)"
+    assert kernel_category("_rms_bwd_kernel") == kernel_category("_ce_rows_kernel") == "norm, conv, loss (Triton)"
+    assert kernel_category("triton_poi_fused_cat_4") == "Inductor (compiled elementwise)"
+    assert kernel_category("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128") == "attention (flash)"
+    assert kernel_category("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<") \
+        == "optimizer (multi-tensor)"
+    assert kernel_category("Memset (Device)").startswith("other")
