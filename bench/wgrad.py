@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.train import split_overrides  # noqa: E402
 from pretrain.config import load_config, validate  # noqa: E402
-from pretrain.layers.linear import Linear, accumulate_wgrad_  # noqa: E402
+from pretrain.layers.linear import FusedLinears, accumulate_wgrad_  # noqa: E402
 from pretrain.model import HybridLM  # noqa: E402
 
 
@@ -39,10 +39,9 @@ def linear_shapes(spec: str) -> tuple[dict[tuple[int, int], int], int]:
     with torch.device("meta"):
         model = HybridLM(cfg.model, derived, parallel=False)
     counts: dict[tuple[int, int], int] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, Linear) and ".experts." not in name:
-            shape = tuple(module.weight.shape)
-            counts[shape] = counts.get(shape, 0) + 1
+    for layer in FusedLinears(model).layers:
+        shape = tuple(layer.weight.shape)
+        counts[shape] = counts.get(shape, 0) + 1
     return counts, cfg.data.micro_batch_size * cfg.data.seq_len
 
 
