@@ -130,14 +130,16 @@ class _LinearOfRecomputed(torch.autograd.Function):
             with torch.enable_grad(), torch.autocast(device, dtype=amp_dtype, enabled=amp):
                 h = ctx.fn(*leaves)
         # the linear's gradients as autocast's linear computes them: weight cast to the gradient's dtype
+        # one (rows, out) view of dout feeds every GEMM (see pretrain/layers/linear.py's _FusedLinear)
         dout2 = dout.reshape(-1, dout.shape[-1])
+        h2 = h.detach().reshape(-1, h.shape[-1]).to(dout.dtype)
         if ctx.fused:
-            accumulate_wgrad_(main_grad, dout, h.detach().to(dout.dtype))
+            accumulate_wgrad_(main_grad, dout2, h2)
             dweight = None
         else:
-            dweight = (dout2.t() @ h.detach().reshape(-1, h.shape[-1]).to(dout.dtype)).to(ctx.weight_dtype)
+            dweight = (dout2.t() @ h2).to(ctx.weight_dtype)
         dbias = dout2.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
-        dh = (dout @ weight.to(dout.dtype)).to(h.dtype)
+        dh = (dout2 @ weight.to(dout.dtype)).to(h.dtype).view(h.shape)
         if ctx.fn_with_vjp is not None:
             dinputs = [g if need else None for g, need in zip(vjp(dh), ctx.needs_input_grad[6:])]
         else:

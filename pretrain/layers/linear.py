@@ -48,9 +48,9 @@ def accumulate_wgrad_(main_grad: torch.Tensor, grad_out: torch.Tensor, inp: torc
     """main_grad (out, in) += grad_out (..., out)^T @ inp (..., in) over all leading positions, in
     place, products summed in main_grad's dtype (float32 or wider). bf16/fp16 inputs on CUDA: one
     cuBLAS GEMM with a float32 output and beta = 1; elsewhere the inputs are upcast first (the CPU's
-    float32 path: one addmm_). The callers pass their tensors unflattened: a reshape in a compiled
-    graph would make Inductor write the gradient twice, once for this op and once for the input's
-    gradient GEMM."""
+    float32 path: one addmm_). Callers hand this op and the input-gradient GEMM the same view of
+    grad_out: given two different views of one tensor in a compiled graph, Inductor writes the tensor
+    once per view (bench/NOTES_train.md Run 22)."""
     if grad_out.shape[:-1] != inp.shape[:-1] or main_grad.shape != (grad_out.shape[-1], inp.shape[-1]):
         raise ValueError(f"accumulate_wgrad_: main_grad {tuple(main_grad.shape)} += grad_out "
                          f"{tuple(grad_out.shape)}^T @ inp {tuple(inp.shape)} does not fit")
@@ -89,11 +89,12 @@ class _FusedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         xd, wd, main_grad = ctx.saved_tensors
-        grad_out = grad_out.to(wd.dtype)
-        accumulate_wgrad_(main_grad, grad_out, xd)
-        grad_x = (grad_out @ wd).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype) \
-            if ctx.bias_dtype is not None else None
+        # one (rows, out) view feeds both GEMMs: handed different views of one tensor, Inductor
+        # writes it once per view (bench/NOTES_train.md Run 22)
+        rows_out = grad_out.to(wd.dtype).reshape(-1, grad_out.shape[-1])
+        accumulate_wgrad_(main_grad, rows_out, xd.reshape(-1, xd.shape[-1]))
+        grad_x = (rows_out @ wd).to(ctx.x_dtype).view(*xd.shape) if ctx.needs_input_grad[0] else None
+        grad_bias = rows_out.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
         return grad_x, None, grad_bias, None, None, None
 
 
