@@ -33,7 +33,7 @@ import contextlib
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from pretrain.layers.linear import accumulate_wgrad_, step_copy
+from pretrain.layers.linear import accumulate_wgrad_, compute_dtype, step_copy
 
 KINDS = ("mamba", "attention", "mlp", "moe")
 PARTS = ("mlp_act", "mamba_norm", "mamba_conv", "mamba_states")
@@ -99,10 +99,9 @@ def linear_of_recomputed(fn, inputs: tuple, linear: torch.nn.Linear, fn_with_vjp
     accumulation fusion) gets its weight gradient added into `main_grad` instead of autograd, and
     multiplies with its step's weight copy."""
     weight = linear.weight
-    device = weight.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    copy = step_copy(linear, compute_dtype(weight, weight))  # autocast's dtype, else the weight's own
     return _LinearOfRecomputed.apply(fn, fn_with_vjp, weight, linear.bias, getattr(linear, "main_grad", None),
-                                     step_copy(linear, dtype), *inputs)
+                                     copy, *inputs)
 
 
 class _LinearOfRecomputed(torch.autograd.Function):

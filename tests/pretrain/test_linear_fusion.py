@@ -56,17 +56,24 @@ class _Pair(nn.Module):
         return x + self.b(torch.tanh(self.a(x)))
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
-def test_fused_linear_sums_what_autograd_accumulates(compiled, bias):
+def _fused_and_plain(bias: bool, compiled: bool, device: str = "cpu") -> tuple[_Pair, _Pair]:
+    """The same weights twice: fused Linears with zeroed buffers attached (compiled if asked), and
+    plain nn.Linears."""
     torch.manual_seed(0)
-    fused, plain = _Pair(Linear, bias), _Pair(nn.Linear, bias)
+    fused, plain = _Pair(Linear, bias).to(device), _Pair(nn.Linear, bias).to(device)
     plain.load_state_dict(fused.state_dict())
     if compiled:
         torch._dynamo.reset()
         fused.compile()
     for layer in (fused.a, fused.b):
         layer.main_grad = torch.zeros_like(layer.weight)
+    return fused, plain
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_fused_linear_sums_what_autograd_accumulates(compiled, bias):
+    fused, plain = _fused_and_plain(bias, compiled)
     xs = _micro_batches(3, (2, 5, 8))
     for x in xs:
         xf, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -208,22 +215,12 @@ def test_fused_linear_under_bf16_autocast_on_gpu(compiled):
     """Fused against plain autocast over 4 micro-batches: the same outputs and input gradients (bf16
     rounding), and weight gradients within bf16 noise: plain rounds each micro-batch's weight gradient to
     bf16 (relative 2^-9) before its float32 sum, the fused GEMM does not."""
-    torch.manual_seed(0)
-    fused, plain = _Pair(Linear, True).cuda(), _Pair(nn.Linear, True).cuda()
-    plain.load_state_dict(fused.state_dict())
-    if compiled:
-        torch._dynamo.reset()
-        fused.compile()
-    for layer in (fused.a, fused.b):
-        layer.main_grad = torch.zeros_like(layer.weight)
+    fused, plain = _fused_and_plain(True, compiled, "cuda")
     for x in _micro_batches(4, (4, 256, 8)):
-        x = x.cuda()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            yf, yp = fused(x), plain(x)
-        torch.testing.assert_close(yf, yp, rtol=1e-2, atol=1e-2)
-        xf, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+        xf, xp = x.cuda().requires_grad_(), x.cuda().requires_grad_()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             yf, yp = fused(xf), plain(xp)
+        torch.testing.assert_close(yf, yp, rtol=1e-2, atol=1e-2)
         yf.float().square().sum().backward()
         yp.float().square().sum().backward()
         torch.testing.assert_close(xf.grad, xp.grad, rtol=2e-2, atol=1e-2)
