@@ -298,13 +298,15 @@ def conv_forward(x, weight, bias, seq_idx, silu: bool, schedule=None) -> torch.T
     return out
 
 
-def conv_backward(dout, x, weight, bias, seq_idx, silu: bool):
-    """dx (x's shape and dtype), dweight (weight's), dbias (bias's, None without bias)."""
+def conv_backward(dout, x, weight, bias, seq_idx, silu: bool, dx=None):
+    """dx (x's shape and dtype), dweight (weight's), dbias (bias's, None without bias). `dx`, optional:
+    the tensor to write dx into (x's shape and dtype, any strides: a column slice of a larger gradient)."""
     batch, seqlen, dim = x.shape
     width = weight.shape[1]
     seg = _seg_len(batch, seqlen, dim)
     nseg = cdiv(seqlen, seg)
-    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    if dx is None:
+        dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     dw = torch.empty(batch * nseg, width, dim, device=x.device, dtype=torch.float32)
     db = torch.empty(batch * nseg, dim, device=x.device, dtype=torch.float32) if bias is not None else dw
     seq = seq_idx if seq_idx is not None else x

@@ -194,14 +194,17 @@ def _bwd_launcher(block_g: int):
     return _bwd_launchers[block_g]
 
 
-def rmsnorm_gated_bwd(y2, z2, weight, rstd, dout2, group_size, norm_before_gate, schedule=None):
+def rmsnorm_gated_bwd(y2, z2, weight, rstd, dout2, group_size, norm_before_gate, schedule=None, dz=None):
     """dy, dz (None without z), dweight (float32) from the forward's saved rows. y2, z2, dout2 (nrows, d)
     with unit column stride; rstd (nrows, ngroups) float32. `schedule`: a triton.Config of
-    bwd_schedules to launch instead of the autotuned choice (benchmarks and tests)."""
+    bwd_schedules to launch instead of the autotuned choice (benchmarks and tests). `dz`, optional:
+    the (nrows, d) tensor to write dz into (z2's dtype, unit column stride: a column slice of a
+    larger gradient)."""
     nrows, d = y2.shape
     ngroups = d // group_size
     dy = torch.empty(y2.shape, device=y2.device, dtype=y2.dtype)
-    dz = torch.empty(z2.shape, device=z2.device, dtype=z2.dtype) if z2 is not None else None
+    if dz is None and z2 is not None:
+        dz = torch.empty(z2.shape, device=z2.device, dtype=z2.dtype)
     # a bounded number of programs per group, each walking many rows: dweight partials stay small
     nprog = min(cdiv(nrows, _ROW_ALIGN), 2 if INTERPRET else max(1, 1024 // ngroups))
     rows_per_prog = cdiv(cdiv(nrows, nprog), _ROW_ALIGN) * _ROW_ALIGN

@@ -177,7 +177,7 @@ def _chunk_dbc_kernel(
     x_ptr, dy_ptr, B_ptr, C_ptr, prev_ptr, dS_ptr, dcb_ptr, dtp_ptr, cs_ptr, seq_ptr, dB_ptr, dC_ptr, offd_ptr,
     seqlen, nheads, nchunks, chunk_size, hdim, dstate, heads_per_group, ngroups, nsplit,
     s_x_b, s_x_l, s_x_h, s_x_p, s_dy_b, s_dy_l, s_dy_h, s_dy_p,
-    s_b_b, s_b_l, s_b_g, s_b_n, s_c_b, s_c_l, s_c_g, s_c_n, s_seq_b, s_seq_l,
+    s_b_b, s_b_l, s_b_g, s_b_n, s_c_b, s_c_l, s_c_g, s_c_n, s_seq_b, s_seq_l, s_o_b, s_o_l, s_o_s, s_o_g,
     HAS_SEQ: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_P: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_PIPE: tl.constexpr, HDIM_BLOCK: tl.constexpr,
 ):
@@ -270,9 +270,10 @@ def _chunk_dbc_kernel(
                          mask=(t_k < seqlen)[:, None] & nmask[None, :], other=0.0)
             dB += tl.dot(dT.to(ck.dtype), ck, input_precision=DOT_PREC)
     # partial sums over this split's heads: (batch, seqlen, nsplit, ngroups, dstate), float32, or
-    # with one split the gradients themselves in B's and C's dtypes
+    # with one split the gradients themselves in B's and C's dtypes; dB and dC share the strides
+    # s_o_* (dstate's is 1)
     rn = rvalid[:, None] & nmask[None, :]
-    o = ((pid_b * seqlen + t_r[:, None]) * nsplit + pid_s) * ngroups * dstate + pid_g * dstate + offs_n[None, :]
+    o = pid_b * s_o_b + t_r[:, None] * s_o_l + pid_s * s_o_s + pid_g * s_o_g + offs_n[None, :]
     tl.store(dB_ptr + o, dB.to(dB_ptr.dtype.element_ty), mask=rn)
     tl.store(dC_ptr + o, dC.to(dC_ptr.dtype.element_ty), mask=rn)
 
@@ -375,14 +376,15 @@ def head_split(x, dy, B, C, prev, dS, dtp, cs, seq_idx, cb, chunk_size, dot_prec
         lambda: _nsplit(heads_per_group), x.device)
 
 
-def chunk_dcb_dbc(x, dy, B, C, prev, dS, dtp, cs, seq_idx, cb, chunk_size, dot_prec, nsplit=None):
+def chunk_dcb_dbc(x, dy, B, C, prev, dS, dtp, cs, seq_idx, cb, chunk_size, dot_prec, nsplit=None, out=None):
     """Steps 4 and 5: -> dB, dC (input dtype) and the per-head row and off-diagonal terms of dcs
     (chunk_dcb's rows, chunk_dbc's offd). nsplit None: head_split's choice. The bits depend on the
-    split (the order of the head sums), so kernels.deterministic keeps the default."""
+    split (the order of the head sums), so kernels.deterministic keeps the default. `out`: as in
+    chunk_dbc."""
     if nsplit is None:
         nsplit = head_split(x, dy, B, C, prev, dS, dtp, cs, seq_idx, cb, chunk_size, dot_prec)
     dcb, rows = chunk_dcb(x, dy, dtp, cs, seq_idx, cb, B.shape[2], chunk_size, dot_prec, nsplit=nsplit)
-    dB, dC, offd = chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, chunk_size, dot_prec)
+    dB, dC, offd = chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, chunk_size, dot_prec, out=out)
     return dB, dC, rows, offd
 
 
@@ -422,25 +424,32 @@ def chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, chunk_size, dot_prec, head_p
     return dcb, rows
 
 
-def chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, chunk_size, dot_prec, head_pipe=None):
+def chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, chunk_size, dot_prec, head_pipe=None, out=None):
     """-> dB, dC (input dtype) and per-head off-diagonal terms of dcs (batch, nheads, nchunks, nn, Q).
     prev and dS may be float32 or the input dtype: the kernel rounds them to x's dtype for its dots.
-    head_pipe: as in chunk_dcb."""
+    head_pipe: as in chunk_dcb. `out`, optional: (dB, dC) tensors to write the gradients into (B's
+    shape and dtype, the same strides, unit dstate stride: column slices of a larger gradient)."""
     batch, seqlen, nheads, hdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     nchunks = cdiv(seqlen, chunk_size)
     bs = _blocks(chunk_size, hdim, dstate)
     nsplit = dcb.shape[2]
-    # one split: the kernel writes dB and dC in their own dtypes (no float32 copy and cast pass)
-    shape = (batch, seqlen, nsplit, ngroups, dstate)
-    dB = torch.empty(shape, device=B.device, dtype=B.dtype if nsplit == 1 else torch.float32)
-    dC = torch.empty(shape, device=C.device, dtype=C.dtype if nsplit == 1 else torch.float32)
+    if out is not None and (out[0].stride() != out[1].stride() or out[0].stride(3) != 1):
+        raise ValueError(f"chunk_dbc: the dB and dC outputs need equal strides with a unit dstate stride, got "
+                         f"{out[0].stride()} and {out[1].stride()}")
+    if nsplit == 1 and out is not None:
+        dB, dC = out[0].unsqueeze(2), out[1].unsqueeze(2)
+    else:
+        # one split: the kernel writes dB and dC in their own dtypes (no float32 copy and cast pass)
+        shape = (batch, seqlen, nsplit, ngroups, dstate)
+        dB = torch.empty(shape, device=B.device, dtype=B.dtype if nsplit == 1 else torch.float32)
+        dC = torch.empty(shape, device=C.device, dtype=C.dtype if nsplit == 1 else torch.float32)
     nn = cdiv(dstate, bs["N"])
     offd = torch.empty(batch, nheads, nchunks, nn, chunk_size, device=x.device, dtype=torch.float32)
     seq, seq_s = seq_args(seq_idx, cs)
     args = (x, dy, B, C, prev, dS, dcb, dtp, cs, seq, dB, dC, offd,
             seqlen, nheads, nchunks, chunk_size, hdim, dstate, nheads // ngroups, ngroups, nsplit,
-            *x.stride(), *dy.stride(), *B.stride(), *C.stride(), *seq_s)
+            *x.stride(), *dy.stride(), *B.stride(), *C.stride(), *seq_s, *dB.stride()[:4])
     kw = dict(HAS_SEQ=seq_idx is not None, BLOCK_N=bs["N"], DOT_PREC=dot_prec, HDIM_BLOCK=next_pow2(hdim))
     if INTERPRET:
         pipe = True if head_pipe is None else head_pipe
@@ -458,4 +467,6 @@ def chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, chunk_size, dot_prec
         _chunk_dbc_kernel[grid](*args, **kw, **cfg, num_warps=warps, num_stages=stages)
     if nsplit == 1:
         return dB[:, :, 0], dC[:, :, 0], offd
+    if out is not None:
+        return out[0].copy_(dB.sum(2)), out[1].copy_(dC.sum(2)), offd
     return dB.sum(2).to(B.dtype), dC.sum(2).to(C.dtype), offd

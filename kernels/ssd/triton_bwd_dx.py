@@ -118,17 +118,19 @@ _chunk_dx_tuned = autotune_per_chunk(_chunk_dx_kernel, configs_of(_DX_SPACE),
                                      key=["chunk_size", "hdim", "dstate", "HAS_SEQ", "SPLIT"], chunk_params=("BLOCK_I",))
 
 
-def chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec, config=None, heads_fast=True):
+def chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec, config=None, heads_fast=True, dx=None):
     """-> dx (like x), ddtp and dcs's column part (like dtp), dD (or None). config None: the
     autotuned schedule on CUDA (the interpreter: its own tiles); an index into _DX_SPACE: that config
     (benchmarks; ignored by the interpreter). heads_fast: the launch order
-    (kernels._triton_utils.head_chunk_grid; the other order for benchmarks)."""
+    (kernels._triton_utils.head_chunk_grid; the other order for benchmarks). `dx`, optional: the
+    tensor to write dx into (x's shape and dtype, any strides)."""
     batch, seqlen, nheads, hdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     nchunks = cdiv(seqlen, chunk_size)
     bs = _blocks(chunk_size, hdim, dstate)
     nblk = cdiv(chunk_size, bs["J"])
-    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    if dx is None:
+        dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     ddtp = torch.empty_like(dtp)
     dcs = torch.empty_like(dtp)
     dD = torch.empty(batch * nchunks, nblk, nheads, bs["P"], device=x.device, dtype=torch.float32) if D is not None else None

@@ -208,12 +208,14 @@ def state_pass_bwd(dprev, prev, final, dfinal, cs, seq_idx, seqlen, chunk_size, 
     return dS, dS_lp, dinit, dcs_last
 
 
-def dt_bwd(dcs, rows, offd, dcs_last, ddtp, dtp, dt, dt_bias, A, dt_softplus, dt_limit):
-    """Fused tail: -> ddt (batch, seqlen, nheads) in dt's dtype, dA (nheads,), d dt_bias (nheads,) float32."""
+def dt_bwd(dcs, rows, offd, dcs_last, ddtp, dtp, dt, dt_bias, A, dt_softplus, dt_limit, ddt=None):
+    """Fused tail: -> ddt (batch, seqlen, nheads) in dt's dtype, dA (nheads,), d dt_bias (nheads,) float32.
+    `ddt`, optional: the tensor to write ddt into (dt's shape and dtype, any strides)."""
     batch, nheads, nchunks, chunk_size = dcs.shape
     seqlen = dt.shape[1]
     BLOCK_H = next_power_of_2(nheads) if INTERPRET else min(8, next_power_of_2(nheads))
-    ddt = torch.empty(dt.shape, device=dt.device, dtype=dt.dtype)
+    if ddt is None:
+        ddt = torch.empty(dt.shape, device=dt.device, dtype=dt.dtype)
     dA = torch.empty(batch * nchunks, nheads, device=dt.device, dtype=torch.float32)
     dbias = torch.empty(batch * nchunks, nheads, device=dt.device, dtype=torch.float32) if dt_bias is not None else dA
     has_limit = tuple(dt_limit) != (0.0, float("inf"))

@@ -54,9 +54,13 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states, chunk_size,
 
 
 def _backward(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre, cb, prev, final, dtp, cs, init,
-              chunk_size, dt_softplus, dt_lo, dt_hi):
+              chunk_size, dt_softplus, dt_lo, dt_hi, out=None):
     """Every input gradient: dx, ddt, dA, dB, dC, dD, dz, ddt_bias (None where the input is), dinit.
-    cb and prev None: rerun their forward kernels (the same bits)."""
+    cb and prev None: rerun their forward kernels (the same bits). `out`, optional: (dx, dB, dC, ddt)
+    tensors the kernels write those gradients into (the inputs' shapes and dtypes, any strides with a
+    unit dstate stride, dB and dC with equal strides: column slices of one packed gradient,
+    kernels.mamba_inner); they are returned."""
+    dx_out, dB_out, dC_out, ddt_out = out if out is not None else (None,) * 4
     Q = chunk_size
     prec = dot_precision(x.dtype)
     if cb is None:
@@ -72,11 +76,12 @@ def _backward(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, seq_idx, ypre, cb, pr
     else:
         dy = dout.to(x.dtype)
     dS, dS_lp, dinit, dcs_last = bwd_scan.dprev_and_pass_bwd(dy, C, cs, seq_idx, prev, final, dfinal, Q, prec)
-    dx, ddtp, dcs, dD = bwd_dx.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, Q, prec)
-    dB, dC, dcs_rows, dcs_offd = bwd.chunk_dcb_dbc(x, dy, B, C, prev, dS_lp, dtp, cs, seq_idx, cb, Q, prec)
+    dx, ddtp, dcs, dD = bwd_dx.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, Q, prec, dx=dx_out)
+    dB, dC, dcs_rows, dcs_offd = bwd.chunk_dcb_dbc(x, dy, B, C, prev, dS_lp, dtp, cs, seq_idx, cb, Q, prec,
+                                                   out=(dB_out, dC_out) if out is not None else None)
     del dS, dS_lp
     ddt, dA, ddt_bias = bwd_scan.dt_bwd(dcs, dcs_rows, dcs_offd, dcs_last, ddtp, dtp, dt, dt_bias, A,
-                                        dt_softplus, (dt_lo, dt_hi))
+                                        dt_softplus, (dt_lo, dt_hi), ddt=ddt_out)
     dA = dA.to(A.dtype)
     ddt_bias = ddt_bias.to(dt_bias.dtype) if dt_bias is not None else None
     dD = dD.to(D.dtype) if dD is not None else None
@@ -189,14 +194,7 @@ def ssd_scan(
     in no-grad mode, where there is no backward."""
     _check_shapes(x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states)
     conv = _check_conv_source(conv_source, x, B)
-    Q = int(chunk_size)
-    if Q < 16 or Q & (Q - 1):
-        raise ValueError(f"the Triton SSD scan needs chunk_size a power of two >= 16, got {chunk_size}")
-    nbc = x.shape[0] * cdiv(x.shape[1], Q)
-    if nbc > MAX_GRID_YZ:
-        raise ValueError(f"the Triton SSD scan launches batch * ceil(seqlen / chunk_size) = {x.shape[0]} * "
-                         f"{cdiv(x.shape[1], Q)} = {nbc} programs along one CUDA grid axis, above its limit of "
-                         f"{MAX_GRID_YZ}: use a larger chunk_size or fewer sequences per call")
+    Q = check_chunking(x.shape[0], x.shape[1], chunk_size)
     if B.dtype != x.dtype or C.dtype != x.dtype:
         if conv_source is not None:
             raise ValueError("conv_source: x, B and C must be slices of one conv output (one dtype), got "
@@ -212,6 +210,20 @@ def ssd_scan(
     out, final = _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states, Q, bool(dt_softplus),
                          float(dt_limit[0]), float(dt_limit[1]), keep_states, *conv)[:2]
     return (out, final) if return_final_states else out
+
+
+def check_chunking(batch, seqlen, chunk_size) -> int:
+    """The chunk size as an int, after the Triton path's own limits: a power of two >= 16, and
+    batch * nchunks programs within one CUDA grid axis."""
+    Q = int(chunk_size)
+    if Q < 16 or Q & (Q - 1):
+        raise ValueError(f"the Triton SSD scan needs chunk_size a power of two >= 16, got {chunk_size}")
+    nbc = batch * cdiv(seqlen, Q)
+    if nbc > MAX_GRID_YZ:
+        raise ValueError(f"the Triton SSD scan launches batch * ceil(seqlen / chunk_size) = {batch} * "
+                         f"{cdiv(seqlen, Q)} = {nbc} programs along one CUDA grid axis, above its limit of "
+                         f"{MAX_GRID_YZ}: use a larger chunk_size or fewer sequences per call")
+    return Q
 
 
 def _check_conv_source(conv_source, x, B):
