@@ -2,8 +2,11 @@
 
 Order: in_proj -> z, x, B, C, dt; causal depthwise conv1d (+bias) + SiLU over (x, B, C);
 dt = softplus(dt + dt_bias) clamped to dt_limit; A = -exp(A_log); SSD scan with D skip;
-grouped gated RMSNorm norm(y * silu(z)); out_proj. With the `mamba_norm` recomputation
-(trainer.recompute) the normed tensor is not kept for out_proj's backward but recomputed there;
+grouped gated RMSNorm norm(y * silu(z)); out_proj. Everything between in_proj and out_proj is
+kernels.mamba_inner (on the Triton path one autograd node that writes in_proj's output gradient in
+one buffer). With the `mamba_norm` recomputation
+(trainer.recompute) the normed tensor is not kept for out_proj's backward but recomputed there
+(the core then runs without its norm, kernels.mamba_inner.split_conv_scan);
 with `mamba_conv` the SSD scan keeps the conv's input instead of its output (kernels.ssd conv_source);
 with `mamba_states` it keeps neither its CB matrices nor its chunk states but reruns their kernels.
 
@@ -17,9 +20,8 @@ import math
 import torch
 from torch import nn
 
-from kernels.conv1d.op import causal_conv1d
+from kernels.mamba_inner.op import MambaDims, mamba_inner, split_conv_scan
 from kernels.rmsnorm_gated.op import rmsnorm_gated, rmsnorm_gated_with_vjp, runs_triton
-from kernels.ssd.op import ssd_scan
 from pretrain.config import MambaConfig
 from pretrain.layers.linear import Linear
 from pretrain.recompute import linear_of_recomputed
@@ -44,11 +46,10 @@ class Mamba2Mixer(nn.Module):
         self.cfg = cfg
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.num_groups, self.d_state = cfg.num_groups, cfg.d_state
-        self.d_inner = cfg.num_heads * cfg.head_dim
-        self.conv_dim = self.d_inner + 2 * cfg.num_groups * cfg.d_state
+        self.dims = MambaDims(cfg.num_heads, cfg.head_dim, cfg.num_groups, cfg.d_state)
+        self.d_inner, self.conv_dim = self.dims.d_inner, self.dims.conv_dim
         self.norm_eps = norm_eps
-        d_in_proj = 2 * self.d_inner + 2 * cfg.num_groups * cfg.d_state + cfg.num_heads
-        self.in_proj = Linear(d_model, d_in_proj, bias=cfg.proj_bias)
+        self.in_proj = Linear(d_model, self.dims.packed_dim, bias=cfg.proj_bias)
         self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, cfg.d_conv))
         self.conv_bias = nn.Parameter(torch.zeros(self.conv_dim)) if cfg.conv_bias else None
         self.dt_bias = nn.Parameter(init_dt_bias(cfg.num_heads, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor))
@@ -66,32 +67,17 @@ class Mamba2Mixer(nn.Module):
             p._no_weight_decay = True  # type: ignore[attr-defined]
 
     def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        batch, seqlen, _ = hidden.shape
         zxbcdt = self.in_proj(hidden)
-        z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.num_heads], dim=-1)
-        conv_source = (xBC, self.conv_weight, self.conv_bias, "silu") if self.recompute_conv else None
-        xBC = causal_conv1d(xBC, self.conv_weight, self.conv_bias, seq_idx=seq_idx, activation="silu")
-        x, B, C = torch.split(xBC, [self.d_inner, self.num_groups * self.d_state, self.num_groups * self.d_state], dim=-1)
-        y = ssd_scan(
-            x.reshape(batch, seqlen, self.num_heads, self.head_dim),
-            dt,
-            -torch.exp(self.A_log.float()),
-            B.reshape(batch, seqlen, self.num_groups, self.d_state),
-            C.reshape(batch, seqlen, self.num_groups, self.d_state),
-            chunk_size=self.cfg.chunk_size,
-            D=self.D,
-            dt_bias=self.dt_bias,
-            dt_softplus=True,
-            dt_limit=(self.cfg.dt_limit_min, self.cfg.dt_limit_max),
-            seq_idx=seq_idx,
-            conv_source=conv_source,
-            recompute_states=self.recompute_states,
-        )
-        y = y.reshape(batch, seqlen, self.d_inner)
+        core = dict(dims=self.dims, chunk_size=self.cfg.chunk_size, dt_limit=(self.cfg.dt_limit_min, self.cfg.dt_limit_max),
+                    seq_idx=seq_idx, recompute_conv=self.recompute_conv, recompute_states=self.recompute_states)
+        A = -torch.exp(self.A_log.float())
         if self.recompute_norm and torch.is_grad_enabled():
+            y, z = split_conv_scan(zxbcdt, self.conv_weight, self.conv_bias, self.dt_bias, A, self.D, **core)
             with_vjp = self._gated_norm_with_vjp if runs_triton(y, z, self.norm_weight) else None
             return linear_of_recomputed(self._gated_norm, (y, z, self.norm_weight), self.out_proj, fn_with_vjp=with_vjp)
-        return self.out_proj(self._gated_norm(y, z, self.norm_weight))
+        normed = mamba_inner(zxbcdt, self.conv_weight, self.conv_bias, self.dt_bias, A, self.D, self.norm_weight,
+                             norm_eps=self.norm_eps, norm_before_gate=self.cfg.norm_before_gate, **core)
+        return self.out_proj(normed)
 
     def _norm_kwargs(self) -> dict:
         return {"group_size": self.d_inner // self.num_groups, "eps": self.norm_eps,

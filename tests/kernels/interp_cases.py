@@ -100,6 +100,60 @@ def run_conv_ssd_source(name, batch=2, seqlen=45, nheads=4, hdim=8, ngroups=2, d
     return name, res
 
 
+def run_mamba_inner(name, norm_before_gate, recompute_conv, recompute_states, batch=2, seqlen=45, nheads=4, hdim=8,
+                    ngroups=2, dstate=8, width=4, chunk=16):
+    """The fused mixer core (kernels.mamba_inner: one node whose backward writes every gradient into
+    slices of one buffer) against the same Triton kernels as separate ops (conv, SSD, norm on views of
+    the packed projection; autograd cats the gradients): the same bits, output and every gradient
+    (max |difference|, "bits_*"); and against the PyTorch reference (relative errors). Documents cut
+    inside chunks, two groups, odd seqlen; "kept_conv_output" says whether a tensor of the conv output's
+    shape is among those kept for the backward."""
+    from kernels.mamba_inner import reference as inner_ref
+    from kernels.mamba_inner.op import MambaDims, mamba_inner, split_conv_scan
+
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    dims = MambaDims(nheads, hdim, ngroups, dstate)
+    leaves = {
+        "zxbcdt": torch.randn(batch, seqlen, dims.packed_dim, generator=g),
+        "conv_weight": torch.randn(dims.conv_dim, width, generator=g) * 0.5,
+        "conv_bias": torch.randn(dims.conv_dim, generator=g) * 0.1,
+        "dt_bias": torch.randn(nheads, generator=g) * 0.1,
+        "A": -torch.rand(nheads, generator=g) - 0.2,
+        "D": torch.randn(nheads, generator=g),
+        "norm_weight": 1 + 0.1 * torch.randn(dims.d_inner, generator=g),
+    }
+    leaves = {k: v.requires_grad_(True) for k, v in leaves.items()}
+    seq_idx = torch.zeros(batch, seqlen, dtype=torch.int32)
+    seq_idx[0, 13:] = 1
+    seq_idx[0, 30:] = 2
+    kw = dict(dims=dims, chunk_size=chunk, dt_limit=(0.01, 3.0), norm_eps=1e-5, norm_before_gate=norm_before_gate,
+              seq_idx=seq_idx)
+    hints = dict(recompute_conv=recompute_conv, recompute_states=recompute_states)
+    seed = torch.randn(batch, seqlen, dims.d_inner, generator=g)
+    args = list(leaves.values())
+    kept = set()
+
+    def pack(t):
+        kept.add(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = mamba_inner(*args, **kw, **hints)
+    grads = torch.autograd.grad((out * seed).sum(), args)
+    y, z = split_conv_scan(*args[:6], **{k: v for k, v in kw.items() if not k.startswith("norm")}, **hints)
+    out_sep = kernels.rmsnorm_gated(y, z, leaves["norm_weight"], group_size=dims.d_inner // ngroups, eps=1e-5,
+                                    norm_before_gate=norm_before_gate)
+    grads_sep = torch.autograd.grad((out_sep * seed).sum(), args)
+    out_ref = inner_ref.mamba_inner(*args, **kw)
+    grads_ref = torch.autograd.grad((out_ref * seed).sum(), args)
+    res = {"bits_out": float((out - out_sep).detach().abs().max()), "out": rel(out, out_ref),
+           "kept_conv_output": float((batch, seqlen, dims.conv_dim) in kept)}
+    for k, a, b, r in zip(leaves, grads, grads_sep, grads_ref):
+        res[f"bits_d{k}"] = float((a - b).abs().max())
+        res[f"d{k}"] = rel(a, r)
+    return name, res
+
+
 def run_ssd_recompute_states(name, batch=2, seqlen=45, nheads=4, hdim=5, ngroups=2, dstate=6, chunk=16):
     """The SSD scan with and without recompute_states (seq_idx, initial states, z, final states):
     the output and every gradient must be the same bits (the backward reruns the forward's kernels on
@@ -501,6 +555,11 @@ def main():
         out.update([run_ssd(name, shape, chunk, **kw)])
     out.update([run_conv_ssd_source("ssd_conv_source")])
     out.update([run_ssd_recompute_states("ssd_recompute_states")])
+    # two heads per group: the interpreter's dB/dC take two partial sums, summed into the packed
+    # gradient; three: one, which the kernel writes into it directly (strided)
+    for before, conv, states, nheads in ((False, False, False, 4), (True, True, True, 6)):
+        out.update([run_mamba_inner(f"mamba_inner_{'before' if before else 'after'}_{'recompute' if conv else 'keep'}",
+                                    before, conv, states, nheads=nheads)])
     for width in (2, 3, 4):
         out.update([run_conv(f"conv_w{width}_silu", width, "silu")])
     out.update([run_conv("conv_w4_none", 4, None)])

@@ -62,6 +62,22 @@ def test_ssd_every_gradient_covered(results):
     assert {"dx", "ddt", "dA", "dB", "dC", "dD", "dz", "ddt_bias", "dinitial_states"} <= seen
 
 
+@pytest.mark.parametrize("case,recompute", [("mamba_inner_after_keep", False), ("mamba_inner_before_recompute", True)])
+def test_mamba_inner_fused_node_matches_separate_ops_and_reference(results, case, recompute):
+    res = dict(results[case])
+    # with recompute_conv the conv's output is not kept; without, it is (the check can see it)
+    assert res.pop("kept_conv_output") == (0.0 if recompute else 1.0)
+    names = ("zxbcdt", "conv_weight", "conv_bias", "dt_bias", "A", "D", "norm_weight")
+    assert {"bits_out", "out", *(f"bits_d{k}" for k in names), *(f"d{k}" for k in names)} == set(res)
+    bits = {k: v for k, v in res.items() if k.startswith("bits_")}
+    assert all(v == 0.0 for v in bits.values()), bits  # the same kernels on the same inputs
+    rels = {k: v for k, v in res.items() if not k.startswith("bits_")}
+    bad = {k: v for k, v in rels.items()
+           if not v <= (2e-5 if k == "out" else 1e-3 if k in ("dconv_weight", "dconv_bias", "ddt_bias", "dA", "dD",
+                                                                 "dnorm_weight") else 1e-4)}
+    assert not bad, f"relative errors above tolerance: {bad} (all: {rels})"
+
+
 def test_ssd_conv_source_same_bits_without_keeping_the_conv_output(results):
     res = dict(results["ssd_conv_source"])
     assert res.pop("conv_output_kept_without") == 1.0  # the check can see the conv output when it is kept

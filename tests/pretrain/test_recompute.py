@@ -100,20 +100,26 @@ def test_a_part_without_layers_to_act_on_is_an_error():
         apply_policy(model, parse_policy("mlp_act"))
 
 
-def test_mamba_states_reaches_the_ssd_scan(monkeypatch):
-    """The part is a flag the mixer hands to kernels.ssd (whose own test checks the same bits with
-    less kept, tests/kernels/test_kern_triton_interp.py): every mixer passes it, only when asked."""
+def test_mamba_parts_reach_the_mixer_core(monkeypatch):
+    """mamba_conv and mamba_states are flags the mixer hands to kernels.mamba_inner (whose own test
+    checks the same bits with less kept, tests/kernels/test_kern_triton_interp.py): every mixer
+    passes them, only when asked; with mamba_norm the core runs without its norm (split_conv_scan)
+    and gets the same flags."""
     import pretrain.layers.mamba as mamba_layer
 
     seen = []
-    real = mamba_layer.ssd_scan
 
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("recompute_states"))
-        return real(*args, **kwargs)
+    def spy(name, real):
+        def call(*args, **kwargs):
+            seen.append((name, kwargs["recompute_conv"], kwargs["recompute_states"]))
+            return real(*args, **kwargs)
+        return call
 
-    monkeypatch.setattr(mamba_layer, "ssd_scan", spy)
-    for policy, expected in (("none", False), ("mamba_states", True)):
+    monkeypatch.setattr(mamba_layer, "mamba_inner", spy("fused", mamba_layer.mamba_inner))
+    monkeypatch.setattr(mamba_layer, "split_conv_scan", spy("without_norm", mamba_layer.split_conv_scan))
+    for policy, expected in (("none", ("fused", False, False)), ("mamba_states", ("fused", False, True)),
+                             ("mamba_conv", ("fused", True, False)),
+                             ("mamba_norm,mamba_conv,mamba_states", ("without_norm", True, True))):
         seen.clear()
         _, model = tiny_model("model.pattern=M*M-")
         apply_policy(model, parse_policy(policy))
