@@ -14,7 +14,7 @@ single-process):
   as a loop of MLP modules (CPU, float32); on CUDA's grouped-GEMM path (pretrain/layers/grouped_mlp.py)
   the experts keep their product;
 - mamba_norm: the Mamba mixer's gated RMSNorm output, recomputed for out_proj's backward
-  (pretrain/layers/mamba.py): one (tokens, d_inner) tensor less per mixer;
+  (pretrain/layers/mamba.py, `linear_of_rerun`): one (tokens, d_inner) tensor less per mixer;
 - mamba_conv: the mixer's conv1d output (x, B, C), rerun from the conv's input in the SSD scan's
   backward (Triton path; parallel/mamba.py too): one (tokens, d_inner + 2 ngroups dstate) tensor
   less per mixer;
@@ -90,12 +90,12 @@ def set_parts(module: torch.nn.Module, kinds: frozenset[str]) -> set[str]:
 def linear_of_recomputed(fn, inputs: tuple, linear: torch.nn.Linear, fn_with_vjp=None) -> torch.Tensor:
     """linear(fn(*inputs)), keeping `inputs` but not fn's output for the backward: there fn reruns
     (under the forward's autocast state: the same ops, the same bits) and autograd backprops through
-    it. The parts mlp_act (fn = the MLP activation) and mamba_norm (fn = the gated RMSNorm) use it;
-    fn's inputs are what fn's own backward would keep anyway. None inputs pass.
+    it. The part mlp_act (fn = the MLP activation) uses it; fn's inputs are what fn's own backward
+    would keep anyway. None inputs pass.
     `fn_with_vjp(*inputs) -> (fn(*inputs), vjp)`, where vjp(d_output) returns the inputs' gradients
     (None for None inputs), replaces that rerun under autograd (torch.autograd.grad inside a backward:
-    a graph break under torch.compile) where an explicit backward exists (the MLP activations, the
-    Triton gated norm). A pretrain.layers.linear.Linear with its step's buffers attached (gradient
+    a graph break under torch.compile) where an explicit backward exists (the MLP activations).
+    A pretrain.layers.linear.Linear with its step's buffers attached (gradient
     accumulation fusion) gets its weight gradient added into `main_grad` instead of autograd, and
     multiplies with its step's weight copy."""
     weight = linear.weight
@@ -104,17 +104,52 @@ def linear_of_recomputed(fn, inputs: tuple, linear: torch.nn.Linear, fn_with_vjp
                                      copy, *inputs)
 
 
+def linear_of_rerun(x: torch.Tensor, rerun, rerun_inputs: tuple, linear: torch.nn.Linear) -> torch.Tensor:
+    """linear(x) where x equals rerun(*rerun_inputs), keeping rerun_inputs but not x for the backward:
+    there rerun runs again, without autograd, to give the weight gradient its input, and x's gradient
+    goes back along x's own graph. For a layer whose own backward keeps rerun_inputs anyway and
+    computes the rest of the gradient itself: mamba_norm (x = the fused Mamba core's output, rerun =
+    its gated norm on the SSD output and z it keeps, pretrain/layers/mamba.py). Buffers and weight
+    copy as in linear_of_recomputed."""
+    weight = linear.weight
+    copy = step_copy(linear, compute_dtype(weight, weight))
+    return _LinearOfRerun.apply(x, rerun, weight, linear.bias, getattr(linear, "main_grad", None), copy,
+                                *rerun_inputs)
+
+
+def _save_linear(ctx, weight, bias, main_grad, weight_copy, *inputs) -> torch.Tensor:
+    """Keep what _linear_grads needs (and `inputs`); -> the weight to multiply with."""
+    ctx.fused = main_grad is not None
+    w = weight_copy if weight_copy is not None else weight
+    ctx.save_for_backward(w, main_grad, *inputs)
+    ctx.weight_dtype = weight.dtype
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    device = weight.device.type
+    ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+    return w
+
+
+def _linear_grads(ctx, dout, h, weight, main_grad):
+    """The linear's gradients as autocast's linear computes them (weight cast to the gradient's
+    dtype), for its input h: -> (d weight or None where summed into main_grad, d bias, d h). One
+    (rows, out) view of dout feeds every GEMM (see pretrain/layers/linear.py's _FusedLinear)."""
+    dout2 = dout.reshape(-1, dout.shape[-1])
+    h2 = h.detach().reshape(-1, h.shape[-1]).to(dout.dtype)
+    if ctx.fused:
+        accumulate_wgrad_(main_grad, dout2, h2)
+        dweight = None
+    else:
+        dweight = (dout2.t() @ h2).to(ctx.weight_dtype)
+    dbias = dout2.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+    dh = (dout2 @ weight.to(dout.dtype)).to(h.dtype).view(h.shape)
+    return dweight, dbias, dh
+
+
 class _LinearOfRecomputed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn, fn_with_vjp, weight, bias, main_grad, weight_copy, *inputs):
         ctx.fn, ctx.fn_with_vjp = fn, fn_with_vjp
-        ctx.fused = main_grad is not None
-        w = weight_copy if weight_copy is not None else weight
-        ctx.save_for_backward(w, main_grad, *inputs)
-        ctx.weight_dtype = weight.dtype
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        device = weight.device.type
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        w = _save_linear(ctx, weight, bias, main_grad, weight_copy, *inputs)
         return torch.nn.functional.linear(fn(*inputs), w, bias)
 
     @staticmethod
@@ -128,17 +163,7 @@ class _LinearOfRecomputed(torch.autograd.Function):
             leaves = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
             with torch.enable_grad(), torch.autocast(device, dtype=amp_dtype, enabled=amp):
                 h = ctx.fn(*leaves)
-        # the linear's gradients as autocast's linear computes them: weight cast to the gradient's dtype
-        # one (rows, out) view of dout feeds every GEMM (see pretrain/layers/linear.py's _FusedLinear)
-        dout2 = dout.reshape(-1, dout.shape[-1])
-        h2 = h.detach().reshape(-1, h.shape[-1]).to(dout.dtype)
-        if ctx.fused:
-            accumulate_wgrad_(main_grad, dout2, h2)
-            dweight = None
-        else:
-            dweight = (dout2.t() @ h2).to(ctx.weight_dtype)
-        dbias = dout2.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
-        dh = (dout2 @ weight.to(dout.dtype)).to(h.dtype).view(h.shape)
+        dweight, dbias, dh = _linear_grads(ctx, dout, h, weight, main_grad)
         if ctx.fn_with_vjp is not None:
             dinputs = [g if need else None for g, need in zip(vjp(dh), ctx.needs_input_grad[6:])]
         else:
@@ -146,6 +171,23 @@ class _LinearOfRecomputed(torch.autograd.Function):
             grads = iter(torch.autograd.grad(h, wanted, dh) if wanted else ())
             dinputs = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
         return None, None, dweight, dbias, None, None, *dinputs
+
+
+class _LinearOfRerun(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, rerun, weight, bias, main_grad, weight_copy, *rerun_inputs):
+        ctx.rerun = rerun
+        w = _save_linear(ctx, weight, bias, main_grad, weight_copy, *rerun_inputs)
+        return torch.nn.functional.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, dout):
+        weight, main_grad, *inputs = ctx.saved_tensors
+        device, amp, amp_dtype = ctx.autocast
+        with torch.no_grad(), torch.autocast(device, dtype=amp_dtype, enabled=amp):
+            h = ctx.rerun(*inputs)
+        dweight, dbias, dh = _linear_grads(ctx, dout, h, weight, main_grad)
+        return dh, None, dweight, dbias, None, None, *(None,) * len(inputs)
 
 
 def is_recomputing() -> bool:

@@ -59,12 +59,14 @@ def split_xbc(xbc, dims: MambaDims):
 
 
 def mamba_inner(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, *, dims: MambaDims, chunk_size,
-                dt_limit=(0.0, float("inf")), norm_eps=1e-5, norm_before_gate=False, seq_idx=None):
-    """See the module docstring."""
+                dt_limit=(0.0, float("inf")), norm_eps=1e-5, norm_before_gate=False, seq_idx=None, return_y=False):
+    """See the module docstring. return_y: -> (out, y) as in kernels.mamba_inner.op."""
     z, xBC, dt = split_packed(zxbcdt, dims)
     xbc = causal_conv1d(xBC, conv_weight, conv_bias, seq_idx=seq_idx, activation="silu")
     x, B, C = split_xbc(xbc, dims)
     y = ssd_scan(x, dt, A, B, C, chunk_size=chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit,
                  seq_idx=seq_idx)
-    return rmsnorm_gated(y.reshape(z.shape), z, norm_weight, group_size=dims.d_inner // dims.ngroups, eps=norm_eps,
-                         norm_before_gate=norm_before_gate)
+    y = y.reshape(z.shape)
+    out = rmsnorm_gated(y, z, norm_weight, group_size=dims.d_inner // dims.ngroups, eps=norm_eps,
+                        norm_before_gate=norm_before_gate)
+    return (out, y.detach()) if return_y else out

@@ -149,8 +149,8 @@ _mamba_inner_fwd = with_autograd(_fwd_op, _grads, _setup)
 
 def mamba_inner(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, *, dims: MambaDims, chunk_size,
                 dt_limit=(0.0, float("inf")), norm_eps=1e-5, norm_before_gate=False, seq_idx=None,
-                recompute_conv=False, recompute_states=False):
-    """Triton mixer core; same contract as kernels.mamba_inner.op.mamba_inner (hints there)."""
+                recompute_conv=False, recompute_states=False, return_y=False):
+    """Triton mixer core; same contract as kernels.mamba_inner.op.mamba_inner (hints and return_y there)."""
     dims = MambaDims(*(int(v) for v in dims))
     z, xBC, dt = split_packed(zxbcdt, dims)
     check_conv(xBC, conv_weight, conv_bias, "silu")
@@ -159,9 +159,11 @@ def mamba_inner(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, *, d
     check_norm(z, z, norm_weight, dims.d_inner // dims.ngroups)
     Q = ssd.check_chunking(x.shape[0], x.shape[1], chunk_size)
     keep_states = not recompute_states and torch.is_grad_enabled()
-    return _mamba_inner_fwd(zxbcdt, conv_weight, conv_bias, dt_bias.contiguous(), A.contiguous(), D.contiguous(),
-                            norm_weight.contiguous(), seq_idx, list(dims), Q, float(dt_limit[0]), float(dt_limit[1]),
-                            float(norm_eps), bool(norm_before_gate), not recompute_conv, keep_states)[0]
+    outputs = _mamba_inner_fwd(zxbcdt, conv_weight, conv_bias, dt_bias.contiguous(), A.contiguous(), D.contiguous(),
+                               norm_weight.contiguous(), seq_idx, list(dims), Q, float(dt_limit[0]),
+                               float(dt_limit[1]), float(norm_eps), bool(norm_before_gate), not recompute_conv,
+                               keep_states)
+    return (outputs[0], outputs[2].view(z.shape)) if return_y else outputs[0]
 
 
 __all__ = ["mamba_inner"]

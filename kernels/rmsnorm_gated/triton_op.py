@@ -243,21 +243,15 @@ def rmsnorm_gated_fwd(y, z, weight, group_size, eps, norm_before_gate):
 
 
 # Custom ops: opaque to torch.compile, which traces the block around them (kernels/__init__.py).
-# `recomputation` (ignored by the kernels) is true where the forward reruns inside a backward
-# (rmsnorm_gated_with_vjp): it keeps that call distinct from the forward's own, which otherwise has
-# the same arguments, so that the common-subexpression pass on AOTAutograd's joint graph (torch 2.11
-# merges across forward and backward; 2.14 keeps them apart) does not merge the two and keep the
-# output the recomputation exists to free (measured under torch 2.11 on the GPU: +128 MiB kept per
-# Mamba block of hybrid_460m at 8x4096).
 @torch.library.custom_op("hybrid_pretrain::rmsnorm_gated_fwd", mutates_args=(),
                          schema="(Tensor y, Tensor? z, Tensor weight, int group_size, float eps, "
-                                "bool norm_before_gate, bool recomputation=False) -> (Tensor, Tensor)")
-def _fwd_op(y, z, weight, group_size, eps, norm_before_gate, recomputation=False):
+                                "bool norm_before_gate) -> (Tensor, Tensor)")
+def _fwd_op(y, z, weight, group_size, eps, norm_before_gate):
     return rmsnorm_gated_fwd(y, z, weight, group_size, eps, norm_before_gate)
 
 
 @_fwd_op.register_fake
-def _(y, z, weight, group_size, eps, norm_before_gate, recomputation=False):
+def _(y, z, weight, group_size, eps, norm_before_gate):
     nrows = y.numel() // y.shape[-1]
     return y.new_empty(y.shape), y.new_empty(nrows, y.shape[-1] // group_size, dtype=torch.float32)
 
@@ -279,7 +273,7 @@ def _(dout, y, z, weight, rstd, group_size, norm_before_gate):
 
 
 def _setup(ctx, inputs, output):
-    y, z, weight, group_size, eps, norm_before_gate, _ = inputs
+    y, z, weight, group_size, eps, norm_before_gate = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(y, z, weight, output[1])
@@ -289,9 +283,9 @@ def _setup(ctx, inputs, output):
 def _grads(ctx, dout, _drstd):
     y, z, weight, rstd = ctx.saved_tensors
     if dout is None:
-        return (None,) * 7
+        return (None,) * 6
     dy, dz, dw = _bwd_op(dout, y, z, weight, rstd, *ctx.cfg)
-    return dy, dz if z is not None else None, dw, None, None, None, None
+    return dy, dz if z is not None else None, dw, None, None, None
 
 
 _norm_fwd = with_autograd(_fwd_op, _grads, _setup)
@@ -300,19 +294,4 @@ _norm_fwd = with_autograd(_fwd_op, _grads, _setup)
 def rmsnorm_gated(y, z, weight, *, group_size, eps=1e-5, norm_before_gate=False):
     """Triton gated grouped RMSNorm; same contract as kernels.rmsnorm_gated.reference."""
     check_args(y, z, weight, group_size)
-    return _norm_fwd(y, z, weight.contiguous(), int(group_size), float(eps), bool(norm_before_gate), False)[0]
-
-
-def rmsnorm_gated_with_vjp(y, z, weight, *, group_size, eps=1e-5, norm_before_gate=False):
-    """See kernels.rmsnorm_gated.op.rmsnorm_gated_with_vjp: the forward and backward ops called
-    directly (custom ops: traceable by torch.compile inside an autograd.Function's backward)."""
-    check_args(y, z, weight, group_size)
-    weight = weight.contiguous()
-    cfg = (int(group_size), bool(norm_before_gate))
-    out, rstd = _fwd_op(y, z, weight, cfg[0], float(eps), cfg[1], recomputation=True)
-
-    def vjp(dout):
-        dy, dz, dw = _bwd_op(dout, y, z, weight, rstd, *cfg)
-        return dy, dz if z is not None else None, dw
-
-    return out, vjp
+    return _norm_fwd(y, z, weight.contiguous(), int(group_size), float(eps), bool(norm_before_gate))[0]

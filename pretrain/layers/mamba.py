@@ -5,8 +5,8 @@ dt = softplus(dt + dt_bias) clamped to dt_limit; A = -exp(A_log); SSD scan with 
 grouped gated RMSNorm norm(y * silu(z)); out_proj. Everything between in_proj and out_proj is
 kernels.mamba_inner (on the Triton path one autograd node that writes in_proj's output gradient in
 one buffer). With the `mamba_norm` recomputation
-(trainer.recompute) the normed tensor is not kept for out_proj's backward but recomputed there
-(the core then runs without its norm, kernels.mamba_inner.split_conv_scan);
+(trainer.recompute) the normed tensor is not kept for out_proj's backward but recomputed there from
+the SSD output and z, which the core keeps anyway (pretrain.recompute.linear_of_rerun);
 with `mamba_conv` the SSD scan keeps the conv's input instead of its output (kernels.ssd conv_source);
 with `mamba_states` it keeps neither its CB matrices nor its chunk states but reruns their kernels.
 
@@ -20,11 +20,11 @@ import math
 import torch
 from torch import nn
 
-from kernels.mamba_inner.op import MambaDims, mamba_inner, split_conv_scan
-from kernels.rmsnorm_gated.op import rmsnorm_gated, rmsnorm_gated_with_vjp, runs_triton
+from kernels.mamba_inner.op import MambaDims, mamba_inner, split_packed
+from kernels.rmsnorm_gated.op import rmsnorm_gated
 from pretrain.config import MambaConfig
 from pretrain.layers.linear import Linear
-from pretrain.recompute import linear_of_recomputed
+from pretrain.recompute import linear_of_rerun
 
 
 def init_dt_bias(num_heads: int, dt_min: float, dt_max: float, dt_floor: float) -> torch.Tensor:
@@ -68,23 +68,20 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         zxbcdt = self.in_proj(hidden)
-        core = dict(dims=self.dims, chunk_size=self.cfg.chunk_size, dt_limit=(self.cfg.dt_limit_min, self.cfg.dt_limit_max),
-                    seq_idx=seq_idx, recompute_conv=self.recompute_conv, recompute_states=self.recompute_states)
-        A = -torch.exp(self.A_log.float())
-        if self.recompute_norm and torch.is_grad_enabled():
-            y, z = split_conv_scan(zxbcdt, self.conv_weight, self.conv_bias, self.dt_bias, A, self.D, **core)
-            with_vjp = self._gated_norm_with_vjp if runs_triton(y, z, self.norm_weight) else None
-            return linear_of_recomputed(self._gated_norm, (y, z, self.norm_weight), self.out_proj, fn_with_vjp=with_vjp)
-        normed = mamba_inner(zxbcdt, self.conv_weight, self.conv_bias, self.dt_bias, A, self.D, self.norm_weight,
-                             norm_eps=self.norm_eps, norm_before_gate=self.cfg.norm_before_gate, **core)
-        return self.out_proj(normed)
-
-    def _norm_kwargs(self) -> dict:
-        return {"group_size": self.d_inner // self.num_groups, "eps": self.norm_eps,
-                "norm_before_gate": self.cfg.norm_before_gate}
+        rerun_norm = self.recompute_norm and torch.is_grad_enabled()
+        out = mamba_inner(zxbcdt, self.conv_weight, self.conv_bias, self.dt_bias, -torch.exp(self.A_log.float()),
+                          self.D, self.norm_weight, dims=self.dims, chunk_size=self.cfg.chunk_size,
+                          dt_limit=(self.cfg.dt_limit_min, self.cfg.dt_limit_max), norm_eps=self.norm_eps,
+                          norm_before_gate=self.cfg.norm_before_gate, seq_idx=seq_idx,
+                          recompute_conv=self.recompute_conv, recompute_states=self.recompute_states,
+                          return_y=rerun_norm)
+        if rerun_norm:  # out_proj's backward reruns the norm from what the core keeps anyway
+            normed, y = out
+            z = split_packed(zxbcdt, self.dims)[0]
+            return linear_of_rerun(normed, self._gated_norm, (y, z.detach(), self.norm_weight.detach()),
+                                   self.out_proj)
+        return self.out_proj(out)
 
     def _gated_norm(self, y, z, weight):
-        return rmsnorm_gated(y, z, weight, **self._norm_kwargs())
-
-    def _gated_norm_with_vjp(self, y, z, weight):
-        return rmsnorm_gated_with_vjp(y, z, weight, **self._norm_kwargs())
+        return rmsnorm_gated(y, z, weight, group_size=self.d_inner // self.num_groups, eps=self.norm_eps,
+                             norm_before_gate=self.cfg.norm_before_gate)

@@ -18,6 +18,7 @@ import torch._dynamo
 
 import kernels
 from kernels.conv1d import triton_op as conv_op
+from kernels.mamba_inner import triton_op as inner_op
 from kernels.rmsnorm_gated import triton_op as rms_op
 from kernels.ssd import triton_op as ssd_op
 from pretrain.config import load_config, validate
@@ -58,6 +59,18 @@ def opchecks() -> dict:
     for name, full, keep in (("ssd_full_keep", True, True), ("ssd_full_recompute", True, False),
                              ("ssd_bare", False, True)):
         torch.library.opcheck(ssd_op._fwd_op, ssd_args(full, keep))
+        res[name] = 1.0
+    gn, d_inner = g * n, h * p
+    conv_dim = d_inner + 2 * gn
+
+    def inner_args(bias, seq_idx, keep_conv, keep_states):
+        return (rand(b, l, d_inner + conv_dim + h), rand(conv_dim, w, scale=0.5),
+                rand(conv_dim, scale=0.1) if bias else None, rand(h, scale=0.1), -torch.rand(h, generator=_g).add(0.2),
+                rand(h), rand(d_inner), seq_idx, [h, p, g, n], q, 0.0, float("inf"), 1e-5, False, keep_conv,
+                keep_states)
+
+    for name, bias, s, keep in (("inner_keep", True, seq, True), ("inner_recompute", False, None, False)):
+        torch.library.opcheck(inner_op._fwd_op, inner_args(bias, s, keep, keep))
         res[name] = 1.0
     return res
 

@@ -109,7 +109,8 @@ def run_mamba_inner(name, norm_before_gate, recompute_conv, recompute_states, ba
     inside chunks, two groups, odd seqlen; "kept_conv_output" says whether a tensor of the conv output's
     shape is among those kept for the backward."""
     from kernels.mamba_inner import reference as inner_ref
-    from kernels.mamba_inner.op import MambaDims, mamba_inner, split_conv_scan
+    from kernels.mamba_inner.op import MambaDims, mamba_inner
+    from mamba_separate_ops import mamba_core_separate_ops
 
     g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     dims = MambaDims(nheads, hdim, ngroups, dstate)
@@ -140,9 +141,7 @@ def run_mamba_inner(name, norm_before_gate, recompute_conv, recompute_states, ba
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = mamba_inner(*args, **kw, **hints)
     grads = torch.autograd.grad((out * seed).sum(), args)
-    y, z = split_conv_scan(*args[:6], **{k: v for k, v in kw.items() if not k.startswith("norm")}, **hints)
-    out_sep = kernels.rmsnorm_gated(y, z, leaves["norm_weight"], group_size=dims.d_inner // ngroups, eps=1e-5,
-                                    norm_before_gate=norm_before_gate)
+    out_sep = mamba_core_separate_ops(*args, **kw, **hints)
     grads_sep = torch.autograd.grad((out_sep * seed).sum(), args)
     out_ref = inner_ref.mamba_inner(*args, **kw)
     grads_ref = torch.autograd.grad((out_ref * seed).sum(), args)

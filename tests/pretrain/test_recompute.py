@@ -46,7 +46,7 @@ def _step(policy: str, router: str, mlp: str = "swiglu") -> tuple[float, dict, t
 @pytest.mark.parametrize("router", ["sigmoid_bias", "softmax_aux"])
 @pytest.mark.parametrize("policy, mlp", [("full", "swiglu"), ("mamba,moe", "swiglu"), ("attention,mlp", "swiglu"),
                                          ("mlp_act,mamba_norm,mamba_conv,mamba_states", "swiglu"), ("mlp_act,mamba_norm", "relu2"),
-                                         ("attention,mlp_act", "swiglu")])
+                                         ("attention,mlp_act", "swiglu"), ("mamba_norm", "swiglu")])
 def test_recomputation_gives_the_same_loss_gradients_and_routing_counts(policy, mlp, router):
     loss0, grads0, counts0, saved0 = _step("none", router, mlp)
     loss, grads, counts, saved = _step(policy, router, mlp)
@@ -102,24 +102,21 @@ def test_a_part_without_layers_to_act_on_is_an_error():
 
 def test_mamba_parts_reach_the_mixer_core(monkeypatch):
     """mamba_conv and mamba_states are flags the mixer hands to kernels.mamba_inner (whose own test
-    checks the same bits with less kept, tests/kernels/test_kern_triton_interp.py): every mixer
-    passes them, only when asked; with mamba_norm the core runs without its norm (split_conv_scan)
-    and gets the same flags."""
+    checks the same bits with less kept, tests/kernels/test_kern_triton_interp.py), and mamba_norm asks
+    it for the SSD output the norm reruns from: every mixer passes them, only when asked."""
     import pretrain.layers.mamba as mamba_layer
 
     seen = []
+    real = mamba_layer.mamba_inner
 
-    def spy(name, real):
-        def call(*args, **kwargs):
-            seen.append((name, kwargs["recompute_conv"], kwargs["recompute_states"]))
-            return real(*args, **kwargs)
-        return call
+    def spy(*args, **kwargs):
+        seen.append((kwargs["recompute_conv"], kwargs["recompute_states"], kwargs["return_y"]))
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(mamba_layer, "mamba_inner", spy("fused", mamba_layer.mamba_inner))
-    monkeypatch.setattr(mamba_layer, "split_conv_scan", spy("without_norm", mamba_layer.split_conv_scan))
-    for policy, expected in (("none", ("fused", False, False)), ("mamba_states", ("fused", False, True)),
-                             ("mamba_conv", ("fused", True, False)),
-                             ("mamba_norm,mamba_conv,mamba_states", ("without_norm", True, True))):
+    monkeypatch.setattr(mamba_layer, "mamba_inner", spy)
+    for policy, expected in (("none", (False, False, False)), ("mamba_states", (False, True, False)),
+                             ("mamba_conv", (True, False, False)), ("mamba_norm", (False, False, True)),
+                             ("mamba_norm,mamba_conv,mamba_states", (True, True, True))):
         seen.clear()
         _, model = tiny_model("model.pattern=M*M-")
         apply_policy(model, parse_policy(policy))
