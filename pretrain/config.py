@@ -177,6 +177,12 @@ class TrainerConfig:
     # null = on for CUDA when a step accumulates two or more micro-batches (per dp rank), else off;
     # true = on (also on the CPU); false = plain autograd
     gradient_accumulation_fusion: Optional[bool] = None
+    # the residual stream's dtype under bf16 autocast (the single-process engine): null or true =
+    # float32 (each block's output is added to a float32 stream); false = the autocast dtype, as
+    # Megatron-LM's default (fp32_residual_connection=False) and the megatron engine's bf16 parameters
+    # give: half the bytes in every residual add, pre-norm and their gradients, and in the activations
+    # the pre-norms keep (each sum still taken in float32, then rounded once)
+    residual_in_fp32: Optional[bool] = None
     # true: the same bits run to run on the same machines and layout, at some speed: torch's
     # deterministic algorithms (an op that has none raises at its first call, naming itself),
     # cuBLAS's fixed workspace, no cuDNN autotuning, Inductor's deterministic mode where this torch
@@ -469,6 +475,10 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
           "trainer.gradient_accumulation_fusion", t.gradient_accumulation_fusion,
           "applies to the single-process engine only (one process, trainer.engine=auto); the megatron engine "
           "sums bf16 gradients into its own float32 buffers: use null or false")
+    _need(not (t.residual_in_fp32 and (world_size > 1 or t.engine == "megatron")),
+          "trainer.residual_in_fp32", t.residual_in_fp32,
+          "applies to the single-process engine only (one process, trainer.engine=auto); the megatron engine's "
+          "residual stream is in its parameters' dtype (bf16 on CUDA): use null or false")
     from pretrain.recompute import parse_policy
 
     try:

@@ -41,6 +41,12 @@ def build_mixer(kind: str, cfg: ModelConfig, derived: Derived) -> nn.Module:
     raise ValueError(f"unknown layer kind {kind!r}")
 
 
+def widened(hidden: torch.Tensor) -> torch.Tensor:
+    """A bf16/fp16 residual stream (trainer.residual_in_fp32=false) as float32 for its RMSNorm: normed
+    as a float32 stream is (and torch's fused RMSNorm wants the weight's dtype); others as they are."""
+    return hidden.float() if hidden.dtype in (torch.bfloat16, torch.float16) else hidden
+
+
 class ResidualBlock(nn.Module):
     """x + mixer(norm(x)); input/output (batch, seqlen, d_model)."""
 
@@ -52,7 +58,8 @@ class ResidualBlock(nn.Module):
 
     def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
         extra = block_layout(self.kind, seq_idx)  # first: see pretrain/layers/attention.py
-        return hidden + self.mixer(self.norm(hidden), seq_idx, **extra)
+        # the sum is taken in the wider dtype and kept in the stream's (HybridLM.residual_dtype)
+        return (hidden + self.mixer(self.norm(widened(hidden)), seq_idx, **extra)).to(hidden.dtype)
 
 
 def _parallel_groups_ready() -> bool:
@@ -70,11 +77,14 @@ class HybridLM(nn.Module):
     `loss_chunk_tokens` > 0 (set by the engine from trainer.loss_chunk_tokens): `loss` computes the
     head and cross-entropy in chunks of that many tokens (pretrain/chunked_loss.py) instead of
     materialising the logits; the parallel build does too at tp = cp = 1, and otherwise keeps its
-    vocab-parallel loss. `recompute_kinds`
+    vocab-parallel loss. `residual_dtype` (set by the single-process engine from
+    trainer.residual_in_fp32=false: the autocast dtype): the residual stream's dtype, else the
+    embedding's (float32 weights: float32). `recompute_kinds`
     (set by the engine from trainer.recompute): blocks of these kinds recompute their activations in
     the backward pass (pretrain/recompute.py; both builds)."""
 
     loss_chunk_tokens: int = 0
+    residual_dtype: torch.dtype | None = None  # the residual stream's dtype where not the embedding's (trainer.residual_in_fp32)
     recompute_kinds: frozenset = frozenset()  # block kinds rerun in backward (trainer.recompute, pretrain/recompute.py)
 
     def __new__(cls, cfg: ModelConfig, derived: Derived, *args, parallel: bool | None = None, **kwargs):
@@ -121,9 +131,11 @@ class HybridLM(nn.Module):
 
     def hidden_states(self, tokens: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.embeddings(tokens)
+        if self.residual_dtype is not None:
+            hidden = hidden.to(self.residual_dtype)
         for layer in self.layers:
             hidden = run_block(layer, hidden, seq_idx, self.recompute_kinds)
-        return self.norm_f(hidden)
+        return self.norm_f(widened(hidden))
 
     def forward(self, tokens: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         logits = nn.functional.linear(self.hidden_states(tokens, seq_idx), self.output_weight())
