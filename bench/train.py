@@ -322,8 +322,11 @@ def main() -> None:
                              "is the one the kernels read first)")
     parser.add_argument("--one-row", metavar="WORKDIR", help=argparse.SUPPRESS)  # internal: one row, as JSON
     args = parser.parse_args()
-    if args.accum < 1:
-        parser.error(f"--accum must be >= 1, got {args.accum}")
+    for flag, value, least in (("--accum", args.accum, 1), ("--steps", args.steps, 1),
+                               ("--split-steps", args.split_steps, 1), ("--warmup", args.warmup, 0),
+                               ("--profile", args.profile, 0)):
+        if value < least:  # the split's medians need a step (a row would end in "no median for empty data")
+            parser.error(f"{flag} must be >= {least}, got {value}")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench/train.py needs a CUDA GPU (--device cpu runs it as a smoke test)")
     logging.basicConfig(level=logging.WARNING)

@@ -63,10 +63,11 @@ def test_command_line_prints_the_table(tmp_path):
     assert json.loads(table.read_text()) == {"Some GPU": {"_conv_fwd_kernel": {}}}
 
 
-def test_bad_accum_is_refused():
-    proc = subprocess.run([sys.executable, "bench/train.py", SPEC, "--device", "cpu", "--accum", "0"], cwd=ROOT,
+@pytest.mark.parametrize("flag, value, least", [("--accum", "0", 1), ("--split-steps", "0", 1), ("--warmup", "-1", 0)])
+def test_bad_counts_are_refused(flag, value, least):
+    proc = subprocess.run([sys.executable, "bench/train.py", SPEC, "--device", "cpu", flag, value], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "--accum must be >= 1, got 0" in proc.stderr
+    assert proc.returncode == 2 and f"{flag} must be >= {least}, got {value}" in proc.stderr
 
 
 def test_profile_categories_name_the_kernels_of_a_hybrid_step():
