@@ -172,13 +172,15 @@ def block_activation_mb(trainer: Trainer) -> dict[str, float]:
     return {kind: statistics.mean(v) for kind, v in sizes.items()}
 
 
-# kernel name prefix or fragment -> category of bench/train.py's profile summary, first match wins
+# kernel name fragment -> category of bench/train.py's profile summary, first match wins; Inductor's
+# kernels (named triton_<kind>_fused_<ops>) first: their op lists contain our kernels' fragments
+# (triton_per_fused__fused_rms_norm_... is torch's RMSNorm compiled, not kernels/rmsnorm_gated)
 KERNEL_CATEGORIES = (
+    ("Inductor (compiled elementwise)", ("triton_",)),
     ("GEMM (cuBLAS)", ("nvjet", "gemm", "cutlass", "sm90_xmma")),
     ("SSD (Triton)", ("_chunk_", "_state_pass", "_dt_", "_cb_kernel")),
     ("norm, conv, loss (Triton)", ("_rms_", "_conv_", "_ce_rows")),
     ("attention (flash)", ("flash",)),
-    ("Inductor (compiled elementwise)", ("triton_",)),
     ("optimizer (multi-tensor)", ("multi_tensor_apply",)),
 )
 
@@ -186,7 +188,7 @@ KERNEL_CATEGORIES = (
 def kernel_category(name: str) -> str:
     """The summary category of a GPU kernel name (KERNEL_CATEGORIES), "other" when none matches."""
     for category, fragments in KERNEL_CATEGORIES:
-        if any(fragment in name for fragment in fragments):
+        if any(name.startswith(f) if f == "triton_" else f in name for f in fragments):
             return category
     return "other (aten elementwise, reductions, copies, memsets)"
 
