@@ -172,15 +172,16 @@ def block_activation_mb(trainer: Trainer) -> dict[str, float]:
     return {kind: statistics.mean(v) for kind, v in sizes.items()}
 
 
-# kernel name fragment -> category of bench/train.py's profile summary, first match wins; Inductor's
+# kernel name fragment -> category of bench/train.py's profile summary, first match wins. Inductor's
 # kernels (named triton_<kind>_fused_<ops>) first: their op lists contain our kernels' fragments
-# (triton_per_fused__fused_rms_norm_... is torch's RMSNorm compiled, not kernels/rmsnorm_gated)
+# (triton_per_fused__fused_rms_norm_... is torch's RMSNorm compiled, not kernels/rmsnorm_gated); then
+# flash attention, whose template arguments name cutlass types
 KERNEL_CATEGORIES = (
     ("Inductor (compiled elementwise)", ("triton_",)),
+    ("attention (flash)", ("flash",)),
     ("GEMM (cuBLAS)", ("nvjet", "gemm", "cutlass", "sm90_xmma")),
     ("SSD (Triton)", ("_chunk_", "_state_pass", "_dt_", "_cb_kernel")),
     ("norm, conv, loss (Triton)", ("_rms_", "_conv_", "_ce_rows")),
-    ("attention (flash)", ("flash",)),
     ("optimizer (multi-tensor)", ("multi_tensor_apply",)),
 )
 

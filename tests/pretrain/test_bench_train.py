@@ -82,6 +82,8 @@ def test_profile_categories_name_the_kernels_of_a_hybrid_step():
     assert kernel_category("triton_per_fused__fused_rms_norm__fused_rms_norm_backward__to_copy_add_view_1") \
         == kernel_category("triton_red_fused__fused_rms_norm__to_copy_0") == "Inductor (compiled elementwise)"
     assert kernel_category("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128") == "attention (flash)"
+    assert kernel_category("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits"
+                           "<128, 64, 128, 8, 2, 4, 2, false, false, cutlass::bfloat16_t>>") == "attention (flash)"
     assert kernel_category("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<") \
         == "optimizer (multi-tensor)"
     assert kernel_category("Memset (Device)").startswith("other")
