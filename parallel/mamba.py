@@ -8,7 +8,8 @@ Same math and parameter names as pretrain.layers.mamba.Mamba2Mixer; per tp rank:
   (with trainer.recompute part mamba_conv, the scan keeps the conv's input, not its output; with
   mamba_states it reruns its CB and chunk-state kernels in the backward instead of keeping them).
 - grouped gated RMSNorm on local channels; when a norm group spans ranks (ngroups < tp) its
-  sum of squares is reduced over tp.
+  sum of squares is reduced over tp. Otherwise the conv, scan and norm are kernels.mamba_inner's one
+  node over the local packed projection (its layout is the single-process one with local sizes).
 - out_proj: row-parallel (all-reduce, or reduce-scatter under sequence parallelism).
 Input/output (seqlen[/cp][/tp with SP], batch, d_model) as megatron's layers expect; seq_idx
 (batch, seqlen) covers the whole sequence.
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.conv1d.op import causal_conv1d
+from kernels.mamba_inner.op import MambaDims, mamba_inner
 from kernels.rmsnorm_gated.op import rmsnorm_gated
 from kernels.ssd.op import ssd_scan
 from parallel import context, state
@@ -87,6 +89,14 @@ class ParallelMamba2Mixer(nn.Module):
             return self.forward_context_parallel(hidden, seq_idx)
         zxbcdt, _ = self.in_proj(hidden)  # (seqlen, batch, local in_proj)
         zxbcdt = zxbcdt.transpose(0, 1).contiguous()
+        if not self.norm_spans_ranks:  # the local packed layout is the single-process one: one fused node
+            out, _ = self.out_proj(mamba_inner(
+                zxbcdt, self.conv_weight, self.conv_bias, self.dt_bias, -torch.exp(self.A_log.float()), self.D,
+                self.norm_weight, dims=MambaDims(self.num_heads, self.head_dim, self.num_groups, self.d_state),
+                chunk_size=self.cfg.chunk_size, dt_limit=(self.cfg.dt_limit_min, self.cfg.dt_limit_max),
+                norm_eps=self.norm_eps, norm_before_gate=self.cfg.norm_before_gate, seq_idx=seq_idx,
+                recompute_conv=self.recompute_conv, recompute_states=self.recompute_states).transpose(0, 1))
+            return out
         batch, seqlen, _ = zxbcdt.shape
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.num_heads], dim=-1)
         conv_source = (xBC, self.conv_weight, self.conv_bias, "silu") if self.recompute_conv else None
