@@ -26,12 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.conv1d.op import causal_conv1d
-from kernels.mamba_inner.op import MambaDims, mamba_inner
+from kernels.mamba_inner.op import MambaDims
 from kernels.rmsnorm_gated.op import rmsnorm_gated
 from kernels.ssd.op import ssd_scan
 from parallel import context, state
 from parallel.common import all_reduce_tp_both, column_linear, grouped_part, row_linear, set_spec, split_part
 from pretrain.config import MambaConfig
+from pretrain.layers.mamba import mixer_core
 
 
 class ParallelMamba2Mixer(nn.Module):
@@ -49,6 +50,7 @@ class ParallelMamba2Mixer(nn.Module):
         self.num_groups = max(ng // tp, 1)  # local groups
         self.d_inner = self.num_heads * cfg.head_dim
         self.group_size = d_inner // ng  # channels per norm group (global)
+        self.dims = MambaDims(self.num_heads, cfg.head_dim, self.num_groups, ds)  # local sizes
         self.norm_spans_ranks = ng < tp
         self.global_groups = ng
         bc = self.num_groups * ds
@@ -90,12 +92,7 @@ class ParallelMamba2Mixer(nn.Module):
         zxbcdt, _ = self.in_proj(hidden)  # (seqlen, batch, local in_proj)
         zxbcdt = zxbcdt.transpose(0, 1).contiguous()
         if not self.norm_spans_ranks:  # the local packed layout is the single-process one: one fused node
-            out, _ = self.out_proj(mamba_inner(
-                zxbcdt, self.conv_weight, self.conv_bias, self.dt_bias, -torch.exp(self.A_log.float()), self.D,
-                self.norm_weight, dims=MambaDims(self.num_heads, self.head_dim, self.num_groups, self.d_state),
-                chunk_size=self.cfg.chunk_size, dt_limit=(self.cfg.dt_limit_min, self.cfg.dt_limit_max),
-                norm_eps=self.norm_eps, norm_before_gate=self.cfg.norm_before_gate, seq_idx=seq_idx,
-                recompute_conv=self.recompute_conv, recompute_states=self.recompute_states).transpose(0, 1))
+            out, _ = self.out_proj(mixer_core(self, zxbcdt, seq_idx).transpose(0, 1))
             return out
         batch, seqlen, _ = zxbcdt.shape
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.num_heads], dim=-1)

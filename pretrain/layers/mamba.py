@@ -34,6 +34,18 @@ def init_dt_bias(num_heads: int, dt_min: float, dt_max: float, dt_floor: float) 
     return dt + torch.log(-torch.expm1(-dt))
 
 
+def mixer_core(mixer: nn.Module, zxbcdt: torch.Tensor, seq_idx: torch.Tensor | None, return_y: bool = False):
+    """kernels.mamba_inner over a mixer's packed projection (batch, seqlen, packed) with its
+    parameters, sizes (`dims`) and recompute parts: this mixer's and the tensor-parallel one's
+    (parallel/mamba.py, with its local sizes)."""
+    cfg = mixer.cfg
+    return mamba_inner(zxbcdt, mixer.conv_weight, mixer.conv_bias, mixer.dt_bias, -torch.exp(mixer.A_log.float()),
+                       mixer.D, mixer.norm_weight, dims=mixer.dims, chunk_size=cfg.chunk_size,
+                       dt_limit=(cfg.dt_limit_min, cfg.dt_limit_max), norm_eps=mixer.norm_eps,
+                       norm_before_gate=cfg.norm_before_gate, seq_idx=seq_idx, recompute_conv=mixer.recompute_conv,
+                       recompute_states=mixer.recompute_states, return_y=return_y)
+
+
 class Mamba2Mixer(nn.Module):
     """Input/output (batch, seqlen, d_model); seq_idx (batch, seqlen) int32 resets state per document."""
 
@@ -68,19 +80,13 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         zxbcdt = self.in_proj(hidden)
-        rerun_norm = self.recompute_norm and torch.is_grad_enabled()
-        out = mamba_inner(zxbcdt, self.conv_weight, self.conv_bias, self.dt_bias, -torch.exp(self.A_log.float()),
-                          self.D, self.norm_weight, dims=self.dims, chunk_size=self.cfg.chunk_size,
-                          dt_limit=(self.cfg.dt_limit_min, self.cfg.dt_limit_max), norm_eps=self.norm_eps,
-                          norm_before_gate=self.cfg.norm_before_gate, seq_idx=seq_idx,
-                          recompute_conv=self.recompute_conv, recompute_states=self.recompute_states,
-                          return_y=rerun_norm)
-        if rerun_norm:  # out_proj's backward reruns the norm from what the core keeps anyway
-            normed, y = out
+        if self.recompute_norm and torch.is_grad_enabled():
+            # out_proj's backward reruns the norm from what the core keeps anyway
+            normed, y = mixer_core(self, zxbcdt, seq_idx, return_y=True)
             z = split_packed(zxbcdt, self.dims)[0]
             return linear_of_rerun(normed, self._gated_norm, (y, z.detach(), self.norm_weight.detach()),
                                    self.out_proj)
-        return self.out_proj(out)
+        return self.out_proj(mixer_core(self, zxbcdt, seq_idx))
 
     def _gated_norm(self, y, z, weight):
         return rmsnorm_gated(y, z, weight, group_size=self.d_inner // self.num_groups, eps=self.norm_eps,
