@@ -154,3 +154,37 @@ def test_mlp_activation_vjp_gives_autograd_bits(dtype, gated):
     got = [g for g in vjp(d_act) if g is not None]
     assert torch.equal(got_out, out)
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_of_rerun_gives_the_linear_gradients_without_keeping_its_input(bias):
+    """linear_of_rerun(x, rerun, inputs, linear): the output and every gradient of linear(x), with the
+    gradient of x going back along x's own graph, while the tensors kept for the backward are
+    `inputs` and the weight, not x (rerun remakes it there)."""
+    from pretrain.recompute import linear_of_rerun
+
+    gen = torch.Generator().manual_seed(4)
+    source = torch.randn(6, 5, 16, generator=gen, requires_grad=True)
+
+    def make(t):
+        return torch.tanh(t) * 2
+
+    lin = torch.nn.Linear(16, 8, bias=bias)
+    seed = torch.randn(6, 5, 8, generator=gen)
+    expected_out = lin(make(source))
+    expected = torch.autograd.grad((expected_out * seed).sum(), [source, *lin.parameters()])
+    kept = []
+
+    def pack(t):
+        kept.append(t)
+        return t
+
+    x = make(source)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = linear_of_rerun(x, make, (source.detach(),), lin)
+    x_kept_by_the_linear = [t for t in kept if t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()]
+    got = torch.autograd.grad((out * seed).sum(), [source, *lin.parameters()])
+    assert torch.equal(out, expected_out)
+    assert not x_kept_by_the_linear
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
