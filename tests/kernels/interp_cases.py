@@ -110,7 +110,7 @@ def run_mamba_inner(name, norm_before_gate, recompute_conv, recompute_states, ba
     shape is among those kept for the backward."""
     from kernels.mamba_inner import reference as inner_ref
     from kernels.mamba_inner.op import MambaDims, mamba_inner
-    from mamba_separate_ops import mamba_core_separate_ops
+    from bench.mamba_core import separate_ops
 
     g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     dims = MambaDims(nheads, hdim, ngroups, dstate)
@@ -141,7 +141,7 @@ def run_mamba_inner(name, norm_before_gate, recompute_conv, recompute_states, ba
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = mamba_inner(*args, **kw, **hints)
     grads = torch.autograd.grad((out * seed).sum(), args)
-    out_sep = mamba_core_separate_ops(*args, **kw, **hints)
+    out_sep = separate_ops(*args, **kw, **hints)
     grads_sep = torch.autograd.grad((out_sep * seed).sum(), args)
     out_ref = inner_ref.mamba_inner(*args, **kw)
     grads_ref = torch.autograd.grad((out_ref * seed).sum(), args)

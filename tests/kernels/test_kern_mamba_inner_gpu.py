@@ -10,9 +10,9 @@ gradient, to bf16, ~4e-3 relative each; the separate ops' own bf16 tests hold 1e
 import pytest
 import torch
 
+from bench.mamba_core import separate_ops
 from kernels.mamba_inner import reference as inner_ref
 from kernels.mamba_inner.op import MambaDims, mamba_inner
-from mamba_separate_ops import mamba_core_separate_ops  # noqa: E402  (this folder)
 from test_kern_gpu import poison, rel, seq_idx_random  # noqa: E402  (this folder)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -51,7 +51,7 @@ def test_mamba_inner_same_bits_as_separate_ops_bf16(batch, seqlen, dims, before,
     out = mamba_inner(*leaves, **kw, **hints)
     grads = torch.autograd.grad((out.float() * seed).sum(), leaves)
     poison()
-    out_sep = mamba_core_separate_ops(*leaves, **kw, **hints)
+    out_sep = separate_ops(*leaves, **kw, **hints)
     grads_sep = torch.autograd.grad((out_sep.float() * seed).sum(), leaves)
     assert torch.equal(out, out_sep)
     differ = [k for k, a, b in zip(NAMES, grads, grads_sep) if not torch.equal(a, b)]
