@@ -87,21 +87,19 @@ def set_parts(module: torch.nn.Module, kinds: frozenset[str]) -> set[str]:
     return implemented
 
 
-def linear_of_recomputed(fn, inputs: tuple, linear: torch.nn.Linear, fn_with_vjp=None) -> torch.Tensor:
+def linear_of_recomputed(fn_with_vjp, inputs: tuple, linear: torch.nn.Linear) -> torch.Tensor:
     """linear(fn(*inputs)), keeping `inputs` but not fn's output for the backward: there fn reruns
-    (under the forward's autocast state: the same ops, the same bits) and autograd backprops through
-    it. The part mlp_act (fn = the MLP activation) uses it; fn's inputs are what fn's own backward
-    would keep anyway. None inputs pass.
-    `fn_with_vjp(*inputs) -> (fn(*inputs), vjp)`, where vjp(d_output) returns the inputs' gradients
-    (None for None inputs), replaces that rerun under autograd (torch.autograd.grad inside a backward:
-    a graph break under torch.compile) where an explicit backward exists (the MLP activations).
-    A pretrain.layers.linear.Linear with its step's buffers attached (gradient
-    accumulation fusion) gets its weight gradient added into `main_grad` instead of autograd, and
-    multiplies with its step's weight copy."""
+    (under the forward's autocast state: the same ops, the same bits) and its explicit backward takes
+    the gradient to the inputs. `fn_with_vjp(*inputs) -> (fn(*inputs), vjp)`, where vjp(d_output)
+    returns the inputs' gradients (None for None inputs): no torch.autograd.grad inside a backward,
+    which torch.compile cannot trace. The part mlp_act (fn = the MLP activation) uses it; fn's inputs
+    are what fn's own backward would keep anyway. None inputs pass. A pretrain.layers.linear.Linear
+    with its step's buffers attached (gradient accumulation fusion) gets its weight gradient added
+    into `main_grad` instead of autograd, and multiplies with its step's weight copy."""
     weight = linear.weight
     copy = step_copy(linear, compute_dtype(weight, weight))  # autocast's dtype, else the weight's own
-    return _LinearOfRecomputed.apply(fn, fn_with_vjp, weight, linear.bias, getattr(linear, "main_grad", None),
-                                     copy, *inputs)
+    return _LinearOfRecomputed.apply(fn_with_vjp, weight, linear.bias, getattr(linear, "main_grad", None), copy,
+                                     *inputs)
 
 
 def linear_of_rerun(x: torch.Tensor, rerun, rerun_inputs: tuple, linear: torch.nn.Linear) -> torch.Tensor:
@@ -147,30 +145,20 @@ def _linear_grads(ctx, dout, h, weight, main_grad):
 
 class _LinearOfRecomputed(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, fn_with_vjp, weight, bias, main_grad, weight_copy, *inputs):
-        ctx.fn, ctx.fn_with_vjp = fn, fn_with_vjp
+    def forward(ctx, fn_with_vjp, weight, bias, main_grad, weight_copy, *inputs):
+        ctx.fn_with_vjp = fn_with_vjp
         w = _save_linear(ctx, weight, bias, main_grad, weight_copy, *inputs)
-        return torch.nn.functional.linear(fn(*inputs), w, bias)
+        return torch.nn.functional.linear(fn_with_vjp(*inputs)[0], w, bias)
 
     @staticmethod
     def backward(ctx, dout):
         weight, main_grad, *inputs = ctx.saved_tensors  # weight: the step's copy where there is one
         device, amp, amp_dtype = ctx.autocast
-        if ctx.fn_with_vjp is not None:
-            with torch.autocast(device, dtype=amp_dtype, enabled=amp):
-                h, vjp = ctx.fn_with_vjp(*inputs)
-        else:
-            leaves = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
-            with torch.enable_grad(), torch.autocast(device, dtype=amp_dtype, enabled=amp):
-                h = ctx.fn(*leaves)
+        with torch.autocast(device, dtype=amp_dtype, enabled=amp):
+            h, vjp = ctx.fn_with_vjp(*inputs)
         dweight, dbias, dh = _linear_grads(ctx, dout, h, weight, main_grad)
-        if ctx.fn_with_vjp is not None:
-            dinputs = [g if need else None for g, need in zip(vjp(dh), ctx.needs_input_grad[6:])]
-        else:
-            wanted = [t for t in leaves if t is not None and t.requires_grad]
-            grads = iter(torch.autograd.grad(h, wanted, dh) if wanted else ())
-            dinputs = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
-        return None, None, dweight, dbias, None, None, *dinputs
+        dinputs = [g if need else None for g, need in zip(vjp(dh), ctx.needs_input_grad[5:])]
+        return None, dweight, dbias, None, None, *dinputs
 
 
 class _LinearOfRerun(torch.autograd.Function):

@@ -23,7 +23,8 @@ gradients). bench/NOTES_train.md Run 22 has the measurements.
     fusion_enabled        the config setting resolved (null: CUDA and two or more micro-batches per step)
     step_copy             a layer's weight copy of this step in a given dtype, if there is one
 
-pretrain/recompute.linear_of_recomputed (mamba_norm, mlp_act) takes the same buffers for its linear.
+pretrain/recompute's linear_of_recomputed (mlp_act) and linear_of_rerun (mamba_norm) take the same
+buffers for their linear.
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         if self.recompute_act and torch.is_grad_enabled():
             gate = self.gate_proj(x) if self.gate_proj is not None else None
-            return linear_of_recomputed(_act, (gate, self.up_proj(x)), self.down_proj, fn_with_vjp=_act_with_vjp)
+            return linear_of_recomputed(_act_with_vjp, (gate, self.up_proj(x)), self.down_proj)
         return mlp_forward(x, self.up_proj, self.gate_proj, self.down_proj)
 
 
