@@ -1,12 +1,12 @@
 """The Mamba mixer core as one node (kernels.mamba_inner) against the same kernels as separate ops, at
 a preset's mixer shape; one table.
 
-    python bench/mamba_core.py configs/hybrid_1b3.yaml[:key=value,...] [--iters 30]
+    python bench/mamba_core.py configs/hybrid_1b3.yaml[:key=value,...] [--recompute]
 
 One Mamba layer's core (conv1d + SiLU, SSD scan, gated norm; between in_proj and out_proj) over the
 preset's micro-batch (micro_batch_size x seq_len, four documents per row), bf16 activations and
-float32 parameters as under autocast. The median time (CUDA events) of the forward and of the
-forward + backward of:
+float32 parameters as under autocast. The median time (bench/kernels.py's timing: triton's
+do_bench, CUDA events, L2 flushed between calls) of the forward and of the forward + backward of:
 - `separate ops`: the conv, SSD and norm ops on views of the packed projection, autograd joining
   the gradients of the views with cats (what the mixer ran before the fused node);
 - `fused node`: kernels.mamba_inner, every gradient written into slices of one buffer;
@@ -16,7 +16,6 @@ The whole model has one such core per Mamba layer (the last column: per micro-ba
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels  # noqa: E402
+from bench.kernels import bench  # noqa: E402  (the kernel benchmark's timing: do_bench's median)
 from bench.train import split_overrides  # noqa: E402
 from kernels.mamba_inner.op import MambaDims, mamba_inner  # noqa: E402
 from kernels.mamba_inner.reference import split_packed, split_xbc  # noqa: E402
@@ -67,31 +67,13 @@ def core_case(spec: str, device: str, dtype: torch.dtype, recompute: bool):
     return leaves, kw, derived.layer_kinds.count("mamba")
 
 
-def time_ms(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def forward_backward(fn, leaves, kw, seed):
-    out = fn(*leaves, **kw)
-    torch.autograd.backward(out, seed)
-    for t in leaves:
-        t.grad = None
+    torch.autograd.backward(fn(*leaves, **kw), seed)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
-    parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--recompute", action="store_true", help="with the mamba_conv and mamba_states hints")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -99,12 +81,12 @@ def main() -> None:
     leaves, kw, layers = core_case(args.config, "cuda", torch.bfloat16, args.recompute)
     seed = torch.randn(*leaves[0].shape[:2], kw["dims"].d_inner, device="cuda", dtype=torch.bfloat16)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {tuple(leaves[0].shape)} packed projection, "
-          f"{kw['dims']}, recompute hints {'on' if args.recompute else 'off'}; ms (median of {args.iters})\n")
+          f"{kw['dims']}, recompute hints {'on' if args.recompute else 'off'}; median ms (triton's do_bench)\n")
     print("| core | forward | forward + backward | forward + backward x Mamba layers |\n|---|---|---|---|")
     for name, fn in (("separate ops", separate_ops), ("fused node", mamba_inner)):
         with torch.no_grad():
-            fwd = time_ms(lambda: fn(*leaves, **kw), args.iters)
-        both = time_ms(lambda: forward_backward(fn, leaves, kw, seed), args.iters)
+            fwd = bench(lambda: fn(*leaves, **kw))
+        both = bench(lambda: forward_backward(fn, leaves, kw, seed), grad_to_none=leaves)
         print(f"| {name} | {fwd:.3f} | {both:.3f} | {both * layers:.1f} ({layers}) |")
 
 
