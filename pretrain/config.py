@@ -471,11 +471,12 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
     _need(t.precision in ("auto", "bf16", "fp32"), "trainer.precision", t.precision, "must be auto, bf16 or fp32")
     _need(t.device in ("auto", "cpu", "cuda"), "trainer.device", t.device, "must be auto, cpu or cuda")
     _need(t.engine in ("auto", "megatron"), "trainer.engine", t.engine, "must be auto or megatron")
-    _need(not (t.gradient_accumulation_fusion and (world_size > 1 or t.engine == "megatron")),
+    single_process_engine = world_size == 1 and t.engine != "megatron"  # the one with autocast over fp32 weights
+    _need(not t.gradient_accumulation_fusion or single_process_engine,
           "trainer.gradient_accumulation_fusion", t.gradient_accumulation_fusion,
           "applies to the single-process engine only (one process, trainer.engine=auto); the megatron engine "
           "sums bf16 gradients into its own float32 buffers: use null or false")
-    _need(not (t.residual_in_fp32 and (world_size > 1 or t.engine == "megatron")),
+    _need(not t.residual_in_fp32 or single_process_engine,
           "trainer.residual_in_fp32", t.residual_in_fp32,
           "applies to the single-process engine only (one process, trainer.engine=auto); the megatron engine's "
           "residual stream is in its parameters' dtype (bf16 on CUDA): use null or false")
