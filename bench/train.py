@@ -223,6 +223,10 @@ def print_profile(trainer: Trainer, steps: int, top: int = 60) -> None:
     print("\n| kernel category | ms/step | share of kernel time |\n|---|---|---|")
     for category, ms in sorted(by_category.items(), key=lambda kv: -kv[1]):
         print(f"| {category} | {ms:.2f} | {ms / busy_ms:.1%} |")
+    others = [e for e in kernels if kernel_category(e.key).startswith("other")]
+    print("\n| uncategorised kernel (the \"other\" row) | ms/step | calls/step |\n|---|---|---|")
+    for e in others[:20]:
+        print(f"| {e.key[:110]} | {e.self_device_time_total / 1e3 / steps:.2f} | {e.count // steps} |")
 
 
 def run_row(spec: str, backend: str, args, workdir: Path) -> dict:
