@@ -60,11 +60,6 @@ from data.streams import StreamSpec, check_stream, stream_specs, to_streaming
 
 
 # ----------------------------------------------------------------------------------------------- checks
-def check_prepared(path: str | os.PathLike, seq_len: int, vocab_size: int | None = None) -> dict:
-    """Return prepare_meta.json of the local dataset `path` after the checks of data.streams.check_stream."""
-    return check_stream(StreamSpec(local=str(Path(path).expanduser())), seq_len, vocab_size)
-
-
 def _replication(dp_rank: int | None, dp_size: int | None) -> int | None:
     """Streaming's `replication` for the given dp coordinates (None when every rank is its own replica)."""
     rank, world = sdist.get_rank(), sdist.get_world_size()

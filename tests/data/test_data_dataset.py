@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.dataset import build_train_loader, check_prepared, clean_stale_streaming_shm, infinite_batches
+from data.dataset import build_train_loader, clean_stale_streaming_shm, infinite_batches
 from data.prepare import prepare
 
 SEQ_LEN, NUM_SAMPLES, EOS = 32, 48, 256
@@ -155,7 +155,7 @@ def test_errors_name_values_and_paths(prepared, tmp_path):
         loader(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="index.json.*python -m data.prepare"):
-        check_prepared(tmp_path / "empty", SEQ_LEN)
+        loader(tmp_path / "empty")
     with pytest.raises(ValueError, match="vocab_size=100.*vocab_size=257"):
         loader(prepared, vocab_size=100)
     with pytest.raises(RuntimeError, match="no batches"):
