@@ -1,4 +1,4 @@
-"""Model FLOPs per token (the MFU numerator), parameter counts, and device bf16 peaks.
+"""Model FLOPs per token (the MFU numerator) and device bf16 peaks (parameter counts: HybridLM.num_parameters).
 
 Training FLOPs per token = 3 x forward (backward costs two forwards). Forward counts every
 matrix multiply as 2 x MACs: the projections (6 x active parameters overall), causal attention
@@ -68,15 +68,3 @@ def forward_flops_per_token(cfg: Config, derived: Derived) -> float:
 
 def train_flops_per_token(cfg: Config, derived: Derived) -> float:
     return 3.0 * forward_flops_per_token(cfg, derived)
-
-
-def count_parameters(model: torch.nn.Module) -> dict[str, int]:
-    """total, and active per token (only top_k of each MoE layer's routed experts count)."""
-    total = sum(p.numel() for p in model.parameters())
-    inactive = 0
-    for module in model.modules():
-        experts = getattr(module, "experts", None)
-        if isinstance(experts, torch.nn.ModuleList) and len(experts) > 0:
-            per_expert = sum(p.numel() for p in experts[0].parameters())
-            inactive += (len(experts) - module.cfg.top_k) * per_expert
-    return {"total": total, "active": total - inactive}

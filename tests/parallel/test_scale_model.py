@@ -31,7 +31,6 @@ def _plan(config, overrides, world):
 
 
 def test_layer_parameters_add_up_to_the_model_and_its_experts():
-    from pretrain.flops import count_parameters
     from pretrain.model import HybridLM
     import torch
 
@@ -39,7 +38,7 @@ def test_layer_parameters_add_up_to_the_model_and_its_experts():
     derived = validate(cfg)
     per_layer, embed, head = scale_model.layer_parameters(cfg, derived)
     with torch.device("meta"):
-        counts = count_parameters(HybridLM(cfg.model, derived, parallel=False))
+        counts = HybridLM(cfg.model, derived, parallel=False).num_parameters()
     assert sum(d + e for d, e in per_layer) + embed + head == counts["total"]
     e, k = cfg.model.moe.num_experts, cfg.model.moe.top_k  # inactive = (E - k) / E of the routed experts
     assert sum(x for _, x in per_layer) * (e - k) == (counts["total"] - counts["active"]) * e
