@@ -194,6 +194,13 @@ def kernel_category(name: str) -> str:
     return "other (aten elementwise, reductions, copies, memsets)"
 
 
+def print_kernel_rows(title: str, events, steps: int) -> None:
+    """A markdown table of profiler events: name (cut at 110 characters), ms and calls per step."""
+    print(f"| {title} | ms/step | calls/step |\n|---|---|---|")
+    for e in events:
+        print(f"| {e.key[:110]} | {e.self_device_time_total / 1e3 / steps:.2f} | {e.count // steps} |")
+
+
 def print_profile(trainer: Trainer, steps: int, top: int = 60) -> None:
     """torch.profiler over `steps` training steps: the GPU kernels with the most total time, the time
     by kernel category, and the step's wall time against the kernels' (host-bound gaps). User
@@ -213,9 +220,7 @@ def print_profile(trainer: Trainer, steps: int, top: int = 60) -> None:
     busy_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / steps
     print(f"\nprofile: {wall_ms:.0f} ms per step (profiled), GPU kernels {busy_ms:.0f} ms, "
           f"{len(kernels)} kernel kinds, {sum(e.count for e in kernels) // steps} launches per step")
-    print("| kernel | ms/step | calls/step |\n|---|---|---|")
-    for e in kernels[:top]:
-        print(f"| {e.key[:90]} | {e.self_device_time_total / 1e3 / steps:.2f} | {e.count // steps} |")
+    print_kernel_rows("kernel", kernels[:top], steps)
     by_category: dict[str, float] = {}
     for e in kernels:
         category = kernel_category(e.key)
@@ -224,9 +229,8 @@ def print_profile(trainer: Trainer, steps: int, top: int = 60) -> None:
     for category, ms in sorted(by_category.items(), key=lambda kv: -kv[1]):
         print(f"| {category} | {ms:.2f} | {ms / busy_ms:.1%} |")
     others = [e for e in kernels if kernel_category(e.key).startswith("other")]
-    print("\n| uncategorised kernel (the \"other\" row) | ms/step | calls/step |\n|---|---|---|")
-    for e in others[:20]:
-        print(f"| {e.key[:110]} | {e.self_device_time_total / 1e3 / steps:.2f} | {e.count // steps} |")
+    print()
+    print_kernel_rows('uncategorised kernel (the "other" row)', others[:20], steps)
 
 
 def run_row(spec: str, backend: str, args, workdir: Path) -> dict:

@@ -87,3 +87,16 @@ def test_profile_categories_name_the_kernels_of_a_hybrid_step():
     assert kernel_category("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<") \
         == "optimizer (multi-tensor)"
     assert kernel_category("Memset (Device)").startswith("other")
+
+
+def test_kernel_rows_are_per_step_and_cut_long_names(capsys):
+    """Profiler totals over 2 steps print per step: ms from microseconds, calls halved, names cut at 110."""
+    from types import SimpleNamespace
+
+    from train import print_kernel_rows
+
+    long_name = "void at::native::reduce_kernel<" + "x" * 200
+    print_kernel_rows("kernel", [SimpleNamespace(key=long_name, self_device_time_total=3000.0, count=8)], steps=2)
+    header, rule, row = capsys.readouterr().out.splitlines()
+    assert header == "| kernel | ms/step | calls/step |" and rule == "|---|---|---|"
+    assert row == f"| {long_name[:110]} | 1.50 | 4 |"
