@@ -41,6 +41,7 @@ import gc
 import json
 import logging
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -172,26 +173,24 @@ def block_activation_mb(trainer: Trainer) -> dict[str, float]:
     return {kind: statistics.mean(v) for kind, v in sizes.items()}
 
 
-# kernel name fragment -> category of bench/train.py's profile summary, first match wins. Inductor's
-# kernels (named triton_<kind>_fused_<ops>) first: their op lists contain our kernels' fragments
-# (triton_per_fused__fused_rms_norm_... is torch's RMSNorm compiled, not kernels/rmsnorm_gated); then
-# flash attention, whose template arguments name cutlass types
-KERNEL_CATEGORIES = (
-    ("Inductor (compiled elementwise)", ("triton_",)),
-    ("attention (flash)", ("flash",)),
-    ("GEMM (cuBLAS)", ("nvjet", "gemm", "cutlass", "sm90_xmma")),
-    ("SSD (Triton)", ("_chunk_", "_state_pass", "_dt_", "_cb_kernel")),
-    ("norm, conv, loss (Triton)", ("_rms_", "_conv_", "_ce_rows")),
-    ("optimizer (multi-tensor)", ("multi_tensor_apply",)),
-)
+# kernel name pattern (re.search) -> category of bench/train.py's profile summary, first match wins.
+# Inductor's kernels (named triton_<kind>_fused_<ops>) first: their op lists contain our kernels'
+# fragments (triton_per_fused__fused_rms_norm_... is torch's RMSNorm compiled, not
+# kernels/rmsnorm_gated); then flash attention, whose template arguments name cutlass types
+KERNEL_CATEGORIES = tuple((category, re.compile(pattern)) for category, pattern in (
+    ("Inductor (compiled elementwise)", r"^triton_"),
+    ("attention (flash)", r"flash"),
+    ("GEMM (cuBLAS)", r"nvjet|gemm|cutlass|sm90_xmma"),
+    ("SSD (Triton)", r"_chunk_|_state_pass|_dt_|_cb_kernel"),
+    ("norm, conv, loss (Triton)", r"_rms_|_conv_|_ce_rows"),
+    ("optimizer (multi-tensor)", r"multi_tensor_apply"),
+))
+OTHER_CATEGORY = "other (aten elementwise, reductions, copies, memsets)"
 
 
 def kernel_category(name: str) -> str:
-    """The summary category of a GPU kernel name (KERNEL_CATEGORIES), "other" when none matches."""
-    for category, fragments in KERNEL_CATEGORIES:
-        if any(name.startswith(f) if f == "triton_" else f in name for f in fragments):
-            return category
-    return "other (aten elementwise, reductions, copies, memsets)"
+    """The summary category of a GPU kernel name (KERNEL_CATEGORIES), OTHER_CATEGORY when none matches."""
+    return next((category for category, pattern in KERNEL_CATEGORIES if pattern.search(name)), OTHER_CATEGORY)
 
 
 def print_kernel_rows(title: str, events, steps: int) -> None:
@@ -221,14 +220,14 @@ def print_profile(trainer: Trainer, steps: int, top: int = 60) -> None:
     print(f"\nprofile: {wall_ms:.0f} ms per step (profiled), GPU kernels {busy_ms:.0f} ms, "
           f"{len(kernels)} kernel kinds, {sum(e.count for e in kernels) // steps} launches per step")
     print_kernel_rows("kernel", kernels[:top], steps)
+    categories = [kernel_category(e.key) for e in kernels]
     by_category: dict[str, float] = {}
-    for e in kernels:
-        category = kernel_category(e.key)
+    for e, category in zip(kernels, categories):
         by_category[category] = by_category.get(category, 0.0) + e.self_device_time_total / 1e3 / steps
     print("\n| kernel category | ms/step | share of kernel time |\n|---|---|---|")
     for category, ms in sorted(by_category.items(), key=lambda kv: -kv[1]):
         print(f"| {category} | {ms:.2f} | {ms / busy_ms:.1%} |")
-    others = [e for e in kernels if kernel_category(e.key).startswith("other")]
+    others = [e for e, category in zip(kernels, categories) if category == OTHER_CATEGORY]
     print()
     print_kernel_rows('uncategorised kernel (the "other" row)', others[:20], steps)
 
