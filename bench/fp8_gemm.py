@@ -12,7 +12,8 @@ no memory), at the preset's tokens per micro-batch (M = micro_batch_size x seq_l
   dy (e5m2), each torch.compile'd into the fewest kernels Inductor makes of it (here they cannot
   fuse into the kernel that produced x or dy: our norms and mixer cores are custom ops). The
   weights' casts (once per optimizer step with gradient accumulation) are a column of their own.
-The weight-gradient GEMM stays bf16 in this recipe and is not timed. Median ms over CUDA events
+The weight-gradient GEMM stays bf16 in this recipe and is not timed; routed MoE experts (grouped
+GEMMs over their routed tokens) are left out. Median ms over CUDA events
 (bench/kernels.py's `bench`: triton's do_bench, L2 flushed). "saved" = count x (bf16 - fp8 - casts):
 negative where the casts eat the faster GEMM.
 """
@@ -38,14 +39,15 @@ E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
 def linear_shapes(spec: str) -> tuple[int, Counter]:
     """'config.yaml[:key=value,...]' -> (tokens per micro-batch, Counter of (name, in, out) -> how many
-    nn.Linear layers of that name and shape the single-process model has)."""
+    nn.Linear layers of that name and shape the single-process model has). Routed MoE experts are
+    left out: their GEMMs are grouped (pretrain/layers/grouped_mlp.py) over the tokens routed to them."""
     path, _, extra = spec.partition(":")
     cfg = load_config([path], split_overrides(extra))
     derived = validate(cfg, 1)
     with torch.device("meta"):
         model = HybridLM(cfg.model, derived, parallel=False)
     shapes = Counter((name.rsplit(".", 1)[-1], m.in_features, m.out_features)
-                     for name, m in model.named_modules() if isinstance(m, nn.Linear))
+                     for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".experts." not in name)
     return cfg.data.micro_batch_size * cfg.data.seq_len, shapes
 
 
