@@ -9,7 +9,8 @@ byte tokens, at the preset's sequence length) through the trainer users run:
 
 - fast: `--fast` overrides (default kernels.backend=triton, trainer.compile=true), bf16 autocast;
 - reference: `--reference` overrides (default kernels.backend=torch, trainer.compile=false,
-  trainer.gradient_accumulation_fusion=false: PyTorch kernels, eager, plain autograd), bf16;
+  trainer.gradient_accumulation_fusion=false, trainer.residual_in_fp32=true: PyTorch kernels, eager,
+  plain autograd, a float32 residual stream as mamba_ssm's blocks keep), bf16;
 - yardstick: the reference in float32 (trainer.precision=fp32, CUDA only).
 
 bf16 noise is what the reference itself moves when only its precision changes: |reference - yardstick|.
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--fast", default="kernels.backend=triton,trainer.compile=true")
     parser.add_argument("--reference",
-                        default="kernels.backend=torch,trainer.compile=false,trainer.gradient_accumulation_fusion=false")
+                        default="kernels.backend=torch,trainer.compile=false,trainer.gradient_accumulation_fusion=false,"
+                                "trainer.residual_in_fp32=true")
     parser.add_argument("--factor", type=float, default=2.0)
     parser.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",") if x],
                         help="comma-separated run.seed values: the rows from each, and a verdict over them "

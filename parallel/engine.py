@@ -3,8 +3,8 @@
 Single process (no process groups): HybridLM from pretrain/layers, torch AdamW, torch's clipping, bf16
 autocast on CUDA, the head + cross-entropy in chunks of trainer.loss_chunk_tokens tokens
 (pretrain/chunked_loss.py), the Linear layers' weight gradients summed inside their GEMMs
-(trainer.gradient_accumulation_fusion, pretrain/layers/linear.py), the residual stream in float32 or,
-with trainer.residual_in_fp32=false, in the autocast dtype. Parallel (parallel.state initialised,
+(trainer.gradient_accumulation_fusion, pretrain/layers/linear.py), the residual stream in the autocast dtype
+or, with trainer.residual_in_fp32=true, in float32. Parallel (parallel.state initialised,
 any world size > 1): the tensor / sequence-parallel HybridLM wrapped in megatron-core
 DistributedDataParallel (contiguous grad buffers, gradient reduction overlapped with backward, `no_sync`
 for all but the last micro-batch) and megatron-core's distributed optimizer (ZeRO-1: fp32 main weights
@@ -65,7 +65,7 @@ class Engine:
             chunk.loss_chunk_tokens = chunk_tokens
         self.fused_linears = None  # gradient accumulation fusion (single-process engine only)
         if not self.parallel:
-            if cfg.trainer.residual_in_fp32 is False and amp_dtype is not None:
+            if not cfg.trainer.residual_in_fp32 and amp_dtype is not None:
                 self.model.residual_dtype = amp_dtype
             self.optimizer = build_optimizer(self.model, cfg.optim)
             if fusion_enabled(cfg.trainer.gradient_accumulation_fusion, device, derived.grad_accum_steps):

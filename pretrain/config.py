@@ -177,11 +177,13 @@ class TrainerConfig:
     # null = on for CUDA when a step accumulates two or more micro-batches (per dp rank), else off;
     # true = on (also on the CPU); false = plain autograd
     gradient_accumulation_fusion: Optional[bool] = None
-    # the residual stream's dtype under bf16 autocast (the single-process engine): null or true =
-    # float32 (each block's output is added to a float32 stream); false = the autocast dtype, as
-    # Megatron-LM's default (fp32_residual_connection=False) and the megatron engine's bf16 parameters
-    # give: half the bytes in every residual add, pre-norm and their gradients, and in the activations
-    # the pre-norms keep (each sum still taken in float32, then rounded once)
+    # the residual stream's dtype under bf16 autocast (the single-process engine): null or false = the
+    # autocast dtype, as Megatron-LM's default (fp32_residual_connection=False) and the megatron
+    # engine's bf16 parameters give: half the bytes in every residual add, pre-norm and their
+    # gradients, and in the activations the pre-norms keep (each sum still taken in float32, then
+    # rounded once); true = float32 (each block's output added to a float32 stream, as mamba_ssm's
+    # residual_in_fp32). The default since bench/NOTES_train.md Run 24 (its loss within bf16 noise of
+    # the float32 stream's reference over three seeds)
     residual_in_fp32: Optional[bool] = None
     # true: the same bits run to run on the same machines and layout, at some speed: torch's
     # deterministic algorithms (an op that has none raises at its first call, naming itself),

@@ -42,7 +42,7 @@ def build_mixer(kind: str, cfg: ModelConfig, derived: Derived) -> nn.Module:
 
 
 def widened(hidden: torch.Tensor) -> torch.Tensor:
-    """A bf16/fp16 residual stream (trainer.residual_in_fp32=false) as float32 for its RMSNorm: normed
+    """A bf16/fp16 residual stream (trainer.residual_in_fp32 null or false) as float32 for its RMSNorm: normed
     as a float32 stream is (and torch's fused RMSNorm wants the weight's dtype); others as they are."""
     return hidden.float() if hidden.dtype in (torch.bfloat16, torch.float16) else hidden
 
@@ -77,8 +77,8 @@ class HybridLM(nn.Module):
     `loss_chunk_tokens` > 0 (set by the engine from trainer.loss_chunk_tokens): `loss` computes the
     head and cross-entropy in chunks of that many tokens (pretrain/chunked_loss.py) instead of
     materialising the logits; the parallel build does too at tp = cp = 1, and otherwise keeps its
-    vocab-parallel loss. `residual_dtype` (set by the single-process engine from
-    trainer.residual_in_fp32=false: the autocast dtype): the residual stream's dtype, else the
+    vocab-parallel loss. `residual_dtype` (set by the single-process engine under
+    autocast unless trainer.residual_in_fp32=true: the autocast dtype): the residual stream's dtype, else the
     embedding's (float32 weights: float32). `recompute_kinds`
     (set by the engine from trainer.recompute): blocks of these kinds recompute their activations in
     the backward pass (pretrain/recompute.py; both builds)."""

@@ -1,5 +1,5 @@
 """trainer.residual_in_fp32: under bf16 autocast the single-process engine keeps the residual stream in
-float32 (null, true) or in bf16 (false, Megatron-LM's default). CPU bf16 autocast, a tiny model with
+bf16 (null, the default, and false: Megatron-LM's default) or in float32 (true). CPU bf16 autocast, a tiny model with
 every block kind (Mamba, attention, MLP, MoE): each block's input has the chosen dtype, and the bf16
 stream's loss and gradients follow the float32 stream's within bf16 noise (the stream rounded to 8
 bits after each of 4 blocks: a few 2^-9 relative)."""
@@ -35,9 +35,10 @@ def _run(setting: str):
 
 
 def test_the_residual_stream_takes_the_chosen_dtype_and_follows_float32():
-    dtypes32, loss32, grads32 = _run("null")
-    dtypes16, loss16, grads16 = _run("false")
-    assert dtypes32 == [torch.float32] * 4 and _run("true")[0] == dtypes32
+    dtypes32, loss32, grads32 = _run("true")
+    dtypes16, loss16, grads16 = _run("null")
+    assert dtypes32 == [torch.float32] * 4
+    assert _run("false")[0] == dtypes16
     assert dtypes16 == [torch.bfloat16] * 4  # the MoE block's float32 combine is rounded back after its sum
     assert loss16 == pytest.approx(loss32, rel=1e-2)
     assert grads16.keys() == grads32.keys()
