@@ -18,18 +18,18 @@ def test_linear_shapes_are_the_presets_projections():
     tokens, shapes = linear_shapes(str(ROOT / "configs/hybrid_460m.yaml"))
     cfg = load_config([str(ROOT / "configs/hybrid_460m.yaml")])
     m, a, d = cfg.model.mamba, cfg.model.attention, cfg.model.d_model
-    mixers = cfg.model.pattern.replace("-", "")
+    pattern = cfg.model.pattern  # M Mamba, * attention, - MLP
     d_inner = m.num_heads * m.head_dim
     head_dim = d // a.num_heads
     assert tokens == cfg.data.micro_batch_size * cfg.data.seq_len
     assert shapes == {
-        ("in_proj", d, 2 * d_inner + 2 * m.num_groups * m.d_state + m.num_heads): mixers.count("M"),
-        ("out_proj", d_inner, d): mixers.count("M"),
-        ("q_proj", d, d): mixers.count("*"), ("o_proj", d, d): mixers.count("*"),
-        ("k_proj", d, a.num_kv_heads * head_dim): mixers.count("*"),
-        ("v_proj", d, a.num_kv_heads * head_dim): mixers.count("*"),
-        ("gate_proj", d, cfg.model.mlp.d_ff): len(mixers), ("up_proj", d, cfg.model.mlp.d_ff): len(mixers),
-        ("down_proj", cfg.model.mlp.d_ff, d): len(mixers),
+        ("in_proj", d, 2 * d_inner + 2 * m.num_groups * m.d_state + m.num_heads): pattern.count("M"),
+        ("out_proj", d_inner, d): pattern.count("M"),
+        ("q_proj", d, d): pattern.count("*"), ("o_proj", d, d): pattern.count("*"),
+        ("k_proj", d, a.num_kv_heads * head_dim): pattern.count("*"),
+        ("v_proj", d, a.num_kv_heads * head_dim): pattern.count("*"),
+        ("gate_proj", d, cfg.model.mlp.d_ff): pattern.count("-"), ("up_proj", d, cfg.model.mlp.d_ff): pattern.count("-"),
+        ("down_proj", cfg.model.mlp.d_ff, d): pattern.count("-"),
         ("lm_head", d, cfg.model.vocab_size): 1,
     }
 
