@@ -1,4 +1,5 @@
-"""Autograd for the kernels' forward custom ops, cheap to call in eager mode.
+"""Autograd for the kernels' forward custom ops, cheap to call in eager mode; and the layout tag
+for ops whose launchers take any strides.
 
 `with_autograd(fwd_op, backward, setup_context)` registers `backward` on the custom op
 (`register_autograd`: what torch.compile traces, the op one node of the graph with its backward)
@@ -16,6 +17,12 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+
+# torch.compile's rule for a custom op's input layouts. Inductor's default for custom ops is the
+# eager strides exactly: an input whose layout Inductor chose otherwise (a row stride padded to 128
+# bytes, say) is copied before the call. An op whose launchers take any strides (views included)
+# declares this tag: only the order of the strides must be eager's, so no copy is made for that.
+ANY_STRIDES_IN_ORDER = torch.Tag.needs_fixed_stride_order
 
 
 def with_autograd(fwd_op, backward: Callable, setup_context: Callable) -> Callable:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._autograd_op import with_autograd
+from kernels._autograd_op import ANY_STRIDES_IN_ORDER, with_autograd
 from kernels._triton_utils import cdiv
 from kernels.conv1d.reference import _check as check_conv
 from kernels.conv1d.triton_op import conv_backward, conv_forward
@@ -51,7 +51,7 @@ def _backward(dout, zxbcdt, xbc, conv_w, conv_b, dt_bias, A, D, norm_w, seq_idx,
     dzxbcdt = torch.empty_like(zxbcdt, memory_format=torch.contiguous_format)
     dz, dxBC, ddt = split_packed(dzxbcdt, dims)
     d_inner = dims.d_inner
-    dy, _, dnorm_w = rmsnorm_gated_bwd(y.view(-1, d_inner), z.reshape(-1, d_inner), norm_w, rstd,
+    dy, _, dnorm_w = rmsnorm_gated_bwd(y.reshape(-1, d_inner), z.reshape(-1, d_inner), norm_w, rstd,
                                        _rows(dout, d_inner), d_inner // dims.ngroups, norm_before_gate,
                                        dz=dz.reshape(-1, d_inner))
     if xbc is None:
@@ -68,7 +68,8 @@ def _backward(dout, zxbcdt, xbc, conv_w, conv_b, dt_bias, A, D, norm_w, seq_idx,
 
 
 # Custom ops: opaque to torch.compile, which traces the mixer around them (kernels/__init__.py).
-# Absent optional outputs are empty tensors (an op returns tensors).
+# Absent optional outputs are empty tensors (an op returns tensors). Inputs may have any strides in
+# the usual order (the packed projection is sliced anyway): no copy for a padded row stride.
 _FWD_SCHEMA = ("(Tensor zxbcdt, Tensor conv_w, Tensor? conv_b, Tensor dt_bias, Tensor A, Tensor D, Tensor norm_w, "
                "Tensor? seq_idx, int[] dims, int chunk_size, float dt_lo, float dt_hi, float eps, "
                "bool norm_before_gate, bool keep_conv, bool keep_states) "
@@ -79,7 +80,8 @@ _BWD_SCHEMA = ("(Tensor dout, Tensor zxbcdt, Tensor? xbc, Tensor conv_w, Tensor?
                "bool norm_before_gate) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
-@torch.library.custom_op("hybrid_pretrain::mamba_inner_fwd", mutates_args=(), schema=_FWD_SCHEMA)
+@torch.library.custom_op("hybrid_pretrain::mamba_inner_fwd", mutates_args=(), schema=_FWD_SCHEMA,
+                         tags=ANY_STRIDES_IN_ORDER)
 def _fwd_op(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, seq_idx, dims, chunk_size, dt_lo, dt_hi, eps,
             norm_before_gate, keep_conv, keep_states):
     out, xbc, *rest = _forward(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, seq_idx, MambaDims(*dims), chunk_size,
@@ -106,7 +108,8 @@ def _(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, seq_idx, dims, chunk_size, 
             new(batch, h, nchunks, chunk_size, dtype=f32), new(batch, h, nchunks, chunk_size, dtype=f32))
 
 
-@torch.library.custom_op("hybrid_pretrain::mamba_inner_bwd", mutates_args=(), schema=_BWD_SCHEMA)
+@torch.library.custom_op("hybrid_pretrain::mamba_inner_bwd", mutates_args=(), schema=_BWD_SCHEMA,
+                         tags=ANY_STRIDES_IN_ORDER)
 def _bwd_op(dout, zxbcdt, xbc, conv_w, conv_b, dt_bias, A, D, norm_w, seq_idx, y, rstd, cb, prev, final, dtp, cs,
             dims, chunk_size, dt_lo, dt_hi, norm_before_gate):
     grads = _backward(dout, zxbcdt, xbc, conv_w, conv_b, dt_bias, A, D, norm_w, seq_idx, y, rstd, cb, prev, final,

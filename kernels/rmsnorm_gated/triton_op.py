@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._autograd_op import with_autograd
+from kernels._autograd_op import ANY_STRIDES_IN_ORDER, with_autograd
 from kernels._triton_utils import INTERPRET, autotune, cdiv, next_power_of_2
 from kernels.rmsnorm_gated.reference import check_args
 
@@ -243,7 +243,8 @@ def rmsnorm_gated_fwd(y, z, weight, group_size, eps, norm_before_gate):
 
 
 # Custom ops: opaque to torch.compile, which traces the block around them (kernels/__init__.py).
-@torch.library.custom_op("hybrid_pretrain::rmsnorm_gated_fwd", mutates_args=(),
+# Inputs may have any strides in the usual order (_rows takes any row stride).
+@torch.library.custom_op("hybrid_pretrain::rmsnorm_gated_fwd", mutates_args=(), tags=ANY_STRIDES_IN_ORDER,
                          schema="(Tensor y, Tensor? z, Tensor weight, int group_size, float eps, "
                                 "bool norm_before_gate) -> (Tensor, Tensor)")
 def _fwd_op(y, z, weight, group_size, eps, norm_before_gate):
@@ -256,7 +257,7 @@ def _(y, z, weight, group_size, eps, norm_before_gate):
     return y.new_empty(y.shape), y.new_empty(nrows, y.shape[-1] // group_size, dtype=torch.float32)
 
 
-@torch.library.custom_op("hybrid_pretrain::rmsnorm_gated_bwd", mutates_args=(),
+@torch.library.custom_op("hybrid_pretrain::rmsnorm_gated_bwd", mutates_args=(), tags=ANY_STRIDES_IN_ORDER,
                          schema="(Tensor dout, Tensor y, Tensor? z, Tensor weight, Tensor rstd, int group_size, "
                                 "bool norm_before_gate) -> (Tensor, Tensor, Tensor)")
 def _bwd_op(dout, y, z, weight, rstd, group_size, norm_before_gate):

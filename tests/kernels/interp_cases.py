@@ -107,7 +107,9 @@ def run_mamba_inner(name, norm_before_gate, recompute_conv, recompute_states, ba
     the packed projection; autograd cats the gradients): the same bits, output and every gradient
     (max |difference|, "bits_*"); and against the PyTorch reference (relative errors). Documents cut
     inside chunks, two groups, odd seqlen; "kept_conv_output" says whether a tensor of the conv output's
-    shape is among those kept for the backward."""
+    shape is among those kept for the backward. "bits_padded_*": the same op on a projection whose rows
+    are padded past its width (a column slice of a wider tensor: the layout torch.compile may hand the
+    op, which takes any strides in the usual order) gives the same bits."""
     from kernels.mamba_inner import reference as inner_ref
     from kernels.mamba_inner.op import MambaDims, mamba_inner
     from bench.mamba_core import separate_ops
@@ -145,8 +147,15 @@ def run_mamba_inner(name, norm_before_gate, recompute_conv, recompute_states, ba
     grads_sep = torch.autograd.grad((out_sep * seed).sum(), args)
     out_ref = inner_ref.mamba_inner(*args, **kw)
     grads_ref = torch.autograd.grad((out_ref * seed).sum(), args)
+    wide = torch.randn(batch, seqlen, dims.packed_dim + 7, generator=g)
+    wide[..., :dims.packed_dim] = leaves["zxbcdt"].detach()
+    padded = wide[..., :dims.packed_dim].requires_grad_(True)
+    out_pad = mamba_inner(padded, *args[1:], **kw, **hints)
+    grads_pad = torch.autograd.grad((out_pad * seed).sum(), [padded, *args[1:]])
     res = {"bits_out": float((out - out_sep).detach().abs().max()), "out": rel(out, out_ref),
-           "kept_conv_output": float((batch, seqlen, dims.conv_dim) in kept)}
+           "kept_conv_output": float((batch, seqlen, dims.conv_dim) in kept),
+           "bits_padded_out": float((out - out_pad).detach().abs().max()),
+           "bits_padded_grads": max(float((a - b).abs().max()) for a, b in zip(grads, grads_pad))}
     for k, a, b, r in zip(leaves, grads, grads_sep, grads_ref):
         res[f"bits_d{k}"] = float((a - b).abs().max())
         res[f"d{k}"] = rel(a, r)

@@ -68,7 +68,8 @@ def test_mamba_inner_fused_node_matches_separate_ops_and_reference(results, case
     # with recompute_conv the conv's output is not kept; without, it is (the check can see it)
     assert res.pop("kept_conv_output") == (0.0 if recompute else 1.0)
     names = ("zxbcdt", "conv_weight", "conv_bias", "dt_bias", "A", "D", "norm_weight")
-    assert {"bits_out", "out", *(f"bits_d{k}" for k in names), *(f"d{k}" for k in names)} == set(res)
+    assert {"bits_out", "out", "bits_padded_out", "bits_padded_grads", *(f"bits_d{k}" for k in names),
+            *(f"d{k}" for k in names)} == set(res)
     bits = {k: v for k, v in res.items() if k.startswith("bits_")}
     assert all(v == 0.0 for v in bits.values()), bits  # the same kernels on the same inputs
     rels = {k: v for k, v in res.items() if not k.startswith("bits_")}
