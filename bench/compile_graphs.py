@@ -32,8 +32,7 @@ import torch._dynamo
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels  # noqa: E402
-from bench.train import split_overrides  # noqa: E402
-from pretrain.config import load_config, validate  # noqa: E402
+from bench.presets import load_spec  # noqa: E402
 from pretrain.model import ResidualBlock  # noqa: E402
 from pretrain.recompute import parse_policy, set_parts  # noqa: E402
 
@@ -80,9 +79,7 @@ def main() -> None:
         parser.error(f"--iters must be >= 1, got {args.iters}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: run on the GPU machine, or --device cpu for a smoke test")
-    path, _, extra = args.spec.partition(":")
-    cfg = load_config([path], split_overrides(extra))
-    derived = validate(cfg, 1)
+    cfg, derived = load_spec(args.spec)
     kernels.set_backend(cfg.kernels.backend)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -107,7 +104,7 @@ def main() -> None:
         compiled = fwd_bwd_ms(compiled_block, hidden, seq_idx, autocast, args.iters)
         rows.append((kind, explained.graph_count, explained.graph_break_count, eager, compiled, reasons))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke test, not a measurement)"
-    print(f"\n{name}, torch {torch.__version__}; {Path(path).stem} {extra or ''}, {batch}x{seqlen}, "
+    print(f"\n{name}, torch {torch.__version__}; {args.spec}, {batch}x{seqlen}, "
           f"recompute={cfg.trainer.recompute}, backend={cfg.kernels.backend}\n")
     print("| block | graphs | breaks | eager fwd+bwd ms | compiled fwd+bwd ms | break reasons |")
     print("|---|---|---|---|---|---|")

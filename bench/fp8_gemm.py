@@ -26,29 +26,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.train import split_overrides  # noqa: E402
-from pretrain.config import load_config, validate  # noqa: E402
-from pretrain.model import HybridLM  # noqa: E402
+from bench.presets import linear_shapes  # noqa: E402
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
-
-
-def linear_shapes(spec: str) -> tuple[int, Counter]:
-    """'config.yaml[:key=value,...]' -> (tokens per micro-batch, Counter of (name, in, out) -> how many
-    nn.Linear layers of that name and shape the single-process model has). Routed MoE experts are
-    left out: their GEMMs are grouped (pretrain/layers/grouped_mlp.py) over the tokens routed to them."""
-    path, _, extra = spec.partition(":")
-    cfg = load_config([path], split_overrides(extra))
-    derived = validate(cfg, 1)
-    with torch.device("meta"):
-        model = HybridLM(cfg.model, derived, parallel=False)
-    shapes = Counter((name.rsplit(".", 1)[-1], m.in_features, m.out_features)
-                     for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".experts." not in name)
-    return cfg.data.micro_batch_size * cfg.data.seq_len, shapes
 
 
 def quantize(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

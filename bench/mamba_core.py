@@ -25,10 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels  # noqa: E402
 from bench.kernels import bench  # noqa: E402  (the kernel benchmark's timing: do_bench's median)
-from bench.train import split_overrides  # noqa: E402
+from bench.presets import load_spec  # noqa: E402
 from kernels.mamba_inner.op import MambaDims, mamba_inner  # noqa: E402
 from kernels.mamba_inner.reference import split_packed, split_xbc  # noqa: E402
-from pretrain.config import load_config, validate  # noqa: E402
 
 
 def separate_ops(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, *, dims, chunk_size, dt_limit,
@@ -48,9 +47,7 @@ def separate_ops(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, *, 
 
 def core_case(spec: str, device: str, dtype: torch.dtype, recompute: bool):
     """(leaves, keyword arguments, Mamba layers in the preset) for one core at the preset's shape."""
-    path, _, extra = spec.partition(":")
-    cfg = load_config([path], split_overrides(extra))
-    derived = validate(cfg, 1)
+    cfg, derived = load_spec(spec)
     m = cfg.model.mamba
     dims = MambaDims(m.num_heads, m.head_dim, m.num_groups, m.d_state)
     batch, seqlen = cfg.data.micro_batch_size, cfg.data.seq_len

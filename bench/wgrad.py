@@ -24,25 +24,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.train import split_overrides  # noqa: E402
-from pretrain.config import load_config, validate  # noqa: E402
-from pretrain.layers.linear import FusedLinears, accumulate_wgrad_  # noqa: E402
-from pretrain.model import HybridLM  # noqa: E402
+from bench.presets import linear_shapes as preset_linears  # noqa: E402
+from pretrain.layers.linear import accumulate_wgrad_  # noqa: E402
 
 
 def linear_shapes(spec: str) -> tuple[dict[tuple[int, int], int], int]:
-    """({(out, in): how many of the preset's fused Linear layers have it}, rows per micro-batch); the
-    model is built on the meta device."""
-    path, _, extra = spec.partition(":")
-    cfg = load_config([path], split_overrides(extra))
-    derived = validate(cfg, 1)
-    with torch.device("meta"):
-        model = HybridLM(cfg.model, derived, parallel=False)
+    """({(out, in): how many of the preset's fused Linear layers have it}, rows per micro-batch)."""
+    rows, named = preset_linears(spec, fused_only=True)
     counts: dict[tuple[int, int], int] = {}
-    for layer in FusedLinears(model).layers:
-        shape = tuple(layer.weight.shape)
-        counts[shape] = counts.get(shape, 0) + 1
-    return counts, cfg.data.micro_batch_size * cfg.data.seq_len
+    for (_, in_f, out_f), count in named.items():
+        counts[(out_f, in_f)] = counts.get((out_f, in_f), 0) + count
+    return counts, rows
 
 
 def time_ms(fn, iters: int) -> float:

@@ -1,5 +1,5 @@
 """bench/fp8_gemm.py's parts on the CPU (the table itself needs an FP8 GPU): the GEMM shapes it times
-are the preset's, the tensorwise quantization keeps each value to its format's precision, and the
+are the preset's (bench/presets.linear_shapes), the tensorwise quantization keeps each value to its format's precision, and the
 two FP8 GEMMs compute x @ w^T and dy @ w of the dequantized operands."""
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from bench.fp8_gemm import E4M3, E5M2, fp8_linear_gemms, linear_shapes, quantize, weight_casts  # noqa: E402
+from bench.fp8_gemm import E4M3, E5M2, fp8_linear_gemms, quantize, weight_casts  # noqa: E402
+from bench.presets import linear_shapes  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 
 
