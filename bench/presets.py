@@ -10,7 +10,6 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -27,18 +26,17 @@ def load_spec(spec: str) -> tuple[Config, Derived]:
     return cfg, validate(cfg, 1)
 
 
-def linear_shapes(spec: str, *, fused_only: bool = False) -> tuple[int, Counter]:
+def linear_shapes(spec: str, *, with_head: bool = True) -> tuple[int, Counter]:
     """-> (rows per micro-batch, Counter of (name, in_features, out_features) -> how many layers):
-    the single-process model's nn.Linear layers, routed MoE experts left out (their GEMMs are
-    grouped over the tokens routed to them, pretrain/layers/grouped_mlp.py); with `fused_only`,
-    the layers gradient accumulation fusion takes (FusedLinears: the LM head is not among them)."""
+    the single-process model's Linear layers that gradient accumulation fusion takes (FusedLinears:
+    routed MoE experts left out, their GEMMs grouped over the tokens routed to them), and with
+    `with_head` the LM head (an nn.Linear unless tied to the embedding)."""
     cfg, derived = load_spec(spec)
     with torch.device("meta"):
         model = HybridLM(cfg.model, derived, parallel=False)
     names = {id(m): name for name, m in model.named_modules()}
-    if fused_only:
-        layers = FusedLinears(model).layers
-    else:
-        layers = [m for m in model.modules() if isinstance(m, nn.Linear) and ".experts." not in names[id(m)]]
+    layers = FusedLinears(model).layers
+    if with_head and model.lm_head is not None:
+        layers = [*layers, model.lm_head]
     shapes = Counter((names[id(m)].rsplit(".", 1)[-1], m.in_features, m.out_features) for m in layers)
     return cfg.data.micro_batch_size * cfg.data.seq_len, shapes

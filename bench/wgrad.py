@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -30,11 +31,11 @@ from pretrain.layers.linear import accumulate_wgrad_  # noqa: E402
 
 def linear_shapes(spec: str) -> tuple[dict[tuple[int, int], int], int]:
     """({(out, in): how many of the preset's fused Linear layers have it}, rows per micro-batch)."""
-    rows, named = preset_linears(spec, fused_only=True)
-    counts: dict[tuple[int, int], int] = {}
+    rows, named = preset_linears(spec, with_head=False)
+    counts: Counter = Counter()
     for (_, in_f, out_f), count in named.items():
-        counts[(out_f, in_f)] = counts.get((out_f, in_f), 0) + count
-    return counts, rows
+        counts[(out_f, in_f)] += count
+    return dict(counts), rows
 
 
 def time_ms(fn, iters: int) -> float:
