@@ -22,7 +22,8 @@ import torch
 # eager strides exactly: an input whose layout Inductor chose otherwise (a row stride padded to 128
 # bytes, say) is copied before the call. An op whose launchers take any strides (views included)
 # declares this tag: only the order of the strides must be eager's, so no copy is made for that.
-ANY_STRIDES_IN_ORDER = torch.Tag.needs_fixed_stride_order
+# A tuple: torch 2.11's custom_op (the GPU image) takes a sequence of tags only; a bare Tag fails there.
+ANY_STRIDES_IN_ORDER = (torch.Tag.needs_fixed_stride_order,)
 
 
 def with_autograd(fwd_op, backward: Callable, setup_context: Callable) -> Callable:

@@ -79,3 +79,15 @@ def test_compiled_call_traces_the_registered_autograd():
     for a, b in zip(ours, eager):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     assert not type(_grads(compiled, x, w)[0]).__name__.startswith("scaled_square_autograd")
+
+
+def test_any_stride_ops_carry_the_stride_order_tag():
+    """The Mamba core's and the gated norm's ops let Inductor keep its own strides (in eager's order)
+    instead of copying their inputs: the tag must reach each registered op (a sequence of tags, the
+    form every torch release the project runs on accepts)."""
+    import kernels.mamba_inner.triton_op  # noqa: F401  (registers the ops)
+    import kernels.rmsnorm_gated.triton_op  # noqa: F401
+
+    for name in ("mamba_inner_fwd", "mamba_inner_bwd", "rmsnorm_gated_fwd", "rmsnorm_gated_bwd"):
+        op = getattr(torch.ops.hybrid_pretrain, name).default
+        assert torch.Tag.needs_fixed_stride_order in op.tags, name
