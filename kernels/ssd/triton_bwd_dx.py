@@ -152,7 +152,6 @@ def chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec, config
         cfg, warps, stages = _DX_SPACE[config]
         cfg = dict(cfg, BLOCK_I=min(cfg["BLOCK_I"], chunk_size))
         _chunk_dx_kernel[grid](*args, **kw, **cfg, num_warps=warps, num_stages=stages)
-    if dD is not None:
-        dD = dD.sum((0, 1))[:, :hdim]
-        dD = dD if D.dim() == 2 else dD.sum(-1)
+    if dD is not None:  # one reduction: per (head, headdim) for a 2-D D, per head for a 1-D one
+        dD = dD[..., :hdim].sum((0, 1) if D.dim() == 2 else (0, 1, 3))
     return dx, ddtp, dcs, dD
