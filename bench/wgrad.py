@@ -25,13 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.presets import linear_shapes as preset_linears  # noqa: E402
+from bench.presets import linear_shapes  # noqa: E402
 from pretrain.layers.linear import accumulate_wgrad_  # noqa: E402
 
 
-def linear_shapes(spec: str) -> tuple[dict[tuple[int, int], int], int]:
-    """({(out, in): how many of the preset's fused Linear layers have it}, rows per micro-batch)."""
-    rows, named = preset_linears(spec, with_head=False)
+def weight_shapes(spec: str) -> tuple[dict[tuple[int, int], int], int]:
+    """({(out, in): how many of the preset's fused Linear layers have a weight of that shape, whatever
+    their names}, rows per micro-batch): bench/presets.linear_shapes without the LM head."""
+    rows, named = linear_shapes(spec, with_head=False)
     counts: Counter = Counter()
     for (_, in_f, out_f), count in named.items():
         counts[(out_f, in_f)] += count
@@ -57,7 +58,7 @@ def main() -> None:
     parser.add_argument("config")
     parser.add_argument("--iters", type=int, default=50)
     args = parser.parse_args()
-    shapes, rows = linear_shapes(args.config)
+    shapes, rows = weight_shapes(args.config)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {rows} rows; "
           f"ms per call (median of {args.iters})\n")
     print("| out x in | layers | bf16 mm | plain (mm + cast + add) | fused | mm fp32 out | fused TFLOP/s |")
