@@ -182,9 +182,10 @@ class TrainerConfig:
     # engine's bf16 parameters give: half the bytes in every residual add, pre-norm and their
     # gradients, and in the activations the pre-norms keep (each sum still taken in float32, then
     # rounded once); true = float32 (each block's output added to a float32 stream, as mamba_ssm's
-    # residual_in_fp32). The default since bench/NOTES_train.md Run 24 (its loss within bf16 noise of
-    # the float32 stream's reference over three seeds)
-    residual_in_fp32: Optional[bool] = None
+    # residual_in_fp32). false is the default since bench/NOTES_train.md Run 24 (its loss within bf16
+    # noise of the float32 stream's reference over three seeds); null, which configs and checkpoints
+    # written before then hold (it meant float32 there), still loads and means false
+    residual_in_fp32: Optional[bool] = False
     # true: the same bits run to run on the same machines and layout, at some speed: torch's
     # deterministic algorithms (an op that has none raises at its first call, naming itself),
     # cuBLAS's fixed workspace, no cuDNN autotuning, Inductor's deterministic mode where this torch
