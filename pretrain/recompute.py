@@ -89,10 +89,11 @@ def set_parts(module: torch.nn.Module, kinds: frozenset[str]) -> set[str]:
 
 def linear_of_recomputed(fn_with_vjp, inputs: tuple, linear: torch.nn.Linear) -> torch.Tensor:
     """linear(fn(*inputs)), keeping `inputs` but not fn's output for the backward: there fn reruns
-    (under the forward's autocast state: the same ops, the same bits) and its explicit backward takes
-    the gradient to the inputs. `fn_with_vjp(*inputs) -> (fn(*inputs), vjp)`, where vjp(d_output)
+    (under the forward's autocast state: the same bits) and its explicit backward takes the gradient
+    to the inputs. `fn_with_vjp(*inputs, rerun=False) -> (fn(*inputs), vjp)`, where vjp(d_output)
     returns the inputs' gradients (None for None inputs): no torch.autograd.grad inside a backward,
-    which torch.compile cannot trace. The part mlp_act (fn = the MLP activation) uses it; fn's inputs
+    which torch.compile cannot trace. The backward calls it with rerun=True, where it must give the
+    same bits through other nodes than the forward's (a compiler's CSE must not merge the two). The part mlp_act (fn = the MLP activation) uses it; fn's inputs
     are what fn's own backward would keep anyway. None inputs pass. A pretrain.layers.linear.Linear
     with its step's buffers attached (gradient accumulation fusion) gets its weight gradient added
     into `main_grad` instead of autograd, and multiplies with its step's weight copy."""
@@ -155,7 +156,7 @@ class _LinearOfRecomputed(torch.autograd.Function):
         weight, main_grad, *inputs = ctx.saved_tensors  # weight: the step's copy where there is one
         device, amp, amp_dtype = ctx.autocast
         with torch.autocast(device, dtype=amp_dtype, enabled=amp):
-            h, vjp = ctx.fn_with_vjp(*inputs)
+            h, vjp = ctx.fn_with_vjp(*inputs, rerun=True)
         dweight, dbias, dh = _linear_grads(ctx, dout, h, weight, main_grad)
         dinputs = [g if need else None for g, need in zip(vjp(dh), ctx.needs_input_grad[5:])]
         return None, dweight, dbias, None, None, *dinputs

@@ -44,20 +44,25 @@ def _act(gate_out: torch.Tensor | None, up_out: torch.Tensor) -> torch.Tensor:
     return F.silu(gate_out) * up_out if gate_out is not None else torch.square(F.relu(up_out))
 
 
-def _act_with_vjp(gate_out: torch.Tensor | None, up_out: torch.Tensor):
+def _act_with_vjp(gate_out: torch.Tensor | None, up_out: torch.Tensor, rerun: bool = False):
     """(_act(gate_out, up_out), vjp): vjp(d_act) -> (d_gate or None, d_up), the same aten ops autograd
     runs for _act's backward (the same bits), called directly: no torch.autograd.grad inside a
-    backward, which torch.compile cannot trace (mlp_act's recomputation, linear_of_recomputed)."""
+    backward, which torch.compile cannot trace (mlp_act's recomputation, linear_of_recomputed).
+    rerun (the backward's recomputation): the product is formed with its operands swapped (x * x for
+    the square): the same bits, but another node, so that a common-subexpression pass over the
+    joint forward+backward graph that does not tell the two apart (torch 2.11's AOTAutograd) cannot
+    merge the rerun into the forward's product and make the partitioner keep it, which is the
+    tensor mlp_act exists not to keep (bench/NOTES_train.md, after Run 26)."""
     if gate_out is not None:
         silu = F.silu(gate_out)
 
         def vjp(d_act):
             return torch.ops.aten.silu_backward(d_act * up_out, gate_out), d_act * silu
 
-        return silu * up_out, vjp
+        return (up_out * silu if rerun else silu * up_out), vjp
     relu = F.relu(up_out)
 
     def vjp(d_act):
         return None, torch.ops.aten.threshold_backward(d_act * (2.0 * relu), relu, 0)
 
-    return torch.square(relu), vjp
+    return (relu * relu if rerun else torch.square(relu)), vjp

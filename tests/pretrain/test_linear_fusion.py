@@ -167,7 +167,7 @@ def test_the_step_copy_is_what_the_layer_multiplies_with():
         twice = pair.a(x)
         from pretrain.recompute import linear_of_recomputed
 
-        recomputed = linear_of_recomputed(lambda t: (torch.tanh(t), None), (x.requires_grad_(),), pair.a)
+        recomputed = linear_of_recomputed(lambda t, rerun=False: (torch.tanh(t), None), (x.requires_grad_(),), pair.a)
     torch.testing.assert_close(twice.float(), 2 * once.float(), rtol=1e-2, atol=1e-3)
     torch.testing.assert_close(recomputed.float(), 2 * (pair.a.weight @ torch.tanh(x).t()).t().detach(),
                                rtol=2e-2, atol=1e-2)

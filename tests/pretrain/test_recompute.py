@@ -154,6 +154,45 @@ def test_mlp_activation_vjp_gives_autograd_bits(dtype, gated):
     got = [g for g in vjp(d_act) if g is not None]
     assert torch.equal(got_out, out)
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert torch.equal(_act_with_vjp(gate, up, rerun=True)[0], out)  # the backward's rerun: other nodes, same bits
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "relu2"])
+def test_mlp_act_keeps_no_activation_under_compile_with_a_cse_blind_to_the_backward(activation, monkeypatch):
+    """torch 2.11's AOTAutograd (the GPU machine's) runs common-subexpression elimination over the
+    joint forward+backward graph without telling the two apart (this CPU's torch 2.14 keys by it):
+    an mlp_act rerun made of the forward's very nodes was merged into the forward's product, and the
+    partitioner kept that (bench/NOTES_train.md Run 26: mlp_act saved ~0.1 GB on an H100, not 4).
+    Compiled here (Inductor, CPU) with that older CSE, the MLP with mlp_act keeps one (tokens, d_ff)
+    tensor fewer for its backward than without."""
+    import torch._functorch.partitioners as partitioners
+    from torch._functorch.compile_utils import fx_graph_cse
+
+    from pretrain.layers.mlp import MLP
+
+    monkeypatch.setattr(partitioners, "fx_graph_cse", lambda graph, extra_node_key=None: fx_graph_cse(graph))
+    tokens, d_ff = 512, 256
+
+    def kept_activations(recompute: bool) -> int:
+        torch.manual_seed(0)
+        mlp = MLP(64, d_ff, activation)
+        mlp.recompute_act = recompute
+        x = torch.randn(tokens, 64, requires_grad=True)
+        kept = []
+
+        def pack(t):
+            kept.append(tuple(t.shape))
+            return t
+
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = torch.compile(mlp, backend="inductor", fullgraph=True)(x)
+            out.sum().backward()
+        finally:
+            torch._dynamo.reset()
+        return kept.count((tokens, d_ff))
+
+    assert kept_activations(True) == kept_activations(False) - 1
 
 
 @pytest.mark.parametrize("bias", [False, True])
