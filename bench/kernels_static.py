@@ -86,10 +86,14 @@ ONES = re.compile(r"^(s_\w+_[pndk]|s_seq_l|ngroups)$")
 NO_DIVISIBILITY = {"nsplit", "nblk_max", "rows_per_prog", "group_size", "heads_per_group"}
 
 
-def compile_config(fn, constexprs, ptr_types, num_warps, num_stages):
+def compile_config(fn, constexprs, ptr_types, num_warps, num_stages, maxnreg=None):
     """Compile as the JIT does for contiguous inputs at the presets' shapes: pointers and the other
     integers (lengths, strides: multiples of 16 there) carry the divisibility-by-16 hint."""
-    params = list(inspect.signature(fn.fn).parameters)
+    sig_params = inspect.signature(fn.fn).parameters
+    params = list(sig_params)
+    # meta-parameters a config leaves to the kernel's default (the JIT fills them in likewise)
+    constexprs = {**{p: v.default for p, v in sig_params.items() if v.default is not inspect.Parameter.empty},
+                  **constexprs}
     ones = {p: 1 for p in params if ONES.match(p) and p not in constexprs}
     sig = {p: ("constexpr" if p in constexprs or p in ones else
                ptr_types.get(p, "*bf16" if p in BF16 else "*i32" if p == "seq_ptr" else "*fp32") if p.endswith("_ptr")
@@ -98,7 +102,10 @@ def compile_config(fn, constexprs, ptr_types, num_warps, num_stages):
              if sig[p] != "constexpr" and p not in NO_DIVISIBILITY}
     src = ASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in {**constexprs, **ones}.items()},
                     attrs=attrs)
-    return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None:  # a config's register cap: ptxas meets it, spilling if it must
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=TARGET, options=options)
 
 
 def ptxas_report(ptx: str) -> tuple[int, int, int]:
@@ -115,7 +122,7 @@ def ptxas_report(ptx: str) -> tuple[int, int, int]:
     return regs, int(spill.group(1)), int(spill.group(2))
 
 
-FLAGS = ("SPLIT_DECAY", "HEAD_PIPE", "PREFETCH")  # schedule flags that change a code path
+FLAGS = ("SPLIT_DECAY", "HEAD_PIPE", "PREFETCH", "HEAD_STAGES")  # schedule flags that change a code path
 
 
 def main():
@@ -144,7 +151,7 @@ def main():
             seen.add(flags)
             kw = {k: v for k, v in cfg.kwargs.items() if k not in fixed}
             try:
-                k = compile_config(fn, dict(fixed, **kw), ptrs, cfg.num_warps, cfg.num_stages)
+                k = compile_config(fn, dict(fixed, **kw), ptrs, cfg.num_warps, cfg.num_stages, cfg.maxnreg)
                 regs, st, ld = ptxas_report(k.asm["ptx"])
                 by_regs, by_shared = programs_per_sm(regs, cfg.num_warps, k.metadata.shared)
                 row = (f"{regs} | {st}/{ld}{' SPILLS' if st or ld else ''} | {k.metadata.shared / 1024:.1f} | "
@@ -153,6 +160,7 @@ def main():
                 errors += 1
                 row = f"compile error: {type(e).__name__}: {str(e)[:2000]} | | | "
             desc = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in kw.items())
+            desc += f",maxnreg={cfg.maxnreg}" if cfg.maxnreg is not None else ""
             print(f"| {name} | {i} | {desc} | {cfg.num_warps} | {cfg.num_stages} | {row} |", flush=True)
             if args.loops and i == 0 and "compile error" not in row:
                 print_loops(name, k.asm["cubin"], PTXAS.with_name("nvdisasm"))

@@ -91,8 +91,9 @@ class _Launcher:
         self.tuned, self.fixed, self.kernel, self.key = tuned, fixed, kernel, tuple(key)
         self.name = getattr(kernel, "__name__", "")
         self.chosen: dict[str, dict[str, triton.Config]] = {}  # gpu name -> key string -> config
-        # the meta-parameters every config sets: a table entry naming others is from an older kernel
-        self.config_keys = {k for cfg in getattr(tuned, "configs", ()) for k in cfg.kwargs}
+        # the sets of meta-parameters the configs set: a table entry setting another set is from an
+        # older kernel (a config may leave a meta-parameter to the kernel's default)
+        self.config_keys = {frozenset(cfg.kwargs) for cfg in getattr(tuned, "configs", ())}
         self.resolved: dict[tuple[str, str], triton.Config | None] = {}  # (gpu, key) -> the table's config
         if kernel is not None:
             names = list(kernel.arg_names)
@@ -114,12 +115,14 @@ class _Launcher:
         version of the kernel: ignored with one warning, the autotuner chooses)."""
         if (gpu, key) not in self.resolved:
             entry, cfg = listed.get(key), None
-            if entry is not None and self.config_keys and set(entry["kwargs"]) != self.config_keys:
+            if entry is not None and self.config_keys and frozenset(entry["kwargs"]) not in self.config_keys:
+                sets = " or ".join(str(sorted(keys)) for keys in sorted(self.config_keys, key=sorted))
                 warnings.warn(f"{TABLE_PATH}: the entry for {self.name} ({key}) sets {sorted(entry['kwargs'])}, "
-                              f"but this kernel's configs set {sorted(self.config_keys)} (a table from another "
+                              f"but this kernel's configs set {sets} (a table from another "
                               f"version of the kernel): ignored, the autotuner chooses", stacklevel=3)
             elif entry is not None:
-                cfg = triton.Config(entry["kwargs"], num_warps=entry["num_warps"], num_stages=entry["num_stages"])
+                cfg = triton.Config(entry["kwargs"], num_warps=entry["num_warps"], num_stages=entry["num_stages"],
+                                    maxnreg=entry.get("maxnreg"))
             self.resolved[gpu, key] = cfg
         return self.resolved[gpu, key]
 
@@ -138,8 +141,7 @@ class _Launcher:
             cfg = self.table_config(gpu, key, listed) if listed else None
             if cfg is not None:
                 g = grid({**kwargs, **cfg.kwargs}) if callable(grid) else grid
-                return self.kernel[g](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps,
-                                      num_stages=cfg.num_stages)
+                return self.kernel[g](*args, **kwargs, **cfg.kwargs, **launch_options(cfg))
             out = self.tuned[grid](*args, **kwargs)
             best = getattr(self.tuned, "best_config", None)
             if _record and gpu is not None and best is not None:
@@ -159,7 +161,7 @@ def write_tuned_table(path: Path | str = TABLE_PATH) -> int:
         for gpu, keys in launcher.chosen.items():
             for key, cfg in keys.items():
                 table.setdefault(gpu, {}).setdefault(launcher.name, {})[key] = {
-                    "kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+                    "kwargs": dict(cfg.kwargs), **launch_options(cfg)}
                 n += 1
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     return n
@@ -231,8 +233,18 @@ def choose_structure(name: str, key: tuple, labels: tuple, run, default, device:
 
 
 def configs_of(space) -> list:
-    """A launch-config space written as [(kwargs, num_warps, num_stages)] as triton.Configs."""
-    return [triton.Config(kw, num_warps=w, num_stages=st) for kw, w, st in space]
+    """A launch-config space written as [(kwargs, num_warps, num_stages[, maxnreg])] as triton.Configs
+    (maxnreg: a cap on registers per thread, which ptxas meets by spilling if it must)."""
+    return [triton.Config(c[0], num_warps=c[1], num_stages=c[2], maxnreg=c[3] if len(c) > 3 else None)
+            for c in space]
+
+
+def launch_options(cfg: triton.Config) -> dict:
+    """A config's launch options as kernel-call keywords (maxnreg only where the config caps registers)."""
+    opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.maxnreg is not None:
+        opts["maxnreg"] = cfg.maxnreg
+    return opts
 
 
 MAX_GRID_YZ = 65535  # CUDA's limit on a grid's second and third axes (the first allows 2^31 - 1)
@@ -273,20 +285,27 @@ def autotune_per_chunk(kernel, configs, key, chunk_params, state_params=()):
     to it, so a small state is not computed in a tile of mostly masked lanes."""
     launchers = {}
 
+    def clamp(cfg, chunk_size, state_block):
+        kw = {k: (min(v, chunk_size) if k in chunk_params else
+                  min(v, state_block) if k in state_params and state_block else v)
+              for k, v in cfg.kwargs.items()}
+        return triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
+
     def for_chunk(chunk_size: int, state_block: int | None = None):
         if (chunk_size, state_block) not in launchers:
             clamped, seen = [], set()
             for cfg in configs:
-                kw = {k: (min(v, chunk_size) if k in chunk_params else
-                          min(v, state_block) if k in state_params and state_block else v)
-                      for k, v in cfg.kwargs.items()}
-                sig = (tuple(sorted(kw.items())), cfg.num_warps, cfg.num_stages)
+                c = clamp(cfg, chunk_size, state_block)
+                sig = (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages, c.maxnreg)
                 if sig not in seen:
                     seen.add(sig)
-                    clamped.append(triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                    clamped.append(c)
             launchers[chunk_size, state_block] = autotune(clamped, key=key)(kernel)
         return launchers[chunk_size, state_block]
 
+    # the i-th config of the list as for_chunk clamps it, for benchmarks that time every config
+    for_chunk.config = lambda i, chunk_size, state_block=None: clamp(configs[i], chunk_size, state_block)
+    for_chunk.num_configs = len(configs)
     return for_chunk
 
 

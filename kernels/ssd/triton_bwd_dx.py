@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import INTERPRET, autotune_per_chunk, cdiv, configs_of, head_chunk_grid, head_chunk_pids
+from kernels._triton_utils import (INTERPRET, autotune_per_chunk, cdiv, configs_of, head_chunk_grid, head_chunk_pids,
+                                   launch_options)
 from kernels.ssd.triton_bwd import _blocks
 from kernels.ssd.triton_fwd import _dot_f32_operand, seq_args
 
@@ -149,9 +150,8 @@ def chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec, config
     elif config is None:
         _chunk_dx_tuned(chunk_size)[grid](*args, **kw)
     else:
-        cfg, warps, stages = _DX_SPACE[config]
-        cfg = dict(cfg, BLOCK_I=min(cfg["BLOCK_I"], chunk_size))
-        _chunk_dx_kernel[grid](*args, **kw, **cfg, num_warps=warps, num_stages=stages)
+        cfg = _chunk_dx_tuned.config(config, chunk_size)
+        _chunk_dx_kernel[grid](*args, **kw, **cfg.kwargs, **launch_options(cfg))
     if dD is not None:  # one reduction: per (head, headdim) for a 2-D D, per head for a 1-D one
         dD = dD[..., :hdim].sum((0, 1) if D.dim() == 2 else (0, 1, 3))
     return dx, ddtp, dcs, dD

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from kernels._triton_utils import (INTERPRET, autotune_per_chunk, cdiv, configs_of, head_chunk_grid, head_chunk_pids,
-                                   next_pow2, next_power_of_2)
+                                   launch_options, next_pow2, next_power_of_2)
 
 
 @triton.jit
@@ -347,8 +347,6 @@ def chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq_idx, chunk_size, store_ypre, d
     elif config is None:
         _chunk_scan_tuned(chunk_size, next_pow2(dstate))[grid](*args, **kw)
     else:
-        cfg, warps, stages = _CHUNK_SCAN_SPACE[config]
-        cfg = dict(cfg, BLOCK_M=min(cfg["BLOCK_M"], chunk_size), BLOCK_K=min(cfg["BLOCK_K"], chunk_size),
-                   BLOCK_N=min(cfg["BLOCK_N"], next_pow2(dstate)))
-        _chunk_scan_fwd_kernel[grid](*args, **kw, **cfg, num_warps=warps, num_stages=stages)
+        cfg = _chunk_scan_tuned.config(config, chunk_size, next_pow2(dstate))
+        _chunk_scan_fwd_kernel[grid](*args, **kw, **cfg.kwargs, **launch_options(cfg))
     return out, ypre

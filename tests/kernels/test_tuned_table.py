@@ -112,7 +112,8 @@ def test_shipped_table_entries_name_known_kernels_and_configs():
         assert set(by_kernel) <= names, (gpu, set(by_kernel) - names)
         for entries in by_kernel.values():
             for key, cfg in entries.items():
-                assert set(cfg) == {"kwargs", "num_warps", "num_stages"}, key
+                assert {"kwargs", "num_warps", "num_stages"} <= set(cfg) <= {"kwargs", "num_warps", "num_stages",
+                                                                             "maxnreg"}, key
 
 
 def test_a_stale_entry_is_ignored_with_a_warning(fakes, monkeypatch):
@@ -128,6 +129,35 @@ def test_a_stale_entry_is_ignored_with_a_warning(fakes, monkeypatch):
         launcher[(1,)](x, 128, FLAG=True)
     launcher[(1,)](x, 128, FLAG=True)  # no second warning (pytest's filter would turn it into an error below)
     assert len(tuned.launches) == 2 and kernel.launches == []
+
+
+def test_register_cap_and_a_default_meta_parameter_round_trip(fakes, tmp_path, monkeypatch):
+    """A config that caps registers (maxnreg) is written with its cap and launched with it; a config
+    may leave a meta-parameter to the kernel's default while others set it, and an entry of either
+    key set is used (an entry matches one config's set of meta-parameters, not their union)."""
+    _, kernel, tuned, fixed = fakes
+    capped = triton.Config({"BLOCK": 64, "STAGES": 3}, num_warps=8, num_stages=3, maxnreg=128)
+    tuned.configs = [FakeTuned.best_config, capped]
+    tuned.best_config = capped
+    launcher = tu._Launcher(tuned, fixed, kernel, key=["n", "FLAG"])
+    x = torch.zeros(3, dtype=torch.bfloat16)
+    tu.record_tuning()
+    launcher[(1,)](x, 128, FLAG=True)
+    path = tmp_path / "table.json"
+    assert tu.write_tuned_table(path) == 1
+    table = json.loads(path.read_text())
+    assert table["Fake GPU"]["_fake_kernel"]["n=128,FLAG=True,bfloat16"] == {
+        "kwargs": {"BLOCK": 64, "STAGES": 3}, "num_warps": 8, "num_stages": 3, "maxnreg": 128}
+    table["Fake GPU"]["_fake_kernel"]["n=256,FLAG=True,bfloat16"] = {
+        "kwargs": {"BLOCK": 32}, "num_warps": 4, "num_stages": 2}  # the other config's key set
+    monkeypatch.setattr(tu, "_table", table)
+    monkeypatch.setattr(tu, "_record", False)
+    launcher[(1,)](x, 128, FLAG=True)
+    launcher[(1,)](x, 256, FLAG=True)
+    assert [kw for _, _, kw in kernel.launches] == [
+        {"FLAG": True, "BLOCK": 64, "STAGES": 3, "num_warps": 8, "num_stages": 3, "maxnreg": 128},
+        {"FLAG": True, "BLOCK": 32, "num_warps": 4, "num_stages": 2}]
+    assert len(tuned.launches) == 1  # both from the table
 
 
 def test_the_shipped_table_names_only_parameters_the_kernels_have():
