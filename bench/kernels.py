@@ -1,6 +1,6 @@
 """Kernel benchmark: one command on the GPU machine prints one table.
 
-    PYTHONPATH=$PWD python bench/kernels.py [--no-ref] [--breakdown] [--claim] [--chunk-sweep] [--splits] [--order] [--configs]
+    PYTHONPATH=$PWD python bench/kernels.py [--no-ref] [--breakdown] [--claim] [--chunk-sweep] [--splits] [--order] [--configs [scan dx states dprev dcb dbc]]
 
 For each SSD shape of issue 3's target table (bf16, chunk 256, D and dt_bias, no z): forward and
 forward+backward median time (triton.testing.do_bench, CUDA events, median), achieved TFLOP/s
@@ -16,7 +16,8 @@ picks from for the gated-norm backward and the conv forward at the presets' mixe
 first schedule is the fixed one: the A/B of each autotuned list in one run), and dCB + dB/dC at
 every split of a group's heads over programs; `--splits` times only those, also at the presets' shapes.
 `--order` times only the chunk scan and dx in both launch orders (kernels._triton_utils.head_chunk_grid);
-`--configs` only those two at every config of their autotuning lists (with `--write-tuned`, the
+`--configs` only those two, the fused state walks (forward chunk states + passing, backward dprev +
+passing; also as two kernels), dCB and dB/dC at every config of their autotuning lists (with `--write-tuned`, the
 tuned rows' choices are recorded).
 
 FLOP model of the SSD (useful work, causal halves counted once):
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -231,11 +233,14 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16, 
     return [(name, bench(fn)) for name, fn in parts]
 
 
-def _scan_dx_calls(batch, seqlen, h, p, g, n, q, documents, dev, dt_):
-    """The chunk scan and dx as callables of (config, heads_fast) on one set of inputs (bench/kernels.py's
-    SSD inputs, their CB, states and a random dS; `documents` equal documents per row, or none)."""
+def _swept_calls(batch, seqlen, h, p, g, n, q, documents, dev, dt_):
+    """The chunk scan, dx, the fused state walks (forward states + passing, backward dprev +
+    passing), dCB and dB/dC as callables of (config, ...) on one set of inputs (bench/kernels.py's SSD
+    inputs, their CB, states and a random dS; `documents` equal documents per row, or none)."""
     from kernels._triton_utils import dot_precision
+    from kernels.ssd import triton_bwd as bwd
     from kernels.ssd import triton_bwd_dx as bwd_dx
+    from kernels.ssd import triton_bwd_scan as bwd_scan
     from kernels.ssd import triton_fwd as fwd
     from kernels.ssd import triton_states as states
 
@@ -248,7 +253,7 @@ def _scan_dx_calls(batch, seqlen, h, p, g, n, q, documents, dev, dt_):
     dy = torch.randn_like(x)
     dtp, cs = fwd.dt_cumsum(dt, bias, A, q, True, (0.0, float("inf")))
     cb = fwd.compute_cb(C, B, seq, q, prec)
-    prev, prev_lp, _ = states.states_and_pass(x, B, dtp, cs, seq, None, q, prec)
+    prev, prev_lp, final = states.states_and_pass(x, B, dtp, cs, seq, None, q, prec)
     dS = torch.randn_like(prev)
 
     def scan(config, heads_fast=True):
@@ -258,7 +263,29 @@ def _scan_dx_calls(batch, seqlen, h, p, g, n, q, documents, dev, dt_):
     def dx(config, heads_fast=True):
         return bwd_dx.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq, q, prec, config=config, heads_fast=heads_fast)
 
-    return scan, dx
+    def states_pass(config, store_f32=True):
+        """config "two": chunk_outer then state_pass; else the fused kernel at that config (None: tuned)."""
+        fused = config != "two"
+        return states.states_and_pass(x, B, dtp, cs, seq, None, q, prec, fused=fused, store_f32=store_f32,
+                                      config=config if fused else None)
+
+    def dprev_pass(config):
+        fused = config != "two"
+        return bwd_scan.dprev_and_pass_bwd(dy, C, cs, seq, prev, final, None, q, prec, fused=fused,
+                                           config=config if fused else None)
+
+    # dCB and dB/dC at the head split the training backward takes at this shape
+    dS_lp = dS.to(dt_)
+    nsplit = bwd.head_split(x, dy, B, C, prev, dS_lp, dtp, cs, seq, cb, q, prec)
+    dcb_out = bwd.chunk_dcb(x, dy, dtp, cs, seq, cb, g, q, prec, nsplit=nsplit)[0]
+
+    def dcb(config):
+        return bwd.chunk_dcb(x, dy, dtp, cs, seq, cb, g, q, prec, nsplit=nsplit, config=config)
+
+    def dbc(config):
+        return bwd.chunk_dbc(x, dy, B, C, prev, dS_lp, dcb_out, dtp, cs, seq, q, prec, config=config)
+
+    return scan, dx, states_pass, dprev_pass, dcb, dbc
 
 
 def launch_order(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
@@ -266,7 +293,7 @@ def launch_order(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat1
     head)) launched heads-fast (the default: a chunk's heads run together and share the tile in L2)
     and chunks-fast (the order before), each with the tuned config and the fixed one (config 0).
     -> [(name, ms)]."""
-    scan, dx = _scan_dx_calls(batch, seqlen, h, p, g, n, q, 0, dev, dt_)
+    scan, dx = _swept_calls(batch, seqlen, h, p, g, n, q, 0, dev, dt_)[:2]
     rows = []
     for config in (None, 0):
         for order in (True, False):
@@ -276,31 +303,61 @@ def launch_order(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat1
     return rows
 
 
-def config_sweep(batch, seqlen, h, p, g, n, q=256, documents=0, dev="cuda", dt_=torch.bfloat16):
-    """The chunk scan and dx at the autotuned schedule ("tuned", which autotunes the shape's key when
-    the table lacks it, so `--write-tuned` records it) and at every config of their lists, heads-fast.
-    documents: that many equal documents per row (seq_idx), as training on packed data calls them
-    (the key differs). -> [(name, ms)]; the interpreter runs its own tiles for every row."""
-    from kernels.ssd.triton_bwd_dx import _DX_SPACE
-    from kernels.ssd.triton_fwd import _CHUNK_SCAN_SPACE
+SWEPT = ("scan", "dx", "states", "dprev", "dcb", "dbc")  # what `--configs` times, in this order
 
-    scan, dx = _scan_dx_calls(batch, seqlen, h, p, g, n, q, documents, dev, dt_)
 
-    def label(space, i):
-        kw, warps, stages = space[i]
-        return f"#{i} " + ",".join(f"{k[6:]}{v}" for k, v in kw.items()) + f",w{warps},s{stages}"
+def config_sweep(batch, seqlen, h, p, g, n, q=256, documents=0, dev="cuda", dt_=torch.bfloat16, only=SWEPT):
+    """The chunk scan, dx, the fused state walks, dCB and dB/dC at the autotuned schedule ("tuned",
+    which autotunes the shape's key when the table lacks it, so `--write-tuned` records it) and at
+    every config of their lists (the chunk scan and dx heads-fast; rN: a cap of N registers per
+    thread); the fused state walks also as two kernels ("two
+    kernels": chunk states or dprev stored, then the pass; what choose_structure weighs the fused
+    kernel against), the forward's with the float32 prev kept for a backward ("keep") and without
+    (no-grad, recompute_states). documents: that many equal documents per row (seq_idx), as training
+    on packed data calls them (the key differs). only: which of SWEPT to time. -> [(name, ms)]; the
+    interpreter runs its own tiles for every row."""
+    from kernels.ssd import triton_bwd as bwd
+    from kernels.ssd import triton_bwd_dx as bwd_dx
+    from kernels.ssd import triton_bwd_scan as bwd_scan
+    from kernels.ssd import triton_fwd as fwd
+    from kernels.ssd import triton_states as states
+
+    scan, dx, states_pass, dprev_pass, dcb, dbc = _swept_calls(batch, seqlen, h, p, g, n, q, documents, dev, dt_)
+    nstate = max(16, 1 << (n - 1).bit_length())
+
+    def label(launcher, i):
+        cfg = launcher.config(i, q, nstate)
+        return (f"#{i} " + ",".join(f"{k.removeprefix('BLOCK_')}{int(v) if isinstance(v, bool) else v}"
+                                    for k, v in cfg.kwargs.items())
+                + f",w{cfg.num_warps},s{cfg.num_stages}" + (f",r{cfg.maxnreg}" if cfg.maxnreg else ""))
 
     rows = []
-    for name, call, space in (("chunk scan", scan, _CHUNK_SCAN_SPACE), ("dx", dx, _DX_SPACE)):
-        for i in [None] + list(range(len(space))):
-            rows.append((f"{name} {'tuned' if i is None else label(space, i)}", bench(lambda: call(i))))
+    for name, call, launcher in (("chunk scan", scan, fwd._chunk_scan_tuned), ("dx", dx, bwd_dx._chunk_dx_tuned),
+                                 ("dcb", dcb, bwd._chunk_dcb_tuned), ("dbc", dbc, bwd._chunk_dbc_tuned)):
+        if name.split()[-1] not in only:
+            continue
+        for i in [None] + list(range(launcher.num_configs)):
+            rows.append((f"{name} {'tuned' if i is None else label(launcher, i)}", bench(lambda: call(i))))
+    for keep in (True, False) if "states" in only else ():
+        for i in ["two", None] + list(range(states._states_pass_tuned.num_configs)):
+            what = "two kernels" if i == "two" else "tuned" if i is None else label(states._states_pass_tuned, i)
+            rows.append((f"states+pass {'keep' if keep else 'no-grad'} {what}",
+                         bench(lambda: states_pass(i, store_f32=keep))))
+    for i in ["two", None] + list(range(bwd_scan._dprev_pass_tuned.num_configs)) if "dprev" in only else ():
+        what = "two kernels" if i == "two" else "tuned" if i is None else label(bwd_scan._dprev_pass_tuned, i)
+        rows.append((f"dprev+pass {what}", bench(lambda: dprev_pass(i))))
     return rows
+
+
+def row_kernel(name: str) -> str:
+    """The kernel (or state walk) a `--configs` row times: its name without the way it ran."""
+    return re.sub(r" (tuned|two kernels|#\d+ .*)$", "", name)
 
 
 def config_table(times: dict[str, list[float]], columns: list[str]) -> str:
     """`--configs`' rows as one markdown table: a row per kernel and config, a column per shape (ms),
     the fastest config of each kernel at each shape in bold."""
-    kernel = {name: name.split(" #")[0].removesuffix(" tuned") for name in times}
+    kernel = {name: row_kernel(name) for name in times}
     best = {}
     for name, row in times.items():
         for j, ms in enumerate(row):
@@ -412,9 +469,11 @@ def main():
     ap.add_argument("--order", action="store_true",
                     help="only time the chunk scan and dx launched heads-fast and chunks-fast, at the target "
                          "and the presets' shapes (nothing else)")
-    ap.add_argument("--configs", action="store_true",
-                    help="only time the chunk scan and dx at every config of their lists, at the target shapes "
-                         "and the presets' (with 4 documents a row, as training packs them)")
+    ap.add_argument("--configs", nargs="*", choices=SWEPT, metavar="KERNEL",
+                    help="only time the chunk scan, dx, the fused state walks, dCB and dB/dC (or those named: "
+                         f"{', '.join(SWEPT)}) at every config of their lists (the state walks also as two "
+                         "kernels), at the target shapes and the presets' (with 4 documents a row, as training "
+                         "packs them)")
     ap.add_argument("--splits", action="store_true",
                     help="only time dCB + dB/dC at every head split, at the target and the presets' shapes "
                          "(nothing else)")
@@ -426,12 +485,12 @@ def main():
         for shape in [t[:6] for t in TARGETS] + [s for _, s in CHUNK_SWEEP]:
             emit(f"dCB + dB/dC, shape {shape}: " + ", ".join(f"{k} {ms:.3f}" for k, ms in breakdown(*shape, splits_only=True)))
         return
-    if args.configs:
+    if args.configs is not None:
         print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}")
         shapes = [(t[:6], 0) for t in TARGETS] + [(s, 4) for _, s in CHUNK_SWEEP]
         times = {}
         for shape, docs in shapes:
-            for name, ms in config_sweep(*shape, documents=docs):
+            for name, ms in config_sweep(*shape, documents=docs, only=args.configs or SWEPT):
                 emit(f"shape {shape} documents {docs}: {name} {ms:.3f}")
                 times.setdefault(name, []).append(ms)
         print(config_table(times, [f"{s[0]}x{s[1]} {s[2]}x{s[3]} G{s[4]}" + (f", {d} docs" if d else "")

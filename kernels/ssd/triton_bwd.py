@@ -37,7 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import INTERPRET, autotune_per_chunk, cdiv, choose_structure, configs_of, next_pow2
+from kernels._triton_utils import (INTERPRET, autotune_per_chunk, cdiv, choose_structure, configs_of, launch_options,
+                                   next_pow2)
 from kernels.ssd.triton_fwd import causal_document_keep, seq_args
 from kernels.ssd.triton_states import structure_key
 
@@ -80,13 +81,13 @@ def _dcb_heads(x_ptr, dy_ptr, dtp_ptr, cs_ptr, cb, keep, rows, offs_i, offs_j, t
                nhh, nchunks, chunk_size, num_j, seqlen, hdim, s_x_b, s_x_l, s_x_h, s_x_p,
                s_dy_b, s_dy_l, s_dy_h, s_dy_p, r_col, HAS_SEQ: tl.constexpr, BLOCK_I: tl.constexpr,
                BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_PIPE: tl.constexpr,
-               HDIM_BLOCK: tl.constexpr, SPLIT: tl.constexpr):
+               HDIM_BLOCK: tl.constexpr, SPLIT: tl.constexpr, HEAD_STAGES: tl.constexpr):
     """The dCB tile (BLOCK_I, BLOCK_J) float32 summed over heads h0 .. h0 + nhh - 1 (consecutive, one
     group), each head's row sums of dCB_h * CB stored at `rows` (+ its cs offset times num_j).
     SPLIT (a tile wholly below the diagonal only): exp2(cs_i - cs_j) = exp2(cs_i - r) exp2(r - cs_j)
-    with r = cs at column r_col of the chunk."""
+    with r = cs at column r_col of the chunk. HEAD_STAGES: see _chunk_dcb_kernel."""
     acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
-    for hh in range(nhh):
+    for hh in tl.range(0, nhh, num_stages=HEAD_STAGES):
         h = h0 + hh
         cs_base = (cs_row + hh * nchunks) * chunk_size
         dy_h = dy_ptr + pid_b * s_dy_b + h * s_dy_h
@@ -122,6 +123,7 @@ def _chunk_dcb_kernel(
     s_x_b, s_x_l, s_x_h, s_x_p, s_dy_b, s_dy_l, s_dy_h, s_dy_p, s_seq_b, s_seq_l,
     HAS_SEQ: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr,
     DOT_PREC: tl.constexpr, HEAD_PIPE: tl.constexpr, HDIM_BLOCK: tl.constexpr, SPLIT_DECAY: tl.constexpr,
+    HEAD_STAGES: tl.constexpr = None,
 ):
     """SPLIT_DECAY: a tile wholly below the diagonal factors each head's decay, exp2(cs_i - cs_j) =
     exp2(cs_i - r) exp2(r - cs_j) with r = cs at the tile's last column (between cs_j and cs_i, cs being
@@ -130,7 +132,11 @@ def _chunk_dcb_kernel(
     the loop over heads is the innermost loop and the software pipeliner issues the next heads' dy
     and x loads while this head's tile is computed (num_stages); otherwise an inner loop over
     headdim blocks of BLOCK_P, whose loads the pipeliner overlaps only within one head. Both give
-    the same bits when BLOCK_P >= hdim."""
+    the same bits when BLOCK_P >= hdim.
+    HEAD_STAGES (None: the launch's num_stages, which pipelines only the loads that feed a dot):
+    the heads loop pipelined in that many stages for every load in it, also each head's cs and dtp
+    vectors, which otherwise wait a global-memory latency before each head's decay (Triton's
+    pipeliner gives a latency only to loads that reach a dot operand; bench/NOTES_kernels.md)."""
     pid_ij = tl.program_id(0)
     pid_bc = tl.program_id(1).to(tl.int64)
     pid_gs = tl.program_id(2).to(tl.int64)
@@ -162,12 +168,12 @@ def _chunk_dcb_kernel(
         acc = _dcb_heads(x_ptr, dy_ptr, dtp_ptr, cs_ptr, cb, keep, rows, offs_i, offs_j, t_i, t_j, pid_b, h0, cs_row,
                          heads_per_split, nchunks, chunk_size, num_j, seqlen, hdim, s_x_b, s_x_l, s_x_h, s_x_p,
                          s_dy_b, s_dy_l, s_dy_h, s_dy_p, pid_j * BLOCK_J + BLOCK_J - 1, HAS_SEQ, BLOCK_I, BLOCK_J,
-                         BLOCK_P, DOT_PREC, HEAD_PIPE, HDIM_BLOCK, True)
+                         BLOCK_P, DOT_PREC, HEAD_PIPE, HDIM_BLOCK, True, HEAD_STAGES)
     else:
         acc = _dcb_heads(x_ptr, dy_ptr, dtp_ptr, cs_ptr, cb, keep, rows, offs_i, offs_j, t_i, t_j, pid_b, h0, cs_row,
                          heads_per_split, nchunks, chunk_size, num_j, seqlen, hdim, s_x_b, s_x_l, s_x_h, s_x_p,
                          s_dy_b, s_dy_l, s_dy_h, s_dy_p, 0, HAS_SEQ, BLOCK_I, BLOCK_J,
-                         BLOCK_P, DOT_PREC, HEAD_PIPE, HDIM_BLOCK, False)
+                         BLOCK_P, DOT_PREC, HEAD_PIPE, HDIM_BLOCK, False, HEAD_STAGES)
     pbase = ((pid_bc * nsplit + pid_s) * ngroups + pid_g) * chunk_size * chunk_size  # (b, c, split, g, Q, Q)
     tl.store(dcb_ptr + pbase + offs_i[:, None] * chunk_size + offs_j[None, :], acc)
 
@@ -184,7 +190,9 @@ def _chunk_dbc_kernel(
     """HEAD_PIPE: the loop over the group's heads is the innermost loop (one pair of dots per head
     over all of headdim, HDIM_BLOCK = next power of two >= hdim), so the pipeliner prefetches the
     next heads' dy, x, prev and dS tiles; otherwise an inner loop over headdim blocks of BLOCK_P.
-    The same bits when BLOCK_P >= hdim."""
+    The same bits when BLOCK_P >= hdim. (Pipelining every load of the heads loop, as dCB's
+    HEAD_STAGES does, lost here: its tiles then take 113 KB of shared memory, one program per SM;
+    1.2-1.5x slower on an H100, bench/NOTES_kernels.md, nineteenth session.)"""
     pid_rn = tl.program_id(0)
     pid_bc = tl.program_id(1).to(tl.int64)
     pid_gs = tl.program_id(2).to(tl.int64)
@@ -294,8 +302,13 @@ _DCB_SPACE = [
     (dict(BLOCK_P=64, HEAD_PIPE=True), 8, 3), (dict(BLOCK_P=64, HEAD_PIPE=True), 4, 4),
     (dict(BLOCK_P=64, HEAD_PIPE=True, SPLIT_DECAY=True), 4, 3), (dict(BLOCK_P=64, HEAD_PIPE=True, SPLIT_DECAY=True), 8, 3),
     (dict(BLOCK_P=64, HEAD_PIPE=False, SPLIT_DECAY=True), 4, 2),
+    # every load of the heads loop pipelined, the per-head cs / dtp vectors too (HEAD_STAGES): the
+    # fastest at every bench and preset shape on an H100 (bench/NOTES_kernels.md, nineteenth session),
+    # 8 warps capped at 128 registers (2 programs per SM; 144 uncapped, 1) and 4 warps
+    (dict(BLOCK_P=64, HEAD_PIPE=True, SPLIT_DECAY=True, HEAD_STAGES=3), 8, 3, 128),
+    (dict(BLOCK_P=64, HEAD_PIPE=True, SPLIT_DECAY=True, HEAD_STAGES=3), 4, 3),
 ]
-_DCB_SPACE = [(dict({"SPLIT_DECAY": False}, **kw), w, st) for kw, w, st in _DCB_SPACE]
+_DCB_SPACE = [(dict({"SPLIT_DECAY": False}, **c[0]), *c[1:]) for c in _DCB_SPACE]
 _DBC_SPACE = [
     (dict(BLOCK_R=64, BLOCK_K=64, BLOCK_P=64, HEAD_PIPE=False), 4, 2),
     (dict(BLOCK_R=64, BLOCK_K=64, BLOCK_P=64, HEAD_PIPE=False), 4, 3),
@@ -325,7 +338,7 @@ def _first_with(space, head_pipe, chunk_size, split_decay=False):
     """The first config of `space` with the given HEAD_PIPE (and SPLIT_DECAY, where the space has
     it), position tiles clamped to the chunk."""
     kw, warps, stages = next(c for c in space if c[0]["HEAD_PIPE"] == head_pipe
-                             and c[0].get("SPLIT_DECAY", False) == split_decay)
+                             and c[0].get("SPLIT_DECAY", False) == split_decay)[:3]
     kw = {k: (min(v, chunk_size) if k in ("BLOCK_R", "BLOCK_K") else v) for k, v in kw.items()}
     return kw, warps, stages
 
@@ -389,13 +402,14 @@ def chunk_dcb_dbc(x, dy, B, C, prev, dS, dtp, cs, seq_idx, cb, chunk_size, dot_p
 
 
 def chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, chunk_size, dot_prec, head_pipe=None, split_decay=False,
-              nsplit=None):
+              nsplit=None, config=None):
     """-> dCB partials (batch, nchunks, nsplit, ngroups, Q, Q) and per-head row terms of dcs
     (batch, nheads, nchunks, nj, Q). head_pipe None: the autotuned schedule on CUDA (the
     head-pipelined loop, unsplit decay, in the interpreter); True/False: that loop structure with the
     first such config of the given decay form (benchmarks and tests; the interpreter then splits
     headdim into blocks of 16). nsplit None: _nsplit's choice; otherwise that many programs share a
-    group's heads here and in chunk_dbc (a divisor of the heads per group; benchmarks)."""
+    group's heads here and in chunk_dbc (a divisor of the heads per group; benchmarks). config: an
+    index into _DCB_SPACE, that config (benchmarks and tests; the interpreter runs its own tiles)."""
     batch, seqlen, nheads, hdim = x.shape
     nchunks = cdiv(seqlen, chunk_size)
     bs = _blocks(chunk_size, hdim, 16)
@@ -416,6 +430,9 @@ def chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, chunk_size, dot_prec, head_p
         pipe = True if head_pipe is None else head_pipe
         _chunk_dcb_kernel[grid](*args, **kw, BLOCK_P=bs["P"] if pipe else 16, HEAD_PIPE=pipe,
                                 SPLIT_DECAY=split_decay and head_pipe is not None, num_warps=4)
+    elif config is not None:
+        cfg = _chunk_dcb_tuned.config(config, chunk_size)
+        _chunk_dcb_kernel[grid](*args, **kw, **cfg.kwargs, **launch_options(cfg))
     elif head_pipe is None:
         _chunk_dcb_tuned(chunk_size)[grid](*args, **kw)
     else:
@@ -424,11 +441,13 @@ def chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, chunk_size, dot_prec, head_p
     return dcb, rows
 
 
-def chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, chunk_size, dot_prec, head_pipe=None, out=None):
+def chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, chunk_size, dot_prec, head_pipe=None, out=None,
+              config=None):
     """-> dB, dC (input dtype) and per-head off-diagonal terms of dcs (batch, nheads, nchunks, nn, Q).
     prev and dS may be float32 or the input dtype: the kernel rounds them to x's dtype for its dots.
     head_pipe: as in chunk_dcb. `out`, optional: (dB, dC) tensors to write the gradients into (B's
-    shape and dtype, the same strides, unit dstate stride: column slices of a larger gradient)."""
+    shape and dtype, the same strides, unit dstate stride: column slices of a larger gradient).
+    config: an index into _DBC_SPACE, that config (benchmarks and tests)."""
     batch, seqlen, nheads, hdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     nchunks = cdiv(seqlen, chunk_size)
@@ -456,6 +475,10 @@ def chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, chunk_size, dot_prec
         grid = (cdiv(chunk_size, bs["R"]) * nn, batch * nchunks, ngroups * nsplit)
         _chunk_dbc_kernel[grid](*args, **kw, BLOCK_R=bs["R"], BLOCK_K=bs["K"], BLOCK_P=bs["P"] if pipe else 16,
                                 HEAD_PIPE=pipe, num_warps=4)
+    elif config is not None:
+        cfg = _chunk_dbc_tuned.config(config, chunk_size)
+        grid = (cdiv(chunk_size, cfg.kwargs["BLOCK_R"]) * nn, batch * nchunks, ngroups * nsplit)
+        _chunk_dbc_kernel[grid](*args, **kw, **cfg.kwargs, **launch_options(cfg))
     elif head_pipe is None:
         def grid(meta):
             return (cdiv(chunk_size, meta["BLOCK_R"]) * nn, batch * nchunks, ngroups * nsplit)

@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import INTERPRET, autotune_per_chunk, cdiv, choose_structure, next_pow2, next_power_of_2
+from kernels._triton_utils import (INTERPRET, autotune_per_chunk, cdiv, choose_structure, launch_options, next_pow2,
+                                   next_power_of_2)
 from kernels.ssd import triton_states as states
 from kernels.ssd.triton_fwd import _softplus, seq_args
 from kernels.ssd.triton_states import _chunk_scale, _flat_block_start, _outer_chunk, _state_tile, _store_state
@@ -146,11 +147,12 @@ _dprev_pass_tuned = autotune_per_chunk(_dprev_pass_bwd_kernel, [
 ], key=["chunk_size", "hdim", "dstate", "nheads", "HAS_SEQ", "SPLIT"], chunk_params=("BLOCK_K",))
 
 
-def dprev_and_pass_bwd(dy, C, cs, seq_idx, prev, final, dfinal, chunk_size, dot_prec, fused=None):
+def dprev_and_pass_bwd(dy, C, cs, seq_idx, prev, final, dfinal, chunk_size, dot_prec, fused=None, config=None):
     """Steps 1 and 2 -> dS (float32), dS_lp (dy's dtype; dS itself for float32), d initial_states,
     per-chunk partials of <dS_c, S_c> (batch, nheads, nchunks, n partials). fused None: the faster
     of the two, timed once per shape (as states_and_pass); True: one kernel, dprev never stored;
-    False: chunk_outer(MODE 1) then state_pass_bwd."""
+    False: chunk_outer(MODE 1) then state_pass_bwd. config: an index into the fused kernel's config
+    list, that config (benchmarks, tests; the interpreter runs its own tiles)."""
     batch, seqlen, nheads, hdim = dy.shape
     ngroups, dstate = C.shape[2], C.shape[3]
     if fused is None:
@@ -181,8 +183,11 @@ def dprev_and_pass_bwd(dy, C, cs, seq_idx, prev, final, dfinal, chunk_size, dot_
     grid = (ntiles, batch, nheads)
     if INTERPRET:
         _dprev_pass_bwd_kernel[grid](*args, **kw, BLOCK_K=min(chunk_size, 16), num_warps=4)
-    else:
+    elif config is None:
         _dprev_pass_tuned(chunk_size)[grid](*args, **kw)
+    else:
+        cfg = _dprev_pass_tuned.config(config, chunk_size)
+        _dprev_pass_bwd_kernel[grid](*args, **kw, **cfg.kwargs, **launch_options(cfg))
     return dS, dS_lp, dinit, dcs_last
 
 

@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import INTERPRET, autotune_per_chunk, cdiv, configs_of, choose_structure, next_pow2, next_power_of_2
+from kernels._triton_utils import (INTERPRET, autotune_per_chunk, cdiv, choose_structure, configs_of, launch_options,
+                                   next_pow2, next_power_of_2)
 from kernels.ssd.triton_fwd import _blocks, _dot_f32_operand, seq_args
 
 
@@ -222,7 +223,8 @@ def fuse_states(device) -> bool:
     off on CUDA, where the two kernels measured faster at every shape timed (H200, bench/kernels.py
     --breakdown, 2026-12-05: forward 0.171 vs 0.208 ms at (2, 4096, 64x64, G1, N128), 0.484 vs 0.665
     ms at (2, 8192, 128x64, G8); backward 0.185 vs 0.270, 0.501 vs 1.048: one program per state
-    tile walking all chunks in order leaves too little parallelism to hide its latency). On in the
+    tile walking all chunks in order leaves too little parallelism to hide its latency; on an H100
+    1.1-1.7x slower at every bench and preset shape, bench/NOTES_kernels.md Run 16). On in the
     interpreter, so that the CPU tests run the fused kernels. Otherwise choose_structure times both
     ways once per shape (states_and_pass, dprev_and_pass_bwd)."""
     return INTERPRET or device.type != "cuda"
@@ -257,7 +259,7 @@ def chunk_outer(a, b, dtp, cs, seq_idx, chunk_size, mode, dot_prec):
 
 
 def states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, dot_prec, store_lp=True, fused=None,
-                    store_f32=True):
+                    store_f32=True, config=None):
     """Steps 3 and 4: -> prev (the state entering each chunk, (batch, nchunks, nheads, headdim,
     dstate) float32), prev_lp (the same in x's dtype, for the chunk scan; None without store_lp, and
     prev itself for float32 x), final state (batch, nheads, headdim, dstate) float32.
@@ -267,7 +269,9 @@ def states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, dot_prec
     fused None: the faster of the two, timed once per shape (choose_structure; fuse_states's rule
     where nothing is timed); True: one kernel, the chunk states never stored; False: chunk_outer
     then state_pass. With or without store_lp the autotuner sees the same key, and the choice is
-    remembered per shape: the backward's rerun gets the forward's kernels and configs, hence its bits."""
+    remembered per shape: the backward's rerun gets the forward's kernels and configs, hence its bits.
+    config: an index into the fused kernel's config list, that config (benchmarks, tests; the
+    interpreter runs its own tiles)."""
     batch, seqlen, nheads, hdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     if fused is None:
@@ -301,11 +305,15 @@ def states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, dot_prec
         bs = _blocks(chunk_size, hdim, dstate)
         grid = (cdiv(hdim, bs["P"]) * cdiv(dstate, bs["N"]), batch, nheads)
         _states_pass_kernel[grid](*args, **kw, BLOCK_P=bs["P"], BLOCK_N=bs["N"], BLOCK_K=bs["K"], num_warps=4)
-    else:
+    elif config is None:
         def grid(meta):
             return (cdiv(hdim, meta["BLOCK_P"]) * cdiv(dstate, meta["BLOCK_N"]), batch, nheads)
 
         _states_pass_tuned(chunk_size, next_pow2(dstate))[grid](*args, **kw)
+    else:
+        cfg = _states_pass_tuned.config(config, chunk_size, next_pow2(dstate))
+        grid = (cdiv(hdim, cfg.kwargs["BLOCK_P"]) * cdiv(dstate, cfg.kwargs["BLOCK_N"]), batch, nheads)
+        _states_pass_kernel[grid](*args, **kw, **cfg.kwargs, **launch_options(cfg))
     return (prev if f32 else None), (prev_lp if store_lp else None), final
 
 

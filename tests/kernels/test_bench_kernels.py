@@ -25,7 +25,7 @@ order = mod.launch_order(1, 40, 4, 8, 2, 8, q=16, dev="cpu", dt_=torch.float32)
 configs = mod.config_sweep(1, 40, 4, 8, 2, 8, q=16, documents=2, dev="cpu", dt_=torch.float32)
 table = mod.config_table({name: [ms, 2 * ms] for name, ms in configs}, ["one shape", "another"])
 print("JSON:" + json.dumps({"parts": parts, "schedules": sched, "first": first, "splits": splits, "order": order,
-                            "configs": configs, "table": table}))
+                            "configs": configs, "table": table, "row_kernels": [mod.row_kernel(n) for n, _ in configs]}))
 """
 
 
@@ -47,19 +47,35 @@ def test_breakdown_runs_every_kernel_launch_under_the_interpreter():
     assert all(ms > 0 for _, ms in parts)
     assert [name for name, _ in out["order"]] == [
         f"{k} {c} {o}" for c in ("tuned", "fixed") for o in ("heads-fast", "chunks-fast") for k in ("chunk scan", "dx")]
+    from kernels.ssd.triton_bwd import _DBC_SPACE, _DCB_SPACE
     from kernels.ssd.triton_bwd_dx import _DX_SPACE
+    from kernels.ssd.triton_bwd_scan import _dprev_pass_tuned
     from kernels.ssd.triton_fwd import _CHUNK_SCAN_SPACE
+    from kernels.ssd.triton_states import _states_pass_tuned
 
     names = [name for name, _ in out["configs"]]
-    assert names[0] == "chunk scan tuned" and names[1] == "chunk scan #0 M64,K32,P64,N64,w4,s3"
+    # the labels show the tiles as clamped to the chunk (16) and dstate (8 -> 16) the rows ran
+    assert names[0] == "chunk scan tuned" and names[1] == "chunk scan #0 M16,K16,P64,N16,w4,s3"
     assert names[1 + len(_CHUNK_SCAN_SPACE)] == "dx tuned"
-    assert len(names) == 2 + len(_CHUNK_SCAN_SPACE) + len(_DX_SPACE)
+    dcb = 2 + len(_CHUNK_SCAN_SPACE) + len(_DX_SPACE)
+    assert names[dcb:dcb + 2] == ["dcb tuned", "dcb #0 SPLIT_DECAY0,P64,HEAD_PIPE0,w4,s2"]
+    assert "dcb #11 SPLIT_DECAY1,P64,HEAD_PIPE1,HEAD_STAGES3,w8,s3,r128" in names
+    assert "dcb #12 SPLIT_DECAY1,P64,HEAD_PIPE1,HEAD_STAGES3,w4,s3" in names
+    walks = dcb + 2 + len(_DCB_SPACE) + len(_DBC_SPACE)
+    assert names[walks - 1 - len(_DBC_SPACE)] == "dbc tuned"
+    assert names[walks:walks + 3] == ["states+pass keep two kernels", "states+pass keep tuned",
+                                      "states+pass keep #0 P64,N16,K16,w8,s3"]
+    assert names[-_dprev_pass_tuned.num_configs - 2:][:2] == ["dprev+pass two kernels", "dprev+pass tuned"]
+    assert len(names) == walks + 2 * (2 + _states_pass_tuned.num_configs) + 2 + _dprev_pass_tuned.num_configs
     assert all(ms > 0 for _, ms in out["configs"])
     lines = out["table"].splitlines()
     assert lines[0] == "| kernel, config | one shape | another |" and len(lines) == 2 + len(names)
-    fastest = {k: min(ms for n, ms in out["configs"] if n.startswith(k)) for k in ("chunk scan", "dx")}
+    kernels = ["chunk scan", "dx", "dcb", "dbc", "states+pass keep", "states+pass no-grad", "dprev+pass"]
+    row_kernel = dict(zip(names, out["row_kernels"]))
+    assert set(row_kernel.values()) == set(kernels)
+    fastest = {k: min(ms for n, ms in out["configs"] if row_kernel[n] == k) for k in kernels}
     for line, (name, ms) in zip(lines[2:], out["configs"]):  # the fastest of each kernel in bold, per column
-        bold = ms == fastest["dx" if name.startswith("dx") else "chunk scan"]
+        bold = ms == fastest[row_kernel[name]]
         assert line.startswith(f"| {name} | ") and line.count("**") == (4 if bold else 0), line
     from kernels.conv1d.triton_op import FWD_SCHEDULES
     from kernels.rmsnorm_gated.triton_op import bwd_schedules

@@ -456,16 +456,16 @@ def test_ssd_every_head_split_agrees_bf16(shape):
 
 @pytest.mark.parametrize("shape", [(2, 4096, 64, 64, 1, 128), (1, 8192, 128, 64, 8, 128)])
 def test_ssd_every_config_agrees_bf16(shape):
-    """Every config of the chunk scan and of dx against the first (the fixed one), with z, D and
-    documents, outputs poisoned first: other tiles sum in another order (bf16 outputs within a few
-    ulps, 2^-8 relative each; float32 outputs ~1e-5). Then the dCB kernel's two decay forms: the
-    split one's weights differ by one float32 rounding."""
+    """Every config of the chunk scan, dx, dCB and dB/dC against the first (the fixed one), with z, D
+    and documents, outputs poisoned first: other tiles sum in another order (bf16 outputs within a
+    few ulps, 2^-8 relative each; float32 outputs ~1e-5); dCB's split decay's weights differ by one
+    float32 rounding."""
     from kernels.ssd import triton_bwd as bwd
     from kernels.ssd import triton_bwd_dx as bwd_dx
     from kernels.ssd import triton_fwd as fwd
 
     q, prec, h, g = 256, "tf32", shape[2], shape[4]
-    x, dy, B, C, seq, dtp, cs, cb, _, prev_lp, dS = ssd_kernel_inputs(shape, q, prec)
+    x, dy, B, C, seq, dtp, cs, cb, prev, prev_lp, dS = ssd_kernel_inputs(shape, q, prec)
     z, D = torch.randn_like(x), torch.randn(h, device="cuda")
     outs = []
     for i in range(len(fwd._CHUNK_SCAN_SPACE)):
@@ -481,16 +481,26 @@ def test_ssd_every_config_agrees_bf16(shape):
         for what, a, b, tol in zip(("dx", "ddtp", "dcs", "dD"), dxs[0], got, (4e-3, 1e-4, 1e-4, 1e-5)):
             assert torch.isfinite(b.float()).all(), (i, what)
             assert rel(b, a) < tol, (i, what, rel(b, a))
-    # the dCB kernel's split decay (float32 outputs; the block-lower-triangular 64 x 64 tiles it writes)
+    # every dCB config (the split decay's weights differ by one float32 rounding; float32 outputs, the
+    # block-lower-triangular 64 x 64 tiles it writes), then every dB/dC config (bf16 outputs)
     pos = torch.arange(q, device="cuda") // 64
     written = pos[None, :] <= pos[:, None]
     dcbs = []
-    for sp in (False, True):
+    for i in range(len(bwd._DCB_SPACE)):
         poison()
-        dcbs.append(bwd.chunk_dcb(x, dy, dtp, cs, seq, cb, g, q, prec, head_pipe=True, split_decay=sp))
-    (a, ra), (b, rb) = dcbs
-    assert torch.isfinite(b[..., written]).all() and torch.isfinite(rb).all()
-    assert rel(b[..., written], a[..., written]) < 1e-5 and rel(rb, ra) < 1e-5
+        dcbs.append(bwd.chunk_dcb(x, dy, dtp, cs, seq, cb, g, q, prec, config=i))
+    a, ra = dcbs[0]
+    for i, (b, rb) in enumerate(dcbs[1:], 1):
+        assert torch.isfinite(b[..., written]).all() and torch.isfinite(rb).all(), i
+        assert rel(b[..., written], a[..., written]) < 1e-5 and rel(rb, ra) < 1e-5, i
+    dbcs = []
+    for i in range(len(bwd._DBC_SPACE)):
+        poison()
+        dbcs.append(bwd.chunk_dbc(x, dy, B, C, prev, dS.to(x.dtype), a, dtp, cs, seq, q, prec, config=i))
+    for i, got in enumerate(dbcs[1:], 1):
+        for what, want, have, tol in zip(("dB", "dC", "offd"), dbcs[0], got, (4e-3, 4e-3, 1e-5)):
+            assert torch.isfinite(have.float()).all(), (i, what)
+            assert rel(have, want) < tol, (i, what, rel(have, want))
 
 
 def test_ssd_launch_order_same_bits_bf16():
@@ -518,32 +528,34 @@ def test_ssd_states_pass_fused_bf16(shape):
     """Chunk states + state passing in one kernel against the two kernels, with documents and
     initial states, outputs poisoned first. The autotuner may pick other tiles for each (another
     summation order over a chunk's positions): float32 results within 1e-5; prev_lp is prev rounded.
-    Then the backward's fused dprev + reverse state passing against its two kernels likewise."""
+    Then the backward's fused dprev + reverse state passing against its two kernels likewise. Each
+    fused kernel at every config of its list (their flat chunk x step loops, whose chunk ends fall
+    at other steps for other position tiles)."""
+    from kernels.ssd import triton_bwd_scan as bwd_scan
     from kernels.ssd import triton_states as states
 
     q, prec, dt_ = 256, "tf32", torch.bfloat16
     x, B, seq, init, dtp, cs = state_pass_inputs(shape, q, dt_)
-    outs = []
-    for fused in (False, True):
+    poison()
+    pa, la, fa = states.states_and_pass(x, B, dtp, cs, seq, init, q, prec, fused=False)
+    for config in [None] + list(range(states._states_pass_tuned.num_configs)):
         poison()
-        outs.append(states.states_and_pass(x, B, dtp, cs, seq, init, q, prec, fused=fused))
-    (pa, la, fa), (pb, lb, fb) = outs
-    assert torch.isfinite(pb).all() and torch.isfinite(fb).all()
-    assert rel(pb, pa) < 1e-5 and rel(fb, fa) < 1e-5
-    assert torch.equal(lb, pb.to(dt_))
+        pb, lb, fb = states.states_and_pass(x, B, dtp, cs, seq, init, q, prec, fused=True, config=config)
+        assert torch.isfinite(pb).all() and torch.isfinite(fb).all(), config
+        assert rel(pb, pa) < 1e-5 and rel(fb, fa) < 1e-5, config
+        assert torch.equal(lb, pb.to(dt_)), config
     # the backward's dprev + reverse state passing, fused against its two kernels
-    from kernels.ssd import triton_bwd_scan as bwd_scan
-
     dy, C = torch.randn_like(x), torch.randn_like(B)
     dfinal = torch.randn_like(fa)
-    outs = []
-    for fused in (False, True):
+    poison()
+    sa, sla, ia, ca = bwd_scan.dprev_and_pass_bwd(dy, C, cs, seq, pa, fa, dfinal, q, prec, fused=False)
+    for config in [None] + list(range(bwd_scan._dprev_pass_tuned.num_configs)):
         poison()
-        outs.append(bwd_scan.dprev_and_pass_bwd(dy, C, cs, seq, pa, fa, dfinal, q, prec, fused=fused))
-    (sa, sla, ia, ca), (sb, slb, ib, cb_) = outs
-    assert torch.isfinite(sb).all() and torch.isfinite(ib).all() and torch.isfinite(cb_).all()
-    assert rel(sb, sa) < 1e-5 and rel(ib, ia) < 1e-5 and rel(cb_.sum(-1), ca.sum(-1)) < 1e-5
-    assert torch.equal(slb, sb.to(dt_))
+        sb, slb, ib, cb_ = bwd_scan.dprev_and_pass_bwd(dy, C, cs, seq, pa, fa, dfinal, q, prec, fused=True,
+                                                       config=config)
+        assert torch.isfinite(sb).all() and torch.isfinite(ib).all() and torch.isfinite(cb_).all(), config
+        assert rel(sb, sa) < 1e-5 and rel(ib, ia) < 1e-5 and rel(cb_.sum(-1), ca.sum(-1)) < 1e-5, config
+        assert torch.equal(slb, sb.to(dt_)), config
 
 
 def test_conv1d_forward_every_schedule_same_bits_bf16():
