@@ -310,12 +310,12 @@ def config_sweep(batch, seqlen, h, p, g, n, q=256, documents=0, dev="cuda", dt_=
     """The chunk scan, dx, the fused state walks, dCB and dB/dC at the autotuned schedule ("tuned",
     which autotunes the shape's key when the table lacks it, so `--write-tuned` records it) and at
     every config of their lists (the chunk scan and dx heads-fast; rN: a cap of N registers per
-    thread); the fused state walks also as two kernels ("two
-    kernels": chunk states or dprev stored, then the pass; what choose_structure weighs the fused
-    kernel against), the forward's with the float32 prev kept for a backward ("keep") and without
-    (no-grad, recompute_states). documents: that many equal documents per row (seq_idx), as training
-    on packed data calls them (the key differs). only: which of SWEPT to time. -> [(name, ms)]; the
-    interpreter runs its own tiles for every row."""
+    thread); the fused state walks also as two kernels ("two kernels": chunk states or dprev stored,
+    then the pass; what choose_structure weighs the fused kernel against), the forward's with the
+    float32 prev kept for a backward ("keep") and without (no-grad, recompute_states). documents:
+    that many equal documents per row (seq_idx), as training on packed data calls them (the key
+    differs). only: which of SWEPT to time. -> [(name, ms)]; the interpreter runs its own tiles for
+    every row."""
     from kernels.ssd import triton_bwd as bwd
     from kernels.ssd import triton_bwd_dx as bwd_dx
     from kernels.ssd import triton_bwd_scan as bwd_scan

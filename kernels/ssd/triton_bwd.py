@@ -334,13 +334,11 @@ _chunk_dbc_tuned = autotune_per_chunk(_chunk_dbc_kernel, configs_of(_DBC_SPACE),
                                       chunk_params=("BLOCK_R", "BLOCK_K"))
 
 
-def _first_with(space, head_pipe, chunk_size, split_decay=False):
-    """The first config of `space` with the given HEAD_PIPE (and SPLIT_DECAY, where the space has
-    it), position tiles clamped to the chunk."""
-    kw, warps, stages = next(c for c in space if c[0]["HEAD_PIPE"] == head_pipe
-                             and c[0].get("SPLIT_DECAY", False) == split_decay)[:3]
-    kw = {k: (min(v, chunk_size) if k in ("BLOCK_R", "BLOCK_K") else v) for k, v in kw.items()}
-    return kw, warps, stages
+def _first_with(space, head_pipe, split_decay=False) -> int:
+    """The index of the first config of `space` with the given HEAD_PIPE (and SPLIT_DECAY, where the
+    space has it)."""
+    return next(i for i, c in enumerate(space) if c[0]["HEAD_PIPE"] == head_pipe
+                and c[0].get("SPLIT_DECAY", False) == split_decay)
 
 
 def _blocks(chunk_size, hdim, dstate):
@@ -409,7 +407,8 @@ def chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, chunk_size, dot_prec, head_p
     first such config of the given decay form (benchmarks and tests; the interpreter then splits
     headdim into blocks of 16). nsplit None: _nsplit's choice; otherwise that many programs share a
     group's heads here and in chunk_dbc (a divisor of the heads per group; benchmarks). config: an
-    index into _DCB_SPACE, that config (benchmarks and tests; the interpreter runs its own tiles)."""
+    index into _DCB_SPACE, that config, whatever head_pipe says (benchmarks and tests; the
+    interpreter runs its own tiles)."""
     batch, seqlen, nheads, hdim = x.shape
     nchunks = cdiv(seqlen, chunk_size)
     bs = _blocks(chunk_size, hdim, 16)
@@ -430,14 +429,12 @@ def chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, chunk_size, dot_prec, head_p
         pipe = True if head_pipe is None else head_pipe
         _chunk_dcb_kernel[grid](*args, **kw, BLOCK_P=bs["P"] if pipe else 16, HEAD_PIPE=pipe,
                                 SPLIT_DECAY=split_decay and head_pipe is not None, num_warps=4)
-    elif config is not None:
-        cfg = _chunk_dcb_tuned.config(config, chunk_size)
-        _chunk_dcb_kernel[grid](*args, **kw, **cfg.kwargs, **launch_options(cfg))
-    elif head_pipe is None:
+    elif config is None and head_pipe is None:
         _chunk_dcb_tuned(chunk_size)[grid](*args, **kw)
     else:
-        cfg, warps, stages = _first_with(_DCB_SPACE, head_pipe, chunk_size, split_decay)
-        _chunk_dcb_kernel[grid](*args, **kw, **cfg, num_warps=warps, num_stages=stages)
+        cfg = _chunk_dcb_tuned.config(_first_with(_DCB_SPACE, head_pipe, split_decay) if config is None else config,
+                                      chunk_size)
+        _chunk_dcb_kernel[grid](*args, **kw, **cfg.kwargs, **launch_options(cfg))
     return dcb, rows
 
 
@@ -475,19 +472,15 @@ def chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, chunk_size, dot_prec
         grid = (cdiv(chunk_size, bs["R"]) * nn, batch * nchunks, ngroups * nsplit)
         _chunk_dbc_kernel[grid](*args, **kw, BLOCK_R=bs["R"], BLOCK_K=bs["K"], BLOCK_P=bs["P"] if pipe else 16,
                                 HEAD_PIPE=pipe, num_warps=4)
-    elif config is not None:
-        cfg = _chunk_dbc_tuned.config(config, chunk_size)
-        grid = (cdiv(chunk_size, cfg.kwargs["BLOCK_R"]) * nn, batch * nchunks, ngroups * nsplit)
-        _chunk_dbc_kernel[grid](*args, **kw, **cfg.kwargs, **launch_options(cfg))
-    elif head_pipe is None:
+    elif config is None and head_pipe is None:
         def grid(meta):
             return (cdiv(chunk_size, meta["BLOCK_R"]) * nn, batch * nchunks, ngroups * nsplit)
 
         _chunk_dbc_tuned(chunk_size)[grid](*args, **kw)
     else:
-        cfg, warps, stages = _first_with(_DBC_SPACE, head_pipe, chunk_size)
-        grid = (cdiv(chunk_size, cfg["BLOCK_R"]) * nn, batch * nchunks, ngroups * nsplit)
-        _chunk_dbc_kernel[grid](*args, **kw, **cfg, num_warps=warps, num_stages=stages)
+        cfg = _chunk_dbc_tuned.config(_first_with(_DBC_SPACE, head_pipe) if config is None else config, chunk_size)
+        grid = (cdiv(chunk_size, cfg.kwargs["BLOCK_R"]) * nn, batch * nchunks, ngroups * nsplit)
+        _chunk_dbc_kernel[grid](*args, **kw, **cfg.kwargs, **launch_options(cfg))
     if nsplit == 1:
         return dB[:, :, 0], dC[:, :, 0], offd
     if out is not None:
