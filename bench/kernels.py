@@ -18,7 +18,7 @@ every split of a group's heads over programs; `--splits` times only those, also 
 `--order` times only the chunk scan and dx in both launch orders (kernels._triton_utils.head_chunk_grid);
 `--configs` only those two, the fused state walks (forward chunk states + passing, backward dprev +
 passing; also as two kernels), dCB and dB/dC at every config of their autotuning lists (with `--write-tuned`, the
-tuned rows' choices are recorded).
+tuned rows' choices are recorded); both sweeps live in bench/kernel_configs.py.
 
 FLOP model of the SSD (useful work, causal halves counted once):
   fwd = 2*T*H*P*N (chunk states) + 2*T*H*P*N (state read-out) + T*Q*H*P (intra-chunk, causal)
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 
@@ -233,142 +232,6 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16, 
     return [(name, bench(fn)) for name, fn in parts]
 
 
-def _swept_calls(batch, seqlen, h, p, g, n, q, documents, dev, dt_):
-    """The chunk scan, dx, the fused state walks (forward states + passing, backward dprev +
-    passing), dCB and dB/dC as callables of (config, ...) on one set of inputs (bench/kernels.py's SSD
-    inputs, their CB, states and a random dS; `documents` equal documents per row, or none)."""
-    from kernels._triton_utils import dot_precision
-    from kernels.ssd import triton_bwd as bwd
-    from kernels.ssd import triton_bwd_dx as bwd_dx
-    from kernels.ssd import triton_bwd_scan as bwd_scan
-    from kernels.ssd import triton_fwd as fwd
-    from kernels.ssd import triton_states as states
-
-    prec = dot_precision(dt_)
-    x, dt, A, B, C, D, bias = ssd_inputs(batch, seqlen, h, p, g, n, dev, dt_)
-    seq = None
-    if documents:
-        seq = (torch.arange(seqlen, device=dev, dtype=torch.int32) * documents // seqlen).expand(batch, seqlen)
-        seq = seq.contiguous()
-    dy = torch.randn_like(x)
-    dtp, cs = fwd.dt_cumsum(dt, bias, A, q, True, (0.0, float("inf")))
-    cb = fwd.compute_cb(C, B, seq, q, prec)
-    prev, prev_lp, final = states.states_and_pass(x, B, dtp, cs, seq, None, q, prec)
-    dS = torch.randn_like(prev)
-
-    def scan(config, heads_fast=True):
-        return fwd.chunk_scan(cb, x, None, D, C, prev_lp, dtp, cs, seq, q, False, prec, config=config,
-                              heads_fast=heads_fast)
-
-    def dx(config, heads_fast=True):
-        return bwd_dx.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq, q, prec, config=config, heads_fast=heads_fast)
-
-    def states_pass(config, store_f32=True):
-        """config "two": chunk_outer then state_pass; else the fused kernel at that config (None: tuned)."""
-        fused = config != "two"
-        return states.states_and_pass(x, B, dtp, cs, seq, None, q, prec, fused=fused, store_f32=store_f32,
-                                      config=config if fused else None)
-
-    def dprev_pass(config):
-        fused = config != "two"
-        return bwd_scan.dprev_and_pass_bwd(dy, C, cs, seq, prev, final, None, q, prec, fused=fused,
-                                           config=config if fused else None)
-
-    # dCB and dB/dC at the head split the training backward takes at this shape
-    dS_lp = dS.to(dt_)
-    nsplit = bwd.head_split(x, dy, B, C, prev, dS_lp, dtp, cs, seq, cb, q, prec)
-    dcb_out = bwd.chunk_dcb(x, dy, dtp, cs, seq, cb, g, q, prec, nsplit=nsplit)[0]
-
-    def dcb(config):
-        return bwd.chunk_dcb(x, dy, dtp, cs, seq, cb, g, q, prec, nsplit=nsplit, config=config)
-
-    def dbc(config):
-        return bwd.chunk_dbc(x, dy, B, C, prev, dS_lp, dcb_out, dtp, cs, seq, q, prec, config=config)
-
-    return scan, dx, states_pass, dprev_pass, dcb, dbc
-
-
-def launch_order(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
-    """The chunk scan and dx kernels (the two that read a per-group float32 CB tile per (chunk,
-    head)) launched heads-fast (the default: a chunk's heads run together and share the tile in L2)
-    and chunks-fast (the order before), each with the tuned config and the fixed one (config 0).
-    -> [(name, ms)]."""
-    scan, dx = _swept_calls(batch, seqlen, h, p, g, n, q, 0, dev, dt_)[:2]
-    rows = []
-    for config in (None, 0):
-        for order in (True, False):
-            tag = f"{'tuned' if config is None else 'fixed'} {'heads-fast' if order else 'chunks-fast'}"
-            rows.append((f"chunk scan {tag}", bench(lambda: scan(config, order))))
-            rows.append((f"dx {tag}", bench(lambda: dx(config, order))))
-    return rows
-
-
-SWEPT = ("scan", "dx", "states", "dprev", "dcb", "dbc")  # what `--configs` times, in this order
-
-
-def config_sweep(batch, seqlen, h, p, g, n, q=256, documents=0, dev="cuda", dt_=torch.bfloat16, only=SWEPT):
-    """The chunk scan, dx, the fused state walks, dCB and dB/dC at the autotuned schedule ("tuned",
-    which autotunes the shape's key when the table lacks it, so `--write-tuned` records it) and at
-    every config of their lists (the chunk scan and dx heads-fast; rN: a cap of N registers per
-    thread); the fused state walks also as two kernels ("two kernels": chunk states or dprev stored,
-    then the pass; what choose_structure weighs the fused kernel against), the forward's with the
-    float32 prev kept for a backward ("keep") and without (no-grad, recompute_states). documents:
-    that many equal documents per row (seq_idx), as training on packed data calls them (the key
-    differs). only: which of SWEPT to time. -> [(name, ms)]; the interpreter runs its own tiles for
-    every row."""
-    from kernels.ssd import triton_bwd as bwd
-    from kernels.ssd import triton_bwd_dx as bwd_dx
-    from kernels.ssd import triton_bwd_scan as bwd_scan
-    from kernels.ssd import triton_fwd as fwd
-    from kernels.ssd import triton_states as states
-
-    scan, dx, states_pass, dprev_pass, dcb, dbc = _swept_calls(batch, seqlen, h, p, g, n, q, documents, dev, dt_)
-    nstate = max(16, 1 << (n - 1).bit_length())
-
-    def label(launcher, i):
-        cfg = launcher.config(i, q, nstate)
-        return (f"#{i} " + ",".join(f"{k.removeprefix('BLOCK_')}{int(v) if isinstance(v, bool) else v}"
-                                    for k, v in cfg.kwargs.items())
-                + f",w{cfg.num_warps},s{cfg.num_stages}" + (f",r{cfg.maxnreg}" if cfg.maxnreg else ""))
-
-    rows = []
-    for name, call, launcher in (("chunk scan", scan, fwd._chunk_scan_tuned), ("dx", dx, bwd_dx._chunk_dx_tuned),
-                                 ("dcb", dcb, bwd._chunk_dcb_tuned), ("dbc", dbc, bwd._chunk_dbc_tuned)):
-        if name.split()[-1] not in only:
-            continue
-        for i in [None] + list(range(launcher.num_configs)):
-            rows.append((f"{name} {'tuned' if i is None else label(launcher, i)}", bench(lambda: call(i))))
-    for keep in (True, False) if "states" in only else ():
-        for i in ["two", None] + list(range(states._states_pass_tuned.num_configs)):
-            what = "two kernels" if i == "two" else "tuned" if i is None else label(states._states_pass_tuned, i)
-            rows.append((f"states+pass {'keep' if keep else 'no-grad'} {what}",
-                         bench(lambda: states_pass(i, store_f32=keep))))
-    for i in ["two", None] + list(range(bwd_scan._dprev_pass_tuned.num_configs)) if "dprev" in only else ():
-        what = "two kernels" if i == "two" else "tuned" if i is None else label(bwd_scan._dprev_pass_tuned, i)
-        rows.append((f"dprev+pass {what}", bench(lambda: dprev_pass(i))))
-    return rows
-
-
-def row_kernel(name: str) -> str:
-    """The kernel (or state walk) a `--configs` row times: its name without the way it ran."""
-    return re.sub(r" (tuned|two kernels|#\d+ .*)$", "", name)
-
-
-def config_table(times: dict[str, list[float]], columns: list[str]) -> str:
-    """`--configs`' rows as one markdown table: a row per kernel and config, a column per shape (ms),
-    the fastest config of each kernel at each shape in bold."""
-    kernel = {name: row_kernel(name) for name in times}
-    best = {}
-    for name, row in times.items():
-        for j, ms in enumerate(row):
-            best[kernel[name], j] = min(best.get((kernel[name], j), ms), ms)
-    lines = ["| kernel, config | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    for name, row in times.items():
-        cells = [f"**{ms:.3f}**" if ms == best[kernel[name], j] else f"{ms:.3f}" for j, ms in enumerate(row)]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def split_parts(x, dy, B, C, prev, dS_lp, dtp, cs, cb, h, g, q, prec):
     """dCB then dB/dC with k programs sharing a group's heads, every dividing split k (float32
     partial sums of dCB, dB and dC k times over, summed afterwards): more programs against more
@@ -454,6 +317,8 @@ def emit(line: str) -> None:
 
 
 def main():
+    from bench.kernel_configs import SWEPT, config_sweep, config_table, launch_order
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-ref", action="store_true", help="skip the PyTorch reference timings")
     ap.add_argument("--breakdown", action="store_true",

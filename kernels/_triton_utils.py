@@ -140,8 +140,7 @@ class _Launcher:
             key = self.key_string(args, kwargs)
             cfg = self.table_config(gpu, key, listed) if listed else None
             if cfg is not None:
-                g = grid({**kwargs, **cfg.kwargs}) if callable(grid) else grid
-                return self.kernel[g](*args, **kwargs, **cfg.kwargs, **launch_options(cfg))
+                return launch_with(self.kernel, cfg, grid, args, kwargs)
             out = self.tuned[grid](*args, **kwargs)
             best = getattr(self.tuned, "best_config", None)
             if _record and gpu is not None and best is not None:
@@ -247,6 +246,23 @@ def launch_options(cfg: triton.Config) -> dict:
     return opts
 
 
+def launch_with(kernel, cfg: triton.Config, grid, args, kwargs):
+    """kernel[grid](*args, **kwargs) at one config, no tuning: `grid` a tuple or, as for Triton's
+    autotuner, a function of the meta-parameters."""
+    g = grid({**kwargs, **cfg.kwargs}) if callable(grid) else grid
+    return kernel[g](*args, **kwargs, **cfg.kwargs, **launch_options(cfg))
+
+
+class _OneConfig:
+    """`launcher[grid](*args)` at one fixed config (autotune_per_chunk's `with_config`)."""
+
+    def __init__(self, kernel, cfg: triton.Config):
+        self.kernel, self.cfg = kernel, cfg
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: launch_with(self.kernel, self.cfg, grid, args, kwargs)
+
+
 MAX_GRID_YZ = 65535  # CUDA's limit on a grid's second and third axes (the first allows 2^31 - 1)
 
 
@@ -303,8 +319,11 @@ def autotune_per_chunk(kernel, configs, key, chunk_params, state_params=()):
             launchers[chunk_size, state_block] = autotune(clamped, key=key)(kernel)
         return launchers[chunk_size, state_block]
 
-    # the i-th config of the list as for_chunk clamps it, for benchmarks that time every config
+    # the i-th config of the list as for_chunk clamps it, and a launcher like for_chunk's that runs it
+    # alone, with no tuning (benchmarks time every config, tests check each)
     for_chunk.config = lambda i, chunk_size, state_block=None: clamp(configs[i], chunk_size, state_block)
+    for_chunk.with_config = lambda i, chunk_size, state_block=None: _OneConfig(
+        kernel, for_chunk.config(i, chunk_size, state_block))
     for_chunk.num_configs = len(configs)
     return for_chunk
 

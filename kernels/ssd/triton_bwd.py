@@ -37,8 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import (INTERPRET, autotune_per_chunk, cdiv, choose_structure, configs_of, launch_options,
-                                   next_pow2)
+from kernels._triton_utils import INTERPRET, autotune_per_chunk, cdiv, choose_structure, configs_of, next_pow2
 from kernels.ssd.triton_fwd import causal_document_keep, seq_args
 from kernels.ssd.triton_states import structure_key
 
@@ -429,12 +428,11 @@ def chunk_dcb(x, dy, dtp, cs, seq_idx, cb, ngroups, chunk_size, dot_prec, head_p
         pipe = True if head_pipe is None else head_pipe
         _chunk_dcb_kernel[grid](*args, **kw, BLOCK_P=bs["P"] if pipe else 16, HEAD_PIPE=pipe,
                                 SPLIT_DECAY=split_decay and head_pipe is not None, num_warps=4)
-    elif config is None and head_pipe is None:
-        _chunk_dcb_tuned(chunk_size)[grid](*args, **kw)
     else:
-        cfg = _chunk_dcb_tuned.config(_first_with(_DCB_SPACE, head_pipe, split_decay) if config is None else config,
-                                      chunk_size)
-        _chunk_dcb_kernel[grid](*args, **kw, **cfg.kwargs, **launch_options(cfg))
+        if config is None and head_pipe is not None:
+            config = _first_with(_DCB_SPACE, head_pipe, split_decay)
+        launcher = _chunk_dcb_tuned(chunk_size) if config is None else _chunk_dcb_tuned.with_config(config, chunk_size)
+        launcher[grid](*args, **kw)
     return dcb, rows
 
 
@@ -472,15 +470,14 @@ def chunk_dbc(x, dy, B, C, prev, dS, dcb, dtp, cs, seq_idx, chunk_size, dot_prec
         grid = (cdiv(chunk_size, bs["R"]) * nn, batch * nchunks, ngroups * nsplit)
         _chunk_dbc_kernel[grid](*args, **kw, BLOCK_R=bs["R"], BLOCK_K=bs["K"], BLOCK_P=bs["P"] if pipe else 16,
                                 HEAD_PIPE=pipe, num_warps=4)
-    elif config is None and head_pipe is None:
+    else:
         def grid(meta):
             return (cdiv(chunk_size, meta["BLOCK_R"]) * nn, batch * nchunks, ngroups * nsplit)
 
-        _chunk_dbc_tuned(chunk_size)[grid](*args, **kw)
-    else:
-        cfg = _chunk_dbc_tuned.config(_first_with(_DBC_SPACE, head_pipe) if config is None else config, chunk_size)
-        grid = (cdiv(chunk_size, cfg.kwargs["BLOCK_R"]) * nn, batch * nchunks, ngroups * nsplit)
-        _chunk_dbc_kernel[grid](*args, **kw, **cfg.kwargs, **launch_options(cfg))
+        if config is None and head_pipe is not None:
+            config = _first_with(_DBC_SPACE, head_pipe)
+        launcher = _chunk_dbc_tuned(chunk_size) if config is None else _chunk_dbc_tuned.with_config(config, chunk_size)
+        launcher[grid](*args, **kw)
     if nsplit == 1:
         return dB[:, :, 0], dC[:, :, 0], offd
     if out is not None:

@@ -19,8 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import (INTERPRET, autotune_per_chunk, cdiv, configs_of, head_chunk_grid, head_chunk_pids,
-                                   launch_options)
+from kernels._triton_utils import INTERPRET, autotune_per_chunk, cdiv, configs_of, head_chunk_grid, head_chunk_pids
 from kernels.ssd.triton_bwd import _blocks
 from kernels.ssd.triton_fwd import _dot_f32_operand, seq_args
 
@@ -147,11 +146,9 @@ def chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq_idx, chunk_size, dot_prec, config
     grid = head_chunk_grid(nblk, nheads, batch * nchunks, heads_fast)
     if INTERPRET:
         _chunk_dx_kernel[grid](*args, **kw, BLOCK_I=bs["I"], BLOCK_N=bs["N"], num_warps=4)
-    elif config is None:
-        _chunk_dx_tuned(chunk_size)[grid](*args, **kw)
     else:
-        cfg = _chunk_dx_tuned.config(config, chunk_size)
-        _chunk_dx_kernel[grid](*args, **kw, **cfg.kwargs, **launch_options(cfg))
+        launcher = _chunk_dx_tuned(chunk_size) if config is None else _chunk_dx_tuned.with_config(config, chunk_size)
+        launcher[grid](*args, **kw)
     if dD is not None:  # one reduction: per (head, headdim) for a 2-D D, per head for a 1-D one
         dD = dD[..., :hdim].sum((0, 1) if D.dim() == 2 else (0, 1, 3))
     return dx, ddtp, dcs, dD

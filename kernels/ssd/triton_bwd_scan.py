@@ -10,8 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import (INTERPRET, autotune_per_chunk, cdiv, choose_structure, launch_options, next_pow2,
-                                   next_power_of_2)
+from kernels._triton_utils import INTERPRET, autotune_per_chunk, cdiv, choose_structure, next_pow2, next_power_of_2
 from kernels.ssd import triton_states as states
 from kernels.ssd.triton_fwd import _softplus, seq_args
 from kernels.ssd.triton_states import _chunk_scale, _flat_block_start, _outer_chunk, _state_tile, _store_state
@@ -183,11 +182,10 @@ def dprev_and_pass_bwd(dy, C, cs, seq_idx, prev, final, dfinal, chunk_size, dot_
     grid = (ntiles, batch, nheads)
     if INTERPRET:
         _dprev_pass_bwd_kernel[grid](*args, **kw, BLOCK_K=min(chunk_size, 16), num_warps=4)
-    elif config is None:
-        _dprev_pass_tuned(chunk_size)[grid](*args, **kw)
     else:
-        cfg = _dprev_pass_tuned.config(config, chunk_size)
-        _dprev_pass_bwd_kernel[grid](*args, **kw, **cfg.kwargs, **launch_options(cfg))
+        launcher = (_dprev_pass_tuned(chunk_size) if config is None else
+                    _dprev_pass_tuned.with_config(config, chunk_size))
+        launcher[grid](*args, **kw)
     return dS, dS_lp, dinit, dcs_last
 
 

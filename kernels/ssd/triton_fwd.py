@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from kernels._triton_utils import (INTERPRET, autotune_per_chunk, cdiv, configs_of, head_chunk_grid, head_chunk_pids,
-                                   launch_options, next_pow2, next_power_of_2)
+                                   next_pow2, next_power_of_2)
 
 
 @triton.jit
@@ -344,9 +344,9 @@ def chunk_scan(cb, x, z, D, C, prev, dtp, cs, seq_idx, chunk_size, store_ypre, d
     if INTERPRET:
         _chunk_scan_fwd_kernel[grid](*args, **kw, BLOCK_M=bs["M"], BLOCK_P=bs["P"], BLOCK_K=bs["K"], BLOCK_N=bs["N"],
                                      num_warps=4)
-    elif config is None:
-        _chunk_scan_tuned(chunk_size, next_pow2(dstate))[grid](*args, **kw)
     else:
-        cfg = _chunk_scan_tuned.config(config, chunk_size, next_pow2(dstate))
-        _chunk_scan_fwd_kernel[grid](*args, **kw, **cfg.kwargs, **launch_options(cfg))
+        nb = next_pow2(dstate)
+        launcher = (_chunk_scan_tuned(chunk_size, nb) if config is None else
+                    _chunk_scan_tuned.with_config(config, chunk_size, nb))
+        launcher[grid](*args, **kw)
     return out, ypre

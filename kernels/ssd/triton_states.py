@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import (INTERPRET, autotune_per_chunk, cdiv, choose_structure, configs_of, launch_options,
-                                   next_pow2, next_power_of_2)
+from kernels._triton_utils import (INTERPRET, autotune_per_chunk, cdiv, choose_structure, configs_of, next_pow2,
+                                   next_power_of_2)
 from kernels.ssd.triton_fwd import _blocks, _dot_f32_operand, seq_args
 
 
@@ -305,15 +305,14 @@ def states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, dot_prec
         bs = _blocks(chunk_size, hdim, dstate)
         grid = (cdiv(hdim, bs["P"]) * cdiv(dstate, bs["N"]), batch, nheads)
         _states_pass_kernel[grid](*args, **kw, BLOCK_P=bs["P"], BLOCK_N=bs["N"], BLOCK_K=bs["K"], num_warps=4)
-    elif config is None:
+    else:
         def grid(meta):
             return (cdiv(hdim, meta["BLOCK_P"]) * cdiv(dstate, meta["BLOCK_N"]), batch, nheads)
 
-        _states_pass_tuned(chunk_size, next_pow2(dstate))[grid](*args, **kw)
-    else:
-        cfg = _states_pass_tuned.config(config, chunk_size, next_pow2(dstate))
-        grid = (cdiv(hdim, cfg.kwargs["BLOCK_P"]) * cdiv(dstate, cfg.kwargs["BLOCK_N"]), batch, nheads)
-        _states_pass_kernel[grid](*args, **kw, **cfg.kwargs, **launch_options(cfg))
+        nb = next_pow2(dstate)
+        launcher = (_states_pass_tuned(chunk_size, nb) if config is None else
+                    _states_pass_tuned.with_config(config, chunk_size, nb))
+        launcher[grid](*args, **kw)
     return (prev if f32 else None), (prev_lp if store_lp else None), final
 
 

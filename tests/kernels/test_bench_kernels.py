@@ -1,4 +1,4 @@
-"""bench/kernels.py's `--breakdown` (and `--order`, `--configs`) calls the SSD kernels' launchers directly and launches the gated-norm
+"""bench/kernels.py's `--breakdown` (and bench/kernel_configs.py's `--order`, `--configs`) calls the SSD kernels' launchers directly and launches the gated-norm
 backward and the conv forward under each schedule the autotuner chooses from; this runs both on the
 CPU under the Triton interpreter (float32, tiny shapes) in a subprocess, so that a change to a
 launcher's signature or return values shows in CI, not in a short GPU session."""
@@ -21,11 +21,12 @@ sched = mod.schedules(1, 40, 64, 80, dev="cpu", dt_=torch.float32)
 first = mod.first_call_seconds(dev="cpu", ssd_shape=(1, 40, 4, 8, 2, 8), mixer=(1, 20, 32, 48), q=16,
                                dt_=torch.float32)
 splits = mod.breakdown(1, 40, 4, 8, 2, 8, q=16, dev="cpu", dt_=torch.float32, splits_only=True)
-order = mod.launch_order(1, 40, 4, 8, 2, 8, q=16, dev="cpu", dt_=torch.float32)
-configs = mod.config_sweep(1, 40, 4, 8, 2, 8, q=16, documents=2, dev="cpu", dt_=torch.float32)
-table = mod.config_table({name: [ms, 2 * ms] for name, ms in configs}, ["one shape", "another"])
+import bench.kernel_configs as sweeps
+order = sweeps.launch_order(1, 40, 4, 8, 2, 8, q=16, dev="cpu", dt_=torch.float32)
+configs = sweeps.config_sweep(1, 40, 4, 8, 2, 8, q=16, documents=2, dev="cpu", dt_=torch.float32)
+table = sweeps.config_table({name: [ms, 2 * ms] for name, ms in configs}, ["one shape", "another"])
 print("JSON:" + json.dumps({"parts": parts, "schedules": sched, "first": first, "splits": splits, "order": order,
-                            "configs": configs, "table": table, "row_kernels": [mod.row_kernel(n) for n, _ in configs]}))
+                            "configs": configs, "table": table, "row_kernels": [sweeps.row_kernel(n) for n, _ in configs]}))
 """
 
 
