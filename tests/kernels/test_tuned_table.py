@@ -181,3 +181,17 @@ def test_the_shipped_table_names_only_parameters_the_kernels_have():
             for key, entry in entries.items():
                 assert set(entry["kwargs"]) <= params, (gpu, name, key, set(entry["kwargs"]) - params)
                 assert entry["num_warps"] in (1, 2, 4, 8, 16) and entry["num_stages"] >= 1, (gpu, name, key)
+
+
+def test_with_config_launches_one_clamped_config_without_tuning():
+    """autotune_per_chunk(...).with_config(i, chunk, state): the i-th config, its tiles clamped as the
+    tuner's list clamps them, launched directly (grid from its meta-parameters, register cap passed)."""
+    kernel = FakeKernel()
+    configs = tu.configs_of([(dict(BLOCK_K=64, BLOCK_N=128), 4, 2), (dict(BLOCK_K=128, BLOCK_N=64), 8, 3, 128)])
+    per_chunk = tu.autotune_per_chunk(kernel, configs, key=["n"], chunk_params=("BLOCK_K",), state_params=("BLOCK_N",))
+    assert per_chunk.num_configs == 2
+    x = torch.zeros(3)
+    per_chunk.with_config(1, 32, 16)[lambda meta: (256 // meta["BLOCK_K"],)](x, 7, FLAG=False)
+    grid, args, kw = kernel.launches[-1]
+    assert grid == (8,) and args == (x, 7)
+    assert kw == {"FLAG": False, "BLOCK_K": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 3, "maxnreg": 128}
