@@ -1,6 +1,6 @@
 """Launch-config sweeps of the SSD kernels for bench/kernels.py: `--order` (the chunk scan and dx in
-both launch orders) and `--configs` (every config of the chunk scan, dx, dCB, dB/dC and the fused
-state walks, the walks also as two kernels), and the markdown table `--configs` prints. Timing and
+both launch orders) and `--configs` (every config of the chunk scan, dx, the chunk states, dprev, dCB
+and dB/dC), and the markdown table `--configs` prints. Timing and
 inputs are bench/kernels.py's (`bench`, `ssd_inputs`); tests/kernels/test_bench_kernels.py runs
 these on the CPU under the interpreter.
 """
@@ -15,13 +15,12 @@ from bench.kernels import bench, ssd_inputs
 
 
 def _swept_calls(batch, seqlen, h, p, g, n, q, documents, dev, dt_):
-    """The chunk scan, dx, the fused state walks (forward states + passing, backward dprev +
-    passing), dCB and dB/dC as callables of (config, ...) on one set of inputs (bench/kernels.py's SSD
+    """The chunk scan, dx, the chunk states, dprev (the chunk-states kernel in its backward mode),
+    dCB and dB/dC as callables of (config, ...) on one set of inputs (bench/kernels.py's SSD
     inputs, their CB, states and a random dS; `documents` equal documents per row, or none)."""
     from kernels._triton_utils import dot_precision
     from kernels.ssd import triton_bwd as bwd
     from kernels.ssd import triton_bwd_dx as bwd_dx
-    from kernels.ssd import triton_bwd_scan as bwd_scan
     from kernels.ssd import triton_fwd as fwd
     from kernels.ssd import triton_states as states
 
@@ -34,7 +33,7 @@ def _swept_calls(batch, seqlen, h, p, g, n, q, documents, dev, dt_):
     dy = torch.randn_like(x)
     dtp, cs = fwd.dt_cumsum(dt, bias, A, q, True, (0.0, float("inf")))
     cb = fwd.compute_cb(C, B, seq, q, prec)
-    prev, prev_lp, final = states.states_and_pass(x, B, dtp, cs, seq, None, q, prec)
+    prev, prev_lp, _ = states.states_and_pass(x, B, dtp, cs, seq, None, q, prec)
     dS = torch.randn_like(prev)
 
     def scan(config, heads_fast=True):
@@ -44,16 +43,11 @@ def _swept_calls(batch, seqlen, h, p, g, n, q, documents, dev, dt_):
     def dx(config, heads_fast=True):
         return bwd_dx.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, seq, q, prec, config=config, heads_fast=heads_fast)
 
-    def states_pass(config, store_f32=True):
-        """config "two": chunk_outer then state_pass; else the fused kernel at that config (None: tuned)."""
-        fused = config != "two"
-        return states.states_and_pass(x, B, dtp, cs, seq, None, q, prec, fused=fused, store_f32=store_f32,
-                                      config=config if fused else None)
+    def chunk_states(config):
+        return states.chunk_outer(x, B, dtp, cs, seq, q, 0, prec, config=config)
 
-    def dprev_pass(config):
-        fused = config != "two"
-        return bwd_scan.dprev_and_pass_bwd(dy, C, cs, seq, prev, final, None, q, prec, fused=fused,
-                                           config=config if fused else None)
+    def dprev(config):
+        return states.chunk_outer(dy, C, dtp, cs, seq, q, 1, prec, config=config)
 
     # dCB and dB/dC at the head split the training backward takes at this shape
     dS_lp = dS.to(dt_)
@@ -66,7 +60,7 @@ def _swept_calls(batch, seqlen, h, p, g, n, q, documents, dev, dt_):
     def dbc(config):
         return bwd.chunk_dbc(x, dy, B, C, prev, dS_lp, dcb_out, dtp, cs, seq, q, prec, config=config)
 
-    return scan, dx, states_pass, dprev_pass, dcb, dbc
+    return scan, dx, chunk_states, dprev, dcb, dbc
 
 
 def launch_order(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16):
@@ -88,22 +82,18 @@ SWEPT = ("scan", "dx", "states", "dprev", "dcb", "dbc")  # what `--configs` time
 
 
 def config_sweep(batch, seqlen, h, p, g, n, q=256, documents=0, dev="cuda", dt_=torch.bfloat16, only=SWEPT):
-    """The chunk scan, dx, the fused state walks, dCB and dB/dC at the autotuned schedule ("tuned",
-    which autotunes the shape's key when the table lacks it, so `--write-tuned` records it) and at
-    every config of their lists (the chunk scan and dx heads-fast; rN: a cap of N registers per
-    thread); the fused state walks also as two kernels ("two kernels": chunk states or dprev stored,
-    then the pass; what choose_structure weighs the fused kernel against), the forward's with the
-    float32 prev kept for a backward ("keep") and without (no-grad, recompute_states). documents:
-    that many equal documents per row (seq_idx), as training on packed data calls them (the key
-    differs). only: which of SWEPT to time. -> [(name, ms)]; the interpreter runs its own tiles for
-    every row."""
+    """The chunk scan, dx, the chunk states, dprev, dCB and dB/dC at the autotuned schedule
+    ("tuned", which autotunes the shape's key when the table lacks it, so `--write-tuned` records
+    it) and at every config of their lists (the chunk scan and dx heads-fast; rN: a cap of N
+    registers per thread). documents: that many equal documents per row (seq_idx), as training on
+    packed data calls them (the key differs). only: which of SWEPT to time. -> [(name, ms)]; the
+    interpreter runs its own tiles for every row."""
     from kernels.ssd import triton_bwd as bwd
     from kernels.ssd import triton_bwd_dx as bwd_dx
-    from kernels.ssd import triton_bwd_scan as bwd_scan
     from kernels.ssd import triton_fwd as fwd
     from kernels.ssd import triton_states as states
 
-    scan, dx, states_pass, dprev_pass, dcb, dbc = _swept_calls(batch, seqlen, h, p, g, n, q, documents, dev, dt_)
+    scan, dx, chunk_states, dprev, dcb, dbc = _swept_calls(batch, seqlen, h, p, g, n, q, documents, dev, dt_)
     nstate = max(16, 1 << (n - 1).bit_length())
 
     def label(launcher, i):
@@ -114,25 +104,19 @@ def config_sweep(batch, seqlen, h, p, g, n, q=256, documents=0, dev="cuda", dt_=
 
     rows = []
     for name, call, launcher in (("chunk scan", scan, fwd._chunk_scan_tuned), ("dx", dx, bwd_dx._chunk_dx_tuned),
+                                 ("chunk states", chunk_states, states._chunk_outer_tuned),
+                                 ("dprev", dprev, states._chunk_outer_tuned),
                                  ("dcb", dcb, bwd._chunk_dcb_tuned), ("dbc", dbc, bwd._chunk_dbc_tuned)):
         if name.split()[-1] not in only:
             continue
         for i in [None] + list(range(launcher.num_configs)):
             rows.append((f"{name} {'tuned' if i is None else label(launcher, i)}", bench(lambda: call(i))))
-    for keep in (True, False) if "states" in only else ():
-        for i in ["two", None] + list(range(states._states_pass_tuned.num_configs)):
-            what = "two kernels" if i == "two" else "tuned" if i is None else label(states._states_pass_tuned, i)
-            rows.append((f"states+pass {'keep' if keep else 'no-grad'} {what}",
-                         bench(lambda: states_pass(i, store_f32=keep))))
-    for i in ["two", None] + list(range(bwd_scan._dprev_pass_tuned.num_configs)) if "dprev" in only else ():
-        what = "two kernels" if i == "two" else "tuned" if i is None else label(bwd_scan._dprev_pass_tuned, i)
-        rows.append((f"dprev+pass {what}", bench(lambda: dprev_pass(i))))
     return rows
 
 
 def row_kernel(name: str) -> str:
-    """The kernel (or state walk) a `--configs` row times: its name without the way it ran."""
-    return re.sub(r" (tuned|two kernels|#\d+ .*)$", "", name)
+    """The kernel a `--configs` row times: its name without the config it ran."""
+    return re.sub(r" (tuned|#\d+ .*)$", "", name)
 
 
 def config_table(times: dict[str, list[float]], columns: list[str]) -> str:

@@ -1,6 +1,7 @@
 """Kernel benchmark: one command on the GPU machine prints one table.
 
-    PYTHONPATH=$PWD python bench/kernels.py [--no-ref] [--breakdown] [--claim] [--chunk-sweep] [--splits] [--order] [--configs [scan dx states dprev dcb dbc]]
+    PYTHONPATH=$PWD python bench/kernels.py [--no-ref] [--breakdown] [--claim] [--chunk-sweep] [--splits] [--order]
+        [--configs [scan dx states dprev dcb dbc]] [--first-call PRESET]
 
 For each SSD shape of issue 3's target table (bf16, chunk 256, D and dt_bias, no z): forward and
 forward+backward median time (triton.testing.do_bench, CUDA events, median), achieved TFLOP/s
@@ -16,9 +17,10 @@ picks from for the gated-norm backward and the conv forward at the presets' mixe
 first schedule is the fixed one: the A/B of each autotuned list in one run), and dCB + dB/dC at
 every split of a group's heads over programs; `--splits` times only those, also at the presets' shapes.
 `--order` times only the chunk scan and dx in both launch orders (kernels._triton_utils.head_chunk_grid);
-`--configs` only those two, the fused state walks (forward chunk states + passing, backward dprev +
-passing; also as two kernels), dCB and dB/dC at every config of their autotuning lists (with `--write-tuned`, the
-tuned rows' choices are recorded); both sweeps live in bench/kernel_configs.py.
+`--configs` only those two, the chunk-states kernel (forward chunk states, backward dprev), dCB and
+dB/dC at every config of their autotuning lists (with `--write-tuned`, the tuned rows' choices are
+recorded); both sweeps live in bench/kernel_configs.py. `--first-call hybrid_460m` prints only the
+start-up cost (compile + autotuning) of the first SSD, conv and norm calls at a preset's shape.
 
 FLOP model of the SSD (useful work, causal halves counted once):
   fwd = 2*T*H*P*N (chunk states) + 2*T*H*P*N (state read-out) + T*Q*H*P (intra-chunk, causal)
@@ -159,8 +161,8 @@ def sdpa_case(batch, seqlen):
 
 
 # the launches of one tuned forward + backward (the other rows time alternatives to some of them)
-PIPELINE = ("fwd dt_cumsum", "fwd CB", "fwd states+pass chosen", "fwd chunk scan", "bwd dprev+pass chosen",
-            "bwd dx/ddt", "bwd dCB", "bwd dB/dC", "bwd dt tail")
+PIPELINE = ("fwd dt_cumsum", "fwd CB", "fwd chunk states", "fwd state passing", "fwd chunk scan", "bwd dprev",
+            "bwd state passing", "bwd dx/ddt", "bwd dCB", "bwd dB/dC", "bwd dt tail")
 
 
 def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16, splits_only=False):
@@ -199,20 +201,12 @@ def breakdown(batch, seqlen, h, p, g, n, q=256, dev="cuda", dt_=torch.bfloat16, 
         ("fwd CB", lambda: fwd.compute_cb(C, B, None, q, prec)),
         ("fwd chunk states", lambda: states.chunk_outer(x, B, dtp, cs, None, q, 0, prec)),
         ("fwd state passing", lambda: states.state_pass(st, cs, None, None, seqlen, q, dt_)),
-        # the two above in one kernel (the chunk states never stored), and the faster of the two ways
-        # (states_and_pass times both once per shape: see the structures line printed after the table)
-        ("fwd states+pass fused", lambda: states.states_and_pass(x, B, dtp, cs, None, None, q, prec, fused=True)),
-        ("fwd states+pass chosen", lambda: states.states_and_pass(x, B, dtp, cs, None, None, q, prec)),
         ("fwd chunk scan", lambda: fwd.chunk_scan(cb, x, None, D, C, prev_lp, dtp, cs, None, q, False, prec)),
         # the fixed config (kernels.deterministic) against the tuned one above
         ("fwd chunk scan fixed", lambda: fwd.chunk_scan(cb, x, None, D, C, prev_lp, dtp, cs, None, q, False, prec,
                                                         config=0)),
         ("bwd dprev", lambda: states.chunk_outer(dy, C, dtp, cs, None, q, 1, prec)),
         ("bwd state passing", lambda: bwd_scan.state_pass_bwd(dprev, prev, final, None, cs, None, seqlen, q, dt_)),
-        # the two above in one kernel (dprev never stored), and the faster of the two ways
-        ("bwd dprev+pass fused", lambda: bwd_scan.dprev_and_pass_bwd(dy, C, cs, None, prev, final, None, q, prec,
-                                                                     fused=True)),
-        ("bwd dprev+pass chosen", lambda: bwd_scan.dprev_and_pass_bwd(dy, C, cs, None, prev, final, None, q, prec)),
         ("bwd dx/ddt", lambda: bwd_dx.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, prec)),
         ("bwd dx/ddt fixed", lambda: bwd_dx.chunk_dx(x, dy, D, B, cb, dS, dtp, cs, None, q, prec, config=0)),
         ("bwd dCB", lambda: bwd.chunk_dcb(x, dy, dtp, cs, None, cb, g, q, prec, nsplit=k)),
@@ -280,11 +274,12 @@ def schedules(batch, seqlen, d_inner, conv_dim, dev="cuda", dt_=torch.bfloat16):
 
 
 def first_call_seconds(dev="cuda", ssd_shape=TARGETS[0][:6], mixer=(4, 4096, 4096, 4352), q=256,
-                       dt_=torch.bfloat16) -> str:
+                       dt_=torch.bfloat16, documents=0) -> str:
     """The start-up cost a training process pays once per kernel and shape key: the first SSD
-    forward+backward (shape 1) and the first mixer's conv and gated norm (hybrid_1b3's sizes:
-    batch, seqlen, d_inner, conv channels), each compile and autotuning included, with the state of
-    Triton's on-disk cache (a warm cache skips both: point TRITON_CACHE_DIR at a shared filesystem)."""
+    forward+backward (shape 1; `documents` equal documents per row: seq_idx, as training on packed
+    data calls it) and the first mixer's conv and gated norm (hybrid_1b3's sizes: batch, seqlen,
+    d_inner, conv channels), each compile and autotuning included, with the state of Triton's
+    on-disk cache (a warm cache skips both: point TRITON_CACHE_DIR at a shared filesystem)."""
     from pathlib import Path
 
     def sync():
@@ -295,7 +290,12 @@ def first_call_seconds(dev="cuda", ssd_shape=TARGETS[0][:6], mixer=(4, 4096, 409
     entries = sum(1 for _ in cache.rglob("*")) if cache.exists() else 0
     t0 = time.perf_counter()
     x, dt, A, B, C, D, bias = ssd_inputs(*ssd_shape, dev, dt_, grad=True)
-    kernels.ssd_scan(x, dt, A, B, C, chunk_size=q, D=D, dt_bias=bias).backward(torch.randn_like(x))
+    batch, seqlen = ssd_shape[:2]
+    seq = None
+    if documents:
+        seq = (torch.arange(seqlen, device=dev, dtype=torch.int32) * documents // seqlen).expand(batch, seqlen)
+        seq = seq.contiguous()
+    kernels.ssd_scan(x, dt, A, B, C, chunk_size=q, D=D, dt_bias=bias, seq_idx=seq).backward(torch.randn_like(x))
     sync()
     t1 = time.perf_counter()
     mb, ml, d_inner, conv_dim = mixer
@@ -335,16 +335,23 @@ def main():
                     help="only time the chunk scan and dx launched heads-fast and chunks-fast, at the target "
                          "and the presets' shapes (nothing else)")
     ap.add_argument("--configs", nargs="*", choices=SWEPT, metavar="KERNEL",
-                    help="only time the chunk scan, dx, the fused state walks, dCB and dB/dC (or those named: "
-                         f"{', '.join(SWEPT)}) at every config of their lists (the state walks also as two "
-                         "kernels), at the target shapes and the presets' (with 4 documents a row, as training "
-                         "packs them)")
+                    help="only time the chunk scan, dx, the chunk states and dprev, dCB and dB/dC (or those named: "
+                         f"{', '.join(SWEPT)}) at every config of their lists, at the target shapes and the "
+                         "presets' (with 4 documents a row, as training packs them)")
+    ap.add_argument("--first-call", metavar="PRESET", choices=[name for name, _ in CHUNK_SWEEP],
+                    help="only the start-up cost of the first SSD, conv and norm calls at that preset's mixer "
+                         "shape with 4 documents a row, as a training process meets them (run it in a fresh "
+                         "process with an empty TRITON_CACHE_DIR for the cold cost)")
     ap.add_argument("--splits", action="store_true",
                     help="only time dCB + dB/dC at every head split, at the target and the presets' shapes "
                          "(nothing else)")
     args = ap.parse_args()
     if args.write_tuned:
         record_tuning()
+    if args.first_call:
+        b, L, h, p, g, n = dict(CHUNK_SWEEP)[args.first_call]
+        print(first_call_seconds(ssd_shape=(b, L, h, p, g, n), mixer=(b, L, h * p, h * p + 2 * g * n), documents=4))
+        return
     if args.splits:
         print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}")
         for shape in [t[:6] for t in TARGETS] + [s for _, s in CHUNK_SWEEP]:
@@ -454,8 +461,7 @@ def main():
         from kernels._triton_utils import _structures
 
         emit("structures chosen (timed): " + ", ".join(
-            f"{name} {key[:4]}: " + (f"{v} head splits" if name == "dcb_dbc_split" else "fused" if v else "two kernels")
-            for (name, key), v in _structures.items()))
+            f"{name} {key[:4]}: {v} head splits" for (name, key), v in _structures.items()))
         for name, (b, L, h, p, g, n) in CHUNK_SWEEP:
             for kname, ms, nbytes in schedules(b, L, h * p, h * p + 2 * g * n):
                 emit(f"{f'{name} {kname}':50s} {ms:8.3f} ms {nbytes / ms / 1e6:6.0f} GB/s")

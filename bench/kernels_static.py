@@ -44,7 +44,6 @@ from kernels.conv1d import triton_op as conv  # noqa: E402
 from kernels.rmsnorm_gated import triton_op as rms  # noqa: E402
 from kernels.ssd import triton_bwd as bwd  # noqa: E402
 from kernels.ssd import triton_bwd_dx as bwd_dx  # noqa: E402
-from kernels.ssd import triton_bwd_scan as bwd_scan  # noqa: E402
 from kernels.ssd import triton_fwd as fwd  # noqa: E402
 from kernels.ssd import triton_states as states  # noqa: E402
 
@@ -63,10 +62,6 @@ def specs():
                        dict(common, HAS_D=True, HAS_Z=True, STORE_YPRE=True), {"prev_ptr": "*bf16"}),
         "chunk_states": (states._chunk_outer_kernel, states._chunk_outer_tuned(Q), dict(common, MODE=0, SPLIT=True), {}),
         "dprev": (states._chunk_outer_kernel, states._chunk_outer_tuned(Q), dict(common, MODE=1, SPLIT=True), {}),
-        "states_pass": (states._states_pass_kernel, states._states_pass_tuned(Q, N),
-                        dict(common, HAS_INIT=False, STORE_LP=True, STORE_F32=False, SPLIT=True), {}),
-        "dprev_pass": (bwd_scan._dprev_pass_bwd_kernel, bwd_scan._dprev_pass_tuned(Q),
-                       dict(common, HAS_DFINAL=True, STORE_LP=True, BLOCK_P=64, BLOCK_N=64, SPLIT=True), {}),
         "dx": (bwd_dx._chunk_dx_kernel, bwd_dx._chunk_dx_tuned(Q),
                dict(common, HAS_D=True, BLOCK_J=min(128, Q), BLOCK_P=P, SPLIT=True), {}),
         "dcb": (bwd._chunk_dcb_kernel, bwd._chunk_dcb_tuned(Q), dict(common, BLOCK_I=64, BLOCK_J=64, HDIM_BLOCK=P), {}),

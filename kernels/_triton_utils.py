@@ -13,9 +13,8 @@ Owns the rules every kernel folder follows:
   first-call stall of a large job with a cold Triton cache). After `record_tuning()`,
   `write_tuned_table` saves the choices the autotuner made in this process (bench/kernels.py and
   bench/train.py --write-tuned, on the GPU);
-- `choose_structure` picks between kernel structures for the same result (the SSD's fused and
-  two-kernel state passing, the SSD backward's split of a group's heads over programs) by timing
-  each once per shape key, on CUDA only;
+- `choose_structure` picks between kernel structures for the same result (the SSD backward's split
+  of a group's heads over programs) by timing each once per shape key, on CUDA only;
 - no torch.cuda calls are made unless the tensors are on CUDA.
 """
 

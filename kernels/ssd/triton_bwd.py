@@ -39,7 +39,6 @@ import triton.language as tl
 
 from kernels._triton_utils import INTERPRET, autotune_per_chunk, cdiv, choose_structure, configs_of, next_pow2
 from kernels.ssd.triton_fwd import causal_document_keep, seq_args
-from kernels.ssd.triton_states import structure_key
 
 
 @triton.jit
@@ -375,13 +374,18 @@ def split_candidates(heads_per_group):
     return tuple(k for k in dividing_splits(heads_per_group) if k < default) + (default,)
 
 
+def _shape_key(x, B, seq_idx, chunk_size):
+    """The shape key under which choose_structure remembers head_split's choice for these inputs."""
+    return (*x.shape, *B.shape[2:], chunk_size, x.dtype, seq_idx is not None)
+
+
 def head_split(x, dy, B, C, prev, dS, dtp, cs, seq_idx, cb, chunk_size, dot_prec) -> int:
     """The split chunk_dcb_dbc uses for these arguments (its own): each of split_candidates timed on
     the first call per shape (CUDA; choose_structure: the split trades programs for partial-sum
     traffic, which depends on the GPU and the shape); _nsplit's where nothing is timed."""
     heads_per_group = x.shape[2] // B.shape[2]
     return choose_structure(
-        "dcb_dbc_split", structure_key(x, B, seq_idx, chunk_size), split_candidates(heads_per_group),
+        "dcb_dbc_split", _shape_key(x, B, seq_idx, chunk_size), split_candidates(heads_per_group),
         lambda k: chunk_dcb_dbc(x, dy, B, C, prev, dS, dtp, cs, seq_idx, cb, chunk_size, dot_prec, nsplit=k),
         lambda: _nsplit(heads_per_group), x.device)
 

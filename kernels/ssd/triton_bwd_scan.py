@@ -1,6 +1,7 @@
 """Triton kernels of the SSD backward's sequential and per-position parts, and their launchers:
-the state passing in reverse over chunks (step 2 of triton_bwd.py's decomposition; or steps 1 and
-2 in one kernel, `dprev_and_pass_bwd`, dprev never stored) and the fused dt tail (the gradients of cs summed to dA, ddt and d dt_bias through the dt processing).
+the state passing in reverse over chunks (step 2 of triton_bwd.py's decomposition; steps 1 and 2
+together: `dprev_and_pass_bwd`) and the fused dt tail (the gradients of cs summed to dA, ddt and
+d dt_bias through the dt processing).
 Shapes as in triton_bwd.py; all offsets are 64-bit.
 """
 
@@ -10,10 +11,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import INTERPRET, autotune_per_chunk, cdiv, choose_structure, next_pow2, next_power_of_2
+from kernels._triton_utils import INTERPRET, cdiv, next_power_of_2
 from kernels.ssd import triton_states as states
 from kernels.ssd.triton_fwd import _softplus, seq_args
-from kernels.ssd.triton_states import _chunk_scale, _flat_block_start, _outer_chunk, _state_tile, _store_state
+from kernels.ssd.triton_states import _chunk_scale, _flat_block_start, _store_state
 
 
 @triton.jit
@@ -34,49 +35,6 @@ def _state_pass_bwd_kernel(
         s_after = tl.load(prev_ptr + off, mask=mask, other=0.0)
         g = tl.load(dprev_ptr + off, mask=mask, other=0.0) + scale * g
     tl.store(dinit_ptr + bh + offs, g, mask=mask)
-
-
-@triton.jit
-def _dprev_pass_bwd_kernel(
-    dy_ptr, c_ptr, cs_ptr, seq_ptr, prev_ptr, final_ptr, dfinal_ptr, dS_ptr, dS_lp_ptr, dinit_ptr, dcs_last_ptr,
-    seqlen, nheads, nchunks, chunk_size, hdim, dstate, heads_per_group,
-    s_a_b, s_a_l, s_a_h, s_a_p, s_b_b, s_b_l, s_b_g, s_b_n, s_seq_b, s_seq_l,
-    HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, STORE_LP: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
-    SPLIT: tl.constexpr,
-):
-    """Steps 1 and 2 fused: grid (p x n tiles, batch, heads); each program walks its batch row's
-    chunks in reverse with its (BLOCK_P, BLOCK_N) tile of the state gradient g in registers:
-    dS_c = g (stored float32, and in the input dtype with STORE_LP), the tile's partial of
-    <dS_c, S_c>, then g = dprev_c + scale_c g with dprev_c from dy and C (triton_states._outer_chunk,
-    MODE 1), so dprev never goes to memory. The arithmetic of chunk_outer(MODE 1) followed by
-    _state_pass_bwd_kernel, the partials of <dS, S> summed per tile instead of per flat block."""
-    pid_pn = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    pid_h = tl.program_id(2).to(tl.int64)
-    ntiles = tl.cdiv(hdim, BLOCK_P) * tl.cdiv(dstate, BLOCK_N)
-    offs_p, offs_n, mask, tile = _state_tile(pid_pn, hdim, dstate, BLOCK_P, BLOCK_N)
-    bh = (pid_b * nheads + pid_h) * hdim * dstate
-    if HAS_DFINAL:
-        g = tl.load(dfinal_ptr + bh + tile, mask=mask, other=0.0).to(tl.float32)
-    else:
-        g = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    s_after = tl.load(final_ptr + bh + tile, mask=mask, other=0.0)
-    for i in range(nchunks):
-        c = nchunks - 1 - i
-        off = ((pid_b * nchunks + c) * nheads + pid_h) * hdim * dstate + tile
-        _store_state(dS_ptr, dS_lp_ptr, off, g, mask, STORE_LP, True)
-        tl.store(dcs_last_ptr + ((pid_b * nheads + pid_h) * nchunks + c) * ntiles + pid_pn,
-                 tl.sum(tl.sum(g * s_after, axis=1), axis=0))
-        scale = _chunk_scale(cs_ptr, seq_ptr, pid_b, pid_h, c, nheads, nchunks, chunk_size, seqlen, s_seq_b, s_seq_l,
-                             HAS_SEQ)
-        s_after = tl.load(prev_ptr + off, mask=mask, other=0.0)
-        dprev = _outer_chunk(dy_ptr, c_ptr, cs_ptr, cs_ptr, seq_ptr, pid_b, c, pid_h, pid_h // heads_per_group,
-                             offs_p, offs_n, seqlen, nheads, nchunks, chunk_size, hdim, dstate,
-                             s_a_b, s_a_l, s_a_h, s_a_p, s_b_b, s_b_l, s_b_g, s_b_n, s_seq_b, s_seq_l,
-                             1, HAS_SEQ, BLOCK_P, BLOCK_N, BLOCK_K, DOT_PREC, SPLIT)
-        g = dprev + scale * g
-    tl.store(dinit_ptr + bh + tile, g, mask=mask)
 
 
 @triton.jit
@@ -138,55 +96,12 @@ def _dt_bwd_kernel(
 # launchers
 
 
-# steps 1 + 2 fused: the state tiles (and with them the <dS, S> partials' layout) are fixed per shape;
-# the tuner chooses the position tile, warps and stages
-_dprev_pass_tuned = autotune_per_chunk(_dprev_pass_bwd_kernel, [
-    triton.Config(dict(BLOCK_K=k), num_warps=w, num_stages=st) for k, w, st in
-    ((32, 8, 3), (64, 8, 2), (64, 8, 3), (32, 8, 2))  # 4 warps spill (bench/kernels_static.py)
-], key=["chunk_size", "hdim", "dstate", "nheads", "HAS_SEQ", "SPLIT"], chunk_params=("BLOCK_K",))
-
-
-def dprev_and_pass_bwd(dy, C, cs, seq_idx, prev, final, dfinal, chunk_size, dot_prec, fused=None, config=None):
-    """Steps 1 and 2 -> dS (float32), dS_lp (dy's dtype; dS itself for float32), d initial_states,
-    per-chunk partials of <dS_c, S_c> (batch, nheads, nchunks, n partials). fused None: the faster
-    of the two, timed once per shape (as states_and_pass); True: one kernel, dprev never stored;
-    False: chunk_outer(MODE 1) then state_pass_bwd. config: an index into the fused kernel's config
-    list, that config (benchmarks, tests; the interpreter runs its own tiles)."""
-    batch, seqlen, nheads, hdim = dy.shape
-    ngroups, dstate = C.shape[2], C.shape[3]
-    if fused is None:
-        fused = choose_structure(
-            "dprev_and_pass_bwd", states.structure_key(dy, C, seq_idx, chunk_size, (dfinal is not None,)), (True, False),
-            lambda v: dprev_and_pass_bwd(dy, C, cs, seq_idx, prev, final, dfinal, chunk_size, dot_prec, fused=v),
-            lambda: states.fuse_states(dy.device), dy.device)
-    if not fused:
-        dprev = states.chunk_outer(dy, C, cs, cs, seq_idx, chunk_size, 1, dot_prec)
-        return state_pass_bwd(dprev, prev, final, dfinal, cs, seq_idx, seqlen, chunk_size, dy.dtype)
-    nchunks = cdiv(seqlen, chunk_size)
-    if INTERPRET:
-        BP, BN = next_pow2(hdim), next_pow2(dstate)
-    else:
-        BP, BN = min(64, next_pow2(hdim)), min(64, next_pow2(dstate))
-    ntiles = cdiv(hdim, BP) * cdiv(dstate, BN)
-    dS = torch.empty(prev.shape, device=dy.device, dtype=torch.float32)
-    store_lp = dy.dtype != torch.float32
-    dS_lp = torch.empty(prev.shape, device=dy.device, dtype=dy.dtype) if store_lp else dS
-    dinit = torch.empty(batch, nheads, hdim, dstate, device=dy.device, dtype=torch.float32)
-    dcs_last = torch.empty(batch, nheads, nchunks, ntiles, device=dy.device, dtype=torch.float32)
-    seq, seq_s = seq_args(seq_idx, cs)
-    args = (dy, C, cs, seq, prev, final, dfinal.contiguous() if dfinal is not None else final, dS, dS_lp, dinit,
-            dcs_last, seqlen, nheads, nchunks, chunk_size, hdim, dstate, nheads // ngroups,
-            *dy.stride(), *C.stride(), *seq_s)
-    kw = dict(HAS_DFINAL=dfinal is not None, HAS_SEQ=seq_idx is not None, STORE_LP=store_lp, BLOCK_P=BP,
-              BLOCK_N=BN, DOT_PREC=dot_prec, SPLIT=C.dtype != torch.float32)
-    grid = (ntiles, batch, nheads)
-    if INTERPRET:
-        _dprev_pass_bwd_kernel[grid](*args, **kw, BLOCK_K=min(chunk_size, 16), num_warps=4)
-    else:
-        launcher = (_dprev_pass_tuned(chunk_size) if config is None else
-                    _dprev_pass_tuned.with_config(config, chunk_size))
-        launcher[grid](*args, **kw)
-    return dS, dS_lp, dinit, dcs_last
+def dprev_and_pass_bwd(dy, C, cs, seq_idx, prev, final, dfinal, chunk_size, dot_prec):
+    """Steps 1 and 2 (dprev by triton_states.chunk_outer in MODE 1, then state_pass_bwd) -> dS
+    (float32), dS_lp (dy's dtype; dS itself for float32), d initial_states, per-chunk partials of
+    <dS_c, S_c> (batch, nheads, nchunks, n partials)."""
+    dprev = states.chunk_outer(dy, C, cs, cs, seq_idx, chunk_size, 1, dot_prec)
+    return state_pass_bwd(dprev, prev, final, dfinal, cs, seq_idx, dy.shape[1], chunk_size, dy.dtype)
 
 
 def state_pass_bwd(dprev, prev, final, dfinal, cs, seq_idx, seqlen, chunk_size, lp_dtype=torch.float32):

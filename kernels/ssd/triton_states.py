@@ -2,12 +2,13 @@
 decomposition; step 1 of the backward's, and its reverse walk's shared helpers), and their launchers:
   _chunk_outer:   per chunk and head, states = sum_j w_j x_j B_j^T, w_j = exp2(cs_last - cs_j) dtp_j
                   [same document as the chunk end] -> (batch, nchunks, nheads, headdim, dstate);
-                  MODE 1 computes the backward's dprev with the same loop (_outer_chunk)
+                  MODE 1 computes the backward's dprev with the same loop
   _state_pass:    S_c = scale_c S_{c-1} + states_c, scale_c = exp2(cs_last) [no document start in
                   chunk c] (_chunk_scale); writes the state entering each chunk (prev) and the final state
-  _states_pass:   both in one kernel that walks the chunks in order with the state in registers (the
-                  chunk states never reach memory); `states_and_pass` times both ways once per shape
-                  (kernels._triton_utils.choose_structure) and keeps the faster
+Two kernels, not one walk: a fused kernel that walked the chunks in order with the state in
+registers (no chunk states in memory) lost to this pair at every shape timed on an H100 and an
+H200 (1.1-2.1x slower: batch x heads x state tiles programs, each walking every chunk, hide too
+little latency; bench/NOTES_kernels.md Run 16) and was removed.
 All offsets are 64-bit.
 """
 
@@ -17,8 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton_utils import (INTERPRET, autotune_per_chunk, cdiv, choose_structure, configs_of, next_pow2,
-                                   next_power_of_2)
+from kernels._triton_utils import INTERPRET, autotune_per_chunk, cdiv, configs_of, next_power_of_2
 from kernels.ssd.triton_fwd import _blocks, _dot_f32_operand, seq_args
 
 
@@ -66,27 +66,30 @@ def _store_state(ptr, lp_ptr, off, value, mask, STORE_LP: tl.constexpr, STORE_F3
 
 
 @triton.jit
-def _state_tile(pid_pn, hdim, dstate, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Program pid_pn's (BLOCK_P, BLOCK_N) tile of a (headdim, dstate) state: its headdim and dstate
-    offsets, the in-bounds mask and the flat offsets within one state."""
-    num_n = tl.cdiv(dstate, BLOCK_N)
-    offs_p = (pid_pn // num_n) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = (pid_pn % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return offs_p, offs_n, (offs_p < hdim)[:, None] & (offs_n < dstate)[None, :], offs_p[:, None] * dstate + offs_n[None, :]
-
-
-@triton.jit
-def _outer_chunk(a_ptr, b_ptr, dtp_ptr, cs_ptr, seq_ptr, pid_b, pid_c, pid_h, pid_g, offs_p, offs_n,
-                 seqlen, nheads, nchunks, chunk_size, hdim, dstate,
-                 s_a_b, s_a_l, s_a_h, s_a_p, s_b_b, s_b_l, s_b_g, s_b_n, s_seq_b, s_seq_l,
-                 MODE: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr):
-    """(BLOCK_P, BLOCK_N) float32 tile of sum_k a[k, p] wt_k b[k, n] over chunk pid_c's positions k.
+def _chunk_outer_kernel(
+    a_ptr, b_ptr, dtp_ptr, cs_ptr, seq_ptr, out_ptr,
+    seqlen, nheads, nchunks, chunk_size, hdim, dstate, heads_per_group,
+    s_a_b, s_a_l, s_a_h, s_a_p, s_b_b, s_b_l, s_b_g, s_b_n, s_seq_b, s_seq_l,
+    MODE: tl.constexpr, HAS_SEQ: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """out[b, c, h] (hdim x dstate, float32) = sum_k a[k, :]^T wt_k b[k, :] over chunk c's positions k;
+    grid (p x n tiles, batch x chunks, heads), a (BLOCK_P, BLOCK_N) tile each.
 
     MODE 0 (chunk states): a = x, b = B, wt = exp2(cs_last - cs_k) dtp_k [seq_k == seq_end].
     MODE 1 (backward dprev): a = dy, b = C, wt = exp2(cs_k) [seq_k == seq of the state entering].
     """
-    t0 = tl.cast(pid_c, tl.int64) * chunk_size  # 64-bit: the fused kernels pass a 32-bit loop index
+    pid_pn = tl.program_id(0)
+    pid_bc = tl.program_id(1).to(tl.int64)
+    pid_h = tl.program_id(2).to(tl.int64)
+    pid_b = pid_bc // nchunks
+    pid_c = pid_bc % nchunks
+    pid_g = pid_h // heads_per_group
+    num_n = tl.cdiv(dstate, BLOCK_N)
+    offs_p = (pid_pn // num_n) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = (pid_pn % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    t0 = pid_c * chunk_size
     cs_base = ((pid_b * nheads + pid_h) * nchunks + pid_c) * chunk_size
     cs_last = tl.load(cs_ptr + cs_base + chunk_size - 1)
     if HAS_SEQ:
@@ -117,66 +120,9 @@ def _outer_chunk(a_ptr, b_ptr, dtp_ptr, cs_ptr, seq_ptr, pid_b, pid_c, pid_h, pi
             seq_k = tl.load(seq_base + tl.minimum(t, seqlen - 1) * s_seq_l)
             wt = tl.where(seq_k == seq_ref, wt, 0.0)
         acc = _dot_f32_operand(acc, aT * wt[None, :], bb, True, SPLIT, DOT_PREC)
-    return acc
-
-
-@triton.jit
-def _chunk_outer_kernel(
-    a_ptr, b_ptr, dtp_ptr, cs_ptr, seq_ptr, out_ptr,
-    seqlen, nheads, nchunks, chunk_size, hdim, dstate, heads_per_group,
-    s_a_b, s_a_l, s_a_h, s_a_p, s_b_b, s_b_l, s_b_g, s_b_n, s_seq_b, s_seq_l,
-    MODE: tl.constexpr, HAS_SEQ: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
-    SPLIT: tl.constexpr,
-):
-    """out[b, c, h] (hdim x dstate) = _outer_chunk of chunk c; grid (p x n tiles, batch x chunks, heads)."""
-    pid_pn = tl.program_id(0)
-    pid_bc = tl.program_id(1).to(tl.int64)
-    pid_h = tl.program_id(2).to(tl.int64)
-    pid_b = pid_bc // nchunks
-    pid_c = pid_bc % nchunks
-    offs_p, offs_n, mask, tile = _state_tile(pid_pn, hdim, dstate, BLOCK_P, BLOCK_N)
-    acc = _outer_chunk(a_ptr, b_ptr, dtp_ptr, cs_ptr, seq_ptr, pid_b, pid_c, pid_h, pid_h // heads_per_group,
-                       offs_p, offs_n, seqlen, nheads, nchunks, chunk_size, hdim, dstate,
-                       s_a_b, s_a_l, s_a_h, s_a_p, s_b_b, s_b_l, s_b_g, s_b_n, s_seq_b, s_seq_l,
-                       MODE, HAS_SEQ, BLOCK_P, BLOCK_N, BLOCK_K, DOT_PREC, SPLIT)
+    mask = (offs_p < hdim)[:, None] & (offs_n < dstate)[None, :]
+    tile = offs_p[:, None] * dstate + offs_n[None, :]
     tl.store(out_ptr + ((pid_b * nchunks + pid_c) * nheads + pid_h) * hdim * dstate + tile, acc, mask=mask)
-
-
-@triton.jit
-def _states_pass_kernel(
-    x_ptr, b_ptr, dtp_ptr, cs_ptr, seq_ptr, init_ptr, prev_ptr, prev_lp_ptr, final_ptr,
-    seqlen, nheads, nchunks, chunk_size, hdim, dstate, heads_per_group,
-    s_a_b, s_a_l, s_a_h, s_a_p, s_b_b, s_b_l, s_b_g, s_b_n, s_seq_b, s_seq_l,
-    HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, STORE_LP: tl.constexpr, STORE_F32: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
-    SPLIT: tl.constexpr,
-):
-    """Chunk states and state passing in one pass (steps 3 and 4 fused): grid (p x n tiles, batch,
-    heads); each program walks its batch row's chunks in order, keeping its (BLOCK_P, BLOCK_N) tile of
-    the running state S in registers: prev_c = S (stored float32, and in the input dtype with
-    STORE_LP), S = scale_c S + states_c. The chunk states never go to memory; with the same tiles
-    the arithmetic is that of _chunk_outer_kernel followed by _state_pass_fwd_kernel (the same bits)."""
-    pid_pn = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    pid_h = tl.program_id(2).to(tl.int64)
-    offs_p, offs_n, mask, tile = _state_tile(pid_pn, hdim, dstate, BLOCK_P, BLOCK_N)
-    bh = (pid_b * nheads + pid_h) * hdim * dstate
-    if HAS_INIT:
-        s = tl.load(init_ptr + bh + tile, mask=mask, other=0.0).to(tl.float32)
-    else:
-        s = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    for c in range(nchunks):
-        off = ((pid_b * nchunks + c) * nheads + pid_h) * hdim * dstate + tile
-        _store_state(prev_ptr, prev_lp_ptr, off, s, mask, STORE_LP, STORE_F32)
-        st = _outer_chunk(x_ptr, b_ptr, dtp_ptr, cs_ptr, seq_ptr, pid_b, c, pid_h, pid_h // heads_per_group,
-                          offs_p, offs_n, seqlen, nheads, nchunks, chunk_size, hdim, dstate,
-                          s_a_b, s_a_l, s_a_h, s_a_p, s_b_b, s_b_l, s_b_g, s_b_n, s_seq_b, s_seq_l,
-                          0, HAS_SEQ, BLOCK_P, BLOCK_N, BLOCK_K, DOT_PREC, SPLIT)
-        scale = _chunk_scale(cs_ptr, seq_ptr, pid_b, pid_h, c, nheads, nchunks, chunk_size, seqlen, s_seq_b, s_seq_l,
-                             HAS_SEQ)
-        s = scale * s + st
-    tl.store(final_ptr + bh + tile, s, mask=mask)
 
 
 @triton.jit
@@ -208,35 +154,10 @@ _chunk_outer_tuned = autotune_per_chunk(_chunk_outer_kernel, configs_of([
 ]), key=["chunk_size", "hdim", "dstate", "MODE", "HAS_SEQ", "SPLIT"], chunk_params=("BLOCK_K",))
 
 
-# states + state passing fused: configs that keep the running state and the chunk's tile product
-# in registers without spilling at the presets' shapes (bench/kernels_static.py, Triton 3.6)
-_states_pass_tuned = autotune_per_chunk(_states_pass_kernel, configs_of([
-    (dict(BLOCK_P=64, BLOCK_N=64, BLOCK_K=32), 8, 3), (dict(BLOCK_P=64, BLOCK_N=32, BLOCK_K=64), 8, 3),
-    (dict(BLOCK_P=32, BLOCK_N=64, BLOCK_K=64), 8, 2), (dict(BLOCK_P=64, BLOCK_N=32, BLOCK_K=32), 4, 3),
-    (dict(BLOCK_P=32, BLOCK_N=64, BLOCK_K=32), 4, 3), (dict(BLOCK_P=64, BLOCK_N=64, BLOCK_K=64), 8, 2),
-]), key=["chunk_size", "hdim", "dstate", "nheads", "HAS_SEQ", "SPLIT"], chunk_params=("BLOCK_K",),
-    state_params=("BLOCK_N",))
-
-
-def fuse_states(device) -> bool:
-    """The fused state kernels' default (kernels.deterministic, KERNELS_AUTOTUNE=0, the interpreter):
-    off on CUDA, where the two kernels measured faster at every shape timed (H200, bench/kernels.py
-    --breakdown, 2026-12-05: forward 0.171 vs 0.208 ms at (2, 4096, 64x64, G1, N128), 0.484 vs 0.665
-    ms at (2, 8192, 128x64, G8); backward 0.185 vs 0.270, 0.501 vs 1.048: one program per state
-    tile walking all chunks in order leaves too little parallelism to hide its latency; on an H100
-    1.1-1.7x slower at every bench and preset shape, bench/NOTES_kernels.md Run 16). On in the
-    interpreter, so that the CPU tests run the fused kernels. Otherwise choose_structure times both
-    ways once per shape (states_and_pass, dprev_and_pass_bwd)."""
-    return INTERPRET or device.type != "cuda"
-
-
-def structure_key(x, B, seq_idx, chunk_size, extra=()):
-    """The shape key under which choose_structure remembers the faster way for these inputs."""
-    return (*x.shape, *B.shape[2:], chunk_size, x.dtype, seq_idx is not None, *extra)
-
-
-def chunk_outer(a, b, dtp, cs, seq_idx, chunk_size, mode, dot_prec):
-    """MODE 0: chunk states from (x, B); MODE 1: dprev from (dy, C). -> (batch, nchunks, nheads, hdim, dstate)."""
+def chunk_outer(a, b, dtp, cs, seq_idx, chunk_size, mode, dot_prec, config=None):
+    """MODE 0: chunk states from (x, B); MODE 1: dprev from (dy, C). -> (batch, nchunks, nheads, hdim, dstate).
+    config: an index into the kernel's config list, that config (benchmarks, tests; the interpreter
+    runs its own tiles)."""
     batch, seqlen, nheads, hdim = a.shape
     ngroups, dstate = b.shape[2], b.shape[3]
     nchunks = cdiv(seqlen, chunk_size)
@@ -254,66 +175,26 @@ def chunk_outer(a, b, dtp, cs, seq_idx, chunk_size, mode, dot_prec):
         def grid(meta):
             return (cdiv(hdim, meta["BLOCK_P"]) * cdiv(dstate, meta["BLOCK_N"]), batch * nchunks, nheads)
 
-        _chunk_outer_tuned(chunk_size)[grid](*args, **kw)
+        launcher = (_chunk_outer_tuned(chunk_size) if config is None else
+                    _chunk_outer_tuned.with_config(config, chunk_size))
+        launcher[grid](*args, **kw)
     return out
 
 
-def states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, dot_prec, store_lp=True, fused=None,
-                    store_f32=True, config=None):
-    """Steps 3 and 4: -> prev (the state entering each chunk, (batch, nchunks, nheads, headdim,
-    dstate) float32), prev_lp (the same in x's dtype, for the chunk scan; None without store_lp, and
-    prev itself for float32 x), final state (batch, nheads, headdim, dstate) float32.
-    store_f32 False (bf16/fp16 x with store_lp: a forward whose backward will not read the float32
-    prev): prev is not written (None), only prev_lp, saving a float32 state per chunk and head of
-    writes (and its memory).
-    fused None: the faster of the two, timed once per shape (choose_structure; fuse_states's rule
-    where nothing is timed); True: one kernel, the chunk states never stored; False: chunk_outer
-    then state_pass. With or without store_lp the autotuner sees the same key, and the choice is
-    remembered per shape: the backward's rerun gets the forward's kernels and configs, hence its bits.
-    config: an index into the fused kernel's config list, that config (benchmarks, tests; the
-    interpreter runs its own tiles)."""
-    batch, seqlen, nheads, hdim = x.shape
-    ngroups, dstate = B.shape[2], B.shape[3]
-    if fused is None:
-        fused = choose_structure(
-            "states_and_pass", structure_key(x, B, seq_idx, chunk_size, (initial_states is not None,)), (True, False),
-            lambda v: states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, dot_prec, store_lp, fused=v,
-                                      store_f32=store_f32),
-            lambda: fuse_states(x.device), x.device)
+def states_and_pass(x, B, dtp, cs, seq_idx, initial_states, chunk_size, dot_prec, store_lp=True, store_f32=True):
+    """Steps 3 and 4 (chunk_outer, then state_pass): -> prev (the state entering each chunk,
+    (batch, nchunks, nheads, headdim, dstate) float32), prev_lp (the same in x's dtype, for the chunk
+    scan; None without store_lp, and prev itself for float32 x), final state (batch, nheads, headdim,
+    dstate) float32. store_f32 False (bf16/fp16 x with store_lp: a forward whose backward will not
+    read the float32 prev): prev is not written (None), only prev_lp, saving a float32 state per
+    chunk and head of writes (and its memory). With or without store_lp the chunk states' kernel
+    sees the same autotuner key: the backward's rerun gets the forward's config, hence its bits."""
     lp = store_lp and x.dtype != torch.float32
     f32 = store_f32 or not lp  # without a low-precision copy the float32 prev is the only output
-    if not fused:
-        states = chunk_outer(x, B, dtp, cs, seq_idx, chunk_size, 0, dot_prec)
-        prev, prev_lp, final = state_pass(states, cs, seq_idx, initial_states, seqlen, chunk_size,
-                                          x.dtype if lp else torch.float32, store_f32=f32)
-        return prev, (prev_lp if store_lp else None), final
-    nchunks = cdiv(seqlen, chunk_size)
-    shape = (batch, nchunks, nheads, hdim, dstate)
-    prev = torch.empty(shape if f32 else 1, device=x.device, dtype=torch.float32)
-    if lp:
-        prev_lp = torch.empty(shape, device=x.device, dtype=x.dtype)
-    else:  # not written: prev itself (float32 x) or a placeholder of x's dtype (the same autotuner key)
-        prev_lp = prev if x.dtype == torch.float32 else torch.empty(1, device=x.device, dtype=x.dtype)
-    final = torch.empty(batch, nheads, hdim, dstate, device=x.device, dtype=torch.float32)
-    init = initial_states.contiguous() if initial_states is not None else final
-    seq, seq_s = seq_args(seq_idx, cs)
-    args = (x, B, dtp, cs, seq, init, prev, prev_lp, final, seqlen, nheads, nchunks, chunk_size, hdim, dstate,
-            nheads // ngroups, *x.stride(), *B.stride(), *seq_s)
-    kw = dict(HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, STORE_LP=lp, STORE_F32=f32,
-              DOT_PREC=dot_prec, SPLIT=B.dtype != torch.float32)
-    if INTERPRET:
-        bs = _blocks(chunk_size, hdim, dstate)
-        grid = (cdiv(hdim, bs["P"]) * cdiv(dstate, bs["N"]), batch, nheads)
-        _states_pass_kernel[grid](*args, **kw, BLOCK_P=bs["P"], BLOCK_N=bs["N"], BLOCK_K=bs["K"], num_warps=4)
-    else:
-        def grid(meta):
-            return (cdiv(hdim, meta["BLOCK_P"]) * cdiv(dstate, meta["BLOCK_N"]), batch, nheads)
-
-        nb = next_pow2(dstate)
-        launcher = (_states_pass_tuned(chunk_size, nb) if config is None else
-                    _states_pass_tuned.with_config(config, chunk_size, nb))
-        launcher[grid](*args, **kw)
-    return (prev if f32 else None), (prev_lp if store_lp else None), final
+    states = chunk_outer(x, B, dtp, cs, seq_idx, chunk_size, 0, dot_prec)
+    prev, prev_lp, final = state_pass(states, cs, seq_idx, initial_states, x.shape[1], chunk_size,
+                                      x.dtype if lp else torch.float32, store_f32=f32)
+    return prev, (prev_lp if store_lp else None), final
 
 
 def state_pass(states, cs, seq_idx, initial_states, seqlen, chunk_size, lp_dtype=torch.float32, store_f32=True):

@@ -19,7 +19,7 @@ spec.loader.exec_module(mod)
 parts = mod.breakdown(1, 40, 4, 8, 2, 8, q=16, dev="cpu", dt_=torch.float32)
 sched = mod.schedules(1, 40, 64, 80, dev="cpu", dt_=torch.float32)
 first = mod.first_call_seconds(dev="cpu", ssd_shape=(1, 40, 4, 8, 2, 8), mixer=(1, 20, 32, 48), q=16,
-                               dt_=torch.float32)
+                               dt_=torch.float32, documents=2)
 splits = mod.breakdown(1, 40, 4, 8, 2, 8, q=16, dev="cpu", dt_=torch.float32, splits_only=True)
 import bench.kernel_configs as sweeps
 order = sweeps.launch_order(1, 40, 4, 8, 2, 8, q=16, dev="cpu", dt_=torch.float32)
@@ -38,9 +38,8 @@ def test_breakdown_runs_every_kernel_launch_under_the_interpreter():
     out = json.loads(proc.stdout.split("JSON:", 1)[1])
     parts = out["parts"]
     assert [name for name, _ in parts] == [
-        "fwd dt_cumsum", "fwd CB", "fwd chunk states", "fwd state passing", "fwd states+pass fused",
-        "fwd states+pass chosen", "fwd chunk scan", "fwd chunk scan fixed", "bwd dprev", "bwd state passing",
-        "bwd dprev+pass fused", "bwd dprev+pass chosen", "bwd dx/ddt", "bwd dx/ddt fixed", "bwd dCB", "bwd dB/dC",
+        "fwd dt_cumsum", "fwd CB", "fwd chunk states", "fwd state passing", "fwd chunk scan", "fwd chunk scan fixed",
+        "bwd dprev", "bwd state passing", "bwd dx/ddt", "bwd dx/ddt fixed", "bwd dCB", "bwd dB/dC",
         "bwd dCB blocked", "bwd dCB head-pipe",
         "bwd dCB head-pipe split", "bwd dB/dC blocked", "bwd dB/dC head-pipe", "bwd dt tail",
         "bwd dCB+dB/dC nsplit=1", "bwd dCB+dB/dC nsplit=2 (default)"]  # 4 heads, 2 groups: 2 per group
@@ -50,28 +49,26 @@ def test_breakdown_runs_every_kernel_launch_under_the_interpreter():
         f"{k} {c} {o}" for c in ("tuned", "fixed") for o in ("heads-fast", "chunks-fast") for k in ("chunk scan", "dx")]
     from kernels.ssd.triton_bwd import _DBC_SPACE, _DCB_SPACE
     from kernels.ssd.triton_bwd_dx import _DX_SPACE
-    from kernels.ssd.triton_bwd_scan import _dprev_pass_tuned
     from kernels.ssd.triton_fwd import _CHUNK_SCAN_SPACE
-    from kernels.ssd.triton_states import _states_pass_tuned
+    from kernels.ssd.triton_states import _chunk_outer_tuned
 
     names = [name for name, _ in out["configs"]]
     # the labels show the tiles as clamped to the chunk (16) and dstate (8 -> 16) the rows ran
     assert names[0] == "chunk scan tuned" and names[1] == "chunk scan #0 M16,K16,P64,N16,w4,s3"
     assert names[1 + len(_CHUNK_SCAN_SPACE)] == "dx tuned"
-    dcb = 2 + len(_CHUNK_SCAN_SPACE) + len(_DX_SPACE)
+    outer = 2 + len(_CHUNK_SCAN_SPACE) + len(_DX_SPACE)
+    assert names[outer:outer + 2] == ["chunk states tuned", "chunk states #0 P64,N64,K16,w4,s2"]
+    dcb = outer + 2 * (1 + _chunk_outer_tuned.num_configs)
+    assert names[dcb - 1 - _chunk_outer_tuned.num_configs] == "dprev tuned"
     assert names[dcb:dcb + 2] == ["dcb tuned", "dcb #0 SPLIT_DECAY0,P64,HEAD_PIPE0,w4,s2"]
     assert "dcb #11 SPLIT_DECAY1,P64,HEAD_PIPE1,HEAD_STAGES3,w8,s3,r128" in names
     assert "dcb #12 SPLIT_DECAY1,P64,HEAD_PIPE1,HEAD_STAGES3,w4,s3" in names
-    walks = dcb + 2 + len(_DCB_SPACE) + len(_DBC_SPACE)
-    assert names[walks - 1 - len(_DBC_SPACE)] == "dbc tuned"
-    assert names[walks:walks + 3] == ["states+pass keep two kernels", "states+pass keep tuned",
-                                      "states+pass keep #0 P64,N16,K16,w8,s3"]
-    assert names[-_dprev_pass_tuned.num_configs - 2:][:2] == ["dprev+pass two kernels", "dprev+pass tuned"]
-    assert len(names) == walks + 2 * (2 + _states_pass_tuned.num_configs) + 2 + _dprev_pass_tuned.num_configs
+    assert names[dcb + 1 + len(_DCB_SPACE)] == "dbc tuned"
+    assert len(names) == dcb + 2 + len(_DCB_SPACE) + len(_DBC_SPACE)
     assert all(ms > 0 for _, ms in out["configs"])
     lines = out["table"].splitlines()
     assert lines[0] == "| kernel, config | one shape | another |" and len(lines) == 2 + len(names)
-    kernels = ["chunk scan", "dx", "dcb", "dbc", "states+pass keep", "states+pass no-grad", "dprev+pass"]
+    kernels = ["chunk scan", "dx", "chunk states", "dprev", "dcb", "dbc"]
     row_kernel = dict(zip(names, out["row_kernels"]))
     assert set(row_kernel.values()) == set(kernels)
     fastest = {k: min(ms for n, ms in out["configs"] if row_kernel[n] == k) for k in kernels}

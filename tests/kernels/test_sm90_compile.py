@@ -31,7 +31,7 @@ def test_every_schedule_of_the_ssd_kernels_compiles_for_sm90():
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
     kernels = {row.split("|")[1].strip() for row in rows}
-    assert {"chunk_scan", "states_pass", "dprev_pass", "dx", "dcb", "dbc", "conv_fwd", "norm_bwd"} <= kernels, proc.stdout
+    assert {"chunk_scan", "chunk_states", "dprev", "dx", "dcb", "dbc", "conv_fwd", "norm_bwd"} <= kernels, proc.stdout
     assert all("registers" not in row and int(row.split("|")[6]) > 0 for row in rows), proc.stdout
 
 

@@ -98,13 +98,12 @@ def test_shipped_table_entries_name_known_kernels_and_configs():
     bwd_dx = importlib.import_module("kernels.ssd.triton_bwd_dx")
     fwd = importlib.import_module("kernels.ssd.triton_fwd")
     states = importlib.import_module("kernels.ssd.triton_states")
-    bwd_scan = importlib.import_module("kernels.ssd.triton_bwd_scan")
 
     for block_g in (1024, 2048, 4096):
         rms._bwd_launcher(block_g)
     for chunk in (64, 128, 256):
-        for per_chunk in (fwd._chunk_scan_tuned, states._chunk_outer_tuned, states._states_pass_tuned, bwd_dx._chunk_dx_tuned,
-                          bwd._chunk_dcb_tuned, bwd._chunk_dbc_tuned, bwd_scan._dprev_pass_tuned):
+        for per_chunk in (fwd._chunk_scan_tuned, states._chunk_outer_tuned, bwd_dx._chunk_dx_tuned,
+                          bwd._chunk_dcb_tuned, bwd._chunk_dbc_tuned):
             per_chunk(chunk)
     names = {launcher.name for launcher in tu._launchers}
     assert "_chunk_dcb_kernel" in names and "_rms_bwd_kernel" in names
