@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from bench.kernels import bench, ssd_inputs
+from bench.kernels import bench, equal_documents, ssd_inputs
 
 
 def _swept_calls(batch, seqlen, h, p, g, n, q, documents, dev, dt_):
@@ -26,10 +26,7 @@ def _swept_calls(batch, seqlen, h, p, g, n, q, documents, dev, dt_):
 
     prec = dot_precision(dt_)
     x, dt, A, B, C, D, bias = ssd_inputs(batch, seqlen, h, p, g, n, dev, dt_)
-    seq = None
-    if documents:
-        seq = (torch.arange(seqlen, device=dev, dtype=torch.int32) * documents // seqlen).expand(batch, seqlen)
-        seq = seq.contiguous()
+    seq = equal_documents(batch, seqlen, documents, dev)
     dy = torch.randn_like(x)
     dtp, cs = fwd.dt_cumsum(dt, bias, A, q, True, (0.0, float("inf")))
     cb = fwd.compute_cb(C, B, seq, q, prec)

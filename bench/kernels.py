@@ -119,6 +119,15 @@ def ssd_inputs(batch, seqlen, h, p, g, n, dev="cuda", dt_=torch.bfloat16, grad=F
     return [t.requires_grad_(grad) for t in (x, dt, A, B, C, D, bias)]
 
 
+def equal_documents(batch, seqlen, documents, dev) -> torch.Tensor | None:
+    """seq_idx (batch, seqlen) int32 of `documents` equal documents per row, as training on packed
+    data passes it; None for no documents."""
+    if not documents:
+        return None
+    seq = torch.arange(seqlen, device=dev, dtype=torch.int32) * documents // seqlen
+    return seq.expand(batch, seqlen).contiguous()
+
+
 def ssd_case(batch, seqlen, h, p, g, n, with_ref, chunk=256):
     leaves = ssd_inputs(batch, seqlen, h, p, g, n, grad=True)
     x, dt, A, B, C, D, bias = leaves
@@ -290,11 +299,7 @@ def first_call_seconds(dev="cuda", ssd_shape=TARGETS[0][:6], mixer=(4, 4096, 409
     entries = sum(1 for _ in cache.rglob("*")) if cache.exists() else 0
     t0 = time.perf_counter()
     x, dt, A, B, C, D, bias = ssd_inputs(*ssd_shape, dev, dt_, grad=True)
-    batch, seqlen = ssd_shape[:2]
-    seq = None
-    if documents:
-        seq = (torch.arange(seqlen, device=dev, dtype=torch.int32) * documents // seqlen).expand(batch, seqlen)
-        seq = seq.contiguous()
+    seq = equal_documents(*ssd_shape[:2], documents, dev)
     kernels.ssd_scan(x, dt, A, B, C, chunk_size=q, D=D, dt_bias=bias, seq_idx=seq).backward(torch.randn_like(x))
     sync()
     t1 = time.perf_counter()
