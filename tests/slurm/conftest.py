@@ -3,6 +3,11 @@
 Tests marked `slurm` are skipped, with the reason, when not root (installing and starting the
 daemons needs it), when HP_SKIP_SLURM=1, or when the cluster cannot start. The cluster is stopped
 at the end of the session unless it was already up before (then it is left as it was).
+
+The tests need the cluster to themselves: jobs already in its queue when the session starts (left
+by an earlier run that was killed, say, whose stale allocation would keep every test job pending)
+are cancelled, with a line naming them, and so is every job a test leaves behind, pass or fail,
+so that one test's stuck job cannot starve the next.
 """
 from __future__ import annotations
 
@@ -15,9 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.slurm.jobs import cancel_all_jobs
+
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "slurm" / "local_cluster.sh"
 START_TIMEOUT_S = 300  # first start installs 8 Debian packages (~15 s here; slow mirrors take longer)
+_cluster_up = False  # set while the session's cluster is up
 
 
 def _skip_reason() -> str | None:
@@ -62,9 +70,23 @@ def slurm_cluster():
         tail = "\n".join((res.stdout + res.stderr).strip().splitlines()[-15:])
         pytest.skip(f"slurm tests skipped: slurm/local_cluster.sh start failed (rc={res.returncode}):\n{tail}")
     print(f"\nlocal Slurm up in {time.monotonic() - t0:.1f} s")
+    global _cluster_up
+    _cluster_up = True
+    left = cancel_all_jobs()
+    if left:
+        print("cancelled the jobs an earlier run left in the local cluster's queue:\n  " + "\n  ".join(left))
     yield CLUSTER
+    _cluster_up = False
     if not was_up:
         _cluster("stop", 180)
+
+
+@pytest.fixture(autouse=True)
+def _no_jobs_left_behind(request):
+    """After each Slurm test, cancel whatever it left in the queue (a failed test's jobs included)."""
+    yield
+    if _cluster_up:
+        cancel_all_jobs()
 
 
 @pytest.fixture

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.slurm.jobs import FINAL, cluster_report, job_info
+
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 SBATCH = REPO / "slurm" / "train.sbatch"
-FINAL = ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
 STEPS = 100  # ~0.05 s each: long enough that the USR1 lands mid-training
 
 # a tiny hybrid (Mamba-2, attention, MoE) on bytes: seconds per run on CPU, all code paths
@@ -60,9 +61,8 @@ def losses(run: Path) -> dict[int, float]:
     return out
 
 
-def scontrol_job(job: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
-    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+def read_log(path: Path) -> str:
+    return path.read_text() if path.exists() else f"({path.name} not written yet: the job has not started)"
 
 
 def test_preempted_run_resumes_and_equals_uninterrupted_run(slurm_cluster, job_dir):
@@ -84,17 +84,16 @@ def test_preempted_run_resumes_and_equals_uninterrupted_run(slurm_cluster, job_d
     log_path = job_dir / f"preempted-{preempted}.out"
     deadline = time.monotonic() + 300
     while not ((run / "metrics.jsonl").exists() and len(losses(run)) >= 3):
-        assert scontrol_job(preempted).get("JobState") not in FINAL, log_path.read_text()
-        assert time.monotonic() < deadline, "no training step within 300 s\n" + log_path.read_text()
+        assert job_info(preempted).get("JobState") not in FINAL, read_log(log_path)
+        assert time.monotonic() < deadline, f"no training step within 300 s\n{cluster_report()}\n{read_log(log_path)}"
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR1", "--batch", preempted], check=True, timeout=30)
 
     deadline = time.monotonic() + 420
     for job in (preempted, plain):
-        while (info := scontrol_job(job)).get("JobState") not in FINAL:
+        while (info := job_info(job)).get("JobState") not in FINAL:
             if time.monotonic() > deadline:
-                subprocess.run(["scancel", plain, preempted], timeout=30)
-                pytest.fail(f"job {job} not done within 420 s\n" + log_path.read_text())
+                pytest.fail(f"job {job} not done within 420 s\n{cluster_report()}\n{read_log(log_path)}")
             time.sleep(1)
         log = next(job_dir.glob(f"*-{job}.out")).read_text()
         assert info["JobState"] == "COMPLETED", log

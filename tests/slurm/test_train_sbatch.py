@@ -16,17 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.slurm.jobs import FINAL, cluster_report, job_info
+
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 SBATCH = REPO / "slurm" / "train.sbatch"
-FINAL = ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
-
-
-def job_info(job: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True,
-                         timeout=30).stdout
-    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
 
 
 def submit(workdir: Path, *args: str, sbatch_opts: tuple[str, ...] = (), env: dict | None = None) -> str:
@@ -53,9 +48,8 @@ def wait_final(workdir: Path, job: str, timeout: float) -> dict[str, str]:
         if info.get("JobState") in FINAL:
             return info
         time.sleep(0.5)
-    subprocess.run(["scancel", job], timeout=30)
     pytest.fail(f"job {job} not finished after {timeout} s: {job_info(job).get('JobState')}\n"
-                f"{job_log(workdir, job)}")
+                f"{cluster_report()}\n{job_log(workdir, job)}")
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
@@ -64,7 +58,7 @@ def wait_for(predicate, timeout: float, what: str) -> None:
         if predicate():
             return
         time.sleep(0.2)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+    pytest.fail(f"timed out after {timeout} s waiting for {what}\n{cluster_report()}")
 
 
 def run_dir(workdir: Path, job: str, name: str = "hp-train") -> Path:
