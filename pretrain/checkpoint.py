@@ -166,9 +166,20 @@ class Checkpointer:
         self.layout = state.layout_of(cfg, derived)
         self.config_yaml = to_yaml(cfg)
         self._closed = False
+        self._check_socket_dir()
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
         _barrier()
+
+    def _check_socket_dir(self) -> None:
+        """Stops every rank at the start, not at the first save, when a rank's TMPDIR is too long for
+        the socket every save opens (files.socket_dir_problem)."""
+        import multiprocessing.util
+
+        problem = files.socket_dir_problem(multiprocessing.util.get_temp_dir())
+        problems = [p for p in _all_gather(None if problem is None else f"rank {self.rank}: {problem}") if p]
+        if problems:
+            raise CheckpointError("; ".join(problems))
 
     # ------------------------------------------------------------------------------------------- state
     def _sharded_state(self, trainer) -> dict:

@@ -11,7 +11,8 @@
         .trash-...                      a checkpoint being deleted by retention
 
 A directory named step_* without a valid marker is never loaded. `verify_checkpoint` recomputes
-the checksums (a corrupt or truncated file is named in the returned problems).
+the checksums (a corrupt or truncated file is named in the returned problems). `socket_dir_problem`
+says whether megatron's save path can open its UNIX socket under the temporary directory.
 """
 from __future__ import annotations
 
@@ -31,11 +32,31 @@ TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 # files every torch_dist checkpoint has; a marker that lists none of them is not ours
 REQUIRED_FILES = ("metadata.json", ".metadata", "common.pt")
+# the longest path a UNIX socket can be bound at (Linux's sun_path is 108 bytes; Python allows 107)
+MAX_SOCKET_PATH = 107
+# what multiprocessing adds to its temporary directory for a Manager's socket: /listener-XXXXXXXX
+SOCKET_NAME_LEN = len("/listener-") + 8
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint problem the user can act on; the message names the file."""
 
+
+
+def socket_dir_problem(mp_temp_dir: str) -> str | None:
+    """Every save (megatron's dist_checkpointing.save with async_sharded_save, also when run
+    synchronously) starts a multiprocessing Manager, whose UNIX socket is bound at
+    <multiprocessing's temp dir>/listener-XXXXXXXX; that dir is TMPDIR/pymp-XXXXXXXX. A path over
+    MAX_SOCKET_PATH bytes cannot be bound and every save would fail (an EOFError from the Manager).
+    mp_temp_dir: multiprocessing.util.get_temp_dir(). -> what is wrong, or None."""
+    length = len(os.fsencode(mp_temp_dir)) + SOCKET_NAME_LEN
+    if length <= MAX_SOCKET_PATH:
+        return None
+    pymp = len(os.fsencode(os.path.basename(mp_temp_dir))) + 1
+    room = MAX_SOCKET_PATH - SOCKET_NAME_LEN - pymp
+    return (f"checkpoints cannot be saved with this temporary directory: megatron's save opens a UNIX "
+            f"socket under {mp_temp_dir}, a {length}-byte path where at most {MAX_SOCKET_PATH} can be bound; "
+            f"set TMPDIR to a directory of at most {room} bytes (it is {os.path.dirname(mp_temp_dir)})")
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"

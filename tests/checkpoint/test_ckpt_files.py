@@ -91,3 +91,35 @@ def test_signal_flag_records_every_signal():
     assert REQUEUE_EXIT_CODE == 42
     with pytest.raises(ValueError):
         SignalFlag(["SIGNOPE"])
+
+
+def test_socket_dir_problem_agrees_with_a_real_manager_at_the_limit():
+    """socket_dir_problem against multiprocessing itself: TMPDIRs of 75 and 76 bytes (a Manager's
+    socket path of 107 and 108), each in a fresh interpreter that asks the predicate and then starts
+    the Manager every save starts (fork, as megatron's save does)."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    probe = ("import multiprocessing as mp, multiprocessing.util as u\n"
+             "from pretrain.checkpoint_files import socket_dir_problem\n"
+             "print('problem' if socket_dir_problem(u.get_temp_dir()) else 'none')\n"
+             "try:\n    mp.get_context('fork').Manager().shutdown(); print('started')\n"
+             "except Exception as e:\n    print('failed', type(e).__name__)\n")
+    base = tempfile.mkdtemp(prefix="hp-sock-", dir="/tmp")
+    try:
+        room = files.MAX_SOCKET_PATH - files.SOCKET_NAME_LEN - len("/pymp-XXXXXXXX")
+        assert room == 75
+        got = {}
+        for length in (room, room + 1):
+            tmpdir = Path(base) / ("d" * (length - len(base) - 1))
+            tmpdir.mkdir()
+            assert len(str(tmpdir)) == length
+            env = {**os.environ, "TMPDIR": str(tmpdir), "PYTHONPATH": str(Path(files.__file__).parents[1])}
+            out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+            got[length] = out.stdout.split()
+        assert got == {75: ["none", "started"], 76: ["problem", "failed", "EOFError"]}, got
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
