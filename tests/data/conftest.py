@@ -38,7 +38,9 @@ def private_tmpdir(tmp_path, monkeypatch):
 def _streaming_shm_objects():
     from streaming.base.shared.memory import SharedMemory
 
-    return [obj for obj in gc.get_objects() if isinstance(obj, SharedMemory)]
+    # type(), not isinstance(): isinstance reads __class__ through a dead weakref.proxy that another
+    # test module left in this worker and raises ReferenceError
+    return [obj for obj in gc.get_objects() if issubclass(type(obj), SharedMemory)]
 
 
 def _streaming_shm_ids() -> set[int]:
