@@ -56,6 +56,7 @@ def _cluster(cmd: str, timeout: float) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """Starts the local 2-node cluster once per session (stopping it at the end if we started it)."""
+    global _cluster_up
     reason = _skip_reason()
     if reason is not None:
         pytest.skip(f"slurm tests skipped: {reason}")
@@ -70,7 +71,6 @@ def slurm_cluster():
         tail = "\n".join((res.stdout + res.stderr).strip().splitlines()[-15:])
         pytest.skip(f"slurm tests skipped: slurm/local_cluster.sh start failed (rc={res.returncode}):\n{tail}")
     print(f"\nlocal Slurm up in {time.monotonic() - t0:.1f} s")
-    global _cluster_up
     _cluster_up = True
     left = cancel_all_jobs()
     if left:
@@ -82,7 +82,7 @@ def slurm_cluster():
 
 
 @pytest.fixture(autouse=True)
-def _no_jobs_left_behind(request):
+def _no_jobs_left_behind():
     """After each Slurm test, cancel whatever it left in the queue (a failed test's jobs included)."""
     yield
     if _cluster_up:
