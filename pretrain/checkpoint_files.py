@@ -34,13 +34,13 @@ TRASH_PREFIX = ".trash-"
 REQUIRED_FILES = ("metadata.json", ".metadata", "common.pt")
 # the longest path a UNIX socket can be bound at (Linux's sun_path is 108 bytes; Python allows 107)
 MAX_SOCKET_PATH = 107
-# what multiprocessing adds to its temporary directory for a Manager's socket: /listener-XXXXXXXX
+# what multiprocessing adds to TMPDIR for a Manager's socket: /pymp-XXXXXXXX/listener-XXXXXXXX
 SOCKET_NAME_LEN = len("/listener-") + 8
+MAX_TMPDIR = MAX_SOCKET_PATH - SOCKET_NAME_LEN - len("/pymp-") - 8  # 75 bytes
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint problem the user can act on; the message names the file."""
-
 
 
 def socket_dir_problem(mp_temp_dir: str) -> str | None:
@@ -52,11 +52,10 @@ def socket_dir_problem(mp_temp_dir: str) -> str | None:
     length = len(os.fsencode(mp_temp_dir)) + SOCKET_NAME_LEN
     if length <= MAX_SOCKET_PATH:
         return None
-    pymp = len(os.fsencode(os.path.basename(mp_temp_dir))) + 1
-    room = MAX_SOCKET_PATH - SOCKET_NAME_LEN - pymp
     return (f"checkpoints cannot be saved with this temporary directory: megatron's save opens a UNIX "
             f"socket under {mp_temp_dir}, a {length}-byte path where at most {MAX_SOCKET_PATH} can be bound; "
-            f"set TMPDIR to a directory of at most {room} bytes (it is {os.path.dirname(mp_temp_dir)})")
+            f"set TMPDIR to a directory of at most {MAX_TMPDIR} bytes (it is {os.path.dirname(mp_temp_dir)})")
+
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"

@@ -153,7 +153,6 @@ def test_failed_async_save_is_reported_and_harmless(tmp_path, monkeypatch, capsy
     assert not [p for p in os.listdir(root) if p.startswith(".tmp-")]
 
 
-
 def test_tmpdir_too_long_for_the_save_socket_stops_before_the_first_step(tmp_path, monkeypatch, capsys):
     """Every save opens a UNIX socket under multiprocessing's temp dir (TMPDIR/pymp-XXXXXXXX): with a
     TMPDIR too long for it, every checkpoint would fail; the run stops at the start instead (exit 3),
@@ -166,6 +165,7 @@ def test_tmpdir_too_long_for_the_save_socket_stops_before_the_first_step(tmp_pat
     err = capsys.readouterr().err
     assert "checkpoint error (rank 0)" in err and f"set TMPDIR to a directory of at most 75 bytes (it is {tmpdir})" in err
     assert (tmp_path / "runs" / "run" / "metrics.jsonl").read_text() == ""  # no step trained
+
 
 def test_hung_async_writer_is_killed_after_the_timeout_and_reported(tmp_path, monkeypatch, capsys):
     """A background writer that never finishes (a stuck file system) is killed after

@@ -1,10 +1,11 @@
-"""The Slurm tests' view of the local cluster's queue: `scontrol show job` as a dict, the queue
-with each job's reason, cancelling everything (bounded), and a report of queue and nodes for
-failure messages (a pending job says why it is pending: Resources, ReqNodeNotAvail, ...)."""
+"""The Slurm tests' view of the local cluster's queue: `scontrol show job` as a dict, a job's log,
+the queue with each job's reason, cancelling everything (bounded), and a report of queue and nodes
+for failure messages (a pending job says why it is pending: Resources, ReqNodeNotAvail, ...)."""
 from __future__ import annotations
 
 import subprocess
 import time
+from pathlib import Path
 
 FINAL = ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
 
@@ -13,6 +14,12 @@ def job_info(job: str) -> dict[str, str]:
     out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True,
                          timeout=30).stdout
     return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def job_log(workdir: Path, job: str) -> str:
+    """The job's output file (<name>-<id>.out in the submit directory), or a note that it has none."""
+    logs = list(workdir.glob(f"*-{job}.out"))
+    return logs[0].read_text() if logs else f"(no log for job {job}: it has not started)"
 
 
 def queued_jobs() -> list[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm.jobs import FINAL, cluster_report, job_info
+from tests.slurm.jobs import FINAL, cluster_report, job_info, job_log
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -61,10 +61,6 @@ def losses(run: Path) -> dict[int, float]:
     return out
 
 
-def read_log(path: Path) -> str:
-    return path.read_text() if path.exists() else f"({path.name} not written yet: the job has not started)"
-
-
 def test_preempted_run_resumes_and_equals_uninterrupted_run(slurm_cluster, job_dir):
     pytest.importorskip("pretrain.checkpoint", reason="the trainer's checkpointing is not there yet")
     data = prepare_data(job_dir)
@@ -81,11 +77,10 @@ def test_preempted_run_resumes_and_equals_uninterrupted_run(slurm_cluster, job_d
     # Both jobs run side by side (each takes 1 CPU of each node): one left alone, one preempted.
     plain, preempted = submit("plain"), submit("preempted")
     run = job_dir / "runs" / f"preempted-{preempted}"
-    log_path = job_dir / f"preempted-{preempted}.out"
     deadline = time.monotonic() + 300
     while not ((run / "metrics.jsonl").exists() and len(losses(run)) >= 3):
-        assert job_info(preempted).get("JobState") not in FINAL, read_log(log_path)
-        assert time.monotonic() < deadline, f"no training step within 300 s\n{cluster_report()}\n{read_log(log_path)}"
+        assert job_info(preempted).get("JobState") not in FINAL, job_log(job_dir, preempted)
+        assert time.monotonic() < deadline, f"no training step within 300 s\n{cluster_report()}\n{job_log(job_dir, preempted)}"
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR1", "--batch", preempted], check=True, timeout=30)
 
@@ -93,13 +88,13 @@ def test_preempted_run_resumes_and_equals_uninterrupted_run(slurm_cluster, job_d
     for job in (preempted, plain):
         while (info := job_info(job)).get("JobState") not in FINAL:
             if time.monotonic() > deadline:
-                pytest.fail(f"job {job} not done within 420 s\n{cluster_report()}\n{read_log(log_path)}")
+                pytest.fail(f"job {job} not done within 420 s\n{cluster_report()}\n{job_log(job_dir, preempted)}")
             time.sleep(1)
-        log = next(job_dir.glob(f"*-{job}.out")).read_text()
+        log = job_log(job_dir, job)
         assert info["JobState"] == "COMPLETED", log
         assert info["Restarts"] == ("1" if job == preempted else "0"), log
 
-    log = log_path.read_text()
+    log = job_log(job_dir, preempted)
     got, want = losses(run), losses(job_dir / "runs" / f"plain-{plain}")
     assert sorted(got) == list(range(1, STEPS + 1)), log  # none missing (losses() fails on duplicates)
     assert "resumed from" in log, log

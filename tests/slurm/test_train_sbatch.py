@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm.jobs import FINAL, cluster_report, job_info
+from tests.slurm.jobs import FINAL, cluster_report, job_info, job_log
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -34,11 +34,6 @@ def submit(workdir: Path, *args: str, sbatch_opts: tuple[str, ...] = (), env: di
                          cwd=workdir, env=full_env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     return res.stdout.strip().split(";")[0]
-
-
-def job_log(workdir: Path, job: str) -> str:
-    logs = list(workdir.glob(f"*-{job}.out"))
-    return logs[0].read_text() if logs else "(no log)"
 
 
 def wait_final(workdir: Path, job: str, timeout: float) -> dict[str, str]:
