@@ -33,10 +33,11 @@ leaked by any earlier run) are removed too (`unlink_orphan_streaming_shm`): stre
 prefix as the highest first-free number over the block kinds, so one such stray block (say
 000000_resume) made it choose a prefix whose locals block a live dataset holds: FileExistsError
 '/000001_locals' in every later run on the host that builds a second dataset beside a live one.
+Two jobs that build their datasets on one host at the same moment could also pick the same prefix;
+build_train_loader therefore holds a host-wide lock while it cleans and builds (data.registration_lock).
 
 Call build_train_loader on every rank (streaming runs a barrier on the default process group) and
-after torch.distributed is initialised: with WORLD_SIZE > 1 and no process group, streaming would
-create and destroy one of its own.
+after torch.distributed is initialised (with WORLD_SIZE > 1 it refuses to run without a process group).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from streaming.base import distributed as sdist
 from streaming.base.constant import SHM_TO_CLEAN
 from streaming.base.world import World
 
+from data.registration_lock import streaming_registration_lock
 from data.streams import StreamSpec, check_stream, stream_specs, to_streaming
 
 
@@ -78,6 +80,14 @@ def _replication(dp_rank: int | None, dp_size: int | None) -> int | None:
                          f"for WORLD_SIZE={world}")
     replication = world // dp_size
     return replication if replication > 1 else None
+
+
+def _check_process_group() -> None:
+    world = sdist.get_world_size()
+    if world > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise RuntimeError(
+            f"WORLD_SIZE={world} in the environment but torch.distributed is not initialised: build the data "
+            "loader after init_process_group (every rank enters its host-wide registration lock together)")
 
 
 # ----------------------------------------------------------------------------------------------- dataset
@@ -152,13 +162,15 @@ def build_train_loader(
     for spec in specs:
         check_stream(spec, seq_len, vocab_size)
     replication = _replication(dp_rank, dp_size)
-    if clean_stale_shm:
-        clean_stale_streaming_shm()
-    dataset = PackedDataset(
-        specs, seq_len=seq_len, batch_size=micro_batch_size, shuffle=shuffle, shuffle_seed=seed,
-        replication=replication, num_canonical_nodes=num_canonical_nodes, dp_rank=dp_rank,
-    )
-    _record_owner(dataset)
+    _check_process_group()
+    with streaming_registration_lock():  # no other job on this host picks a prefix meanwhile
+        if clean_stale_shm:
+            clean_stale_streaming_shm()
+        dataset = PackedDataset(
+            specs, seq_len=seq_len, batch_size=micro_batch_size, shuffle=shuffle, shuffle_seed=seed,
+            replication=replication, num_canonical_nodes=num_canonical_nodes, dp_rank=dp_rank,
+        )
+        _record_owner(dataset)
     return StreamingDataLoader(
         dataset, batch_size=micro_batch_size, num_workers=num_workers, drop_last=True,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,

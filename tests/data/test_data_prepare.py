@@ -11,6 +11,7 @@ from data_test_utils import build_bpe, expected_documents, write_corpus
 from streaming import StreamingDataset
 
 from data.prepare import META_FILE, Packer, main, prepare, token_dtype
+from data.registration_lock import streaming_registration_lock
 from data.tokenizer import load_tokenizer
 
 SEQ_LEN = 32
@@ -18,7 +19,8 @@ SEQ_LEN = 32
 
 def read_samples(out):
     """All samples in order (StreamingDataset, which also decompresses shards)."""
-    ds = StreamingDataset(local=str(out), shuffle=False)
+    with streaming_registration_lock():  # other test workers build datasets at the same time
+        ds = StreamingDataset(local=str(out), shuffle=False)
     return [ds[i] for i in range(ds.num_samples)]
 
 

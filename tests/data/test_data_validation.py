@@ -60,7 +60,10 @@ def _independent_loss(model, val_dir) -> float:
     the EOS positions (a new document right after each EOS)."""
     from streaming import StreamingDataset
 
-    ds = StreamingDataset(local=str(val_dir), shuffle=False)
+    from data.registration_lock import streaming_registration_lock
+
+    with streaming_registration_lock():  # other test workers build datasets at the same time
+        ds = StreamingDataset(local=str(val_dir), shuffle=False)
     samples = torch.from_numpy(np.stack([ds[i]["tokens"].astype(np.int64) for i in range(ds.num_samples)]))
     tokens, labels = samples[:, :-1], samples[:, 1:]
     seq_idx = torch.cat([torch.zeros(len(tokens), 1, dtype=torch.int64),
