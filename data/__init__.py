@@ -9,5 +9,6 @@ Modules: tokenizer (load_tokenizer, train_bpe), inputs (find_inputs, iter_docume
 encode (encoded_documents: ordered, optionally parallel tokenization), prepare (prepare, read_meta; local
 or s3://... output), demo (ensure_demo_data), streams (stream_specs, check_stream: one path or a mixture,
 local or remote), dataset (build_train_loader, infinite_batches, clean_stale_streaming_shm),
+registration_lock (streaming_registration_lock: one job at a time per host picks its shared-memory prefix),
 synthetic (write_synthetic: random data in the prepared format).
 """
