@@ -50,30 +50,37 @@ def subprocess_env(tmpdir: Path) -> dict:
 PYTHON = sys.executable
 
 
-def free_port() -> int:
-    import socket
+class Ranks(list):
+    """The rank processes of one launch, and the TCPStore they rendezvous at (alive as long as this list)."""
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    def __init__(self, procs: list, store) -> None:
+        super().__init__(procs)
+        self.store = store
 
 
-def launch_ranks(nproc: int, args: list[str], tmpdir: Path, log_dir: Path, tag: str) -> list:
+def launch_ranks(nproc: int, args: list[str], tmpdir: Path, log_dir: Path, tag: str) -> Ranks:
     """`python -m pretrain.train ARGS` as `nproc` gloo ranks (RANK/WORLD_SIZE env, as torchrun sets);
-    each rank's output goes to log_dir/<tag>_rank<r>.log."""
+    each rank's output goes to log_dir/<tag>_rank<r>.log.
+
+    The rendezvous store is served here, on a port the OS picks as it binds (as torchrun's agent does:
+    TORCHELASTIC_USE_AGENT_STORE makes every rank a client), not on a port found free beforehand, which
+    another test worker's process could take before rank 0 binds it."""
     import subprocess
 
-    port = free_port()
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     log_dir.mkdir(parents=True, exist_ok=True)
     procs = []
     for rank in range(nproc):
         env = subprocess_env(tmpdir)
         env.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HP_DIST_TIMEOUT_MIN="5")
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port), TORCHELASTIC_USE_AGENT_STORE="True",
+                   HP_DIST_TIMEOUT_MIN="5")
         with open(log_dir / f"{tag}_rank{rank}.log", "w") as out:
             procs.append(subprocess.Popen([PYTHON, "-m", "pretrain.train", *args], cwd=REPO, env=env, stdout=out,
                                           stderr=subprocess.STDOUT, start_new_session=True))
-    return procs
+    return Ranks(procs, store)
 
 
 def wait_all(procs: list, timeout: float = 600) -> list[int]:

@@ -1,4 +1,4 @@
-"""A local S3-compatible server (moto's server mode on 127.0.0.1, a free port) for the data tests and
+"""A local S3-compatible server (moto's server mode on 127.0.0.1, a port the OS picks) for the data tests and
 bench/data.py. Sets dummy AWS credentials and S3_ENDPOINT_URL, which mosaicml-streaming's uploader and
 downloader read, and creates the bucket."""
 from __future__ import annotations
@@ -6,16 +6,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 from typing import Iterator
 
 S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "S3_ENDPOINT_URL")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -25,10 +18,10 @@ def local_s3(bucket: str) -> Iterator[str]:
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    # port 0: the server binds a port the OS picks (one found free beforehand could be taken meanwhile)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+    endpoint = "http://{}:{}".format(*server.get_host_and_port())
     saved = {k: os.environ.get(k) for k in S3_ENV}
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                       AWS_DEFAULT_REGION="us-east-1", S3_ENDPOINT_URL=endpoint)
