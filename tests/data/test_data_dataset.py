@@ -14,6 +14,7 @@ import torch
 
 from data.dataset import build_train_loader, clean_stale_streaming_shm, infinite_batches
 from data.prepare import prepare
+from data.registration_lock import streaming_registration_lock
 
 SEQ_LEN, NUM_SAMPLES, EOS = 32, 48, 256
 
@@ -200,9 +201,10 @@ def test_a_stray_block_does_not_make_a_second_dataset_collide(prepared):
     from multiprocessing import resource_tracker
     from multiprocessing.shared_memory import SharedMemory
 
-    taken = {name[:6] for name in os.listdir("/dev/shm")}
-    stray = f"{next(p for p in range(10**6) if f'{p:06}' not in taken):06}_resume"
-    block = SharedMemory(stray, create=True, size=4096)
+    with streaming_registration_lock():  # no other test worker registers the prefix picked here meanwhile
+        taken = {name[:6] for name in os.listdir("/dev/shm")}
+        stray = f"{next(p for p in range(10**6) if f'{p:06}' not in taken):06}_resume"
+        block = SharedMemory(stray, create=True, size=4096)
     resource_tracker.unregister(block._name, "shared_memory")  # leaked: nobody unlinks it at exit
     block.close()
     try:
