@@ -39,6 +39,7 @@ import torch
 # whatever their TMPDIR.
 LOCK_PATH = (Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")) / "hp_streaming_registration.lock"
 WAIT_NOTICE_S = 60.0  # say on stderr which file we wait for after this long
+PAUSE_S = (0.02, 0.3)  # the range of the random pause between tries
 
 
 def _open_lock_file(path: Path) -> int:
@@ -79,19 +80,18 @@ def _all_hold(held: bool) -> bool:
 
 
 @contextmanager
-def streaming_registration_lock(path: str | os.PathLike | None = None, *,
-                                pause_s: tuple[float, float] = (0.02, 0.3)) -> Iterator[None]:
+def streaming_registration_lock(path: str | os.PathLike | None = None) -> Iterator[None]:
     """Hold the host's registration lock (`path`, default LOCK_PATH) while the body builds streaming
     datasets. Enter it on every rank of the default process group (it runs collectives there when
-    torch.distributed is initialised); `pause_s` is the range of the random pause between tries."""
+    torch.distributed is initialised)."""
     path = Path(path or LOCK_PATH)
     distributed = _distributed()
     fd = _open_lock_file(path)
-    if not _is_taker(fd, distributed):
-        os.close(fd)
-        fd = None
-    start, noticed = time.monotonic(), False
     try:
+        if not _is_taker(fd, distributed):
+            os.close(fd)
+            fd = None
+        start, noticed = time.monotonic(), False
         while True:
             held = _try_lock(fd) if fd is not None else True
             if (_all_hold(held) if distributed else held):
@@ -102,7 +102,7 @@ def streaming_registration_lock(path: str | os.PathLike | None = None, *,
                 noticed = True
                 print(f"[data] still waiting for {path}: another job on this host is building its streaming "
                       f"datasets (their shared-memory registration is serialised per host)", file=sys.stderr)
-            time.sleep(random.uniform(*pause_s))
+            time.sleep(random.uniform(*PAUSE_S))
         yield
         if distributed:
             torch.distributed.barrier()  # every rank has registered before the next job may probe
