@@ -82,14 +82,6 @@ def _replication(dp_rank: int | None, dp_size: int | None) -> int | None:
     return replication if replication > 1 else None
 
 
-def _check_process_group() -> None:
-    world = sdist.get_world_size()
-    if world > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        raise RuntimeError(
-            f"WORLD_SIZE={world} in the environment but torch.distributed is not initialised: build the data "
-            "loader after init_process_group (every rank enters its host-wide registration lock together)")
-
-
 # ----------------------------------------------------------------------------------------------- dataset
 def sample_to_example(tokens: np.ndarray, doc_starts: np.ndarray) -> dict[str, torch.Tensor]:
     """One packed sample (seq_len + 1 tokens, document starts) -> tokens, labels, seq_idx of length seq_len."""
@@ -162,7 +154,6 @@ def build_train_loader(
     for spec in specs:
         check_stream(spec, seq_len, vocab_size)
     replication = _replication(dp_rank, dp_size)
-    _check_process_group()
     with streaming_registration_lock():  # no other job on this host picks a prefix meanwhile
         if clean_stale_shm:
             clean_stale_streaming_shm()

@@ -18,7 +18,8 @@ try the lock and all ranks agree (all_gather_object) that every host's taker hol
 not, the takers that got theirs let go and all try again after a random pause. So two multi-node jobs over
 the same nodes can never deadlock each holding one node's lock. The takers release after a final barrier,
 once every rank has built its dataset (not after a failure: the job is going down, and a barrier could
-hang).
+hang). With WORLD_SIZE > 1 in the environment and no process group it refuses to start: every rank
+would take the lock on its own and then wait for the others inside streaming's barrier.
 """
 
 from __future__ import annotations
@@ -86,6 +87,11 @@ def streaming_registration_lock(path: str | os.PathLike | None = None) -> Iterat
     torch.distributed is initialised)."""
     path = Path(path or LOCK_PATH)
     distributed = _distributed()
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # what streaming will read
+    if world > 1 and not distributed:  # each rank would take the lock alone, then wait for the others
+        raise RuntimeError(
+            f"WORLD_SIZE={world} in the environment but torch.distributed is not initialised: build the data "
+            "loader after init_process_group (every rank enters its host-wide registration lock together)")
     fd = _open_lock_file(path)
     try:
         if not _is_taker(fd, distributed):
